@@ -1,0 +1,123 @@
+"""Token -> adapter-slot mapping, precomputed once per forward pass.
+
+Every LoRA layer of a step sees the same tokens with the same adapters, so the
+work of grouping tokens by adapter (a sort, a bincount and one host sync) is
+done once here and the resulting `LoRAMapping` is handed to every
+`lora_shrink` / `lora_expand` call of that step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LoRAMapping:
+    """Tokens grouped by adapter slot (SGMV "segments") plus the kernels' tile list.
+
+    idx:           [T] int32, slot of each token, -1 = no adapter.
+    num_slots:     number of device slots the ids refer to (0 <= idx < num_slots).
+    sorted_tokens: [Ta] int32, indices of the Ta tokens that have an adapter,
+                   grouped by slot (stable, so a prefill run stays in order).
+    active_slots:  slots present in the batch, ascending; one segment each.
+    seg_starts / seg_lens: each segment's span in `sorted_tokens` (host ints,
+                   used by the torch path without a device sync).
+    max_seg_len:   longest segment (0 when no token has an adapter).
+    block_m:       token rows per Triton tile, picked from max_seg_len.
+    tiles:         [3, num_tiles] int32 on idx's device: per tile of at most
+                   block_m tokens of one segment, (start in sorted_tokens,
+                   number of valid rows, slot). The Triton grids launch
+                   exactly num_tiles token tiles, so a long prefill segment
+                   gets many tiles and a decode token gets one, with no
+                   empty programs.
+    """
+
+    idx: torch.Tensor
+    num_slots: int
+    sorted_tokens: torch.Tensor
+    active_slots: tuple[int, ...]
+    seg_starts: tuple[int, ...]
+    seg_lens: tuple[int, ...]
+    max_seg_len: int
+    block_m: int
+    tiles: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.idx.shape[0]
+
+    @property
+    def num_tiles(self) -> int:
+        return self.tiles.shape[1]
+
+    @property
+    def has_lora(self) -> bool:
+        """False when no token uses an adapter: shrink returns zeros, expand does nothing."""
+        return bool(self.active_slots)
+
+
+def _pick_block_m(max_seg_len: int) -> int:
+    # tl.dot needs >= 16 rows. Decode segments are 1..few tokens, so a 16-row
+    # tile wastes least; long prefill runs amortise each A/B tile over 64 rows.
+    for bm in (16, 32):
+        if max_seg_len <= bm:
+            return bm
+    return 64
+
+
+def make_lora_mapping(idx: torch.Tensor, num_slots: int) -> LoRAMapping:
+    """Group tokens by adapter slot. Call once per forward pass (it syncs with the host once)."""
+    if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise ValueError(f"idx must be a 1-D integer tensor, got {tuple(idx.shape)} {idx.dtype}")
+    if num_slots < 0:
+        raise ValueError(f"num_slots must be >= 0, got {num_slots}")
+    device = idx.device
+    idx = idx.to(torch.int32)
+    # counts[0] counts the -1 tokens, counts[s + 1] slot s. bincount's length
+    # reveals ids >= num_slots and the appended minimum ids < -1: one sync.
+    num_tokens = idx.shape[0]
+    shifted = (idx.to(torch.int64) + 1).clamp_(min=0)
+    stats = torch.bincount(shifted, minlength=num_slots + 1)
+    if num_tokens:
+        stats = torch.cat([stats, idx.min().to(torch.int64).view(1)])
+    stats = stats.tolist()
+    counts, low = (stats[:-1], stats[-1]) if num_tokens else (stats, -1)
+    if low < -1:
+        raise ValueError(f"slot ids must be >= -1, got {low}")
+    if len(counts) > num_slots + 1:
+        raise ValueError(f"slot id {len(counts) - 2} out of range for num_slots={num_slots}")
+
+    active = tuple(s for s in range(num_slots) if counts[s + 1])
+    seg_lens = tuple(counts[s + 1] for s in active)
+    seg_starts, pos = [], 0
+    for n in seg_lens:
+        seg_starts.append(pos)
+        pos += n
+    max_seg_len = max(seg_lens, default=0)
+    block_m = _pick_block_m(max_seg_len)
+
+    # A stable sort puts the -1 tokens first (dropped) and keeps each
+    # adapter's tokens in their original order.
+    order = torch.sort(idx, stable=True).indices[counts[0]:].to(torch.int32)
+
+    tile_rows = [[], [], []]
+    for slot, start, n in zip(active, seg_starts, seg_lens):
+        for r in range(0, n, block_m):
+            tile_rows[0].append(start + r)
+            tile_rows[1].append(min(block_m, n - r))
+            tile_rows[2].append(slot)
+    tiles = torch.tensor(tile_rows, dtype=torch.int32).reshape(3, -1).to(device)
+
+    return LoRAMapping(
+        idx=idx,
+        num_slots=num_slots,
+        sorted_tokens=order,
+        active_slots=active,
+        seg_starts=tuple(seg_starts),
+        seg_lens=seg_lens,
+        max_seg_len=max_seg_len,
+        block_m=block_m,
+        tiles=tiles,
+    )

@@ -1,0 +1,283 @@
+"""Adapter-aware continuous batching: which sequences run in the next step, which adapters to load.
+
+Pure bookkeeping — no tensors, no threads, time passed in — so the policy can be simulated
+deterministically (tests/test_scheduler_sim.py) and the engine only executes what it decides.
+
+Policy, in order of precedence:
+1. Deadlines: a waiting job past its deadline is answered `deadline_exceeded`, never run.
+2. Bounded wait: a job that has waited longer than `max_wait_s` is *overdue*. Overdue jobs are
+   considered first, oldest first, and while one of them cannot be admitted (its adapter still
+   loading, or no KV blocks / device slot free) no younger job is admitted, so running sequences
+   drain and free what it needs. This caps the extra wait that reordering can add.
+3. Tenant fairness: the rest are interleaved across tenants by virtual service (tokens admitted),
+   least-served tenant first; a tenant that was idle re-enters at the current minimum, so it can
+   neither bank credit nor be punished for a past flood.
+4. Adapter affinity: within that order, jobs whose adapter is resident are admitted and the others
+   skipped until their adapter is loaded (prefetched in the same order), so a loaded adapter keeps
+   serving while another loads instead of the step waiting on a load.
+Device slots are evicted least-recently-used among those no running sequence holds and no
+waiting job needs: LRU keeps the hot set of a Zipf-like workload resident, and protecting
+wanted adapters prevents the load-evict-reload thrash that plain LRU shows when there are more
+distinct adapters in the queue than slots.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from scheduler.kv_cache import BlockAllocator
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Request:
+    id: str
+    tenant: str
+    adapter: str | None  # adapter key in the store ("name@version"); None = base model
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    deadline: float | None = None  # on the scheduler's clock
+
+
+class State(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, request: Request, arrival: float):
+        self.request = request
+        self.arrival = arrival
+        self.output_ids: list[int] = []
+        self.num_computed = 0  # tokens whose K/V are in the cache
+        self.blocks: list[int] = []
+        self.slot = -1  # device adapter slot while running; -1 = base model
+        self.state = State.WAITING
+        self.cold = False  # its adapter was not resident when it arrived
+        self.admitted_at: float | None = None
+        self.first_token_at: float | None = None
+        self.payload = None  # what the engine attaches (sampler, detokenizer state, callback)
+
+    @property
+    def cost(self) -> int:
+        return len(self.request.prompt_ids) + self.request.params.max_new_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.request.prompt_ids) + len(self.output_ids)
+
+
+@dataclass
+class SchedulerLimits:
+    max_running: int = 64
+    max_step_tokens: int = 512
+    max_wait_s: float = 0.25
+
+
+class AdapterSlots:
+    """The table of device adapter slots: which key each holds, whether loaded, and who uses it."""
+
+    def __init__(self, num_slots: int):
+        self.key_of: list[str | None] = [None] * num_slots
+        self.refs = [0] * num_slots
+        self.ready = [False] * num_slots
+        self.last_used = [0.0] * num_slots
+        self.slot_of: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.key_of)
+
+    def is_ready(self, key: str) -> bool:
+        slot = self.slot_of.get(key)
+        return slot is not None and self.ready[slot]
+
+    def reserve(self, key: str, now: float, wanted: set[str]) -> int | None:
+        """A slot to load `key` into: a free one, else the LRU idle one nobody wants; None if none."""
+        free = [s for s, k in enumerate(self.key_of) if k is None]
+        if free:
+            slot = free[0]
+        else:
+            idle = [s for s, k in enumerate(self.key_of) if self.ready[s] and self.refs[s] == 0 and k not in wanted]
+            if not idle:
+                return None
+            slot = min(idle, key=lambda s: self.last_used[s])
+            del self.slot_of[self.key_of[slot]]
+        self.key_of[slot], self.ready[slot], self.last_used[slot] = key, False, now
+        self.slot_of[key] = slot
+        return slot
+
+    def loaded(self, key: str, ok: bool) -> None:
+        slot = self.slot_of.get(key)
+        if slot is None:
+            return
+        if ok:
+            self.ready[slot] = True
+        else:
+            self.drop(key)
+
+    def drop(self, key: str) -> int | None:
+        """Forget `key` (failed load or invalidated); returns its slot if it had one and nobody uses it."""
+        slot = self.slot_of.get(key)
+        if slot is None or self.refs[slot]:
+            return None
+        del self.slot_of[key]
+        self.key_of[slot], self.ready[slot] = None, False
+        return slot
+
+    def acquire(self, key: str, now: float) -> int:
+        slot = self.slot_of[key]
+        self.refs[slot] += 1
+        self.last_used[slot] = now
+        return slot
+
+    def release(self, slot: int, now: float) -> None:
+        self.refs[slot] -= 1
+        self.last_used[slot] = now
+
+
+@dataclass
+class Step:
+    expired: list[Sequence] = field(default_factory=list)
+    loads: list[tuple[str, int]] = field(default_factory=list)  # (adapter key, slot) to load now
+    batch: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, new tokens this step)
+
+
+class Scheduler:
+    def __init__(self, limits: SchedulerLimits, blocks: BlockAllocator, slots: AdapterSlots):
+        if limits.max_step_tokens < limits.max_running:
+            raise ValueError("max_step_tokens must be at least max_running (one decode token per sequence)")
+        self.limits, self.blocks, self.slots = limits, blocks, slots
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.usage: dict[str, float] = {}  # tenant → tokens admitted (virtual service)
+
+    def _active_tenants(self) -> set[str]:
+        return {s.request.tenant for s in self.waiting} | {s.request.tenant for s in self.running}
+
+    def add(self, seq: Sequence) -> None:
+        tenant = seq.request.tenant
+        active = self._active_tenants()
+        if tenant not in active:
+            floor = min((self.usage.get(t, 0.0) for t in active), default=0.0)
+            self.usage[tenant] = max(self.usage.get(tenant, 0.0), floor)
+        key = seq.request.adapter
+        seq.cold = key is not None and not self.slots.is_ready(key)
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def load_failed(self, key: str) -> list[Sequence]:
+        """Drop the waiting sequences of an adapter that failed to load; the caller answers them."""
+        self.slots.loaded(key, ok=False)
+        failed = [s for s in self.waiting if s.request.adapter == key]
+        self.waiting = [s for s in self.waiting if s.request.adapter != key]
+        for seq in failed:
+            seq.state = State.FINISHED
+        return failed
+
+    def _order(self, now: float) -> list[Sequence]:
+        """Overdue jobs oldest first, then the rest interleaved across tenants by virtual service."""
+        overdue = [s for s in self.waiting if now - s.arrival > self.limits.max_wait_s]
+        queues: dict[str, list[Sequence]] = {}
+        for seq in self.waiting:
+            if now - seq.arrival <= self.limits.max_wait_s:
+                queues.setdefault(seq.request.tenant, []).append(seq)
+        projected = {t: self.usage.get(t, 0.0) for t in queues}
+        heads = {t: 0 for t in queues}
+        fair: list[Sequence] = []
+        while queues:
+            tenant = min(queues, key=lambda t: (projected[t], t))
+            seq = queues[tenant][heads[tenant]]
+            fair.append(seq)
+            projected[tenant] += seq.cost
+            heads[tenant] += 1
+            if heads[tenant] == len(queues[tenant]):
+                del queues[tenant]
+        return overdue + fair
+
+    def schedule(self, now: float) -> Step:
+        step = Step()
+        live = []
+        for seq in self.waiting:
+            deadline = seq.request.deadline
+            if deadline is not None and now > deadline:
+                seq.state = State.FINISHED
+                step.expired.append(seq)
+            else:
+                live.append(seq)
+        self.waiting = live
+
+        order = self._order(now)
+        wanted = [s.request.adapter for s in order if s.request.adapter is not None]
+        wanted_set = set(wanted)
+        for key in dict.fromkeys(wanted):  # prefetch in admission order, each adapter once
+            if key in self.slots.slot_of:
+                continue
+            slot = self.slots.reserve(key, now, wanted_set)
+            if slot is None:
+                break
+            step.loads.append((key, slot))
+
+        blocked = False  # an overdue job is stuck: hold everyone younger until it gets in
+        admitted = set()
+        for seq in order:
+            overdue = now - seq.arrival > self.limits.max_wait_s
+            if blocked and not overdue:
+                break
+            if len(self.running) >= self.limits.max_running:
+                break
+            key = seq.request.adapter
+            if key is not None and not self.slots.is_ready(key):
+                blocked |= overdue
+                continue
+            blocks = self.blocks.allocate(seq.cost)
+            if blocks is None:
+                blocked |= overdue
+                continue
+            seq.blocks = blocks
+            seq.state = State.RUNNING
+            seq.admitted_at = now
+            if key is not None:
+                seq.slot = self.slots.acquire(key, now)
+            self.usage[seq.request.tenant] = self.usage.get(seq.request.tenant, 0.0) + seq.cost
+            self.running.append(seq)
+            admitted.add(id(seq))
+        if admitted:
+            self.waiting = [s for s in self.waiting if id(s) not in admitted]
+
+        budget = self.limits.max_step_tokens
+        prefilling = []
+        for seq in self.running:
+            pending = seq.num_tokens - seq.num_computed
+            if seq.output_ids:
+                step.batch.append((seq, 1))
+                budget -= 1
+            else:
+                prefilling.append((seq, pending))
+        for seq, pending in prefilling:
+            if budget <= 0:
+                break
+            chunk = min(pending, budget)
+            step.batch.append((seq, chunk))
+            budget -= chunk
+        return step
+
+    def finish(self, seq: Sequence, now: float) -> None:
+        seq.state = State.FINISHED
+        self.running.remove(seq)
+        self.blocks.free(seq.blocks)
+        seq.blocks = []
+        if seq.slot >= 0:
+            self.slots.release(seq.slot, now)

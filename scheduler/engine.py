@@ -1,0 +1,488 @@
+"""The engine: one thread that runs the continuous-batching step loop over the model.
+
+`Engine.submit` is the hand-off from the async world: it validates and tokenizes a request, puts it
+in a thread-safe inbox and returns; the step thread admits it (via `Scheduler`), runs mixed-adapter
+forward passes, samples, detokenizes, checks stop conditions, and calls the request's `on_done`
+with a `Completion` from the step thread. Adapter loads (disk → host cache → device slot) run on a
+separate loader thread so they overlap compute.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+import kernels
+from scheduler.adapters import AdapterLoadError, AdapterWeights, read_adapter
+from scheduler.config import EngineConfig
+from scheduler.core import AdapterSlots, Request, SamplingParams, Scheduler, SchedulerLimits, Sequence
+from scheduler.kv_cache import BlockAllocator, PagedKVCache
+from scheduler.lora import AdapterPool, slot_bytes
+from scheduler.model import CausalLM, PrefillSpan, StepBatch
+from scheduler.sampling import Sampler
+
+log = logging.getLogger(__name__)
+
+WARMUP_TENANT = "__warmup__"
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    key: str  # unique per content: "name@version"
+    path: str
+    sha256: str | None = None
+
+
+@dataclass
+class Completion:
+    id: str
+    status: str  # "ok" | "error"
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length"
+    prompt_tokens: int = 0
+    error_code: str | None = None
+    error_message: str | None = None
+    queue_s: float = 0.0  # arrival → admitted into the batch
+    ttft_s: float | None = None  # arrival → first token
+    total_s: float = 0.0
+    cold: bool = False  # its adapter was not resident on arrival (ttft_s is then the cold start)
+
+
+@dataclass
+class GenerationRequest:
+    id: str
+    tenant: str
+    adapter: str | None = None  # an AdapterSpec key registered with the engine
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    deadline: float | None = None  # unix epoch seconds
+
+
+class _Job:
+    """What the step thread keeps per sequence beside the scheduler's bookkeeping."""
+
+    def __init__(self, on_done: Callable[[Completion], None], sampler: Sampler, kv_slots: torch.Tensor | None = None):
+        self.on_done, self.sampler, self.kv_slots = on_done, sampler, kv_slots
+        self.text = ""
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def _memory_bytes(device: torch.device) -> tuple[int, int]:
+    """(total, free) memory of the device the pool and cache live on."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return total, free
+    pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return pages, avail
+
+
+class HostAdapterCache:
+    """The host-memory tier: LRU over parsed adapters, so a re-load skips disk and validation."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict[str, AdapterWeights] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> AdapterWeights | None:
+        with self._lock:
+            weights = self._items.get(key)
+            if weights is not None:
+                self._items.move_to_end(key)
+            return weights
+
+    def put(self, weights: AdapterWeights) -> None:
+        with self._lock:
+            self._items[weights.key] = weights
+            self._items.move_to_end(weights.key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def drop(self, key: str) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Engine:
+    def __init__(self, model_dir: str, config: EngineConfig | None = None, clock: Callable[[], float] = time.monotonic):
+        from transformers import AutoTokenizer
+
+        self.config = config = config or EngineConfig()
+        device_name = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device_name)
+        self.dtype = _resolve_dtype(config.dtype, self.device)
+        self.clock = clock
+        self.model = CausalLM.from_pretrained(model_dir, self.device, self.dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir) if _has_tokenizer(model_dir) else None
+        eos = self.model.config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.max_model_len = config.max_model_len or self.model.max_context
+
+        total, free = _memory_bytes(self.device)
+        shapes = self.model.shapes
+        per_slot = slot_bytes(shapes.projections, shapes.num_layers, config.max_lora_rank, self.dtype)
+        self.max_loras = config.max_loras or max(1, min(64, int(0.05 * total) // per_slot))
+        self.max_cpu_loras = config.max_cpu_loras or 4 * self.max_loras
+        kv_budget = config.kv_cache_mb * 2**20 or (int(0.4 * free) if self.device.type == "cuda" else 2**30)
+        per_block = PagedKVCache.bytes_per_block(
+            shapes.num_layers, config.kv_block_size, self.model.num_kv_heads, self.model.head_dim, self.dtype
+        )
+        num_blocks = max(2, kv_budget // per_block)
+        self.kv_capacity_tokens = num_blocks * config.kv_block_size
+
+        self.pool = AdapterPool(
+            shapes.projections, shapes.num_layers, self.max_loras, config.max_lora_rank, self.dtype, self.device,
+            backend=config.lora_backend,
+        )
+        self.kv = PagedKVCache(
+            shapes.num_layers, num_blocks, config.kv_block_size, self.model.num_kv_heads, self.model.head_dim,
+            self.dtype, self.device,
+        )
+        self.model.attach(self.pool, self.kv)
+        max_step_tokens = config.max_step_tokens or (8192 if self.device.type == "cuda" else 512)
+        self.scheduler = Scheduler(
+            SchedulerLimits(config.max_running, max(max_step_tokens, config.max_running), config.max_wait_ms / 1000),
+            BlockAllocator(num_blocks, config.kv_block_size),
+            AdapterSlots(self.max_loras),
+        )
+        self.host_cache = HostAdapterCache(self.max_cpu_loras)
+        self._specs: dict[str, AdapterSpec] = {}
+        self._load_errors: dict[str, str] = {}
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._load_queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._load_done: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._threads: list[threading.Thread] = []
+        self.steps = 0
+        # Optional hooks for metrics, called from the engine's threads:
+        # on_step(sequences, tokens, distinct_adapters, seconds) and on_load(key, seconds, error).
+        self.on_step: Callable[[int, int, int, float], None] | None = None
+        self.on_load: Callable[[str, float, str | None], None] | None = None
+        log.info(
+            "engine: %s %s, %d adapter slots (rank %d), %d host adapters, KV %d tokens, %d step tokens",
+            self.device, self.dtype, self.max_loras, config.max_lora_rank, self.max_cpu_loras,
+            self.kv_capacity_tokens, self.scheduler.limits.max_step_tokens,
+        )
+
+    # ---- called from any thread -------------------------------------------------------------------
+
+    def start(self) -> None:
+        for target, name in ((self._step_loop, "lorabus-step"), (self._load_loop, "lorabus-loader")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Finish every submitted request, then stop the threads."""
+        self._stopping = True
+        self._wake.set()
+        self._load_queue.put(None)
+        for thread in self._threads:
+            thread.join()
+
+    def register(self, spec: AdapterSpec) -> None:
+        """Make an adapter known (published). Re-registering a key with new content invalidates caches."""
+        old = self._specs.get(spec.key)
+        self._specs[spec.key] = spec
+        if old is not None and old != spec:
+            self._inbox.put(("invalidate", spec.key))
+            self._wake.set()
+
+    def prefetch(self, key: str) -> None:
+        """Load an adapter into the host tier ahead of traffic (and into a device slot if one is free)."""
+        self._inbox.put(("prefetch", key))
+        self._wake.set()
+
+    def submit(self, request: GenerationRequest, on_done: Callable[[Completion], None]) -> None:
+        """Queue a request; `on_done` is called exactly once, from the step thread (or here on bad input)."""
+        try:
+            ids = self._prompt_ids(request)
+        except ValueError as exc:
+            code, _, message = str(exc).partition(": ")
+            on_done(Completion(request.id, "error", error_code=code, error_message=message))
+            return
+        if request.adapter is not None and request.adapter not in self._specs:
+            on_done(Completion(request.id, "error", error_code="adapter_not_found",
+                               error_message=f"adapter {request.adapter} is not registered"))
+            return
+        deadline = None
+        if request.deadline is not None:
+            deadline = self.clock() + (request.deadline - time.time())
+        core = Request(request.id, request.tenant, request.adapter, ids, request.params, deadline)
+        self._inbox.put(("job", core, on_done))
+        self._wake.set()
+
+    def warm(self, key: str, on_done: Callable[[Completion], None]) -> None:
+        """Load an adapter and run one dummy step on it, so live traffic never pays its first-step costs."""
+        self.submit(
+            GenerationRequest(f"warmup:{key}", WARMUP_TENANT, key, prompt_ids=[0], params=SamplingParams(1)),
+            on_done,
+        )
+
+    def generate(self, request: GenerationRequest, timeout: float | None = None) -> Completion:
+        """Blocking convenience for scripts and tests."""
+        done = threading.Event()
+        box: list[Completion] = []
+        self.submit(request, lambda c: (box.append(c), done.set()))
+        if not done.wait(timeout):
+            raise TimeoutError(request.id)
+        return box[0]
+
+    def stats(self) -> dict[str, float]:
+        slots = self.scheduler.slots
+        return {
+            "waiting": len(self.scheduler.waiting),
+            "running": len(self.scheduler.running),
+            "adapter_slots": len(slots),
+            "adapter_slots_used": sum(k is not None for k in slots.key_of),
+            "adapter_slots_pinned": sum(r > 0 for r in slots.refs),
+            "host_adapters": len(self.host_cache),
+            "kv_blocks": self.scheduler.blocks.num_blocks,
+            "kv_blocks_used": self.scheduler.blocks.num_blocks - self.scheduler.blocks.num_free,
+        }
+
+    def resident(self) -> list[str]:
+        slots = self.scheduler.slots
+        return [k for s, k in enumerate(slots.key_of) if k is not None and slots.ready[s]]
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if request.prompt_ids is not None:
+            ids = list(request.prompt_ids)
+            if any(i >= self.model.vocab_size for i in ids):
+                raise ValueError(f"invalid_job: prompt_ids must be below the vocabulary size {self.model.vocab_size}")
+        else:
+            if self.tokenizer is None:
+                raise ValueError("invalid_job: the model directory has no tokenizer; send prompt_ids")
+            ids = self.tokenizer(request.prompt)["input_ids"]
+        if not ids:
+            raise ValueError("invalid_job: the prompt encodes to no tokens")
+        total = len(ids) + request.params.max_new_tokens
+        limit = min(self.max_model_len, self.kv_capacity_tokens)
+        if total > limit:
+            raise ValueError(
+                f"prompt_too_long: {len(ids)} prompt + {request.params.max_new_tokens} new tokens exceed the limit {limit}"
+            )
+        return ids
+
+    # ---- loader thread ----------------------------------------------------------------------------
+
+    def _load_loop(self) -> None:
+        while (item := self._load_queue.get()) is not None:
+            key, slot = item
+            started = time.perf_counter()
+            error = None
+            try:
+                weights = self.host_cache.get(key)
+                if weights is None:
+                    spec = self._specs[key]
+                    weights = read_adapter(key, spec.path, self.model.shapes, self.config.max_lora_rank, self.dtype,
+                                           spec.sha256)
+                    if self.device.type == "cuda":
+                        weights.modules = {k: (a.pin_memory(), b.pin_memory(), s) for k, (a, b, s) in weights.modules.items()}
+                    self.host_cache.put(weights)
+                if slot is not None:
+                    self.pool.write(slot, weights)
+            except AdapterLoadError as exc:
+                error = str(exc)
+            except Exception as exc:  # a loader bug must answer the jobs, not kill the thread
+                log.exception("loading %s failed", key)
+                error = f"{key}: {type(exc).__name__}: {exc}"
+            self._load_done.put((key, slot, error, time.perf_counter() - started))
+            self._wake.set()
+
+    # ---- step thread ------------------------------------------------------------------------------
+
+    def _step_loop(self) -> None:
+        sched = self.scheduler
+        while True:
+            self._wake.clear()
+            self._drain_inbox()
+            self._drain_loads()
+            if not sched.has_work():
+                if self._stopping and self._inbox.empty():
+                    return
+                self._wake.wait(0.5)
+                continue
+            now = self.clock()
+            step = sched.schedule(now)
+            for seq in step.expired:
+                self._answer_error(seq, "deadline_exceeded", "the job's deadline passed before it could run")
+            for key, slot in step.loads:
+                self._load_queue.put((key, slot))
+            if not step.batch:
+                self._wake.wait(0.005)
+                continue
+            try:
+                self._run(step.batch)
+            except Exception as exc:
+                log.exception("step failed")
+                for seq, _ in step.batch:
+                    if seq in sched.running:
+                        sched.finish(seq, self.clock())
+                        self._answer_error(seq, "internal", f"{type(exc).__name__}: {exc}")
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item[0] == "job":
+                _, request, on_done = item
+                if request.adapter in self._load_errors:
+                    on_done(Completion(request.id, "error", error_code="adapter_load_failed",
+                                       error_message=self._load_errors[request.adapter]))
+                    continue
+                seq = Sequence(request, self.clock())
+                seq.payload = _Job(on_done, Sampler(request.params, self.device))
+                self.scheduler.add(seq)
+            elif item[0] == "prefetch":
+                key = item[1]
+                if key not in self.scheduler.slots.slot_of and self.host_cache.get(key) is None:
+                    slot = self.scheduler.slots.reserve(key, self.clock(), set())
+                    self._load_queue.put((key, slot))
+            elif item[0] == "invalidate":
+                key = item[1]
+                self.host_cache.drop(key)
+                self._load_errors.pop(key, None)
+                slot = self.scheduler.slots.drop(key)
+                if slot is not None:
+                    self.pool.clear(slot)
+
+    def _drain_loads(self) -> None:
+        while True:
+            try:
+                key, slot, error, seconds = self._load_done.get_nowait()
+            except queue.Empty:
+                return
+            if self.on_load is not None:
+                self.on_load(key, seconds, error)
+            if error is None:
+                if slot is not None:
+                    self.scheduler.slots.loaded(key, ok=True)
+                continue
+            self._load_errors[key] = error
+            for seq in self.scheduler.load_failed(key):
+                self._answer_error(seq, "adapter_load_failed", error)
+
+    def _run(self, batch: list[tuple[Sequence, int]]) -> None:
+        device = self.device
+        tokens, positions, write_slots, lora_idx, logit_rows = [], [], [], [], []
+        decode_rows, decode_ctx, prefills = [], [], []
+        wants_logits: list[Sequence] = []
+        for seq, n in batch:
+            job: _Job = seq.payload
+            if job.kv_slots is None:
+                job.kv_slots = self.kv.token_slots(seq.blocks, device)
+            start, past = len(tokens), seq.num_computed
+            all_ids = seq.request.prompt_ids + seq.output_ids
+            tokens.extend(all_ids[past : past + n])
+            positions.extend(range(past, past + n))
+            write_slots.append(job.kv_slots[past : past + n])
+            lora_idx.extend([seq.slot] * n)
+            if n == 1:
+                decode_rows.append(start)
+                decode_ctx.append(job.kv_slots[: past + 1])
+            else:
+                prefills.append(PrefillSpan(start, n, past, job.kv_slots[: past + n]))
+            if past + n == seq.num_tokens:
+                logit_rows.append(start + n - 1)
+                wants_logits.append(seq)
+        ctx_lens = torch.tensor([c.numel() for c in decode_ctx], device=device)
+        width = int(ctx_lens.max()) if decode_ctx else 0
+        step = StepBatch(
+            tokens=torch.tensor(tokens, device=device),
+            positions=torch.tensor(positions, device=device),
+            write_slots=torch.cat(write_slots),
+            lora=kernels.make_lora_mapping(torch.tensor(lora_idx, device=device), self.max_loras),
+            decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
+            decode_kv_slots=torch.nn.utils.rnn.pad_sequence(decode_ctx, batch_first=True) if decode_ctx
+            else torch.empty(0, 0, dtype=torch.long, device=device),
+            decode_mask=(torch.arange(width, device=device)[None, :] < ctx_lens[:, None])[:, None, None, :],
+            prefills=prefills,
+            logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=device),
+        )
+        started = time.perf_counter()
+        logits = self.model.forward(step)
+        self.steps += 1
+        if self.on_step is not None:
+            self.on_step(len(batch), len(tokens), len(step.lora.active_slots), time.perf_counter() - started)
+        for seq, n in batch:
+            seq.num_computed += n
+        now = self.clock()
+        greedy = logits.argmax(dim=-1).tolist()
+        for row, seq in enumerate(wants_logits):
+            job = seq.payload
+            token = greedy[row] if job.sampler.greedy else job.sampler.sample(logits[row])
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            seq.output_ids.append(token)
+            reason = self._finish_reason(seq, job)
+            if reason is not None:
+                self.scheduler.finish(seq, now)
+                self._answer_ok(seq, reason)
+
+    def _finish_reason(self, seq: Sequence, job: _Job) -> str | None:
+        params = seq.request.params
+        if self.tokenizer is not None:
+            job.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            hits = [job.text.find(s) for s in params.stop if s in job.text]
+            if hits:
+                job.text = job.text[: min(hits)]
+                return "stop"
+        if seq.output_ids[-1] in self.eos_ids:
+            return "stop"
+        if len(seq.output_ids) >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _timings(self, seq: Sequence) -> dict:
+        now = self.clock()
+        return {
+            "queue_s": (seq.admitted_at or now) - seq.arrival,
+            "ttft_s": None if seq.first_token_at is None else seq.first_token_at - seq.arrival,
+            "total_s": now - seq.arrival,
+            "cold": seq.cold,
+            "prompt_tokens": len(seq.request.prompt_ids),
+        }
+
+    def _answer_ok(self, seq: Sequence, reason: str) -> None:
+        job: _Job = seq.payload
+        completion = Completion(seq.request.id, "ok", token_ids=list(seq.output_ids), text=job.text,
+                                finish_reason=reason, **self._timings(seq))
+        _deliver(job.on_done, completion)
+
+    def _answer_error(self, seq: Sequence, code: str, message: str) -> None:
+        completion = Completion(seq.request.id, "error", error_code=code, error_message=message, **self._timings(seq))
+        _deliver(seq.payload.on_done, completion)
+
+
+def _deliver(on_done: Callable[[Completion], None], completion: Completion) -> None:
+    try:
+        on_done(completion)
+    except Exception:  # a failing callback must not take the step loop down
+        log.exception("on_done for %s failed", completion.id)
+
+
+def _has_tokenizer(model_dir: str) -> bool:
+    return any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json"))

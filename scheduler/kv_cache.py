@@ -1,0 +1,56 @@
+"""Paged KV cache: fixed-size blocks in one preallocated tensor per layer, handed out to sequences.
+
+The whole budget is allocated once at start-up; a sequence holds a list of block ids (its block
+table) and returns them when it finishes, so memory is reused without per-step allocation and no
+sequence is padded to another's length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class BlockAllocator:
+    """Free-list of KV block ids; pure bookkeeping, shared by the engine and the scheduler simulation."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def allocate(self, num_tokens: int) -> list[int] | None:
+        need = self.blocks_for(num_tokens)
+        if need > len(self._free):
+            return None
+        return [self._free.pop() for _ in range(need)]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+    def token_slots(self, blocks: list[int], device: torch.device) -> torch.Tensor:
+        """Flat cache index of every position a sequence may use, in position order."""
+        ids = torch.tensor(blocks, dtype=torch.long, device=device)
+        return (ids[:, None] * self.block_size + torch.arange(self.block_size, device=device)).flatten()
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer].index_copy_(0, slots, k)
+        self.v[layer].index_copy_(0, slots, v)

@@ -1,0 +1,391 @@
+"""Tests for kernels/: Triton and torch LoRA shrink/expand against a float64 reference.
+
+Shapes and dtypes are drawn at random from a seed printed in the session
+summary and in every assertion message; rerun a failure with
+LORABUS_TEST_SEED=<seed>. Triton runs on CPU through its interpreter, so
+every shape here is small. The summary also prints the largest relative
+error seen per (op, dtype, backend).
+"""
+
+import os
+
+# Must precede the first `import triton` anywhere in the process.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import subprocess
+import sys
+import time
+import zlib
+from collections import defaultdict
+
+import pytest
+import torch
+
+import kernels
+from kernels import LoRAMapping, lora_expand, lora_shrink, make_lora_mapping
+
+SEED = int(os.environ.get("LORABUS_TEST_SEED", time.time_ns() % 2**31))
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = ("triton", "torch", "gather")
+# Max |out - ref| over max |ref|. bf16 allows a full ulp (2**-7): Triton's
+# interpreter truncates fp32 -> bf16 where the GPU rounds to nearest.
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+MAX_ERR: dict[tuple, float] = defaultdict(float)
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 (set before triton is imported)", allow_module_level=True)
+
+
+class _ErrorSummary:
+    """Pytest plugin (registered below) that prints the seed and the error table at the end."""
+
+    @staticmethod
+    def pytest_terminal_summary(terminalreporter):
+        terminalreporter.write_sep("-", f"kernels: LORABUS_TEST_SEED={SEED}; largest relative error seen")
+        per_dtype = defaultdict(float)
+        for (op, dtype, backend), err in sorted(MAX_ERR.items(), key=str):
+            terminalreporter.write_line(f"  {op:7s} {str(dtype):15s} {backend:7s} {err:.3e}")
+            per_dtype[dtype] = max(per_dtype[dtype], err)
+        terminalreporter.write_line("  max per dtype: " + ", ".join(f"{d}={e:.2e}" for d, e in per_dtype.items()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _error_summary(request):
+    if not request.config.pluginmanager.is_registered(_ErrorSummary):
+        request.config.pluginmanager.register(_ErrorSummary)
+
+
+@pytest.fixture
+def gen(request):
+    # Per-test stream, so one test reproduces alone under the same seed.
+    g = torch.Generator().manual_seed(SEED + zlib.crc32(request.node.nodeid.encode()))
+    return g
+
+
+def ri(g, lo, hi):
+    """Random int in [lo, hi]."""
+    return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+
+# ---------------------------------------------------------------- data & reference
+
+def make_idx(g, T, L, pattern, p_none=0.2):
+    """decode: every token an independent slot (or -1); prefill: long runs of one slot."""
+    if pattern == "decode":
+        idx = torch.randint(0, L, (T,), generator=g)
+        idx[torch.rand(T, generator=g) < p_none] = -1
+        return idx
+    idx = torch.empty(T, dtype=torch.long)
+    pos = 0
+    while pos < T:
+        n = min(T - pos, ri(g, 16, 90))
+        idx[pos:pos + n] = ri(g, -1, L - 1)
+        pos += n
+    return idx
+
+
+def make_ranked(g, shape_lead, R, H, ranks, dtype, rank_dim):
+    """Random weights zero-padded beyond each slot's real rank (dim rank_dim of the slot matrix)."""
+    w = torch.randn(*shape_lead, len(ranks), *((R, H) if rank_dim == 0 else (H, R)), generator=g)
+    for slot, r in enumerate(ranks):
+        if rank_dim == 0:
+            w[..., slot, r:, :] = 0
+        else:
+            w[..., slot, :, r:] = 0
+    return w.to(dtype)
+
+
+def ref_shrink(x, a4, idx):
+    """float64 t[s, i] = x[i] @ a[s, idx[i]].T (zero rows for idx -1)."""
+    S, L, R, H = a4.shape
+    t = torch.zeros(S, x.shape[0], R, dtype=torch.float64)
+    for i, slot in enumerate(idx.tolist()):
+        if slot >= 0:
+            t[:, i] = torch.einsum("h,srh->sr", x[i].double(), a4[:, slot].double())
+    return t
+
+
+def ref_expand(y, t3, bs, scale2, offsets, idx):
+    out = y.double().clone()
+    for i, slot in enumerate(idx.tolist()):
+        if slot < 0:
+            continue
+        for s, (b, off) in enumerate(zip(bs, offsets)):
+            out[i, off:off + b.shape[1]] += scale2[s, slot].double() * (b[slot].double() @ t3[s, i].double())
+    return out
+
+
+def check(op, out, ref, dtype, backend, ctx):
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    err = (out.double() - ref).abs().max().item() / max(scale, 1e-30) if ref.numel() else 0.0
+    MAX_ERR[(op, dtype, backend)] = max(MAX_ERR[(op, dtype, backend)], err)
+    assert err <= TOL[dtype], f"{op} {backend} {dtype}: rel err {err:.3e} > {TOL[dtype]:.0e} [seed={SEED} {ctx}]"
+
+
+def run_case(g, *, T, H_in, widths, R, L, dtype, backend, pattern, offsets=None, y_width=None,
+             ranks=None, sliced=None, use_mapping=True, p_none=0.2):
+    """Shrink then expand one random case; checks both against float64, plus the untouched regions."""
+    S = len(widths)
+    sliced = S > 1 if sliced is None else sliced
+    ranks = ranks or [R] * L
+    ctx = (f"T={T} H_in={H_in} widths={widths} R={R} L={L} pattern={pattern} offsets={offsets} "
+           f"ranks={ranks} sliced={sliced}")
+    idx = make_idx(g, T, L, pattern, p_none)
+    mapping = make_lora_mapping(idx, L) if use_mapping else idx
+
+    x = torch.randn(T, H_in, generator=g).to(dtype)
+    a4 = (make_ranked(g, (S,), R, H_in, ranks, torch.float32, 0) / H_in ** 0.5).to(dtype)
+    t = lora_shrink(x, a4 if sliced else a4[0], mapping, backend=backend)
+    t3 = t if sliced else t.unsqueeze(0)
+    assert t.dtype == torch.float32 and t3.shape == (S, T, R), ctx
+    check("shrink", t3, ref_shrink(x, a4, idx), dtype, backend, ctx)
+    assert torch.equal(t3[:, idx < 0], torch.zeros_like(t3[:, idx < 0])), f"rows with idx -1 not zero [seed={SEED} {ctx}]"
+
+    bs = [(make_ranked(g, (), R, h, ranks, torch.float32, 1) / R ** 0.5).to(dtype) for h in widths]
+    scale2 = torch.rand(S, L, generator=g) + 0.5
+    if offsets is None:
+        offsets_used = [sum(widths[:i]) for i in range(S)]
+        y_width = sum(widths)
+    else:
+        offsets_used = offsets
+    y0 = torch.randn(T, y_width, generator=g).to(dtype)
+    # Expand gets its own fp32 t with values in padded rank columns too, so a
+    # kernel ignoring padding or mixing slices shows.
+    t_in = torch.randn(S, T, R, generator=g)
+    y = y0.clone()
+    out = lora_expand(y, t_in if sliced else t_in[0], bs if sliced else bs[0], mapping,
+                      scale2 if sliced else scale2[0], offsets=offsets, backend=backend)
+    assert out is y, "lora_expand must return y (updated in place)"
+    ref = ref_expand(y0, t_in, bs, scale2, offsets_used, idx)
+    touched = torch.zeros(T, y_width, dtype=torch.bool)
+    for off, h in zip(offsets_used, widths):
+        touched[idx >= 0, off:off + h] = True
+    check("expand", y[touched], ref[touched], dtype, backend, ctx)
+    # Everything else keeps its exact original bits (no stray writes, even of y + 0).
+    assert torch.equal(y[~touched], y0[~touched]), f"expand wrote outside its rows/columns [seed={SEED} {ctx}]"
+    return idx
+
+
+# ---------------------------------------------------------------- cases
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode(gen, dtype, backend):
+    for _ in range(2):
+        run_case(gen, T=ri(gen, 1, 24), H_in=ri(gen, 17, 150), widths=[ri(gen, 17, 150)], R=ri(gen, 2, 24),
+                 L=ri(gen, 2, 12), dtype=dtype, backend=backend, pattern="decode")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefill(gen, dtype, backend):
+    # Runs of 16..90 tokens: several 64-row tiles per segment, the last one partial.
+    run_case(gen, T=ri(gen, 100, 180), H_in=ri(gen, 65, 140), widths=[ri(gen, 65, 140)], R=ri(gen, 4, 16),
+             L=ri(gen, 2, 4), dtype=dtype, backend=backend, pattern="prefill", p_none=0.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sliced_unequal_widths_custom_offsets(gen, dtype, backend):
+    # GQA-like q/k/v widths, placed out of order with gaps in a wider y.
+    q, kv = ri(gen, 70, 130), ri(gen, 17, 40)
+    widths = [q, kv, kv]
+    offsets = [2 * kv + 9, 3, kv + 6]
+    run_case(gen, T=ri(gen, 5, 30), H_in=ri(gen, 40, 100), widths=widths, R=ri(gen, 3, 20), L=ri(gen, 2, 5),
+             dtype=dtype, backend=backend, pattern="decode", offsets=offsets, y_width=2 * kv + 9 + q + 5)
+    # Default offsets: slices tile y back to back (gate/up style, equal widths).
+    h = ri(gen, 30, 90)
+    run_case(gen, T=ri(gen, 5, 30), H_in=ri(gen, 40, 100), widths=[h, h], R=ri(gen, 3, 20), L=ri(gen, 2, 5),
+             dtype=dtype, backend=backend, pattern="prefill")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_ranks_zero_padded(gen, backend):
+    L, R = 5, 16
+    ranks = [1, 16, 4, 9, 13]
+    for dtype in DTYPES:
+        run_case(gen, T=ri(gen, 10, 40), H_in=ri(gen, 30, 90), widths=[ri(gen, 30, 90), ri(gen, 10, 40)],
+                 R=R, L=L, ranks=ranks, dtype=dtype, backend=backend, pattern="decode")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("R", [1, 128])
+def test_rank_extremes(gen, backend, R):
+    for dtype in DTYPES:
+        run_case(gen, T=ri(gen, 3, 12), H_in=ri(gen, 20, 72), widths=[ri(gen, 20, 72)], R=R, L=3,
+                 dtype=dtype, backend=backend, pattern="decode")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hidden_not_multiple_of_block(gen, backend):
+    # 64-wide K/N blocks: 129 = 2 blocks + 1, 67 = 1 block + 3; one token -> split-K shrink.
+    for T in (1, 33):
+        run_case(gen, T=T, H_in=129, widths=[67], R=8, L=3, dtype=torch.float16, backend=backend,
+                 pattern="decode")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sliced", [False, True])
+def test_empty_batch(backend, sliced):
+    S, L, R = (2 if sliced else 1), 3, 8
+    x = torch.randn(0, 32)
+    a = torch.randn(S, L, R, 32)
+    t = lora_shrink(x, a if sliced else a[0], torch.empty(0, dtype=torch.long), backend=backend)
+    assert t.shape == ((S, 0, R) if sliced else (0, R))
+    y = torch.randn(0, 40 * S)
+    bs = [torch.randn(L, 40, R) for _ in range(S)]
+    out = lora_expand(y, t, bs if sliced else bs[0], make_lora_mapping(torch.empty(0, dtype=torch.int32), L),
+                      torch.ones(S, L) if sliced else torch.ones(L), backend=backend)
+    assert out is y and y.shape == (0, 40 * S)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_minus_one_skips_work(monkeypatch, backend):
+    from kernels import ops, torch_ops, triton_ops
+
+    def boom(*args, **kwargs):
+        raise AssertionError("kernel launched for a batch without adapters")
+
+    for mod, names in ((triton_ops, ("shrink", "expand")),
+                       (torch_ops, ("shrink_segmented", "expand_segmented", "shrink_gather", "expand_gather"))):
+        for name in names:
+            monkeypatch.setattr(mod, name, boom)
+    assert ops.torch_ops is torch_ops
+    T, L, R = 9, 4, 8
+    m = make_lora_mapping(torch.full((T,), -1), L)
+    assert not m.has_lora and m.num_tiles == 0
+    t = lora_shrink(torch.randn(T, 30), torch.randn(L, R, 30), m, backend=backend)
+    assert torch.equal(t, torch.zeros(T, R))
+    y = torch.randn(T, 20)
+    y0 = y.clone()
+    lora_expand(y, torch.randn(T, R), torch.randn(L, 20, R), m, torch.ones(L), backend=backend)
+    assert torch.equal(y, y0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noncontiguous_inputs(gen, backend):
+    T, H, R, L, S = 13, 50, 8, 3, 2
+    dtype = torch.float16
+    idx = make_idx(gen, T, L, "decode")
+    m = make_lora_mapping(idx, L)
+    x = torch.randn(H + 7, T, generator=gen).to(dtype).t()[:, 3:3 + H]      # column-major slice
+    a = torch.randn(L, S, R, H * 2, generator=gen).to(dtype).transpose(0, 1)[..., ::2]  # strided stack
+    assert not x.is_contiguous() and not a.is_contiguous()
+    t = lora_shrink(x, a, m, backend=backend)
+    check("shrink", t, ref_shrink(x, a, idx), dtype, backend, "noncontiguous")
+
+    big = torch.randn(T, 200, generator=gen).to(dtype)
+    big0 = big.clone()
+    y = big[:, 10:150]                                                      # a view: updated in place
+    y0 = y.clone()
+    widths = [60, 40]
+    bs = [torch.randn(L, R, w + 5, generator=gen).to(dtype).transpose(1, 2)[:, :w] for w in widths]
+    t_in = torch.randn(T, S, R, generator=gen).transpose(0, 1)
+    scale = torch.rand(S, L, generator=gen) + 0.5
+    lora_expand(y, t_in, bs, m, scale, offsets=[70, 5], backend=backend)
+    ref = ref_expand(y0, t_in, bs, scale, [70, 5], idx)
+    check("expand", y, ref, dtype, backend, "noncontiguous")
+    # Only y[:, 5:45] and y[:, 70:130] (active rows) may change inside big.
+    keep = torch.ones(T, 200, dtype=torch.bool)
+    keep[idx >= 0, 15:55] = False
+    keep[idx >= 0, 80:140] = False
+    assert torch.equal(big[keep], big0[keep]), f"stray writes [seed={SEED}]"
+
+
+def test_end_to_end_matches_dense_lora(gen):
+    """shrink -> expand with one shared mapping equals y + scale * x A^T B^T in float64."""
+    T, H_in, H_out, R, L = 40, 96, 80, 12, 4
+    idx = make_idx(gen, T, L, "prefill")
+    m = make_lora_mapping(idx, L)
+    x = torch.randn(T, H_in, generator=gen).half()
+    a = (torch.randn(L, R, H_in, generator=gen) / H_in ** 0.5).half()
+    b = (torch.randn(L, H_out, R, generator=gen) / R ** 0.5).half()
+    scale = torch.rand(L, generator=gen) + 0.5
+    y0 = torch.randn(T, H_out, generator=gen).half()
+    ref = y0.double().clone()
+    for i, s in enumerate(idx.tolist()):
+        if s >= 0:
+            ref[i] += scale[s].double() * (b[s].double() @ (a[s].double() @ x[i].double()))
+    for backend in BACKENDS:
+        y = y0.clone()
+        lora_expand(y, lora_shrink(x, a, m, backend=backend), b, m, scale, backend=backend)
+        check("e2e", y, ref, torch.float16, backend, f"idx={idx.tolist()}")
+
+
+def test_property_random_shapes(gen):
+    """Many small random cases: every backend must agree with float64."""
+    for case in range(30):
+        dtype = DTYPES[ri(gen, 0, 2)]
+        S = ri(gen, 1, 3)
+        pattern = ("decode", "prefill")[ri(gen, 0, 1)]
+        T = ri(gen, 0, 20) if pattern == "decode" else ri(gen, 16, 70)
+        L = ri(gen, 1, 6)
+        R = ri(gen, 1, 32)
+        ranks = [ri(gen, 1, R) for _ in range(L)]
+        widths = [ri(gen, 1, 70) for _ in range(S)]
+        backend = BACKENDS[case % 3]
+        run_case(gen, T=T, H_in=ri(gen, 1, 100), widths=widths, R=R, L=L, ranks=ranks, dtype=dtype,
+                 backend=backend, pattern=pattern, sliced=S > 1 or ri(gen, 0, 1) == 1,
+                 use_mapping=ri(gen, 0, 3) > 0, p_none=(0.0, 0.3, 1.0)[ri(gen, 0, 2)])
+
+
+# ---------------------------------------------------------------- mapping & API errors
+
+def test_mapping_groups_tokens_once():
+    idx = torch.tensor([2, -1, 0, 2, 2, 0, -1])
+    m = make_lora_mapping(idx, 4)
+    assert isinstance(m, LoRAMapping)
+    assert m.sorted_tokens.tolist() == [2, 5, 0, 3, 4]
+    assert m.active_slots == (0, 2) and m.seg_starts == (0, 2) and m.seg_lens == (2, 3)
+    assert m.max_seg_len == 3 and m.block_m == 16 and m.num_tiles == 2 and m.has_lora
+    assert m.tiles.tolist() == [[0, 2], [2, 3], [0, 2]]
+    long = make_lora_mapping(torch.tensor([1] * 150 + [0] * 10), 2)
+    assert long.block_m == 64
+    assert long.tiles.tolist() == [[0, 10, 74, 138], [10, 64, 64, 22], [0, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("bad", [[3], [-2], [0, 5]])
+def test_mapping_rejects_bad_ids(bad):
+    with pytest.raises(ValueError):
+        make_lora_mapping(torch.tensor(bad), 3)
+
+
+def test_argument_errors():
+    L, R = 3, 4
+    x, a = torch.randn(5, 8), torch.randn(L, R, 8)
+    idx = torch.zeros(5, dtype=torch.long)
+    with pytest.raises(ValueError, match="backend"):
+        lora_shrink(x, a, idx, backend="cuda")
+    with pytest.raises(ValueError, match="share"):
+        lora_shrink(x.half(), a, idx)
+    with pytest.raises(ValueError, match="tokens"):
+        lora_shrink(x, a, make_lora_mapping(torch.zeros(4, dtype=torch.long), L))
+    with pytest.raises(ValueError, match="slot"):
+        lora_shrink(x, a[:1], make_lora_mapping(torch.full((5,), 2), L))
+    y, t = torch.randn(5, 12), torch.randn(2, 5, R)
+    bs = [torch.randn(L, 6, R), torch.randn(L, 6, R)]
+    with pytest.raises(ValueError, match="overlap"):
+        lora_expand(y, t, bs, idx, torch.ones(2, L), offsets=[0, 5])
+    with pytest.raises(ValueError, match="offsets"):
+        lora_expand(torch.randn(5, 13), t, bs, idx, torch.ones(2, L))
+    with pytest.raises(ValueError, match="scale"):
+        lora_expand(y, t, bs, idx, torch.ones(L))
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error():
+    code = ("import torch, kernels\n"
+            "try:\n"
+            "    kernels.lora_shrink(torch.randn(2, 8), torch.randn(1, 4, 8), torch.zeros(2, dtype=torch.long),"
+            " backend='triton')\n"
+            "except RuntimeError as e:\n"
+            "    print('ERR', e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert "ERR" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+
+
+def test_auto_backend_choice():
+    assert kernels.resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert kernels.resolve_backend("auto", torch.device("cuda")) == "triton"

@@ -1,0 +1,161 @@
+"""The `lorabus` command: `worker`, `produce`, `publish`, `activate`, `demo`.
+
+Every worker flag is generated from `WorkerConfig` / `EngineConfig` and can also be set as an
+environment variable `LORABUS_<FLAG>` (flags win over the environment)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+
+from scheduler import EngineConfig
+from worker.config import WorkerConfig
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls, skip=("engine",)) -> None:
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        env = "LORABUS_" + f.name.upper()
+        default = os.environ.get(env, f.default)
+        kind = type(f.default)
+        parser.add_argument(flag, type=kind, default=kind(default), dest=f.name,
+                            help=f"{f.metadata.get('help', '')} [env {env}, default {f.default!r}]")
+
+
+def _config_from(args) -> WorkerConfig:
+    engine = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(WorkerConfig) if f.name != "engine"}
+    return WorkerConfig(**fields, engine=engine)
+
+
+async def _serve(config: WorkerConfig) -> None:
+    from worker.service import Worker
+
+    worker = Worker(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    await worker.run()
+
+
+def cmd_worker(args) -> int:
+    config = _config_from(args)
+    if not config.model:
+        print("lorabus worker: --model (or LORABUS_MODEL) is required", file=sys.stderr)
+        return 2
+    asyncio.run(_serve(config))
+    return 0
+
+
+def cmd_produce(args) -> int:
+    from worker.client import run, run_jobs
+
+    source = open(args.file) if args.file != "-" else sys.stdin
+    jobs = []
+    for line in source:
+        if line.strip():
+            job_id = json.loads(line).get("id", f"line-{len(jobs)}")
+            jobs.append((str(job_id), line.strip().encode()))
+    results = run(run_jobs(args.bootstrap_servers, args.jobs_topic, args.results_topic, jobs, args.timeout,
+                           on_result=lambda r: print(json.dumps(_plain(r)), flush=True)))
+    missing = [job_id for job_id, _ in jobs if job_id not in results]
+    if missing:
+        print(f"no result within {args.timeout}s for {len(missing)} jobs: {missing[:10]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_publish(args) -> int:
+    from schemas import AdapterPublish
+    from worker.client import publish_control, run
+
+    tenants = args.tenants.split(",") if args.tenants else None
+    event = AdapterPublish(args.name, args.version, os.path.abspath(args.path), args.sha256, tenants)
+    run(publish_control(args.bootstrap_servers, args.control_topic, [event]))
+    return 0
+
+
+def cmd_activate(args) -> int:
+    from schemas import AdapterActivate
+    from worker.client import publish_control, run
+
+    run(publish_control(args.bootstrap_servers, args.control_topic, [AdapterActivate(args.name, args.version)]))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from worker.demo import main as demo_main
+
+    return demo_main(args)
+
+
+def _plain(result) -> dict:
+    import msgspec
+
+    return msgspec.to_builtins(result)
+
+
+def _client_flags(parser: argparse.ArgumentParser, *topics: str) -> None:
+    defaults = WorkerConfig()
+    parser.add_argument("--bootstrap-servers", default=os.environ.get("LORABUS_BOOTSTRAP_SERVERS", defaults.bootstrap_servers))
+    for topic in topics:
+        env = "LORABUS_" + topic.upper()
+        parser.add_argument("--" + topic.replace("_", "-"), default=os.environ.get(env, getattr(defaults, topic)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorabus", description="Serve many LoRA adapters on one base model, fed by Kafka")
+    parser.add_argument("--log-level", default=os.environ.get("LORABUS_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    worker = sub.add_parser("worker", help="consume jobs, generate, produce results")
+    _add_config_flags(worker, WorkerConfig)
+    _add_config_flags(worker, EngineConfig)
+    worker.set_defaults(func=cmd_worker)
+
+    produce = sub.add_parser("produce", help="send jobs (JSONL file or stdin) and print their results")
+    _client_flags(produce, "jobs_topic", "results_topic")
+    produce.add_argument("file", nargs="?", default="-")
+    produce.add_argument("--timeout", type=float, default=120.0)
+    produce.set_defaults(func=cmd_produce)
+
+    publish = sub.add_parser("publish", help="publish an adapter version on the control topic")
+    _client_flags(publish, "control_topic")
+    publish.add_argument("name")
+    publish.add_argument("version")
+    publish.add_argument("path")
+    publish.add_argument("--sha256")
+    publish.add_argument("--tenants", help="comma-separated tenants allowed (default: all)")
+    publish.set_defaults(func=cmd_publish)
+
+    activate = sub.add_parser("activate", help="make a published version the active one (hot swap, rollback)")
+    _client_flags(activate, "control_topic")
+    activate.add_argument("name")
+    activate.add_argument("version")
+    activate.set_defaults(func=cmd_activate)
+
+    demo = sub.add_parser("demo", help="the embedded default: local broker, tiny model, three adapters, sample jobs")
+    demo.add_argument("--workdir", default=os.environ.get("LORABUS_DEMO_DIR", ".lorabus/demo"))
+    demo.add_argument("--jobs", type=int, default=12)
+    demo.add_argument("--metrics-port", type=int, default=9400)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

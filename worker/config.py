@@ -1,0 +1,32 @@
+"""The worker's settings, with documented defaults. Every field is a `lorabus worker` flag
+(`--jobs-topic`) and an environment variable (`LORABUS_JOBS_TOPIC`); engine settings come from
+`scheduler.EngineConfig` the same way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scheduler import EngineConfig
+
+
+def _doc(text: str):
+    return {"help": text}
+
+
+@dataclass
+class WorkerConfig:
+    bootstrap_servers: str = field(default="127.0.0.1:9092", metadata=_doc("Kafka bootstrap servers"))
+    model: str = field(default="", metadata=_doc("base model directory (Hugging Face layout, safetensors)"))
+    group_id: str = field(default="lorabus", metadata=_doc("consumer group of the jobs topic"))
+    jobs_topic: str = field(default="lorabus.jobs", metadata=_doc("topic jobs are consumed from"))
+    results_topic: str = field(default="lorabus.results", metadata=_doc("default reply topic"))
+    control_topic: str = field(default="lorabus.control", metadata=_doc("adapter lifecycle events"))
+    dlq_topic: str = field(default="lorabus.dlq", metadata=_doc("dead letters: records that cannot be answered"))
+    topic_partitions: int = field(default=3, metadata=_doc("partitions of the jobs topic when the worker creates it"))
+    metrics_port: int = field(default=9400, metadata=_doc("Prometheus endpoint port (0 = any free port, -1 = off)"))
+    max_inflight: int = field(default=256, metadata=_doc("jobs taken from Kafka before fetching pauses"))
+    commit_interval_ms: int = field(default=200, metadata=_doc("how often answered offsets are committed"))
+    control_wait_ms: int = field(default=10000, metadata=_doc("how long a job for an unknown adapter waits for the control topic to catch up"))
+    group_instance_id: str = field(default="", metadata=_doc("static membership id (restart without a rebalance)"))
+    worker_id: str = field(default="", metadata=_doc("name reported in results (default host-pid)"))
+    engine: EngineConfig = field(default_factory=EngineConfig)

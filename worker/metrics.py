@@ -1,0 +1,54 @@
+"""Prometheus metrics of the worker (names documented in README "Metrics")."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.jobs_consumed = Counter("lorabus_jobs_consumed", "Job records taken from the jobs topic", registry=r)
+        self.jobs_completed = Counter("lorabus_jobs_completed", "Jobs answered ok", ["adapter"], registry=r)
+        self.jobs_failed = Counter("lorabus_jobs_failed", "Jobs answered with an error", ["code"], registry=r)
+        self.dead_letters = Counter("lorabus_dead_letters", "Records sent to the dead-letter topic", registry=r)
+        self.tokens_generated = Counter("lorabus_tokens_generated", "Completion tokens generated", registry=r)
+        self.batch_size = Histogram("lorabus_batch_size", "Sequences per forward pass", buckets=BATCH_BUCKETS, registry=r)
+        self.step_tokens = Histogram("lorabus_step_tokens", "Tokens per forward pass", buckets=BATCH_BUCKETS, registry=r)
+        self.step_adapters = Histogram("lorabus_step_adapters", "Distinct adapters per forward pass", buckets=BATCH_BUCKETS, registry=r)
+        self.latency = Histogram("lorabus_job_latency_seconds", "Job consumed → result acknowledged",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("lorabus_queue_seconds", "Job arrival at the engine → admitted into the batch",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("lorabus_time_to_first_token_seconds", "Arrival at the engine → first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.cold_start = Histogram("lorabus_adapter_cold_start_seconds",
+                                    "Job for a non-resident adapter arrives → its first token", buckets=LATENCY_BUCKETS, registry=r)
+        self.adapter_load = Histogram("lorabus_adapter_load_seconds", "Adapter load (disk or host cache → device slot)",
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.consumer_lag = Gauge("lorabus_consumer_lag", "Records behind the end of each assigned jobs partition",
+                                  ["partition"], registry=r)
+        self._engine_stats = None
+        r.register(self)
+
+    def watch_engine(self, stats_fn) -> None:
+        self._engine_stats = stats_fn
+
+    def collect(self):
+        """Engine gauges (adapter residency, queue depth, KV use), read at scrape time."""
+        if self._engine_stats is None:
+            return
+        for name, value in self._engine_stats().items():
+            yield GaugeMetricFamily(f"lorabus_engine_{name}", f"Engine {name.replace('_', ' ')}", value=value)
+
+    def describe(self):
+        return []
+
+    def serve(self, port: int) -> int:
+        server, _ = start_http_server(port, addr="127.0.0.1" if port == 0 else "0.0.0.0", registry=self.registry)
+        return server.server_address[1]

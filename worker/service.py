@@ -1,0 +1,343 @@
+"""The worker process: Kafka in, engine in the middle, Kafka out.
+
+Three asyncio tasks share one event loop: the control reader (adapter events → registry → engine),
+the jobs reader (one task per record: decode → validate → resolve → engine → result), and the
+committer (answered offsets → the group). The engine runs on its own threads; the only hand-off
+is `Engine.submit(..., on_done)`, whose callback resolves an asyncio future via
+`call_soon_threadsafe`. At-least-once: an offset is committed only after every record up to it
+has its result (or dead letter) acknowledged by the broker with acks=all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from scheduler import AdapterSpec, Completion, Engine, GenerationRequest, SamplingParams
+from schemas import ErrorInfo, Job, JobError, JobResult, Usage, decode_control, decode_job, encode, error_result
+from worker.client import topic_partitions
+from worker.config import WorkerConfig
+from worker.metrics import Metrics
+from worker.offsets import PartitionOffsets
+from worker.registry import AdapterRegistry, ResolvedAdapter
+
+log = logging.getLogger(__name__)
+
+
+async def ensure_topics(bootstrap: str, topics: dict[str, int]) -> None:
+    """Create the topics that are missing (name → partitions)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [NewTopic(t, n, 1) for t, n in topics.items() if t not in existing]
+        if missing:
+            try:
+                await admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass  # another worker won the race
+    finally:
+        await admin.close()
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, worker: "Worker"):
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked):
+        # Commit what is answered; records still in flight will be re-read by the next owner.
+        await self.worker.commit(only=set(revoked))
+        for tp in revoked:
+            self.worker.partitions.pop(tp, None)
+
+    async def on_partitions_assigned(self, assigned):
+        for tp in assigned:
+            self.worker.partitions[tp] = PartitionOffsets()
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, engine: Engine | None = None):
+        self.config = config
+        self.worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.engine = engine or Engine(config.model, config.engine)
+        self.metrics = Metrics()
+        self.registry = AdapterRegistry()
+        self.partitions: dict[TopicPartition, PartitionOffsets] = {}
+        self.inflight: set[asyncio.Task] = set()
+        self.metrics_port: int | None = None
+        self._control_applied: dict[TopicPartition, int] = {}
+        self._control_progress = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._known_topics: set[str] = set()
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        cfg = self.config
+        await ensure_topics(cfg.bootstrap_servers, {cfg.jobs_topic: cfg.topic_partitions, cfg.results_topic: cfg.topic_partitions,
+                                                    cfg.control_topic: 1, cfg.dlq_topic: 1})
+        self._hook_metrics()
+        if cfg.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(cfg.metrics_port)
+            log.info("metrics on http://127.0.0.1:%d/metrics", self.metrics_port)
+        self.engine.start()
+        self.producer = AIOKafkaProducer(bootstrap_servers=cfg.bootstrap_servers, acks="all",
+                                         enable_idempotence=True, linger_ms=2)
+        self.control = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap_servers, enable_auto_commit=False,
+                                        auto_offset_reset="earliest")
+        self.jobs = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap_servers, group_id=cfg.group_id,
+                                     enable_auto_commit=False, auto_offset_reset="earliest",
+                                     group_instance_id=cfg.group_instance_id or None, max_poll_records=cfg.max_inflight)
+        await self.producer.start()
+        await self.control.start()
+        control_parts = await topic_partitions(cfg.bootstrap_servers, cfg.control_topic)
+        self.control.assign(control_parts)
+        await self.control.seek_to_beginning(*control_parts)
+        control_task = asyncio.create_task(self._control_loop())
+        await self.catch_up_control()  # every published adapter is known before the first job
+        self.jobs.subscribe([cfg.jobs_topic], listener=_Rebalance(self))
+        await self.jobs.start()
+        commit_task = asyncio.create_task(self._commit_loop())
+        log.info("worker %s consuming %s as group %s", self.worker_id, cfg.jobs_topic, cfg.group_id)
+        try:
+            await self._jobs_loop()
+        finally:
+            # Graceful stop: no new records, finish and answer what is in flight, commit, leave.
+            if self.inflight:
+                await asyncio.gather(*self.inflight, return_exceptions=True)
+            await self.commit()
+            commit_task.cancel()
+            control_task.cancel()
+            await asyncio.gather(commit_task, control_task, return_exceptions=True)
+            await self.jobs.stop()
+            await self.control.stop()
+            await self.producer.stop()
+            await asyncio.to_thread(self.engine.stop)
+            log.info("worker %s stopped", self.worker_id)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _hook_metrics(self) -> None:
+        m = self.metrics
+        m.watch_engine(self.engine.stats)
+
+        def on_step(seqs, tokens, adapters, _seconds):
+            m.batch_size.observe(seqs)
+            m.step_tokens.observe(tokens)
+            m.step_adapters.observe(adapters)
+
+        def on_load(_key, seconds, error):
+            if error is None:
+                m.adapter_load.observe(seconds)
+
+        self.engine.on_step, self.engine.on_load = on_step, on_load
+
+    # ---- control topic ----------------------------------------------------------------------------
+
+    async def _control_loop(self) -> None:
+        while True:
+            batches = await self.control.getmany(timeout_ms=200)
+            for tp, records in batches.items():
+                for record in records:
+                    self._apply_control(record)
+                    self._control_applied[tp] = record.offset + 1
+            self._control_progress.set()
+
+    def _apply_control(self, record) -> None:
+        try:
+            event = decode_control(record.value)
+            activated = self.registry.apply(event)
+        except (msgspec.DecodeError, msgspec.ValidationError, KeyError) as exc:
+            log.warning("control record %s@%d ignored: %s", record.topic, record.offset, exc)
+            return
+        if hasattr(event, "path"):
+            key = f"{event.name}@{event.version}"
+            self.engine.register(AdapterSpec(key, event.path, event.sha256))
+            self.engine.prefetch(key)
+        for key in activated:
+            self.engine.warm(key, lambda c: c.status == "ok" or log.warning("warm-up of %s: %s", c.id, c.error_message))
+
+    async def catch_up_control(self) -> None:
+        """Wait until every control event published before now has been applied (read-your-writes)."""
+        parts = list(self.control.assignment())
+        ends = await self.control.end_offsets(parts)
+        deadline = time.monotonic() + self.config.control_wait_ms / 1000
+        while any(self._control_applied.get(tp, 0) < end for tp, end in ends.items()):
+            self._control_progress.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("control topic did not catch up")
+            try:
+                await asyncio.wait_for(self._control_progress.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    # ---- jobs topic -------------------------------------------------------------------------------
+
+    async def _jobs_loop(self) -> None:
+        paused = False
+        while not self._stop.is_set():
+            batches = await self.jobs.getmany(timeout_ms=100)
+            for tp, records in batches.items():
+                offsets = self.partitions.setdefault(tp, PartitionOffsets())
+                for record in records:
+                    offsets.begin(record.offset)
+                    self.metrics.jobs_consumed.inc()
+                    task = asyncio.create_task(self._handle(record, offsets))
+                    self.inflight.add(task)
+                    task.add_done_callback(self.inflight.discard)
+            # Back-pressure without starving the poll loop: pausing causes no rebalance.
+            full = len(self.inflight) >= self.config.max_inflight
+            if full != paused:
+                parts = self.jobs.assignment()
+                self.jobs.pause(*parts) if full else self.jobs.resume(*parts)
+                paused = full
+
+    async def _handle(self, record, offsets: PartitionOffsets) -> None:
+        started = time.monotonic()
+        try:
+            result, reply_to = await self._answer(record)
+            if result is not None:
+                await self._send_result(result, reply_to, record)
+                if result.status == "ok":
+                    self.metrics.jobs_completed.labels(result.adapter or "base").inc()
+                    self.metrics.tokens_generated.inc(result.usage.completion_tokens)
+                else:
+                    self.metrics.jobs_failed.labels(result.error.code).inc()
+            self.metrics.latency.observe(time.monotonic() - started)
+        except Exception as exc:  # the record must still be accounted for: dead-letter it
+            log.exception("record %s-%d@%d failed", record.topic, record.partition, record.offset)
+            try:
+                await self._dead_letter(record, "internal", f"{type(exc).__name__}: {exc}")
+            except KafkaError:
+                log.exception("dead letter failed; offset %d stays uncommitted", record.offset)
+                return
+        offsets.done(record.offset)
+
+    async def _answer(self, record) -> tuple[JobResult | None, str | None]:
+        """The result to send for a record (None when it was dead-lettered instead)."""
+        try:
+            job = decode_job(record.value, record.headers)
+        except JobError as err:
+            if err.job_id is None:
+                await self._dead_letter(record, err.code, err.message)
+                return None, None
+            return error_result(err.job_id, err.code, err.message, self.worker_id), None
+        reply_to = job.reply_to
+        if reply_to is not None and not await self._topic_exists(reply_to):
+            return error_result(job.id, "invalid_job", f"reply_to topic {reply_to} does not exist", self.worker_id), None
+        try:
+            resolved = await self._resolve(job)
+        except JobError as err:
+            return error_result(job.id, err.code, err.message, self.worker_id), reply_to
+        if job.deadline_ms is not None and time.time() * 1000 > job.deadline_ms:
+            return self._error(job, resolved, "deadline_exceeded", "the job's deadline passed before it ran"), reply_to
+        completion = await self._generate(job, resolved)
+        if completion.status != "ok":
+            return self._error(job, resolved, completion.error_code, completion.error_message), reply_to
+        self._observe(completion)
+        return JobResult(
+            id=job.id, status="ok",
+            adapter=resolved.name if resolved else None, adapter_version=resolved.version if resolved else None,
+            text=completion.text, token_ids=completion.token_ids, finish_reason=completion.finish_reason,
+            usage=Usage(completion.prompt_tokens, len(completion.token_ids)), worker=self.worker_id,
+        ), reply_to
+
+    async def _resolve(self, job: Job) -> ResolvedAdapter | None:
+        if job.adapter is None:
+            return None
+        if not self.registry.knows(job.adapter):
+            await self.catch_up_control()
+        return self.registry.resolve(job.adapter, job.tenant)
+
+    async def _generate(self, job: Job, resolved: ResolvedAdapter | None) -> Completion:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Completion] = loop.create_future()
+        request = GenerationRequest(
+            id=job.id, tenant=job.tenant, adapter=resolved.key if resolved else None,
+            prompt=job.prompt, prompt_ids=job.prompt_ids,
+            params=SamplingParams(job.max_new_tokens, job.temperature, job.top_p, job.top_k, job.seed, tuple(job.stop)),
+            deadline=job.deadline_ms / 1000 if job.deadline_ms is not None else None,
+        )
+        self.engine.submit(request, lambda c: loop.call_soon_threadsafe(_resolve_future, future, c))
+        return await future
+
+    def _observe(self, c: Completion) -> None:
+        self.metrics.queue_time.observe(c.queue_s)
+        if c.ttft_s is not None:
+            self.metrics.ttft.observe(c.ttft_s)
+            if c.cold:
+                self.metrics.cold_start.observe(c.ttft_s)
+
+    def _error(self, job: Job, resolved: ResolvedAdapter | None, code: str, message: str) -> JobResult:
+        return JobResult(id=job.id, status="error", adapter=resolved.name if resolved else None,
+                         adapter_version=resolved.version if resolved else None,
+                         error=ErrorInfo(code, message), worker=self.worker_id)
+
+    async def _topic_exists(self, topic: str) -> bool:
+        if topic in self._known_topics:
+            return True
+        await self.producer.client.force_metadata_update()
+        self._known_topics = set(self.producer.client.cluster.topics())
+        return topic in self._known_topics
+
+    async def _send_result(self, result: JobResult, reply_to: str | None, record) -> None:
+        await self.producer.send_and_wait(reply_to or self.config.results_topic, encode(result),
+                                          key=result.id.encode())
+
+    async def _dead_letter(self, record, code: str, reason: str) -> None:
+        headers = list(record.headers or ()) + [
+            ("x-dlq-code", code.encode()),
+            ("x-dlq-reason", reason.encode()[:4096]),
+            ("x-dlq-topic", record.topic.encode()),
+            ("x-dlq-partition", str(record.partition).encode()),
+            ("x-dlq-offset", str(record.offset).encode()),
+            ("x-dlq-timestamp", str(record.timestamp).encode()),
+            ("x-dlq-worker", self.worker_id.encode()),
+        ]
+        await self.producer.send_and_wait(self.config.dlq_topic, record.value, key=record.key, headers=headers)
+        self.metrics.dead_letters.inc()
+
+    # ---- commits ----------------------------------------------------------------------------------
+
+    async def commit(self, only: set[TopicPartition] | None = None) -> None:
+        offsets = {}
+        for tp, state in list(self.partitions.items()):
+            if only is not None and tp not in only:
+                continue
+            offset = state.committable()
+            if offset is not None:
+                offsets[tp] = (offset, state)
+        if not offsets:
+            return
+        try:
+            await self.jobs.commit({tp: offset for tp, (offset, _) in offsets.items()})
+        except KafkaError as exc:  # e.g. a rebalance in progress: the next round retries
+            log.warning("commit failed: %s", exc)
+            return
+        for offset, state in offsets.values():
+            state.committed = offset
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.commit_interval_ms / 1000)
+            await self.commit()
+            for tp in self.jobs.assignment():
+                end = self.jobs.highwater(tp)
+                position = self.partitions.get(tp, PartitionOffsets()).committed
+                if end is not None and position is not None:
+                    self.metrics.consumer_lag.labels(str(tp.partition)).set(max(0, end - position))
+
+
+def _resolve_future(future: asyncio.Future, completion: Completion) -> None:
+    if not future.done():
+        future.set_result(completion)
