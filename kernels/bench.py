@@ -1,0 +1,235 @@
+"""Benchmark lora_shrink / lora_expand on 7B-class shapes against the torch references.
+
+    python -m kernels.bench [--json out.json] [--quick] [--dtype bf16]
+                            [--peak-bw BYTES_PER_S] [--peak-flops FLOP_PER_S]
+
+Model: hidden 4096, 32 query heads and 8 KV heads of 128 (GQA, so k/v are
+4096 -> 1024), MLP 11008 (Llama-2-7B sizes with Llama-3-style GQA).
+Per layer the LoRA ops are: qkv (sliced, H_out 4096/1024/1024), o
+(4096 -> 4096), gate_up (sliced, 2 x 11008), down (11008 -> 4096).
+Decode: 1..256 tokens, each slot's tokens scattered; prefill: 4k..16k
+tokens in contiguous runs, one per adapter. Every token has an adapter.
+
+Backends: on CUDA "triton" (the kernels), "torch" (per-segment matmuls) and
+"gather" (the gather + bmm reference); on CPU only the two torch paths.
+Timing: triton.testing.do_bench (median, warmup, L2 flushed) on CUDA; a
+median over repeated calls on CPU.
+
+Roofline: bytes are the ideal unique traffic (activations once, each active
+adapter's A/B once, t in fp32, y read + written by expand), FLOPs are
+2 * tokens * R * H. Ceilings default to an H200 (4.3 TB/s device copy,
+790 TFLOP/s bf16 dense) on CUDA; on CPU they are measured roughly here
+(a large tensor copy and an fp32 matmul) and labelled as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from . import lora_expand, lora_shrink, make_lora_mapping
+
+HIDDEN, KV, MLP = 4096, 1024, 11008
+PROJECTIONS = {  # name: (H_in, [H_out per slice])
+    "qkv": (HIDDEN, [HIDDEN, KV, KV]),
+    "o": (HIDDEN, [HIDDEN]),
+    "gate_up": (HIDDEN, [MLP, MLP]),
+    "down": (MLP, [HIDDEN]),
+}
+# (phase, tokens, distinct adapters)
+CASES = [("decode", 1, 1), ("decode", 16, 16), ("decode", 64, 8), ("decode", 64, 64),
+         ("decode", 256, 32), ("decode", 256, 256),
+         ("prefill", 4096, 1), ("prefill", 4096, 8), ("prefill", 16384, 4), ("prefill", 16384, 512)]
+RANKS = (8, 16, 64)
+QUICK_CASES = [("decode", 1, 1), ("decode", 64, 64), ("decode", 256, 32), ("prefill", 4096, 4)]
+QUICK_RANKS = (16,)
+H200_BW, H200_FLOPS = 4.3e12, 790e12
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def make_idx(phase: str, tokens: int, adapters: int, gen: torch.Generator) -> torch.Tensor:
+    if phase == "decode":  # every adapter used, tokens in random order
+        return (torch.arange(tokens) % adapters)[torch.randperm(tokens, generator=gen)]
+    return torch.arange(tokens) * adapters // tokens  # contiguous runs
+
+
+def time_call(fn, device: torch.device, min_time: float) -> float:
+    """Median seconds per call (on CUDA: do_bench, GPU events, L2 flushed, launch overhead included)."""
+    if device.type == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+    return time_host(fn, min_time)
+
+
+def time_host(fn, min_time: float) -> float:
+    """Median wall seconds per call; fn must finish its device work before returning."""
+    fn()
+    samples, start = [], time.perf_counter()
+    while len(samples) < 3 or (time.perf_counter() - start < min_time and len(samples) < 50):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def cpu_ceilings() -> tuple[float, float]:
+    """Rough CPU bandwidth (copy of 256 MiB) and fp32 matmul rate, measured now."""
+    src = torch.empty(64 << 20, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    bw = 2 * src.numel() * 4 / time_call(lambda: dst.copy_(src), src.device, 0.3)
+    a = torch.randn(1024, 1024)
+    flops = 2 * 1024 ** 3 / time_call(lambda: a @ a, a.device, 0.3)
+    return bw, flops
+
+
+def run(args) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype]
+    esize = torch.finfo(dtype).bits // 8
+    if device.type == "cuda":
+        import triton
+        name = torch.cuda.get_device_name(device)
+        bw, flops = args.peak_bw or H200_BW, args.peak_flops or H200_FLOPS
+        ceilings = "given" if (args.peak_bw or args.peak_flops) else "H200 defaults"
+        backends, primary = ("triton", "torch", "gather"), "triton"
+        triton_version = triton.__version__
+    else:
+        name = platform.processor() or platform.machine()
+        mbw, mflops = cpu_ceilings()
+        bw, flops = args.peak_bw or mbw, args.peak_flops or mflops
+        ceilings = "rough, measured on this CPU (copy bandwidth, fp32 matmul)"
+        backends, primary = ("torch", "gather"), "torch"
+        try:
+            import triton
+            triton_version = triton.__version__
+        except ImportError:
+            triton_version = "not installed"
+    header = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": name, "torch": torch.__version__, "triton": triton_version,
+        "dtype": args.dtype, "peak_bytes_per_s": bw, "peak_flop_per_s": flops, "ceilings": ceilings,
+        "backends": backends, "primary": primary, "quick": args.quick,
+    }
+    cases, ranks = (QUICK_CASES, QUICK_RANKS) if args.quick else (CASES, RANKS)
+    min_time = 0.1 if args.quick else 0.5
+    gen = torch.Generator().manual_seed(0)
+    rows, mappings = [], []
+    for phase, T, A in cases:
+        idx = make_idx(phase, T, A, gen).to(device)
+        # Host timer: the mapping's cost is mostly host work plus its one sync.
+        mapping_s = time_host(lambda: (make_lora_mapping(idx, A), _sync(device)), min_time)
+        m = make_lora_mapping(idx, A)
+        mappings.append({"phase": phase, "tokens": T, "adapters": A, "us": mapping_s * 1e6})
+        x_all = torch.randn(T, max(h for h, _ in PROJECTIONS.values()), device=device, dtype=dtype)
+        for R in ranks:
+            for proj, (H_in, widths) in PROJECTIONS.items():
+                S, W = len(widths), sum(widths)
+                x = x_all[:, :H_in]
+                a = (torch.randn(S, A, R, H_in, device=device) / H_in ** 0.5).to(dtype)
+                bs = [(torch.randn(A, h, R, device=device) / R ** 0.5).to(dtype) for h in widths]
+                scale = torch.full((S, A), 0.5, device=device)
+                y = torch.zeros(T, W, device=device, dtype=dtype)
+                t = lora_shrink(x, a, m, backend=primary)
+                ops = {
+                    "shrink": (lambda bk: lora_shrink(x, a, m, backend=bk),
+                               T * H_in * esize + A * S * R * H_in * esize + S * T * R * 4,
+                               2 * T * S * R * H_in),
+                    "expand": (lambda bk: lora_expand(y, t, bs, m, scale, backend=bk),
+                               S * T * R * 4 + A * W * R * esize + 2 * T * W * esize,
+                               2 * T * W * R),
+                }
+                for op, (fn, nbytes, nflop) in ops.items():
+                    row = {"phase": phase, "proj": proj, "op": op, "tokens": T, "adapters": A, "rank": R,
+                           "bytes": nbytes, "flop": nflop, "err_vs_gather": _check(op, fn, primary, y)}
+                    for bk in backends:
+                        sec = time_call(lambda: fn(bk), device, min_time)
+                        row[bk] = {"us": sec * 1e6, "bytes_per_s": nbytes / sec, "flop_per_s": nflop / sec,
+                                   "frac_bw": nbytes / sec / bw, "frac_flop": nflop / sec / flops}
+                    row["speedup_vs_gather"] = row["gather"]["us"] / row[primary]["us"]
+                    rows.append(row)
+                    if args.verbose:
+                        print(_row_md(row, backends), flush=True)
+                del a, bs, y, t
+    return {"header": header, "mapping": mappings, "rows": rows}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _check(op, fn, primary, y) -> float:
+    """Max |primary - gather| / max |gather| on this shape (expand starts from y = 0 each time)."""
+    outs = []
+    for bk in (primary, "gather"):
+        if op == "expand":
+            y.zero_()
+        outs.append(fn(bk).float().clone())
+    ref = outs[1]
+    return ((outs[0] - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def _row_md(row, backends) -> str:
+    cells = [row["phase"], row["proj"], row["op"], str(row["tokens"]), str(row["adapters"]), str(row["rank"])]
+    for bk in backends:
+        r = row[bk]
+        cells += [f"{r['us']:.1f}", f"{r['bytes_per_s'] / 1e9:.1f} ({100 * r['frac_bw']:.1f}%)",
+                  f"{r['flop_per_s'] / 1e12:.2f} ({100 * r['frac_flop']:.1f}%)"]
+    cells += [f"{row['speedup_vs_gather']:.2f}x", f"{row['err_vs_gather']:.1e}"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def to_markdown(result: dict) -> str:
+    h = result["header"]
+    backends, primary = h["backends"], h["primary"]
+    lines = [
+        f"# LoRA kernels benchmark, {h['date']}",
+        "",
+        f"device: {h['device']}; torch {h['torch']}; triton {h['triton']}; dtype {h['dtype']}"
+        f"{'; quick shape set' if h['quick'] else ''}",
+        f"ceilings ({h['ceilings']}): {h['peak_bytes_per_s'] / 1e9:.1f} GB/s, "
+        f"{h['peak_flop_per_s'] / 1e12:.2f} TFLOP/s",
+        "",
+        "make_lora_mapping (once per step, includes its host sync):",
+        "",
+        "| phase | tokens | adapters | µs |",
+        "|---|---|---|---|",
+        *[f"| {m['phase']} | {m['tokens']} | {m['adapters']} | {m['us']:.1f} |" for m in result["mapping"]],
+        "",
+        f"GB/s and TFLOP/s with % of the ceilings; speedup = gather µs / {primary} µs; "
+        f"err = max |{primary} - gather| / max |gather|.",
+        "",
+    ]
+    head = ["phase", "proj", "op", "T", "adapters", "r"]
+    for bk in backends:
+        head += [f"{bk} µs", f"{bk} GB/s", f"{bk} TFLOP/s"]
+    head += ["speedup", "err"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += [_row_md(row, backends) for row in result["rows"]]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--quick", action="store_true", help="reduced shape set (a couple of minutes on CPU)")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16")
+    p.add_argument("--peak-bw", type=float, help="memory ceiling in bytes/s")
+    p.add_argument("--peak-flops", type=float, help="matrix ceiling in FLOP/s")
+    p.add_argument("--verbose", action="store_true", help="print each row as it is measured")
+    args = p.parse_args(argv)
+    result = run(args)
+    print(to_markdown(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

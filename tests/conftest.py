@@ -1,0 +1,55 @@
+"""Shared fixtures: the real Kafka broker (started once per session through deploy/local-kafka unless
+KAFKA_BOOTSTRAP_SERVERS names one), the tiny base model and PEFT-made adapters, and a worker runner."""
+
+import os
+
+# The Triton interpreter must be chosen before anything imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.helpers import make_peft_adapter  # noqa: E402
+from worker.samples import build_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory) -> str:
+    """Bootstrap address of a real Apache Kafka broker."""
+    existing = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if existing:
+        yield existing
+        return
+    data = tmp_path_factory.mktemp("kafka")
+    script = ROOT / "deploy" / "local-kafka"
+    out = subprocess.run([sys.executable, str(script), "start", "--port", "0", "--data", str(data)],
+                         check=True, stdout=subprocess.PIPE, text=True, timeout=600)
+    try:
+        yield out.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run([sys.executable, str(script), "stop", "--data", str(data)], check=False, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "llama")
+
+
+@pytest.fixture(scope="session")
+def peft_adapters(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    """Three PEFT LoRA adapters with non-zero B, different ranks, alphas, scaling rules and targets."""
+    root = tmp_path_factory.mktemp("adapters")
+    specs = {
+        "qv-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        "all-r8-rslora": dict(r=8, lora_alpha=16, use_rslora=True,
+                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+        "mlp-r16-patterns": dict(r=16, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj", "o_proj"],
+                                 rank_pattern={"down_proj": 4}, alpha_pattern={"o_proj": 64}),
+    }
+    return {name: make_peft_adapter(tiny_model, root / name, seed=i, **cfg) for i, (name, cfg) in enumerate(specs.items())}

@@ -1,0 +1,133 @@
+"""Test helpers: PEFT-made adapters and the PEFT reference, Kafka topic plumbing, an in-process worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import uuid
+from pathlib import Path
+
+import torch
+
+from scheduler import EngineConfig
+from worker.config import WorkerConfig
+
+
+def make_peft_adapter(model_dir: Path, out_dir: Path, seed: int, scale: float = 3.0, **lora_kwargs) -> Path:
+    """A PEFT LoRA adapter with non-zero B (init_lora_weights=False), scaled up so it visibly changes outputs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = get_peft_model(base, LoraConfig(init_lora_weights=False, lora_dropout=0.0, **lora_kwargs))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.mul_(scale)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+class PeftOracle:
+    """Hugging Face PEFT running one adapter alone: the reference every lorabus output must match."""
+
+    def __init__(self, model_dir: Path):
+        from transformers import AutoTokenizer
+
+        self.model_dir = model_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self._models = {}
+
+    def model(self, adapter_dir: Path | None):
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        if adapter_dir not in self._models:
+            model = AutoModelForCausalLM.from_pretrained(self.model_dir)
+            if adapter_dir is not None:
+                model = PeftModel.from_pretrained(model, adapter_dir)
+            self._models[adapter_dir] = model.eval()
+        return self._models[adapter_dir]
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt)["input_ids"]
+
+    @torch.no_grad()
+    def greedy(self, adapter_dir: Path | None, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        model = self.model(adapter_dir)
+        ids = torch.tensor([prompt_ids])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+        return out[0, len(prompt_ids):].tolist()
+
+    @torch.no_grad()
+    def top2_margin(self, adapter_dir: Path | None, ids: list[int]) -> float:
+        logits = self.model(adapter_dir)(torch.tensor([ids])).logits[0, -1]
+        top = torch.topk(logits.double(), 2).values
+        return float(top[0] - top[1])
+
+    def assert_matches(self, adapter_dir: Path | None, prompt_ids: list[int], got: list[int], max_new_tokens: int,
+                       label: str = "") -> None:
+        """Greedy tokens must equal PEFT's; a divergence is tolerated only at an exact near-tie (margin < 1e-4)."""
+        want = self.greedy(adapter_dir, prompt_ids, max_new_tokens)
+        if got == want:
+            return
+        split = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        margin = self.top2_margin(adapter_dir, prompt_ids + want[:split])
+        assert margin < 1e-4, f"{label}: tokens diverge from PEFT at {split}: got {got}, PEFT {want} (margin {margin:.3g})"
+        print(f"{label}: accepted divergence at token {split}: PEFT's top-2 logit margin there is {margin:.2e} < 1e-4")
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def worker_config(kafka: str, model_dir: Path, **overrides) -> WorkerConfig:
+    """A worker on fresh topics and a fresh group, so tests never see each other's records."""
+    tag = uuid.uuid4().hex[:8]
+    engine = overrides.pop("engine", EngineConfig(kv_cache_mb=64))
+    base = WorkerConfig(bootstrap_servers=kafka, model=str(model_dir), group_id=f"g-{tag}", jobs_topic=f"jobs-{tag}",
+                        results_topic=f"results-{tag}", control_topic=f"control-{tag}", dlq_topic=f"dlq-{tag}",
+                        metrics_port=-1, commit_interval_ms=100, engine=engine)
+    return dataclasses.replace(base, **overrides)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(config: WorkerConfig):
+    """A Worker in this event loop; stopped gracefully (and checked to exit cleanly) on the way out."""
+    from worker.service import Worker, ensure_topics
+
+    await ensure_topics(config.bootstrap_servers, {config.jobs_topic: config.topic_partitions,
+                                                   config.results_topic: config.topic_partitions,
+                                                   config.control_topic: 1, config.dlq_topic: 1})
+    worker = Worker(config)
+    task = asyncio.create_task(worker.run())
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+
+
+async def committed_lag(bootstrap: str, group: str, topic: str) -> int:
+    """Records of `topic` past the group's committed offsets (0 = everything committed)."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from worker.client import topic_partitions
+
+    parts = await topic_partitions(bootstrap, topic)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await admin.start()
+    await consumer.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group, partitions=parts)
+        ends = await consumer.end_offsets(parts)
+        return sum(ends[tp] - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0)
+                   for tp in parts)
+    finally:
+        await consumer.stop()
+        await admin.close()

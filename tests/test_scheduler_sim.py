@@ -1,0 +1,557 @@
+"""Deterministic simulations of the adapter-aware scheduler (scheduler/core.py), no model, no threads.
+
+`Sim` drives `Scheduler` exactly the way `scheduler.engine.Engine` does, on a fake clock:
+
+* arrivals (seeded Poisson, Zipf adapter popularity, several tenants) are added when the clock
+  passes their arrival time, with `Sequence.arrival` = the arrival time;
+* each `schedule(now)` → its `loads` go to a fake loader: a load issued at `now` completes at
+  `now + latency(key)` and then calls `slots.loaded(key, True)`, or for a failing key
+  `scheduler.load_failed(key)` (and later jobs for that key are refused, as the engine does);
+* a step with a non-empty batch takes `STEP_BASE_S + STEP_TOKEN_S * tokens` of simulated time,
+  then `seq.num_computed += n`, and every sequence with `num_computed == num_tokens` gets one
+  output token and is finished once it has `max_new_tokens` of them;
+* a step with an empty batch waits 5 ms or until the next arrival / load completion (the engine
+  waits on its wake event with a 5 ms timeout).
+
+Every step is checked against the invariants in `Sim._check_step`: device slots, adapter pinning,
+KV blocks, step token budget, running cap, liveness of decoding sequences. After the run every
+submitted job must have ended exactly once (finished with all its tokens, expired, or failed).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import random
+from dataclasses import dataclass, field
+
+import pytest
+
+from scheduler.core import AdapterSlots, Request, SamplingParams, Scheduler, SchedulerLimits, Sequence, State
+from scheduler.kv_cache import BlockAllocator
+
+STEP_BASE_S = 0.010  # fixed cost of a forward pass
+STEP_TOKEN_S = 0.0001  # plus this per token in the step
+POLL_S = 0.005  # the engine's wait when a step has nothing to run
+LOAD_S = 0.050  # default adapter load latency (disk → device slot)
+
+
+# ---- the simulator ------------------------------------------------------------------------------
+
+
+@dataclass
+class Record:
+    seq: Sequence
+    admitted_at: float | None = None
+    finished_at: float | None = None
+    expired_at: float | None = None
+    failed_at: float | None = None
+    rejected: bool = False  # refused at submit: its adapter already failed to load
+
+    @property
+    def ends(self) -> int:
+        return sum(x is not None for x in (self.finished_at, self.expired_at, self.failed_at)) + self.rejected
+
+
+@dataclass
+class Overtake:
+    """At `now`, `admitted` got in while the older `passed` kept waiting."""
+
+    now: float
+    admitted: Sequence
+    passed: Sequence
+    passed_ready: bool  # was the passed job's adapter resident at that moment
+
+
+@dataclass
+class Sim:
+    limits: SchedulerLimits
+    num_slots: int
+    num_blocks: int = 1024
+    block_size: int = 16
+    load_latency: float | dict = LOAD_S  # seconds, or {key: seconds} (missing keys: LOAD_S)
+    fail_keys: frozenset = frozenset()
+    horizon: float = 600.0  # simulated seconds after the last arrival before we call it a hang
+
+    now: float = 0.0
+    steps: int = 0
+    records: dict = field(default_factory=dict)  # request id → Record
+    overtakes: list = field(default_factory=list)
+    admissions: list = field(default_factory=list)  # (now, seq) in admission order
+    load_failures: list = field(default_factory=list)  # (key, returned seqs)
+    loads_issued: list = field(default_factory=list)  # (now, key, slot)
+    max_step_seen: float = 0.0
+    max_running_seen: int = 0
+
+    def __post_init__(self):
+        self.blocks = BlockAllocator(self.num_blocks, self.block_size)
+        self.slots = AdapterSlots(self.num_slots)
+        self.sched = Scheduler(self.limits, self.blocks, self.slots)
+        self._arrivals: list[tuple[float, int, Request]] = []
+        self._inflight: list[tuple[float, str, int]] = []  # (done_at, key, slot)
+        self._failed_keys: set[str] = set()
+
+    # -- input --
+
+    def submit(self, t: float, request: Request) -> None:
+        assert request.id not in self.records, f"duplicate id {request.id}"
+        self.records[request.id] = None
+        bisect.insort(self._arrivals, (t, len(self.records), request))
+
+    def _latency(self, key: str) -> float:
+        if isinstance(self.load_latency, dict):
+            return self.load_latency.get(key, LOAD_S)
+        return self.load_latency
+
+    # -- the loop --
+
+    def run(self) -> "Sim":
+        last_arrival = self._arrivals[-1][0] if self._arrivals else 0.0
+        while self._arrivals or self._inflight or self.sched.has_work():
+            assert self.now <= last_arrival + self.horizon, (
+                f"hang: {len(self.sched.waiting)} waiting, {len(self.sched.running)} running at t={self.now:.3f}"
+            )
+            self._admit_arrivals()
+            self._complete_loads()
+            if not self.sched.has_work():
+                self.now = max(self.now, self._next_event())
+                continue
+            self._step()
+        self._check_end()
+        return self
+
+    def _next_event(self) -> float:
+        times = [self._arrivals[0][0]] if self._arrivals else []
+        times += [done for done, _, _ in self._inflight]
+        return min(times, default=self.now)
+
+    def _admit_arrivals(self) -> None:
+        while self._arrivals and self._arrivals[0][0] <= self.now:
+            t, _, request = self._arrivals.pop(0)
+            seq = Sequence(request, t)
+            rec = self.records[request.id] = Record(seq)
+            if request.adapter in self._failed_keys:  # the engine answers these at once
+                rec.rejected = True
+                seq.state = State.FINISHED
+                continue
+            self.sched.add(seq)
+
+    def _complete_loads(self) -> None:
+        done = [x for x in self._inflight if x[0] <= self.now]
+        self._inflight = [x for x in self._inflight if x[0] > self.now]
+        for _, key, slot in sorted(done):
+            assert self.slots.slot_of.get(key) == slot and not self.slots.ready[slot], "a loading slot changed hands"
+            if key in self.fail_keys:
+                waiting_before = list(self.sched.waiting)
+                returned = self.sched.load_failed(key)
+                self._check_load_failed(key, waiting_before, returned)
+                for seq in returned:
+                    self.records[seq.request.id].failed_at = self.now
+                self._failed_keys.add(key)
+            else:
+                self.slots.loaded(key, True)
+
+    def _check_load_failed(self, key: str, waiting_before: list, returned: list) -> None:
+        expect = [s for s in waiting_before if s.request.adapter == key]
+        assert [id(s) for s in returned] == [id(s) for s in expect], "load_failed must return exactly that key's jobs"
+        assert [id(s) for s in self.sched.waiting] == [id(s) for s in waiting_before if s.request.adapter != key]
+        assert all(s.state is State.FINISHED and not s.blocks for s in returned)
+        assert key not in self.slots.slot_of and key not in self.slots.key_of, "failed adapter keeps its slot"
+        self.load_failures.append((key, returned))
+
+    def _step(self) -> None:
+        sched, slots = self.sched, self.slots
+        pinned = {s: slots.key_of[s] for s in range(len(slots)) if slots.refs[s] > 0}
+        loading = {s: slots.key_of[s] for s in range(len(slots)) if slots.key_of[s] is not None and not slots.ready[s]}
+        keys_before = dict(slots.slot_of)
+        running_before = {id(s) for s in sched.running}
+        waiting_before = list(sched.waiting)
+
+        step = sched.schedule(self.now)
+        self.steps += 1
+
+        for seq in step.expired:
+            rec = self.records[seq.request.id]
+            assert seq.request.deadline is not None and self.now > seq.request.deadline, "expired before its deadline"
+            assert rec.admitted_at is None and seq.num_computed == 0 and not seq.blocks, "an expired job ran"
+            rec.expired_at = self.now
+        for key, slot in step.loads:
+            assert key not in keys_before, f"{key} loaded while already in a slot"
+            assert slot not in pinned, f"slot {slot} reassigned while held by a running sequence ({pinned[slot]})"
+            assert slot not in loading, f"slot {slot} reassigned while loading {loading[slot]}"
+            assert slots.key_of[slot] == key and not slots.ready[slot] and slots.refs[slot] == 0
+            self.loads_issued.append((self.now, key, slot))
+            self._inflight.append((self.now + self._latency(key), key, slot))
+        for slot, key in pinned.items():
+            assert slots.key_of[slot] == key and slots.ready[slot], f"pinned slot {slot} ({key}) evicted"
+
+        new = [s for s in sched.running if id(s) not in running_before]
+        for seq in new:
+            rec = self.records[seq.request.id]
+            assert rec.admitted_at is None, "admitted twice"
+            assert seq.admitted_at == self.now
+            rec.admitted_at = self.now
+            self.admissions.append((self.now, seq))
+        if new:
+            youngest_new = max(s.arrival for s in new)
+            for passed in sched.waiting:
+                if passed.arrival < youngest_new:
+                    admitted = next(s for s in new if s.arrival > passed.arrival)
+                    key = passed.request.adapter
+                    self.overtakes.append(Overtake(self.now, admitted, passed, key is None or slots.is_ready(key)))
+        assert {id(s) for s in waiting_before} >= {id(s) for s in new}, "admitted a job that was not waiting"
+
+        self._check_step(step)
+        self.max_running_seen = max(self.max_running_seen, len(sched.running))
+        if not step.batch:
+            nxt = [self.now + POLL_S] + [d for d, _, _ in self._inflight]
+            nxt += [self._arrivals[0][0]] if self._arrivals else []
+            self.now = max(self.now, min(nxt))
+            return
+        tokens = sum(n for _, n in step.batch)
+        dt = STEP_BASE_S + STEP_TOKEN_S * tokens
+        self.max_step_seen = max(self.max_step_seen, dt)
+        self.now += dt
+        for seq, n in step.batch:  # exactly the engine's accounting (Engine._run)
+            seq.num_computed += n
+        for seq, _ in step.batch:
+            if seq.num_computed == seq.num_tokens:
+                seq.output_ids.append(7)
+                if seq.first_token_at is None:
+                    seq.first_token_at = self.now
+                if len(seq.output_ids) >= seq.request.params.max_new_tokens:
+                    sched.finish(seq, self.now)
+                    rec = self.records[seq.request.id]
+                    assert rec.finished_at is None
+                    rec.finished_at = self.now
+
+    def _check_step(self, step) -> None:
+        sched, slots, blocks, limits = self.sched, self.slots, self.blocks, self.limits
+        # device slots: a consistent key ↔ slot table within the slot count
+        assert len(slots.key_of) == self.num_slots
+        used = [k for k in slots.key_of if k is not None]
+        assert len(used) == len(set(used)) == len(slots.slot_of) <= self.num_slots
+        for key, slot in slots.slot_of.items():
+            assert slots.key_of[slot] == key
+        # pinning: refs == the running sequences on the slot, and those hold a ready slot of their key
+        refs = [0] * self.num_slots
+        for seq in sched.running:
+            assert seq.state is State.RUNNING
+            key = seq.request.adapter
+            if key is None:
+                assert seq.slot == -1
+                continue
+            assert seq.slot == slots.slot_of.get(key), f"{seq.request.id} runs on slot {seq.slot}, {key} is elsewhere"
+            assert slots.ready[seq.slot], f"{seq.request.id} runs on a slot still loading"
+            refs[seq.slot] += 1
+        assert refs == slots.refs, f"slot refs {slots.refs} != running sequences per slot {refs}"
+        # KV blocks: nothing lost, nothing shared, everyone holds exactly what its cost needs
+        held = [b for seq in sched.running for b in seq.blocks]
+        free = blocks._free
+        assert len(set(held)) == len(held) and len(set(free)) == len(free) and not set(held) & set(free)
+        assert blocks.num_free + len(held) == blocks.num_blocks, "KV blocks leaked or over-allocated"
+        for seq in sched.running:
+            assert len(seq.blocks) == blocks.blocks_for(seq.cost)
+        assert all(not s.blocks and s.state is State.WAITING for s in sched.waiting)
+        # limits and the batch
+        assert len(sched.running) <= limits.max_running
+        assert sum(n for _, n in step.batch) <= limits.max_step_tokens
+        running = {id(s) for s in sched.running}
+        in_batch = [id(s) for s, _ in step.batch]
+        assert len(in_batch) == len(set(in_batch)) and set(in_batch) <= running
+        for seq, n in step.batch:
+            assert n >= 1 and seq.num_computed + n <= seq.num_tokens
+            key = seq.request.adapter
+            assert key is None or (slots.is_ready(key) and slots.slot_of[key] == seq.slot)
+        decoding = {id(s) for s in sched.running if s.output_ids}
+        assert decoding <= set(in_batch), "a decoding sequence was left out of the step"
+        if sched.running:
+            assert step.batch, "sequences are running but the step is empty"
+
+    def _check_end(self) -> None:
+        for rid, rec in self.records.items():
+            assert rec is not None, f"{rid} never arrived"
+            assert rec.ends == 1, f"{rid} ended {rec.ends} times"
+            seq = rec.seq
+            if rec.admitted_at is not None:
+                assert rec.finished_at is not None, f"{rid} admitted but never finished"
+                assert len(seq.output_ids) == seq.request.params.max_new_tokens
+                assert seq.num_computed == seq.num_tokens - 1
+            assert seq.state is State.FINISHED
+        assert not self.sched.waiting and not self.sched.running
+        assert self.blocks.num_free == self.blocks.num_blocks, "KV blocks not all freed"
+        assert self.slots.refs == [0] * self.num_slots
+
+    # -- derived quantities --
+
+    def waits(self) -> dict[str, float]:
+        return {rid: r.admitted_at - r.seq.arrival for rid, r in self.records.items() if r.admitted_at is not None}
+
+    def finished(self) -> list[Record]:
+        return [r for r in self.records.values() if r.finished_at is not None]
+
+
+# ---- workloads ----------------------------------------------------------------------------------
+
+
+def zipf_weights(n: int, s: float = 1.1) -> list[float]:
+    w = [1 / (i + 1) ** s for i in range(n)]
+    return [x / sum(w) for x in w]
+
+
+def poisson_times(rng: random.Random, rate: float, start: float, end: float) -> list[float]:
+    out, t = [], start
+    while True:
+        t += rng.expovariate(rate)
+        if t >= end:
+            return out
+        out.append(t)
+
+
+def request(rid: str, tenant: str, adapter: str | None, prompt_len: int, max_new: int,
+            deadline: float | None = None) -> Request:
+    return Request(rid, tenant, adapter, [1] * prompt_len, SamplingParams(max_new_tokens=max_new), deadline)
+
+
+def drain_bound(limits: SchedulerLimits, max_prompt: int, max_new: int) -> tuple[float, float]:
+    """(longest step, longest life of a sequence from admission to finish), from the sim's cost model.
+
+    A step holds at most max_step_tokens tokens. Decoding sequences take one token each (at most
+    max_running), so prefill gets at least max_step_tokens - max_running per step, handed out in
+    running order: a newly admitted sequence has at most max_running prompts (its own included)
+    ahead of it, so its prefill ends within ceil(max_running * max_prompt / (B - max_running))
+    steps, which yields its first token; max_new - 1 decode steps yield the rest.
+    """
+    b, r = limits.max_step_tokens, limits.max_running
+    step = STEP_BASE_S + STEP_TOKEN_S * b
+    steps = math.ceil(r * max_prompt / (b - r)) + max_new - 1
+    return step, steps * step
+
+
+def wait_bound(limits: SchedulerLimits, max_prompt: int, max_new: int, load_s: float) -> float:
+    """The longest arrival → admission wait the bounded-wait rule allows (a stable, not overloaded, queue).
+
+    max_wait_s        the job becomes overdue;
+    + one step        the scheduler sees that at its next schedule() (a step or a 5 ms poll later);
+    + drain           once an overdue job is stuck nothing younger is admitted, so every running
+                      sequence finishes within the longest life of a sequence, freeing KV blocks
+                      and unpinning every adapter slot;
+    + load_s          its adapter, if not resident, is loaded into a freed slot;
+    + one step        it is admitted at the schedule() after the load completes.
+    Assumes what the overdue jobs ahead of it need fits in one drain (≤ max_running jobs, ≤ slots
+    adapters), which holds for the loads below (the test also checks the waits are not overload).
+    """
+    step, drain = drain_bound(limits, max_prompt, max_new)
+    return limits.max_wait_s + step + drain + load_s + step
+
+
+# ---- scenarios ----------------------------------------------------------------------------------
+
+LIMITS = dict(max_running=8, max_step_tokens=64, max_wait_s=0.25)
+PROMPT = (8, 24)
+NEW = (4, 16)
+
+
+def zipf_sim(seed: int, *, rate: float = 26.0, duration: float = 8.0, num_adapters: int = 16, num_slots: int = 4,
+             tenants: int = 3, base_share: float = 0.05, max_wait_s: float = 0.25) -> Sim:
+    """Poisson arrivals across tenants, Zipf(1.1) adapters, a few base-model jobs; fewer slots than adapters."""
+    rng = random.Random(seed)
+    sim = Sim(SchedulerLimits(**{**LIMITS, "max_wait_s": max_wait_s}), num_slots=num_slots)
+    keys = [f"a{i}@1" for i in range(num_adapters)]
+    weights = zipf_weights(num_adapters)
+    for i, t in enumerate(poisson_times(rng, rate, 0.0, duration)):
+        adapter = None if rng.random() < base_share else rng.choices(keys, weights)[0]
+        sim.submit(t, request(f"j{i}", f"t{rng.randrange(tenants)}", adapter, rng.randint(*PROMPT), rng.randint(*NEW)))
+    return sim
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_zipf_invariants_bounded_wait_and_affinity(seed):
+    sim = zipf_sim(seed).run()
+    limits = sim.limits
+    bound = wait_bound(limits, PROMPT[1], NEW[1], LOAD_S)
+    waits = sim.waits()
+    assert len(waits) == len(sim.records), "every job is admitted (no deadlines, no failures here)"
+    worst = max(waits, key=waits.get)
+    assert waits[worst] <= bound, f"{worst} waited {waits[worst]:.3f}s > bound {bound:.3f}s"
+    # The bound is not vacuous: it is tight to within a few steps of what reordering is allowed to add.
+    assert bound < limits.max_wait_s + 0.5
+    # Resident-adapter preference is active: jobs whose adapter was not resident were overtaken by
+    # younger jobs on resident adapters (plain FIFO never does this) ...
+    affinity = [o for o in sim.overtakes if not o.passed_ready]
+    assert len(affinity) >= 10, f"only {len(affinity)} affinity overtakes: the policy looks FIFO"
+    # ... and resident adapters are reused: well under one load per adapter job.
+    adapter_jobs = sum(r.seq.request.adapter is not None for r in sim.records.values())
+    assert 0 < len(sim.loads_issued) < 0.6 * adapter_jobs
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bounded_wait_for_a_job_the_kv_cache_keeps_out(seed):
+    """A long prompt needs most of a small KV cache while a stream of short jobs keeps it busy.
+
+    Without the bounded-wait rule the short jobs, which always fit, take every freed block and the
+    long one waits for seconds (max_wait_s = inf: 1.3-4.7 s on these seeds); with it, it is admitted
+    once the cache drains.
+    """
+    rng = random.Random(seed)
+    sim = Sim(SchedulerLimits(**LIMITS), num_slots=4, num_blocks=40, block_size=8)  # 320 tokens of KV
+    for i, t in enumerate(poisson_times(rng, 60.0, 0.0, 5.0)):
+        sim.submit(t, request(f"j{i}", f"t{i % 3}", f"a{rng.randrange(3)}@1", rng.randint(*PROMPT), rng.randint(*NEW)))
+    sim.submit(0.5, request("long", "t0", "a0@1", 280, 16))  # 296 tokens: 37 of the 40 blocks
+    sim.run()
+    bound = wait_bound(sim.limits, PROMPT[1], NEW[1], LOAD_S)
+    waits = sim.waits()
+    assert waits["long"] <= bound, f"the long job waited {waits['long']:.3f}s > bound {bound:.3f}s"
+    assert max(waits.values()) <= bound
+
+
+def flood_sim(seed: int, *, num_slots: int, popular: int, rare_at: float = 0.5, duration: float = 4.0,
+              rate: float = 40.0) -> tuple[Sim, str]:
+    """A flood of jobs on `popular` adapters (uniform) and one job for a rare adapter amid it."""
+    rng = random.Random(seed)
+    sim = Sim(SchedulerLimits(**LIMITS), num_slots=num_slots)
+    keys = [f"pop{i}@1" for i in range(popular)]
+    for i, t in enumerate(poisson_times(rng, rate, 0.0, duration)):
+        sim.submit(t, request(f"j{i}", f"t{i % 3}", rng.choice(keys), 16, 12))
+    sim.submit(rare_at, request("rare", "t0", "rare@1", 16, 12))
+    return sim, "rare"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rare_adapter_with_a_spare_slot_is_admitted_promptly(seed):
+    sim, rare = flood_sim(seed, num_slots=3, popular=2)
+    sim.run()
+    bound = wait_bound(sim.limits, 16, 12, LOAD_S)
+    assert sim.waits()[rare] <= bound
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "scheduler bug (core.py Scheduler.schedule): an overdue job whose adapter is not resident only "
+    "holds back *non-overdue* jobs; younger overdue jobs on resident adapters keep being admitted and "
+    "keep those slots pinned, and reserve() refuses to evict adapters that any waiting job wants, so "
+    "with every slot held by a popular adapter the rare job waits until the flood ends (~4.5 s)"))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rare_adapter_not_starved_when_slots_are_all_popular(seed):
+    # 2 slots, 3 adapters: both slots are always wanted by the flood; the rare job must still get one.
+    sim, rare = flood_sim(seed, num_slots=2, popular=2)
+    sim.run()
+    bound = wait_bound(sim.limits, 16, 12, LOAD_S)
+    assert sim.waits()[rare] <= bound, f"rare job waited {sim.waits()[rare]:.3f}s > bound {bound:.3f}s"
+
+
+def fairness_sim(seed: int, max_wait_s: float) -> Sim:
+    """Tenant `big` submits 10x the jobs of `small1` and `small2`; all arrive in the first 0.5 s."""
+    rng = random.Random(seed)
+    sim = Sim(SchedulerLimits(**{**LIMITS, "max_wait_s": max_wait_s}), num_slots=4)
+    keys = [f"a{i}@1" for i in range(4)]
+    jobs = [("big", i) for i in range(200)] + [(f"small{k}", i) for k in (1, 2) for i in range(20)]
+    rng.shuffle(jobs)
+    times = sorted(rng.uniform(0.0, 0.5) for _ in jobs)
+    for t, (tenant, i) in zip(times, jobs):
+        sim.submit(t, request(f"{tenant}-{i}", tenant, rng.choice(keys), rng.randint(*PROMPT), rng.randint(*NEW)))
+    return sim
+
+
+def backlogged_shares(sim: Sim) -> dict[str, float]:
+    """Tokens (prompt + max_new) admitted per tenant while every tenant still had jobs waiting."""
+    remaining = {}
+    for rec in sim.records.values():
+        remaining[rec.seq.request.tenant] = remaining.get(rec.seq.request.tenant, 0) + 1
+    last_arrival = max(r.seq.arrival for r in sim.records.values())
+    tokens = dict.fromkeys(remaining, 0)
+    for now, seq in sim.admissions:
+        tenant = seq.request.tenant
+        remaining[tenant] -= 1
+        if now >= last_arrival:  # everyone has arrived: the backlog is complete
+            tokens[tenant] += seq.cost
+        if remaining[tenant] == 0:
+            break
+    total = sum(tokens.values())
+    assert total > 2000, "the backlogged window is too short to judge"
+    return {t: v / total for t, v in tokens.items()}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tenant_fairness_under_a_flood(seed):
+    # max_wait_s high enough that no job becomes overdue while backlogged: this checks the fair
+    # interleaving by virtual service on its own (see the xfail test below for the default bound).
+    sim = fairness_sim(seed, max_wait_s=1000.0).run()
+    shares = backlogged_shares(sim)
+    for tenant, share in shares.items():
+        assert abs(share - 1 / 3) <= 0.25 / 3, f"{tenant} got {share:.2f} of the tokens, fair is 0.33: {shares}"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "policy defect (core.py Scheduler._order): once the backlog is older than max_wait_s every job is "
+    "overdue and overdue jobs are served oldest-first across tenants, so a tenant submitting 10x the "
+    "jobs gets ~10/12 of the service, exactly when fairness matters (a sustained flood)"))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tenant_fairness_under_a_flood_with_default_max_wait(seed):
+    sim = fairness_sim(seed, max_wait_s=0.25).run()
+    shares = backlogged_shares(sim)
+    for tenant, share in shares.items():
+        assert abs(share - 1 / 3) <= 0.25 / 3, f"{tenant} got {share:.2f} of the tokens, fair is 0.33: {shares}"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_deadlines_expire_waiting_jobs_and_never_run_them(seed):
+    rng = random.Random(seed)
+    sim = Sim(SchedulerLimits(**LIMITS), num_slots=2)
+    # A burst that keeps the batch full for a few seconds, with tight deadlines sprinkled in.
+    tight, loose = [], []
+    for i, t in enumerate(poisson_times(rng, 120.0, 0.0, 1.5)):
+        if i % 5 == 0:
+            deadline = t + rng.uniform(0.05, 0.4)
+            tight.append(f"j{i}")
+        else:
+            deadline = t + 1000.0 if i % 5 == 1 else None
+            if deadline is not None:
+                loose.append(f"j{i}")
+        sim.submit(t, request(f"j{i}", f"t{i % 2}", f"a{rng.randrange(3)}@1", rng.randint(*PROMPT),
+                              rng.randint(*NEW), deadline))
+    sim.run()
+    expired = [r for r in sim.records.values() if r.expired_at is not None]
+    assert len(expired) >= 20, "the scenario should expire a good number of jobs"
+    for rec in sim.records.values():
+        deadline = rec.seq.request.deadline
+        if rec.expired_at is not None:
+            assert rec.admitted_at is None and rec.seq.num_computed == 0 and not rec.seq.output_ids
+            # answered at the first schedule() after its deadline passed
+            assert deadline < rec.expired_at <= deadline + sim.max_step_seen + POLL_S + 1e-9
+        elif deadline is not None:
+            assert rec.admitted_at <= deadline, "a job was admitted after its deadline"
+    assert all(sim.records[rid].finished_at is not None for rid in loose)
+    assert {r.seq.request.id for r in expired} <= set(tight)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_load_failure_returns_exactly_that_adapters_waiting_jobs(seed):
+    rng = random.Random(seed)
+    keys = [f"a{i}@1" for i in range(6)]
+    bad = {"a2@1", "a4@1"}
+    sim = Sim(SchedulerLimits(**LIMITS), num_slots=3, fail_keys=frozenset(bad),
+              load_latency={k: rng.uniform(0.02, 0.12) for k in keys})
+    for i, t in enumerate(poisson_times(rng, 60.0, 0.0, 3.0)):
+        sim.submit(t, request(f"j{i}", f"t{i % 3}", rng.choice(keys), rng.randint(*PROMPT), rng.randint(*NEW)))
+    sim.run()  # Sim._check_load_failed compares each return with the waiting queue right before it
+    assert {key for key, _ in sim.load_failures} == bad
+    assert all(returned for _, returned in sim.load_failures), "a failed load answered no job"
+    for rec in sim.records.values():
+        key = rec.seq.request.adapter
+        if key in bad:
+            assert rec.admitted_at is None and (rec.failed_at is not None or rec.rejected)
+        else:
+            assert rec.finished_at is not None and rec.failed_at is None
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kv_pressure_and_base_model_jobs(seed):
+    """Few KV blocks: admission is gated by the cache; blocks must all come back, nothing starves."""
+    rng = random.Random(seed)
+    sim = Sim(SchedulerLimits(**LIMITS), num_slots=2, num_blocks=12, block_size=8)  # ~96 tokens: 2-3 jobs
+    for i, t in enumerate(poisson_times(rng, 15.0, 0.0, 4.0)):
+        adapter = None if i % 4 == 0 else f"a{rng.randrange(4)}@1"
+        sim.submit(t, request(f"j{i}", "t0", adapter, rng.randint(*PROMPT), rng.randint(*NEW)))
+    sim.run()
+    assert len(sim.finished()) == len(sim.records)
+    assert 2 <= sim.max_running_seen <= 96 // (8 + 4), "KV, not max_running, must be what limits the batch"
