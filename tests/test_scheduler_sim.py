@@ -405,48 +405,58 @@ def test_bounded_wait_for_a_job_the_kv_cache_keeps_out(seed):
     assert max(waits.values()) <= bound
 
 
-def flood_sim(seed: int, *, num_slots: int, popular: int, rare_at: float = 0.5, duration: float = 4.0,
-              rate: float = 40.0) -> tuple[Sim, str]:
-    """A flood of jobs on `popular` adapters (uniform) and one job for a rare adapter amid it."""
+FLOOD_LIMITS = dict(max_running=32, max_step_tokens=256, max_wait_s=0.25)
+
+
+def flood_sim(seed: int, *, num_slots: int, popular: int = 2, rare_at: float = 0.5, duration: float = 4.0,
+              rate: float = 80.0) -> Sim:
+    """A flood on `popular` adapters and one job for a rare adapter amid it, 0.5 s in.
+
+    Jobs live ~0.2 s and each popular adapter has ~8 running at any time (max_running is raised so
+    that is not overload: waits stay ~0 without the rare job), so its slot is essentially never idle.
+    """
     rng = random.Random(seed)
-    sim = Sim(SchedulerLimits(**LIMITS), num_slots=num_slots)
+    sim = Sim(SchedulerLimits(**FLOOD_LIMITS), num_slots=num_slots)
     keys = [f"pop{i}@1" for i in range(popular)]
     for i, t in enumerate(poisson_times(rng, rate, 0.0, duration)):
-        sim.submit(t, request(f"j{i}", f"t{i % 3}", rng.choice(keys), 16, 12))
-    sim.submit(rare_at, request("rare", "t0", "rare@1", 16, 12))
-    return sim, "rare"
+        sim.submit(t, request(f"j{i}", f"t{i % 3}", rng.choice(keys), 16, 16))
+    sim.submit(rare_at, request("rare", "t0", "rare@1", 16, 16))
+    return sim
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_rare_adapter_with_a_spare_slot_is_admitted_promptly(seed):
-    sim, rare = flood_sim(seed, num_slots=3, popular=2)
-    sim.run()
-    bound = wait_bound(sim.limits, 16, 12, LOAD_S)
-    assert sim.waits()[rare] <= bound
+    sim = flood_sim(seed, num_slots=3).run()
+    bound = wait_bound(sim.limits, 16, 16, LOAD_S)
+    waits = sim.waits()
+    assert waits["rare"] <= bound
+    assert max(waits.values()) <= bound
 
 
 @pytest.mark.xfail(strict=True, reason=(
     "scheduler bug (core.py Scheduler.schedule): an overdue job whose adapter is not resident only "
-    "holds back *non-overdue* jobs; younger overdue jobs on resident adapters keep being admitted and "
-    "keep those slots pinned, and reserve() refuses to evict adapters that any waiting job wants, so "
-    "with every slot held by a popular adapter the rare job waits until the flood ends (~4.5 s)"))
+    "holds back *non-overdue* jobs; younger jobs on resident adapters keep being admitted as soon as "
+    "they are overdue themselves, keeping those slots pinned, and reserve() never evicts an adapter "
+    "that any waiting job wants, so the rare job waits until the flood ends (~3.9 s; bound ~1.0 s), "
+    "and meanwhile every other job waits ~max_wait_s (mean 0.23 s instead of ~0.03 s)"))
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_rare_adapter_not_starved_when_slots_are_all_popular(seed):
+def test_rare_adapter_not_starved_when_every_slot_is_popular(seed):
     # 2 slots, 3 adapters: both slots are always wanted by the flood; the rare job must still get one.
-    sim, rare = flood_sim(seed, num_slots=2, popular=2)
-    sim.run()
-    bound = wait_bound(sim.limits, 16, 12, LOAD_S)
-    assert sim.waits()[rare] <= bound, f"rare job waited {sim.waits()[rare]:.3f}s > bound {bound:.3f}s"
+    sim = flood_sim(seed, num_slots=2).run()
+    bound = wait_bound(sim.limits, 16, 16, LOAD_S)
+    waits = sim.waits()
+    assert waits["rare"] <= bound, f"rare job waited {waits['rare']:.3f}s > bound {bound:.3f}s"
+    assert max(waits.values()) <= bound
 
 
 def fairness_sim(seed: int, max_wait_s: float) -> Sim:
-    """Tenant `big` submits 10x the jobs of `small1` and `small2`; all arrive in the first 0.5 s."""
+    """Tenant `big` submits 10x the jobs of `small1` and `small2`, all within the first 0.1 s."""
     rng = random.Random(seed)
     sim = Sim(SchedulerLimits(**{**LIMITS, "max_wait_s": max_wait_s}), num_slots=4)
     keys = [f"a{i}@1" for i in range(4)]
-    jobs = [("big", i) for i in range(200)] + [(f"small{k}", i) for k in (1, 2) for i in range(20)]
+    jobs = [("big", i) for i in range(400)] + [(f"small{k}", i) for k in (1, 2) for i in range(40)]
     rng.shuffle(jobs)
-    times = sorted(rng.uniform(0.0, 0.5) for _ in jobs)
+    times = sorted(rng.uniform(0.0, 0.1) for _ in jobs)
     for t, (tenant, i) in zip(times, jobs):
         sim.submit(t, request(f"{tenant}-{i}", tenant, rng.choice(keys), rng.randint(*PROMPT), rng.randint(*NEW)))
     return sim

@@ -1,0 +1,88 @@
+"""Crash recovery through the real broker: kill -9 a worker mid-run, start another in the same group;
+every job gets an ok result, and duplicates of greedy jobs carry identical tokens (at-least-once)."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from schemas import AdapterPublish, decode_result
+from tests.helpers import unique
+from worker.client import publish_control
+from worker.service import ensure_topics
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from worker.client import topic_partitions
+
+
+def _start_worker(kafka, model, topics, group, log_path):
+    env = {**os.environ, "LORABUS_BOOTSTRAP_SERVERS": kafka, "LORABUS_MODEL": str(model), "LORABUS_GROUP_ID": group,
+           "LORABUS_JOBS_TOPIC": topics["jobs"], "LORABUS_RESULTS_TOPIC": topics["results"],
+           "LORABUS_CONTROL_TOPIC": topics["control"], "LORABUS_DLQ_TOPIC": topics["dlq"],
+           "LORABUS_METRICS_PORT": "-1", "LORABUS_KV_CACHE_MB": "64",
+           # A small batch keeps the first worker busy long enough to be killed mid-run.
+           "LORABUS_MAX_RUNNING": "2", "LORABUS_MAX_STEP_TOKENS": "16"}
+    return subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=env,
+                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+
+
+async def test_kill_9_mid_run_loses_no_job(kafka, tiny_model, peft_adapters, tmp_path):
+    tag = unique("crash")
+    topics = {t: f"{t}-{tag}" for t in ("jobs", "results", "control", "dlq")}
+    await ensure_topics(kafka, {topics["jobs"]: 3, topics["results"]: 3, topics["control"]: 1, topics["dlq"]: 1})
+    await publish_control(kafka, topics["control"],
+                          [AdapterPublish(name, "v1", str(path)) for name, path in peft_adapters.items()])
+    names = [None, *peft_adapters]
+    ids = [f"c-{i}" for i in range(40)]
+    producer = AIOKafkaProducer(bootstrap_servers=kafka, acks="all")
+    await producer.start()
+    for i, job_id in enumerate(ids):
+        job = {"id": job_id, "tenant": "acme", "adapter": names[i % 4], "prompt_ids": [3 + i % 7, 9, 11],
+               "max_new_tokens": 24}
+        await producer.send(topics["jobs"], json.dumps(job).encode(), key=job_id.encode())
+    await producer.stop()
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, enable_auto_commit=False, auto_offset_reset="earliest")
+    await consumer.start()
+    consumer.assign(await topic_partitions(kafka, topics["results"]))
+    results: dict[str, list] = {}
+
+    async def read(until, timeout_s):
+        deadline = time.monotonic() + timeout_s
+        while not until() and time.monotonic() < deadline:
+            for batch in (await consumer.getmany(timeout_ms=200)).values():
+                for record in batch:
+                    result = decode_result(record.value)
+                    results.setdefault(result.id, []).append(result)
+
+    group = f"g-{tag}"
+    first = _start_worker(kafka, tiny_model, topics, group, tmp_path / "first.log")
+    try:
+        await read(lambda: len(results) >= 8, 120)
+        assert 8 <= len(results) < len(ids), f"first worker answered {len(results)} jobs; wanted a mid-run kill"
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+        answered_before = len(results)
+        second = _start_worker(kafka, tiny_model, topics, group, tmp_path / "second.log")
+        try:
+            await read(lambda: set(ids) <= results.keys(), 180)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(60) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+        await consumer.stop()
+
+    assert set(ids) <= results.keys(), f"jobs never answered: {set(ids) - results.keys()}"
+    duplicates = 0
+    for job_id in ids:
+        copies = results[job_id]
+        assert all(r.status == "ok" for r in copies), copies
+        assert len({tuple(r.token_ids) for r in copies}) == 1, f"{job_id}: duplicates disagree: {copies}"
+        duplicates += len(copies) - 1
+    print(f"answered before the kill: {answered_before}/{len(ids)}; duplicate results after restart: {duplicates}")
