@@ -26,23 +26,28 @@ _GATHER_CHUNK_BYTES = 256 << 20
 
 def shrink_segmented(x: torch.Tensor, a: torch.Tensor, m: LoRAMapping, t: torch.Tensor) -> None:
     """t[:, tok] = x[tok] @ a[:, slot].T for each segment; t is pre-zeroed fp32 [S, T, R]."""
+    S, _, R, H = a.shape
     tok = m.sorted_tokens.long()
     xs = x.index_select(0, tok).float()
-    ts = torch.empty((a.shape[0], tok.shape[0], a.shape[2]), dtype=torch.float32, device=x.device)
+    ts = torch.empty((tok.shape[0], S * R), dtype=torch.float32, device=x.device)
     for slot, start, n in zip(m.active_slots, m.seg_starts, m.seg_lens):
-        ts[:, start:start + n] = xs[start:start + n] @ a[:, slot].float().transpose(-1, -2)
-    t.index_copy_(1, tok, ts)
+        # All slices of the slot as one [S*R, H] matrix: one GEMM per segment.
+        ts[start:start + n] = xs[start:start + n] @ a[:, slot].reshape(S * R, H).float().T
+    t.index_copy_(1, tok, ts.view(-1, S, R).transpose(0, 1))
 
 
 def expand_segmented(y, t, bs, scale, offsets, m: LoRAMapping) -> None:
     """y[tok, off_s:off_s+H_s] += scale[s, slot] * t[s, tok] @ b_s[slot].T, one rounding per element."""
     tok = m.sorted_tokens.long()
     ts = t.index_select(1, tok).float()
+    rows = y.index_select(0, tok)
     for s, (b, off) in enumerate(zip(bs, offsets)):
-        delta = torch.empty((tok.shape[0], b.shape[1]), dtype=torch.float32, device=y.device)
+        acc = rows[:, off:off + b.shape[1]].float()
         for slot, start, n in zip(m.active_slots, m.seg_starts, m.seg_lens):
-            delta[start:start + n] = (ts[s, start:start + n] @ b[slot].float().T) * scale[s, slot]
-        _add_rows(y[:, off:off + b.shape[1]], tok, delta)
+            acc[start:start + n] += (ts[s, start:start + n] @ b[slot].float().T) * scale[s, slot]
+        rows[:, off:off + b.shape[1]] = acc
+    # Columns outside the slices go back bit-for-bit as they were read.
+    y.index_copy_(0, tok, rows)
 
 
 def shrink_gather(x: torch.Tensor, a: torch.Tensor, m: LoRAMapping, t: torch.Tensor) -> None:
@@ -62,15 +67,12 @@ def expand_gather(y, t, bs, scale, offsets, m: LoRAMapping) -> None:
     widest = max(b.shape[1] for b in bs)
     for c in _chunks(tok.shape[0], widest * t.shape[2] * 4):
         tc = t[:, tok[c]].float()
+        rows = y.index_select(0, tok[c])
         for s, (b, off) in enumerate(zip(bs, offsets)):
             w = b[slots[c]].float()  # [n, H_out_s, R]
             delta = (w @ tc[s, :, :, None]).squeeze(-1) * scale[s, slots[c], None]
-            _add_rows(y[:, off:off + b.shape[1]], tok[c], delta)
-
-
-def _add_rows(cols: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor) -> None:
-    # fp32 add then a single cast, matching the kernel's rounding.
-    cols.index_copy_(0, rows, (cols.index_select(0, rows).float() + delta).to(cols.dtype))
+            rows[:, off:off + b.shape[1]] = rows[:, off:off + b.shape[1]].float() + delta
+        y.index_copy_(0, tok[c], rows)
 
 
 def _chunks(n: int, bytes_per_token: int):

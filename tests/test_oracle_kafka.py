@@ -2,10 +2,14 @@
 served in mixed batches by one worker; every result's greedy tokens must equal PEFT running that
 adapter alone. The adapters are published immediately before the jobs (read-your-writes)."""
 
+import asyncio
 import json
+import time
 
 import msgspec
+import pytest
 
+from scheduler import EngineConfig
 from schemas import AdapterPublish
 from tests.helpers import PeftOracle, running_worker, worker_config
 from worker.client import publish_control, run_jobs
@@ -14,13 +18,19 @@ PROMPTS = ["the quick brown fox", "hello world", "summarize: the meeting moved t
            "classify sentiment: i loved this film", "jobs arrive on kafka", "translate english to french: hello"]
 
 
-async def test_mixed_adapter_jobs_match_peft(kafka, tiny_model, peft_adapters):
+@pytest.mark.parametrize("max_loras", [0, 2], ids=["auto-slots", "fewer-slots-than-adapters"])
+async def test_mixed_adapter_jobs_match_peft(kafka, tiny_model, peft_adapters, max_loras):
     oracle = PeftOracle(tiny_model)
     names = [None, *peft_adapters]
-    config = worker_config(kafka, tiny_model)
+    config = worker_config(kafka, tiny_model, engine=EngineConfig(kv_cache_mb=64, max_loras=max_loras))
     async with running_worker(config) as worker:
         await publish_control(kafka, config.control_topic,
                               [AdapterPublish(name, "v1", str(path)) for name, path in peft_adapters.items()])
+        if not max_loras:  # publishing warms each adapter up (load + one step) before any job names it
+            deadline = time.monotonic() + 30
+            while len(worker.engine.resident()) < len(peft_adapters) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert sorted(worker.engine.resident()) == sorted(f"{name}@v1" for name in peft_adapters)
         jobs, expected = [], {}
         for i in range(36):
             adapter, prompt = names[i % len(names)], PROMPTS[i % len(PROMPTS)]

@@ -1,0 +1,80 @@
+"""Wire contract v1: strict decoding, header fill-in, error codes, and the control union."""
+
+import json
+
+import msgspec
+import pytest
+
+from schemas import (ERROR_CODES, AdapterActivate, AdapterPublish, JobError, JobResult, decode_control, decode_job,
+                     decode_result, encode, error_result, parse_adapter_ref)
+
+
+def _raw(**fields):
+    return json.dumps({"id": "j-1", "tenant": "acme", "prompt": "hi", **fields}).encode()
+
+
+def test_valid_job_defaults():
+    job = decode_job(_raw(adapter="fin-ner@v2"))
+    assert (job.max_new_tokens, job.temperature, job.top_p, job.top_k, job.stop) == (64, 0.0, 1.0, 0, [])
+    assert parse_adapter_ref(job.adapter).version == "v2"
+    assert parse_adapter_ref("fin-ner").version is None
+
+
+@pytest.mark.parametrize("body,fragment", [
+    (b"not json", "JSON"),
+    (_raw(prompt_ids=[1]), "exactly one"),
+    (json.dumps({"id": "j-1", "tenant": "a"}).encode(), "exactly one"),
+    (_raw(max_new_tokens=0), "max_new_tokens"),
+    (_raw(max_new_tokens="5"), "max_new_tokens"),  # strict: no coercion
+    (_raw(top_p=0.0), "top_p"),
+    (_raw(temperature=-1), "temperature"),
+    (_raw(max_tokens=5), "max_tokens"),  # unknown fields are refused
+    (_raw(id=""), "id"),
+    (_raw(id="x" * 257), "id"),
+    (_raw(adapter="a@b@c"), "adapter"),
+    (_raw(prompt_ids=[-1], prompt=None), "prompt_ids"),
+])
+def test_invalid_jobs_raise_invalid_job(body, fragment):
+    with pytest.raises(JobError) as err:
+        decode_job(body)
+    assert err.value.code == "invalid_job"
+    assert fragment.lower() in err.value.message.lower()
+
+
+def test_readable_id_survives_validation_errors():
+    with pytest.raises(JobError) as err:
+        decode_job(_raw(max_new_tokens=-3))
+    assert err.value.job_id == "j-1"
+    with pytest.raises(JobError) as err:
+        decode_job(b'{"tenant": "acme"}')
+    assert err.value.job_id is None
+
+
+def test_headers_fill_missing_fields_only():
+    body = json.dumps({"id": "j", "prompt": "hi", "task": "mine"}).encode()
+    job = decode_job(body, [("x-tenant-id", b"acme"), ("x-adapter-id", b"fin@v1"), ("x-model-task", b"theirs")])
+    assert (job.tenant, job.adapter, job.task) == ("acme", "fin@v1", "mine")
+    with pytest.raises(JobError, match="tenant"):
+        decode_job(json.dumps({"id": "j", "prompt": "hi"}).encode())
+
+
+def test_result_round_trip_and_error_codes():
+    result = error_result("j", "forbidden", "no", "w-1", adapter="fin", adapter_version="v1")
+    back = decode_result(encode(result))
+    assert back == result and back.error.code == "forbidden"
+    assert set(msgspec.json.decode(encode(JobResult(id="j", status="ok")))) >= {
+        "id", "status", "adapter", "adapter_version", "text", "token_ids", "finish_reason", "usage", "error", "worker"}
+    assert "internal" in ERROR_CODES and len(ERROR_CODES) == 7
+    with pytest.raises(msgspec.ValidationError):
+        decode_result(b'{"id": "j", "status": "ok", "error": {"code": "oops", "message": ""}}')
+
+
+def test_control_events():
+    publish = decode_control(b'{"type": "adapter.publish", "name": "fin", "version": "v2", "path": "/a"}')
+    assert isinstance(publish, AdapterPublish) and publish.tenants is None
+    assert isinstance(decode_control(b'{"type": "adapter.activate", "name": "fin", "version": "v2"}'), AdapterActivate)
+    for bad in (b'{"type": "adapter.delete", "name": "x"}', b'{"type": "adapter.publish", "name": "a@b", "version": "v", "path": "/"}',
+                b'{"type": "adapter.publish", "name": "a", "version": "v", "path": "/", "sha256": "xyz"}'):
+        with pytest.raises(msgspec.ValidationError):
+            decode_control(bad)
+    assert decode_control(encode(publish)) == publish
