@@ -44,7 +44,8 @@ def expand_segmented(y, t, bs, scale, offsets, m: LoRAMapping) -> None:
     for s, (b, off) in enumerate(zip(bs, offsets)):
         acc = rows[:, off:off + b.shape[1]].float()
         for slot, start, n in zip(m.active_slots, m.seg_starts, m.seg_lens):
-            acc[start:start + n] += (ts[s, start:start + n] @ b[slot].float().T) * scale[s, slot]
+            # Scaling the small [H_out, R] matrix, not the [n, H_out] product.
+            acc[start:start + n].addmm_(ts[s, start:start + n], (b[slot].float() * scale[s, slot]).T)
         rows[:, off:off + b.shape[1]] = acc
     # Columns outside the slices go back bit-for-bit as they were read.
     y.index_copy_(0, tok, rows)

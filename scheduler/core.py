@@ -5,20 +5,24 @@ deterministically (tests/test_scheduler_sim.py) and the engine only executes wha
 
 Policy, in order of precedence:
 1. Deadlines: a waiting job past its deadline is answered `deadline_exceeded`, never run.
-2. Bounded wait: a job that has waited longer than `max_wait_s` is *overdue*. Overdue jobs are
-   considered first, oldest first, and while one of them cannot be admitted (its adapter still
-   loading, or no KV blocks / device slot free) no younger job is admitted, so running sequences
-   drain and free what it needs. This caps the extra wait that reordering can add.
-3. Tenant fairness: the rest are interleaved across tenants by virtual service (tokens admitted),
-   least-served tenant first; a tenant that was idle re-enters at the current minimum, so it can
-   neither bank credit nor be punished for a past flood.
-4. Adapter affinity: within that order, jobs whose adapter is resident are admitted and the others
+2. Tenant fairness: waiting jobs are interleaved across tenants by virtual service (tokens
+   admitted), least-served tenant first, FIFO within a tenant; a tenant that was idle re-enters at
+   the current minimum, so it can neither bank credit nor be punished for a past flood. This is the
+   baseline order; everything below only lets a job wait a bounded time behind it.
+3. Adapter affinity: walking that order, jobs whose adapter is resident are admitted and the others
    skipped until their adapter is loaded (prefetched in the same order), so a loaded adapter keeps
    serving while another loads instead of the step waiting on a load.
-Device slots are evicted least-recently-used among those no running sequence holds and no
-waiting job needs: LRU keeps the hot set of a Zipf-like workload resident, and protecting
-wanted adapters prevents the load-evict-reload thrash that plain LRU shows when there are more
-distinct adapters in the queue than slots.
+4. Bounded extra wait: a job that has waited longer than `max_wait_s` is *overdue* and may no longer
+   be passed over for long. If its adapter has no slot, it takes the least-recently-used idle slot
+   even when other queued jobs want that adapter; if every slot is busy, the slot with the fewest
+   running sequences is marked draining (no new jobs join it) and is handed over once they finish.
+   Overdue jobs are admitted before the rest (in fair order among themselves), and if one does
+   not fit in the KV cache, nothing else is admitted until it does. So reordering
+   adds at most max_wait_s + the drain of one slot's sequences + one load.
+Device slots are otherwise evicted least-recently-used among those no running sequence holds and no
+waiting job needs: LRU keeps the hot set of a Zipf-like workload resident, and protecting wanted
+adapters prevents the load-evict-reload thrash that plain LRU shows when there are more distinct
+adapters in the queue than slots.
 """
 
 from __future__ import annotations
@@ -103,7 +107,7 @@ class AdapterSlots:
         return slot is not None and self.ready[slot]
 
     def reserve(self, key: str, now: float, wanted: set[str]) -> int | None:
-        """A slot to load `key` into: a free one, else the LRU idle one nobody wants; None if none."""
+        """A slot to load `key` into: a free one, else the LRU idle one not in `wanted`; None if none."""
         free = [s for s, k in enumerate(self.key_of) if k is None]
         if free:
             slot = free[0]
@@ -161,6 +165,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.usage: dict[str, float] = {}  # tenant → tokens admitted (virtual service)
+        self.draining: dict[int, str] = {}  # slot → adapter key an overdue job is waiting to load there
 
     def _active_tenants(self) -> set[str]:
         return {s.request.tenant for s in self.waiting} | {s.request.tenant for s in self.running}
@@ -187,13 +192,11 @@ class Scheduler:
             seq.state = State.FINISHED
         return failed
 
-    def _order(self, now: float) -> list[Sequence]:
-        """Overdue jobs oldest first, then the rest interleaved across tenants by virtual service."""
-        overdue = [s for s in self.waiting if now - s.arrival > self.limits.max_wait_s]
+    def _order(self) -> list[Sequence]:
+        """Waiting jobs interleaved across tenants by virtual service, FIFO within a tenant."""
         queues: dict[str, list[Sequence]] = {}
         for seq in self.waiting:
-            if now - seq.arrival <= self.limits.max_wait_s:
-                queues.setdefault(seq.request.tenant, []).append(seq)
+            queues.setdefault(seq.request.tenant, []).append(seq)
         projected = {t: self.usage.get(t, 0.0) for t in queues}
         heads = {t: 0 for t in queues}
         fair: list[Sequence] = []
@@ -205,7 +208,20 @@ class Scheduler:
             heads[tenant] += 1
             if heads[tenant] == len(queues[tenant]):
                 del queues[tenant]
-        return overdue + fair
+        return fair
+
+    def _claim_slot(self, key: str, now: float, overdue: set[str]) -> int | None:
+        """An overdue job's adapter gets a slot now, or a draining one that frees soon."""
+        slot = self.slots.reserve(key, now, wanted=overdue)
+        if slot is not None:
+            self.draining = {s: k for s, k in self.draining.items() if k != key and s != slot}
+            return slot
+        if key not in self.draining.values():
+            busy = [s for s in range(len(self.slots)) if self.slots.ready[s] and s not in self.draining]
+            if busy:
+                victim = min(busy, key=lambda s: (self.slots.refs[s], self.slots.last_used[s]))
+                self.draining[victim] = key
+        return None
 
     def schedule(self, now: float) -> Step:
         step = Step()
@@ -219,32 +235,38 @@ class Scheduler:
                 live.append(seq)
         self.waiting = live
 
-        order = self._order(now)
+        max_wait = self.limits.max_wait_s
+        fair = self._order()
+        # Overdue jobs go first (still in fair order among themselves), so one the KV cache keeps
+        # out holds back everything else until it fits.
+        order = [s for s in fair if now - s.arrival > max_wait] + [s for s in fair if now - s.arrival <= max_wait]
+        overdue_keys = [s.request.adapter for s in order if s.request.adapter is not None and now - s.arrival > max_wait]
+        for key in dict.fromkeys(overdue_keys):
+            if key not in self.slots.slot_of:
+                slot = self._claim_slot(key, now, set(overdue_keys))
+                if slot is not None:
+                    step.loads.append((key, slot))
         wanted = [s.request.adapter for s in order if s.request.adapter is not None]
         wanted_set = set(wanted)
         for key in dict.fromkeys(wanted):  # prefetch in admission order, each adapter once
-            if key in self.slots.slot_of:
+            if key in self.slots.slot_of or key in self.draining.values():
                 continue
             slot = self.slots.reserve(key, now, wanted_set)
             if slot is None:
                 break
             step.loads.append((key, slot))
 
-        blocked = False  # an overdue job is stuck: hold everyone younger until it gets in
         admitted = set()
         for seq in order:
-            overdue = now - seq.arrival > self.limits.max_wait_s
-            if blocked and not overdue:
-                break
             if len(self.running) >= self.limits.max_running:
                 break
             key = seq.request.adapter
-            if key is not None and not self.slots.is_ready(key):
-                blocked |= overdue
+            if key is not None and (not self.slots.is_ready(key) or self.slots.slot_of[key] in self.draining):
                 continue
             blocks = self.blocks.allocate(seq.cost)
             if blocks is None:
-                blocked |= overdue
+                if now - seq.arrival > max_wait:
+                    break  # an overdue job the KV cache keeps out: hold everyone behind it until it fits
                 continue
             seq.blocks = blocks
             seq.state = State.RUNNING
