@@ -139,6 +139,14 @@ class AdapterSlots:
         self.key_of[slot], self.ready[slot] = None, False
         return slot
 
+    def retire(self, key: str) -> None:
+        """`key`'s slot holds outdated content: new jobs no longer match it, running ones finish on it,
+        and it is evicted like any idle slot afterwards."""
+        slot = self.slot_of.pop(key, None)
+        if slot is not None:
+            self.key_of[slot] = f"{key}#retired-{slot}"
+            self.slot_of[self.key_of[slot]] = slot
+
     def acquire(self, key: str, now: float) -> int:
         slot = self.slot_of[key]
         self.refs[slot] += 1

@@ -97,26 +97,27 @@ class HostAdapterCache:
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._items: OrderedDict[str, AdapterWeights] = OrderedDict()
+        # Keyed by the whole spec, so a same-name re-publish with new content never hits stale weights.
+        self._items: OrderedDict[AdapterSpec, AdapterWeights] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> AdapterWeights | None:
+    def get(self, spec: AdapterSpec) -> AdapterWeights | None:
         with self._lock:
-            weights = self._items.get(key)
+            weights = self._items.get(spec)
             if weights is not None:
-                self._items.move_to_end(key)
+                self._items.move_to_end(spec)
             return weights
 
-    def put(self, weights: AdapterWeights) -> None:
+    def put(self, spec: AdapterSpec, weights: AdapterWeights) -> None:
         with self._lock:
-            self._items[weights.key] = weights
-            self._items.move_to_end(weights.key)
+            self._items[spec] = weights
+            self._items.move_to_end(spec)
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
 
-    def drop(self, key: str) -> None:
+    def drop(self, spec: AdapterSpec) -> None:
         with self._lock:
-            self._items.pop(key, None)
+            self._items.pop(spec, None)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -205,7 +206,7 @@ class Engine:
         old = self._specs.get(spec.key)
         self._specs[spec.key] = spec
         if old is not None and old != spec:
-            self._inbox.put(("invalidate", spec.key))
+            self._inbox.put(("invalidate", old))
             self._wake.set()
 
     def prefetch(self, key: str) -> None:
@@ -288,18 +289,18 @@ class Engine:
 
     def _load_loop(self) -> None:
         while (item := self._load_queue.get()) is not None:
-            key, slot = item
+            spec, slot = item
+            key = spec.key
             started = time.perf_counter()
             error = None
             try:
-                weights = self.host_cache.get(key)
+                weights = self.host_cache.get(spec)
                 if weights is None:
-                    spec = self._specs[key]
                     weights = read_adapter(key, spec.path, self.model.shapes, self.config.max_lora_rank, self.dtype,
                                            spec.sha256)
-                    if self.device.type == "cuda":
+                    if self.device.type == "cuda":  # pinned pages let the host → device copy run async
                         weights.modules = {k: (a.pin_memory(), b.pin_memory(), s) for k, (a, b, s) in weights.modules.items()}
-                    self.host_cache.put(weights)
+                    self.host_cache.put(spec, weights)
                 if slot is not None:
                     self.pool.write(slot, weights)
             except AdapterLoadError as exc:
@@ -307,7 +308,7 @@ class Engine:
             except Exception as exc:  # a loader bug must answer the jobs, not kill the thread
                 log.exception("loading %s failed", key)
                 error = f"{key}: {type(exc).__name__}: {exc}"
-            self._load_done.put((key, slot, error, time.perf_counter() - started))
+            self._load_done.put((spec, slot, error, time.perf_counter() - started))
             self._wake.set()
 
     # ---- step thread ------------------------------------------------------------------------------
@@ -328,7 +329,7 @@ class Engine:
             for seq in step.expired:
                 self._answer_error(seq, "deadline_exceeded", "the job's deadline passed before it could run")
             for key, slot in step.loads:
-                self._load_queue.put((key, slot))
+                self._load_queue.put((self._specs[key], slot))
             if not step.batch:
                 self._wake.wait(0.005)
                 continue
@@ -357,26 +358,31 @@ class Engine:
                 seq.payload = _Job(on_done, Sampler(request.params, self.device))
                 self.scheduler.add(seq)
             elif item[0] == "prefetch":
-                key = item[1]
-                if key not in self.scheduler.slots.slot_of and self.host_cache.get(key) is None:
-                    slot = self.scheduler.slots.reserve(key, self.clock(), set())
-                    self._load_queue.put((key, slot))
+                spec = self._specs[item[1]]
+                if spec.key not in self.scheduler.slots.slot_of and self.host_cache.get(spec) is None:
+                    slot = self.scheduler.slots.reserve(spec.key, self.clock(), set())
+                    self._load_queue.put((spec, slot))
             elif item[0] == "invalidate":
-                key = item[1]
-                self.host_cache.drop(key)
-                self._load_errors.pop(key, None)
-                slot = self.scheduler.slots.drop(key)
-                if slot is not None:
-                    self.pool.clear(slot)
+                old = item[1]
+                self.host_cache.drop(old)
+                self._load_errors.pop(old.key, None)
+                # A slot still loading is left to _drain_loads, which sees the spec changed.
+                if self.scheduler.slots.is_ready(old.key):
+                    self.scheduler.slots.retire(old.key)
 
     def _drain_loads(self) -> None:
         while True:
             try:
-                key, slot, error, seconds = self._load_done.get_nowait()
+                spec, slot, error, seconds = self._load_done.get_nowait()
             except queue.Empty:
                 return
+            key = spec.key
             if self.on_load is not None:
                 self.on_load(key, seconds, error)
+            if self._specs.get(key) != spec:  # re-published while loading: free the slot, load again later
+                if slot is not None:
+                    self.scheduler.slots.loaded(key, ok=False)
+                continue
             if error is None:
                 if slot is not None:
                     self.scheduler.slots.loaded(key, ok=True)

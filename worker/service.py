@@ -256,7 +256,10 @@ class Worker:
         if job.adapter is None:
             return None
         if not self.registry.knows(job.adapter):
-            await self.catch_up_control()
+            try:
+                await self.catch_up_control()
+            except TimeoutError:
+                log.warning("control topic not caught up within %d ms", self.config.control_wait_ms)
         return self.registry.resolve(job.adapter, job.tenant)
 
     async def _generate(self, job: Job, resolved: ResolvedAdapter | None) -> Completion:
