@@ -68,7 +68,11 @@ def _pick_block_m(max_seg_len: int) -> int:
 
 
 def make_lora_mapping(idx: torch.Tensor, num_slots: int) -> LoRAMapping:
-    """Group tokens by adapter slot. Call once per forward pass (it syncs with the host once)."""
+    """Group tokens by adapter slot. Call once per forward pass.
+
+    It syncs with the host once (segment sizes) and copies the small tile
+    list to idx's device.
+    """
     if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
         raise ValueError(f"idx must be a 1-D integer tensor, got {tuple(idx.shape)} {idx.dtype}")
     if num_slots < 0:

@@ -149,5 +149,6 @@ def _check_offsets(offsets, widths: list[int], y_width: int) -> list[int]:
     for (o, w), nxt in zip(spans, spans[1:] + [(y_width, 0)]):
         # Overlapping slices would race in the kernel (two programs, one element).
         if o < 0 or o + w > nxt[0]:
-            raise ValueError(f"slices (offset, width) {list(zip(offsets, widths))} overlap or exceed y's {y_width} columns")
+            raise ValueError(f"slices (offset, width) {list(zip(offsets, widths))} "
+                             f"overlap or exceed y's {y_width} columns")
     return offsets

@@ -3,11 +3,12 @@
 Both functions work on the normalised sliced layout used inside the package
 (x [T, H_in], a [S, L, R, H_in], t [S, T, R] fp32; y [T, *], b a list of S
 [L, H_out_s, R]) and honour the same contract as the kernels: fp32 math,
-t in fp32, y rounded once, rows without an adapter never touched.
+t in fp32, y rounded once, rows without an adapter never written (rows with
+one are written back whole; columns outside the slices keep their bits).
 
 Two strategies:
   * "segmented" (backend "torch"): tokens grouped by adapter via the mapping,
-    one fp32 matmul per (adapter segment); each adapter matrix is read once.
+    one fp32 GEMM per adapter segment; each adapter matrix is read once.
     Fast for prefill and fine for decode on CPU.
   * "gather" (gather + bmm): every token gathers its own adapter matrix and
     does a batched mat-vec. The textbook baseline; memory grows with

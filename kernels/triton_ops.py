@@ -1,8 +1,10 @@
 """Triton SGMV-style LoRA shrink and expand kernels and their launchers.
 
 Imported lazily (only when the Triton backend is used), so importing
-`kernels` never imports triton; with TRITON_INTERPRET=1 set before that
-first import the kernels run on CPU tensors through Triton's interpreter.
+`kernels` never imports triton. Triton decides whether a kernel is
+interpreted when it is defined, i.e. when this module is imported: with
+TRITON_INTERPRET=1 in the environment at that moment the kernels run on CPU
+tensors through Triton's interpreter.
 
 Work decomposition (both kernels, 1-D grid):
   The mapping groups tokens by adapter slot and cuts each group ("segment")
@@ -147,11 +149,15 @@ INTERPRETED = isinstance(_shrink_kernel, InterpretedFunction)
 
 
 def _check_device(t: torch.Tensor) -> None:
+    if t.device.type == "cuda" and t.device.index != torch.cuda.current_device():
+        # Triton launches on the current device, not the tensors' one.
+        raise RuntimeError(f"tensors are on {t.device} but the current CUDA device is "
+                           f"{torch.cuda.current_device()}: use torch.cuda.set_device / torch.cuda.device")
     if t.device.type != "cuda" and not INTERPRETED:
         raise RuntimeError(
-            f"backend='triton' on a {t.device.type} tensor needs Triton's interpreter: "
-            "set TRITON_INTERPRET=1 in the environment before triton is first imported, "
-            "or use backend='torch'")
+            f"backend='triton' on a {t.device.type} tensor needs Triton's interpreter: set "
+            "TRITON_INTERPRET=1 in the environment before the first backend='triton' call "
+            "(it imports kernels.triton_ops, whose kernels triton then interprets), or use backend='torch'")
 
 
 def _next_pow2(n: int) -> int:

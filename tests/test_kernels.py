@@ -9,7 +9,8 @@ error seen per (op, dtype, backend).
 
 import os
 
-# Must precede the first `import triton` anywhere in the process.
+# Triton reads this when kernels.triton_ops defines its kernels (imported
+# below); setting it before any triton import is the safe rule.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import subprocess
@@ -22,7 +23,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import LoRAMapping, lora_expand, lora_shrink, make_lora_mapping
+from kernels import LoRAMapping, lora_expand, lora_shrink, make_lora_mapping, triton_ops
 
 SEED = int(os.environ.get("LORABUS_TEST_SEED", time.time_ns() % 2**31))
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -32,8 +33,10 @@ BACKENDS = ("triton", "torch", "gather")
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 MAX_ERR: dict[tuple, float] = defaultdict(float)
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs TRITON_INTERPRET=1 (set before triton is imported)", allow_module_level=True)
+# If the environment forced TRITON_INTERPRET off, only the Triton cases skip.
+AVAILABLE = BACKENDS if triton_ops.INTERPRETED else ("torch", "gather")
+BACKEND_PARAMS = [pytest.param(b, marks=pytest.mark.skipif(b not in AVAILABLE, reason="needs TRITON_INTERPRET=1"))
+                  for b in BACKENDS]
 
 
 class _ErrorSummary:
@@ -58,8 +61,7 @@ def _error_summary(request):
 @pytest.fixture
 def gen(request):
     # Per-test stream, so one test reproduces alone under the same seed.
-    g = torch.Generator().manual_seed(SEED + zlib.crc32(request.node.nodeid.encode()))
-    return g
+    return torch.Generator().manual_seed(SEED + zlib.crc32(request.node.nodeid.encode()))
 
 
 def ri(g, lo, hi):
@@ -139,7 +141,7 @@ def run_case(g, *, T, H_in, widths, R, L, dtype, backend, pattern, offsets=None,
     t3 = t if sliced else t.unsqueeze(0)
     assert t.dtype == torch.float32 and t3.shape == (S, T, R), ctx
     check("shrink", t3, ref_shrink(x, a4, idx), dtype, backend, ctx)
-    assert torch.equal(t3[:, idx < 0], torch.zeros_like(t3[:, idx < 0])), f"rows with idx -1 not zero [seed={SEED} {ctx}]"
+    assert not t3[:, idx < 0].any(), f"rows with idx -1 not zero [seed={SEED} {ctx}]"
 
     bs = [(make_ranked(g, (), R, h, ranks, torch.float32, 1) / R ** 0.5).to(dtype) for h in widths]
     scale2 = torch.rand(S, L, generator=g) + 0.5
@@ -168,7 +170,7 @@ def run_case(g, *, T, H_in, widths, R, L, dtype, backend, pattern, offsets=None,
 
 # ---------------------------------------------------------------- cases
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_decode(gen, dtype, backend):
     for _ in range(2):
@@ -176,7 +178,7 @@ def test_decode(gen, dtype, backend):
                  L=ri(gen, 2, 12), dtype=dtype, backend=backend, pattern="decode")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_prefill(gen, dtype, backend):
     # Runs of 16..90 tokens: several 64-row tiles per segment, the last one partial.
@@ -184,7 +186,7 @@ def test_prefill(gen, dtype, backend):
              L=ri(gen, 2, 4), dtype=dtype, backend=backend, pattern="prefill", p_none=0.0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_sliced_unequal_widths_custom_offsets(gen, dtype, backend):
     # GQA-like q/k/v widths, placed out of order with gaps in a wider y.
@@ -199,7 +201,7 @@ def test_sliced_unequal_widths_custom_offsets(gen, dtype, backend):
              dtype=dtype, backend=backend, pattern="prefill")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_mixed_ranks_zero_padded(gen, backend):
     L, R = 5, 16
     ranks = [1, 16, 4, 9, 13]
@@ -208,7 +210,7 @@ def test_mixed_ranks_zero_padded(gen, backend):
                  R=R, L=L, ranks=ranks, dtype=dtype, backend=backend, pattern="decode")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("R", [1, 128])
 def test_rank_extremes(gen, backend, R):
     for dtype in DTYPES:
@@ -216,7 +218,7 @@ def test_rank_extremes(gen, backend, R):
                  dtype=dtype, backend=backend, pattern="decode")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_hidden_not_multiple_of_block(gen, backend):
     # 64-wide K/N blocks: 129 = 2 blocks + 1, 67 = 1 block + 3; one token -> split-K shrink.
     for T in (1, 33):
@@ -224,7 +226,7 @@ def test_hidden_not_multiple_of_block(gen, backend):
                  pattern="decode")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("sliced", [False, True])
 def test_empty_batch(backend, sliced):
     S, L, R = (2 if sliced else 1), 3, 8
@@ -239,7 +241,7 @@ def test_empty_batch(backend, sliced):
     assert out is y and y.shape == (0, 40 * S)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_all_minus_one_skips_work(monkeypatch, backend):
     from kernels import ops, torch_ops, triton_ops
 
@@ -262,7 +264,7 @@ def test_all_minus_one_skips_work(monkeypatch, backend):
     assert torch.equal(y, y0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_noncontiguous_inputs(gen, backend):
     T, H, R, L, S = 13, 50, 8, 3, 2
     dtype = torch.float16
@@ -306,7 +308,7 @@ def test_end_to_end_matches_dense_lora(gen):
     for i, s in enumerate(idx.tolist()):
         if s >= 0:
             ref[i] += scale[s].double() * (b[s].double() @ (a[s].double() @ x[i].double()))
-    for backend in BACKENDS:
+    for backend in AVAILABLE:
         y = y0.clone()
         lora_expand(y, lora_shrink(x, a, m, backend=backend), b, m, scale, backend=backend)
         check("e2e", y, ref, torch.float16, backend, f"idx={idx.tolist()}")
@@ -314,17 +316,17 @@ def test_end_to_end_matches_dense_lora(gen):
 
 def test_property_random_shapes(gen):
     """Many small random cases: every backend must agree with float64."""
-    for case in range(30):
+    for case in range(40):
         dtype = DTYPES[ri(gen, 0, 2)]
         S = ri(gen, 1, 3)
         pattern = ("decode", "prefill")[ri(gen, 0, 1)]
-        T = ri(gen, 0, 20) if pattern == "decode" else ri(gen, 16, 70)
+        T = ri(gen, 0, 24) if pattern == "decode" else ri(gen, 16, 120)
         L = ri(gen, 1, 6)
-        R = ri(gen, 1, 32)
+        R = ri(gen, 1, 64)
         ranks = [ri(gen, 1, R) for _ in range(L)]
-        widths = [ri(gen, 1, 70) for _ in range(S)]
-        backend = BACKENDS[case % 3]
-        run_case(gen, T=T, H_in=ri(gen, 1, 100), widths=widths, R=R, L=L, ranks=ranks, dtype=dtype,
+        widths = [ri(gen, 1, 160) for _ in range(S)]
+        backend = AVAILABLE[case % len(AVAILABLE)]
+        run_case(gen, T=T, H_in=ri(gen, 1, 160), widths=widths, R=R, L=L, ranks=ranks, dtype=dtype,
                  backend=backend, pattern=pattern, sliced=S > 1 or ri(gen, 0, 1) == 1,
                  use_mapping=ri(gen, 0, 3) > 0, p_none=(0.0, 0.3, 1.0)[ri(gen, 0, 2)])
 
