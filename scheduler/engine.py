@@ -32,6 +32,10 @@ from scheduler.sampling import Sampler
 log = logging.getLogger(__name__)
 
 WARMUP_TENANT = "__warmup__"
+# How often the step loop re-plans while it has queued work but nothing runnable: deadlines and the
+# bounded-wait rule are time-based, so they need a look even when no submission or load wakes it.
+REPLAN_S = 0.005
+IDLE_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -322,7 +326,7 @@ class Engine:
             if not sched.has_work():
                 if self._stopping and self._inbox.empty():
                     return
-                self._wake.wait(0.5)
+                self._wake.wait(IDLE_S)
                 continue
             now = self.clock()
             step = sched.schedule(now)
@@ -331,7 +335,7 @@ class Engine:
             for key, slot in step.loads:
                 self._load_queue.put((self._specs[key], slot))
             if not step.batch:
-                self._wake.wait(0.005)
+                self._wake.wait(REPLAN_S)
                 continue
             try:
                 self._run(step.batch)
@@ -360,7 +364,8 @@ class Engine:
             elif item[0] == "prefetch":
                 spec = self._specs[item[1]]
                 if spec.key not in self.scheduler.slots.slot_of and self.host_cache.get(spec) is None:
-                    slot = self.scheduler.slots.reserve(spec.key, self.clock(), set())
+                    wanted = {s.request.adapter for s in self.scheduler.waiting}
+                    slot = self.scheduler.slots.reserve(spec.key, self.clock(), wanted)
                     self._load_queue.put((spec, slot))
             elif item[0] == "invalidate":
                 old = item[1]
