@@ -110,13 +110,17 @@ class AdapterSlots:
         """A slot to load `key` into: a free one, else the LRU idle one not in `wanted`; None if none."""
         free = [s for s, k in enumerate(self.key_of) if k is None]
         if free:
-            slot = free[0]
-        else:
-            idle = [s for s, k in enumerate(self.key_of) if self.ready[s] and self.refs[s] == 0 and k not in wanted]
-            if not idle:
-                return None
-            slot = min(idle, key=lambda s: self.last_used[s])
-            del self.slot_of[self.key_of[slot]]
+            return self.take(free[0], key, now)
+        idle = [s for s, k in enumerate(self.key_of) if self.ready[s] and self.refs[s] == 0 and k not in wanted]
+        if not idle:
+            return None
+        return self.take(min(idle, key=lambda s: self.last_used[s]), key, now)
+
+    def take(self, slot: int, key: str, now: float) -> int:
+        """Give a free or idle slot to `key` (evicting what it held); the caller loads it."""
+        old = self.key_of[slot]
+        if old is not None:
+            del self.slot_of[old]
         self.key_of[slot], self.ready[slot], self.last_used[slot] = key, False, now
         self.slot_of[key] = slot
         return slot
@@ -220,7 +224,8 @@ class Scheduler:
 
     def _claim_slot(self, key: str, now: float, overdue: set[str]) -> int | None:
         """An overdue job's adapter gets a slot now, or a draining one that frees soon."""
-        slot = self.slots.reserve(key, now, wanted=overdue)
+        drained = [s for s, k in self.draining.items() if k == key and self.slots.refs[s] == 0]
+        slot = self.slots.take(drained[0], key, now) if drained else self.slots.reserve(key, now, wanted=overdue)
         if slot is not None:
             self.draining = {s: k for s, k in self.draining.items() if k != key and s != slot}
             return slot
@@ -249,6 +254,9 @@ class Scheduler:
         # out holds back everything else until it fits.
         order = [s for s in fair if now - s.arrival > max_wait] + [s for s in fair if now - s.arrival <= max_wait]
         overdue_keys = [s.request.adapter for s in order if s.request.adapter is not None and now - s.arrival > max_wait]
+        # A drain is only for an adapter that overdue jobs still wait for and that has no slot yet.
+        self.draining = {s: k for s, k in self.draining.items()
+                         if k in overdue_keys and k not in self.slots.slot_of}
         for key in dict.fromkeys(overdue_keys):
             if key not in self.slots.slot_of:
                 slot = self._claim_slot(key, now, set(overdue_keys))
