@@ -7,9 +7,12 @@ t in fp32, y rounded once, rows without an adapter never written (rows with
 one are written back whole; columns outside the slices keep their bits).
 
 Two strategies:
-  * "segmented" (backend "torch"): tokens grouped by adapter via the mapping,
-    one fp32 GEMM per adapter segment; each adapter matrix is read once.
-    Fast for prefill and fine for decode on CPU.
+  * "segmented" (backend "torch"): tokens grouped by adapter via the mapping;
+    each adapter matrix is read once. When segments are many and of similar
+    length (decode with many adapters) they are padded to one [segments, len, H]
+    batch and done in a single bmm; otherwise (long prefill runs) one fp32 GEMM
+    per segment. Per-segment launches cost ~0.1 ms each on CPU, which dominated
+    steps that mix a dozen adapters.
   * "gather" (gather + bmm): every token gathers its own adapter matrix and
     does a batched mat-vec. The textbook baseline; memory grows with
     T * R * H, so it runs in token chunks of at most _GATHER_CHUNK_BYTES.
@@ -25,28 +28,78 @@ from .mapping import LoRAMapping
 _GATHER_CHUNK_BYTES = 256 << 20
 
 
+# Pad segments into one bmm when the padding at most doubles the work (and there is more than one).
+_MAX_PAD_RATIO = 2.0
+
+
+def _one_adapter_for_all(m: LoRAMapping) -> bool:
+    return len(m.seg_lens) == 1 and m.seg_lens[0] == m.num_tokens
+
+
+def _padded(m: LoRAMapping) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(row of each padded position in sorted order, or Ta for padding; mask of real rows), or None
+    when a per-segment loop is the better plan."""
+    num_segments, longest = len(m.active_slots), m.max_seg_len
+    total = m.sorted_tokens.shape[0]
+    if num_segments < 2 or num_segments * longest > _MAX_PAD_RATIO * total:
+        return None
+    device = m.sorted_tokens.device
+    starts = torch.tensor(m.seg_starts, device=device)[:, None]
+    lens = torch.tensor(m.seg_lens, device=device)[:, None]
+    offset = torch.arange(longest, device=device)[None, :]
+    real = offset < lens
+    return torch.where(real, starts + offset, total), real
+
+
 def shrink_segmented(x: torch.Tensor, a: torch.Tensor, m: LoRAMapping, t: torch.Tensor) -> None:
     """t[:, tok] = x[tok] @ a[:, slot].T for each segment; t is pre-zeroed fp32 [S, T, R]."""
     S, _, R, H = a.shape
+    if _one_adapter_for_all(m):  # the whole batch on one adapter: no gather or scatter needed
+        slot = m.active_slots[0]
+        t.copy_((x.float() @ a[:, slot].reshape(S * R, H).float().T).view(-1, S, R).transpose(0, 1))
+        return
     tok = m.sorted_tokens.long()
     xs = x.index_select(0, tok).float()
-    ts = torch.empty((tok.shape[0], S * R), dtype=torch.float32, device=x.device)
-    for slot, start, n in zip(m.active_slots, m.seg_starts, m.seg_lens):
-        # All slices of the slot as one [S*R, H] matrix: one GEMM per segment.
-        ts[start:start + n] = xs[start:start + n] @ a[:, slot].reshape(S * R, H).float().T
+    padded = _padded(m)
+    if padded is not None:
+        rows, real = padded
+        slots = torch.tensor(m.active_slots, device=x.device)
+        w = a[:, slots].transpose(0, 1).reshape(len(m.active_slots), S * R, H).float()
+        xp = torch.cat([xs, xs.new_zeros(1, H)])[rows]  # [segments, longest, H]
+        ts = torch.bmm(xp, w.transpose(1, 2))[real]
+    else:
+        ts = torch.empty((tok.shape[0], S * R), dtype=torch.float32, device=x.device)
+        for slot, start, n in zip(m.active_slots, m.seg_starts, m.seg_lens):
+            # All slices of the slot as one [S*R, H] matrix: one GEMM per segment.
+            ts[start:start + n] = xs[start:start + n] @ a[:, slot].reshape(S * R, H).float().T
     t.index_copy_(1, tok, ts.view(-1, S, R).transpose(0, 1))
 
 
 def expand_segmented(y, t, bs, scale, offsets, m: LoRAMapping) -> None:
     """y[tok, off_s:off_s+H_s] += scale[s, slot] * t[s, tok] @ b_s[slot].T, one rounding per element."""
+    if _one_adapter_for_all(m):
+        slot = m.active_slots[0]
+        for s, (b, off) in enumerate(zip(bs, offsets)):
+            cols = y[:, off:off + b.shape[1]]
+            cols.copy_(cols.float().addmm_(t[s].float(), (b[slot].float() * scale[s, slot]).T))
+        return
     tok = m.sorted_tokens.long()
     ts = t.index_select(1, tok).float()
     rows = y.index_select(0, tok)
+    padded = _padded(m)
+    if padded is not None:
+        pad_rows, real = padded
+        slots = torch.tensor(m.active_slots, device=y.device)
+        tp = torch.cat([ts, ts.new_zeros(ts.shape[0], 1, ts.shape[2])], dim=1)[:, pad_rows]  # [S, seg, len, R]
     for s, (b, off) in enumerate(zip(bs, offsets)):
         acc = rows[:, off:off + b.shape[1]].float()
-        for slot, start, n in zip(m.active_slots, m.seg_starts, m.seg_lens):
-            # Scaling the small [H_out, R] matrix, not the [n, H_out] product.
-            acc[start:start + n].addmm_(ts[s, start:start + n], (b[slot].float() * scale[s, slot]).T)
+        if padded is not None:
+            # Scaling the small [H_out, R] matrices, not the [n, H_out] products.
+            w = b[slots].float() * scale[s, slots][:, None, None]
+            acc += torch.bmm(tp[s], w.transpose(1, 2))[real]
+        else:
+            for slot, start, n in zip(m.active_slots, m.seg_starts, m.seg_lens):
+                acc[start:start + n].addmm_(ts[s, start:start + n], (b[slot].float() * scale[s, slot]).T)
         rows[:, off:off + b.shape[1]] = acc
     # Columns outside the slices go back bit-for-bit as they were read.
     y.index_copy_(0, tok, rows)

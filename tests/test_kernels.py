@@ -72,7 +72,9 @@ def ri(g, lo, hi):
 # ---------------------------------------------------------------- data & reference
 
 def make_idx(g, T, L, pattern, p_none=0.2):
-    """decode: every token an independent slot (or -1); prefill: long runs of one slot."""
+    """decode: every token an independent slot (or -1); prefill: long runs of one slot; single: one slot for all."""
+    if pattern == "single":
+        return torch.full((T,), ri(g, 0, L - 1), dtype=torch.long)
     if pattern == "decode":
         idx = torch.randint(0, L, (T,), generator=g)
         idx[torch.rand(T, generator=g) < p_none] = -1
@@ -176,6 +178,14 @@ def test_decode(gen, dtype, backend):
     for _ in range(2):
         run_case(gen, T=ri(gen, 1, 24), H_in=ri(gen, 17, 150), widths=[ri(gen, 17, 150)], R=ri(gen, 2, 24),
                  L=ri(gen, 2, 12), dtype=dtype, backend=backend, pattern="decode")
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_whole_batch_on_one_adapter(gen, dtype, backend):
+    # The torch path's no-gather shortcut; sliced, so each slice's offset matters too.
+    run_case(gen, T=ri(gen, 1, 40), H_in=ri(gen, 17, 120), widths=[ri(gen, 17, 90), ri(gen, 5, 40)], R=ri(gen, 2, 16),
+             L=ri(gen, 1, 6), dtype=dtype, backend=backend, pattern="single")
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
