@@ -77,7 +77,7 @@ class _Job:
 
     def __init__(self, on_done: Callable[[Completion], None], sampler: Sampler, kv_slots: torch.Tensor | None = None):
         self.on_done, self.sampler, self.kv_slots = on_done, sampler, kv_slots
-        self.text = ""
+        self.text: str | None = None  # set early only when a stop string cut it
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -455,11 +455,11 @@ class Engine:
 
     def _finish_reason(self, seq: Sequence, job: _Job) -> str | None:
         params = seq.request.params
-        if self.tokenizer is not None:
-            job.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-            hits = [job.text.find(s) for s in params.stop if s in job.text]
+        if params.stop and self.tokenizer is not None:  # decoding every step costs: only for stop strings
+            text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            hits = [text.find(s) for s in params.stop if s in text]
             if hits:
-                job.text = job.text[: min(hits)]
+                job.text = text[: min(hits)]
                 return "stop"
         if seq.output_ids[-1] in self.eos_ids:
             return "stop"
@@ -479,7 +479,10 @@ class Engine:
 
     def _answer_ok(self, seq: Sequence, reason: str) -> None:
         job: _Job = seq.payload
-        completion = Completion(seq.request.id, "ok", token_ids=list(seq.output_ids), text=job.text,
+        text = job.text
+        if text is None:
+            text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True) if self.tokenizer else ""
+        completion = Completion(seq.request.id, "ok", token_ids=list(seq.output_ids), text=text,
                                 finish_reason=reason, **self._timings(seq))
         _deliver(job.on_done, completion)
 
