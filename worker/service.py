@@ -199,7 +199,10 @@ class Worker:
             full = len(self.inflight) >= self.config.max_inflight
             if full != paused:
                 parts = self.jobs.assignment()
-                self.jobs.pause(*parts) if full else self.jobs.resume(*parts)
+                if full:
+                    self.jobs.pause(*parts)
+                else:
+                    self.jobs.resume(*parts)
                 paused = full
 
     async def _handle(self, record, offsets: PartitionOffsets) -> None:
