@@ -177,7 +177,8 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.usage: dict[str, float] = {}  # tenant → tokens admitted (virtual service)
-        self.draining: dict[int, str] = {}  # slot → adapter key an overdue job is waiting to load there
+        # slot → (the adapter it holds, the adapter an overdue job waits to load there once it drains)
+        self.draining: dict[int, tuple[str, str]] = {}
 
     def _active_tenants(self) -> set[str]:
         return {s.request.tenant for s in self.waiting} | {s.request.tenant for s in self.running}
@@ -224,17 +225,22 @@ class Scheduler:
 
     def _claim_slot(self, key: str, now: float, overdue: set[str]) -> int | None:
         """An overdue job's adapter gets a slot now, or a draining one that frees soon."""
-        drained = [s for s, k in self.draining.items() if k == key and self.slots.refs[s] == 0]
+        drained = [s for s, (_, k) in self.draining.items() if k == key and self.slots.refs[s] == 0]
         slot = self.slots.take(drained[0], key, now) if drained else self.slots.reserve(key, now, wanted=overdue)
         if slot is not None:
-            self.draining = {s: k for s, k in self.draining.items() if k != key and s != slot}
+            self.draining = {s: d for s, d in self.draining.items() if d[1] != key and s != slot}
             return slot
-        if key not in self.draining.values():
-            busy = [s for s in range(len(self.slots)) if self.slots.ready[s] and s not in self.draining]
+        if key not in self._drain_targets():
+            # Only a slot in use is worth draining: an idle one's queued jobs get admitted this very step.
+            busy = [s for s in range(len(self.slots))
+                    if self.slots.ready[s] and self.slots.refs[s] > 0 and s not in self.draining]
             if busy:
                 victim = min(busy, key=lambda s: (self.slots.refs[s], self.slots.last_used[s]))
-                self.draining[victim] = key
+                self.draining[victim] = (self.slots.key_of[victim], key)
         return None
+
+    def _drain_targets(self) -> set[str]:
+        return {waiting for _, waiting in self.draining.values()}
 
     def schedule(self, now: float) -> Step:
         step = Step()
@@ -255,8 +261,9 @@ class Scheduler:
         order = [s for s in fair if now - s.arrival > max_wait] + [s for s in fair if now - s.arrival <= max_wait]
         overdue_keys = [s.request.adapter for s in order if s.request.adapter is not None and now - s.arrival > max_wait]
         # A drain is only for an adapter that overdue jobs still wait for and that has no slot yet.
-        self.draining = {s: k for s, k in self.draining.items()
-                         if k in overdue_keys and k not in self.slots.slot_of}
+        # It also ends when the slot changed hands meanwhile (evicted for another adapter).
+        self.draining = {s: (held, k) for s, (held, k) in self.draining.items()
+                         if k in overdue_keys and k not in self.slots.slot_of and self.slots.key_of[s] == held}
         for key in dict.fromkeys(overdue_keys):
             if key not in self.slots.slot_of:
                 slot = self._claim_slot(key, now, set(overdue_keys))
@@ -265,7 +272,7 @@ class Scheduler:
         wanted = [s.request.adapter for s in order if s.request.adapter is not None]
         wanted_set = set(wanted)
         for key in dict.fromkeys(wanted):  # prefetch in admission order, each adapter once
-            if key in self.slots.slot_of or key in self.draining.values():
+            if key in self.slots.slot_of or key in self._drain_targets():
                 continue
             slot = self.slots.reserve(key, now, wanted_set)
             if slot is None:
