@@ -9,6 +9,7 @@ done once here and the resulting `LoRAMapping` is handed to every
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -51,6 +52,19 @@ class LoRAMapping:
     @property
     def num_tiles(self) -> int:
         return self.tiles.shape[1]
+
+    @cached_property
+    def segment_grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The segments padded to a [segments, longest] grid, for the torch path's single bmm: (position of
+        each cell in sorted order, Ta for padding; mask of real cells; the active slots as a tensor).
+        Cached, so every layer of a step reuses it."""
+        device = self.sorted_tokens.device
+        starts = torch.tensor(self.seg_starts, device=device)[:, None]
+        lens = torch.tensor(self.seg_lens, device=device)[:, None]
+        offset = torch.arange(self.max_seg_len, device=device)[None, :]
+        real = offset < lens
+        rows = torch.where(real, starts + offset, self.sorted_tokens.shape[0])
+        return rows, real, torch.tensor(self.active_slots, device=device)
 
     @property
     def has_lora(self) -> bool:

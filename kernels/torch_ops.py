@@ -36,19 +36,12 @@ def _one_adapter_for_all(m: LoRAMapping) -> bool:
     return len(m.seg_lens) == 1 and m.seg_lens[0] == m.num_tokens
 
 
-def _padded(m: LoRAMapping) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(row of each padded position in sorted order, or Ta for padding; mask of real rows), or None
-    when a per-segment loop is the better plan."""
+def _padded(m: LoRAMapping) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The mapping's padded segment grid, or None when a per-segment loop is the better plan."""
     num_segments, longest = len(m.active_slots), m.max_seg_len
-    total = m.sorted_tokens.shape[0]
-    if num_segments < 2 or num_segments * longest > _MAX_PAD_RATIO * total:
+    if num_segments < 2 or num_segments * longest > _MAX_PAD_RATIO * m.sorted_tokens.shape[0]:
         return None
-    device = m.sorted_tokens.device
-    starts = torch.tensor(m.seg_starts, device=device)[:, None]
-    lens = torch.tensor(m.seg_lens, device=device)[:, None]
-    offset = torch.arange(longest, device=device)[None, :]
-    real = offset < lens
-    return torch.where(real, starts + offset, total), real
+    return m.segment_grid
 
 
 def shrink_segmented(x: torch.Tensor, a: torch.Tensor, m: LoRAMapping, t: torch.Tensor) -> None:
@@ -62,8 +55,7 @@ def shrink_segmented(x: torch.Tensor, a: torch.Tensor, m: LoRAMapping, t: torch.
     xs = x.index_select(0, tok).float()
     padded = _padded(m)
     if padded is not None:
-        rows, real = padded
-        slots = torch.tensor(m.active_slots, device=x.device)
+        rows, real, slots = padded
         w = a[:, slots].transpose(0, 1).reshape(len(m.active_slots), S * R, H).float()
         xp = torch.cat([xs, xs.new_zeros(1, H)])[rows]  # [segments, longest, H]
         ts = torch.bmm(xp, w.transpose(1, 2))[real]
@@ -88,8 +80,7 @@ def expand_segmented(y, t, bs, scale, offsets, m: LoRAMapping) -> None:
     rows = y.index_select(0, tok)
     padded = _padded(m)
     if padded is not None:
-        pad_rows, real = padded
-        slots = torch.tensor(m.active_slots, device=y.device)
+        pad_rows, real, slots = padded
         tp = torch.cat([ts, ts.new_zeros(ts.shape[0], 1, ts.shape[2])], dim=1)[:, pad_rows]  # [S, seg, len, R]
     for s, (b, off) in enumerate(zip(bs, offsets)):
         acc = rows[:, off:off + b.shape[1]].float()
