@@ -258,21 +258,25 @@ class Scheduler:
         fair = self._order()
         # Overdue jobs go first (still in fair order among themselves), so one the KV cache keeps
         # out holds back everything else until it fits.
-        order = [s for s in fair if now - s.arrival > max_wait] + [s for s in fair if now - s.arrival <= max_wait]
-        overdue_keys = [s.request.adapter for s in order if s.request.adapter is not None and now - s.arrival > max_wait]
+        overdue = [s for s in fair if now - s.arrival > max_wait]
+        overdue_ids = {id(s) for s in overdue}
+        order = overdue + [s for s in fair if id(s) not in overdue_ids]
+        overdue_keys = [s.request.adapter for s in overdue if s.request.adapter is not None]
+        overdue_set = set(overdue_keys)
         # A drain is only for an adapter that overdue jobs still wait for and that has no slot yet.
         # It also ends when the slot changed hands meanwhile (evicted for another adapter).
         self.draining = {s: (held, k) for s, (held, k) in self.draining.items()
-                         if k in overdue_keys and k not in self.slots.slot_of and self.slots.key_of[s] == held}
+                         if k in overdue_set and k not in self.slots.slot_of and self.slots.key_of[s] == held}
         for key in dict.fromkeys(overdue_keys):
             if key not in self.slots.slot_of:
-                slot = self._claim_slot(key, now, set(overdue_keys))
+                slot = self._claim_slot(key, now, overdue_set)
                 if slot is not None:
                     step.loads.append((key, slot))
         wanted = [s.request.adapter for s in order if s.request.adapter is not None]
         wanted_set = set(wanted)
+        drain_targets = self._drain_targets()
         for key in dict.fromkeys(wanted):  # prefetch in admission order, each adapter once
-            if key in self.slots.slot_of or key in self._drain_targets():
+            if key in self.slots.slot_of or key in drain_targets:
                 continue
             slot = self.slots.reserve(key, now, wanted_set)
             if slot is None:
@@ -288,7 +292,7 @@ class Scheduler:
                 continue
             blocks = self.blocks.allocate(seq.cost)
             if blocks is None:
-                if now - seq.arrival > max_wait:
+                if id(seq) in overdue_ids:
                     break  # an overdue job the KV cache keeps out: hold everyone behind it until it fits
                 continue
             seq.blocks = blocks
