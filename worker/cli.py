@@ -24,15 +24,28 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls, skip=("engine",)) ->
             continue
         flag = "--" + f.name.replace("_", "-")
         env = "LORABUS_" + f.name.upper()
-        default = os.environ.get(env, f.default)
-        kind = type(f.default)
-        parser.add_argument(flag, type=kind, default=kind(default), dest=f.name,
-                            help=f"{f.metadata.get('help', '')} [env {env}, default {f.default!r}]")
+        help_text = f.metadata.get("help", "")
+        raw = os.environ.get(env)
+        if f.default_factory is not dataclasses.MISSING:  # a list: repeat the flag, or os.pathsep in the env
+            default = [p for p in (raw or "").split(os.pathsep) if p]
+            parser.add_argument(flag, action="append", default=None, dest=f.name, help=f"{help_text} [env {env}]")
+            parser.set_defaults(**{f"{f.name}_env": default})
+        elif isinstance(f.default, bool):
+            default = f.default if raw is None else raw.strip().lower() in ("1", "true", "yes", "on")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, dest=f.name,
+                                help=f"{help_text} [env {env}, default {f.default!r}]")
+        else:
+            kind = type(f.default)
+            parser.add_argument(flag, type=kind, default=kind(raw if raw is not None else f.default), dest=f.name,
+                                help=f"{help_text} [env {env}, default {f.default!r}]")
 
 
 def _config_from(args) -> WorkerConfig:
     engine = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(WorkerConfig) if f.name != "engine"}
+    for f in dataclasses.fields(WorkerConfig):  # list flags: the flags if given, else the environment
+        if f.default_factory is not dataclasses.MISSING and f.name != "engine" and fields[f.name] is None:
+            fields[f.name] = getattr(args, f"{f.name}_env")
     return WorkerConfig(**fields, engine=engine)
 
 

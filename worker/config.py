@@ -29,4 +29,8 @@ class WorkerConfig:
     control_wait_ms: int = field(default=10000, metadata=_doc("how long a job for an unknown adapter waits for the control topic to catch up"))
     group_instance_id: str = field(default="", metadata=_doc("static membership id (restart without a rebalance)"))
     worker_id: str = field(default="", metadata=_doc("name reported in results (default host-pid)"))
+    max_prompt_bytes: int = field(default=1 << 20, metadata=_doc("prompt text longer than this (UTF-8 bytes) is answered invalid_job before it is tokenized"))
+    exactly_once: bool = field(default=False, metadata=_doc("commit results and offsets in one Kafka transaction per batch; readers use read_committed"))
+    control_key: str = field(default="", metadata=_doc("file (or env:NAME) of 'keyid:secret' lines; when set, control events must be signed with one of them"))
+    adapter_root: list[str] = field(default_factory=list, metadata=_doc("directory adapter paths must lie under (repeatable; env: os.pathsep-separated); empty = any path"))
     engine: EngineConfig = field(default_factory=EngineConfig)
