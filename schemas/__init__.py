@@ -6,7 +6,7 @@ imports nothing else of lorabus.
 
 from schemas.v1 import (
     ERROR_CODES,
-    SCHEMA_VERSION,
+    DECODE_ERRORS,
     AdapterActivate,
     AdapterPublish,
     AdapterRef,
@@ -26,7 +26,7 @@ from schemas.v1 import (
 
 __all__ = [
     "ERROR_CODES",
-    "SCHEMA_VERSION",
+    "DECODE_ERRORS",
     "AdapterActivate",
     "AdapterPublish",
     "AdapterRef",

@@ -13,8 +13,6 @@ from typing import Annotated, Literal, Union
 
 import msgspec
 
-SCHEMA_VERSION = 1
-
 ErrorCode = Literal[
     "invalid_job",
     "adapter_not_found",
@@ -30,7 +28,20 @@ ERROR_CODES: tuple[str, ...] = ErrorCode.__args__
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 Name = Annotated[str, msgspec.Meta(pattern=_NAME)]
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-TokenId = Annotated[int, msgspec.Meta(ge=0)]
+# Bounds on every number a producer sends: values past them are answered invalid_job at the edge,
+# so nothing downstream (torch generators, int64 tensors, the KV cache) ever sees them.
+MAX_TOKEN_ID = 2**31 - 1
+MAX_NEW_TOKENS = 1 << 20
+MAX_PROMPT_IDS = 1 << 20
+MAX_SEED = 2**63 - 1  # torch generators take a signed 64-bit seed
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0  # 0 means greedy; below MIN, float32 logits overflow
+MIN_TOP_P = 1e-6  # smaller values round to 0 in float32
+MAX_TOP_K = 2**31 - 1
+MAX_DEADLINE_MS = 2**53  # the largest integer a JSON producer can write exactly
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1024
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN_ID)]
+# Kafka's own rule for topic names.
+Topic = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
 
 # Kafka headers that fill a job's field when the body leaves it out.
 HEADER_FIELDS = {"x-tenant-id": "tenant", "x-adapter-id": "adapter", "x-model-task": "task"}
@@ -53,19 +64,22 @@ class Job(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     task: NonEmpty | None = None  # routing key (reserved in v1)
     user: NonEmpty | None = None  # stickiness key (reserved in v1)
     prompt: str | None = None
-    prompt_ids: list[TokenId] | None = None
-    max_new_tokens: Annotated[int, msgspec.Meta(ge=1)] = 64
-    temperature: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
-    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
-    seed: int | None = None
-    stop: list[Annotated[str, msgspec.Meta(min_length=1)]] = []
-    reply_to: NonEmpty | None = None
-    deadline_ms: int | None = None
+    prompt_ids: Annotated[list[TokenId], msgspec.Meta(max_length=MAX_PROMPT_IDS)] | None = None
+    max_new_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_NEW_TOKENS)] = 64
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_TEMPERATURE)] = 0.0
+    top_p: Annotated[float, msgspec.Meta(ge=MIN_TOP_P, le=1.0)] = 1.0
+    top_k: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_K)] = 0
+    seed: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)] | None = None
+    stop: Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_STOP_CHARS)]],
+                    msgspec.Meta(max_length=MAX_STOP_STRINGS)] = []
+    reply_to: Topic | None = None
+    deadline_ms: Annotated[int, msgspec.Meta(ge=0, le=MAX_DEADLINE_MS)] | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.prompt_ids is None):
             raise ValueError("exactly one of `prompt` and `prompt_ids` is required")
+        if 0.0 < self.temperature < MIN_TEMPERATURE:
+            raise ValueError(f"`temperature` must be 0 (greedy) or at least {MIN_TEMPERATURE}")
         if self.prompt_ids is not None and not self.prompt_ids:
             raise ValueError("`prompt_ids` must not be empty")
         if self.prompt is not None and not self.prompt:
@@ -116,23 +130,52 @@ class AdapterRef(msgspec.Struct, frozen=True):
     version: str | None  # None = the name's active version
 
 
+_MAX_REASON = 1024  # error messages quote the parser, which may quote the input
 _job_decoder = msgspec.json.Decoder(Job)
 _result_decoder = msgspec.json.Decoder(JobResult)
 _control_decoder = msgspec.json.Decoder(ControlEvent)
 _encoder = msgspec.json.Encoder()
 
 
-class _JobId(msgspec.Struct):
-    id: str
+# What msgspec raises on hostile JSON: malformed or out-of-range input, invalid UTF-8, deep nesting.
+DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError, ValueError)
+
+# JSON tokens that matter for finding a top-level key: strings (escapes included) and structure.
+_JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\],:]', re.S)
 
 
 def _readable_id(value: bytes) -> str | None:
-    """The job id of a record that failed validation, if one can be read, so it can still be answered."""
-    try:
-        job_id = msgspec.json.decode(value, type=_JobId).id
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
-    return job_id if 0 < len(job_id) <= 256 else None
+    """The top-level `"id"` string of a record that failed validation, so it can still be answered.
+
+    Scans tokens rather than parsing, so the rest of the record may be malformed, invalid UTF-8,
+    nested beyond any parser's limit or carry numbers out of range."""
+    depth, expect_key, key = 0, False, None
+    for match in _JSON_TOKEN.finditer(value):
+        token = match.group()
+        if token in (b"{", b"["):
+            depth += 1
+            expect_key = depth == 1 and token == b"{"
+        elif token in (b"}", b"]"):
+            depth -= 1
+            if depth <= 0:
+                return None
+        elif depth != 1:
+            continue
+        elif token == b",":
+            expect_key = True
+        elif token == b":":
+            expect_key = False
+        elif expect_key:
+            key = token
+        elif key == b'"id"':
+            try:
+                job_id = msgspec.json.decode(token, type=str)
+            except DECODE_ERRORS:
+                return None
+            return job_id if 0 < len(job_id) <= 256 else None
+        else:
+            key = None
+    return None
 
 
 def _header_text(raw: bytes | str | None) -> str | None:
@@ -142,15 +185,26 @@ def _header_text(raw: bytes | str | None) -> str | None:
     return text or None
 
 
+def _is_utf8(text: str) -> bool:
+    # A header key that was not UTF-8 on the wire arrives with surrogate escapes.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def decode_job(value: bytes | None, headers: list[tuple[str, bytes]] | None = None) -> Job:
     """Decode and validate one jobs-topic record; raise `JobError("invalid_job")` on bad input."""
     if value is None:
         raise JobError("invalid_job", "record has no value")
     try:
         job = _job_decoder.decode(value)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise JobError("invalid_job", str(exc), _readable_id(value)) from None
+    except DECODE_ERRORS as exc:
+        raise JobError("invalid_job", f"{type(exc).__name__}: {exc}"[:_MAX_REASON], _readable_id(value)) from None
     for key, raw in headers or ():
+        if not _is_utf8(key):
+            raise JobError("invalid_job", "a header key is not UTF-8", job.id)
         field = HEADER_FIELDS.get(key.lower())
         if field is not None and getattr(job, field) is None:
             try:
@@ -176,7 +230,7 @@ def parse_adapter_ref(text: str) -> AdapterRef:
 
 
 def decode_control(value: bytes) -> ControlEvent:
-    """Decode one control-topic record; raises msgspec errors on bad input."""
+    """Decode one control-topic record; raises one of DECODE_ERRORS on bad input."""
     return _control_decoder.decode(value)
 
 

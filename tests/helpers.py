@@ -131,3 +131,33 @@ async def committed_lag(bootstrap: str, group: str, topic: str) -> int:
     finally:
         await consumer.stop()
         await admin.close()
+
+
+class _RawHeaderKey(str):
+    """A header key that encodes to arbitrary bytes, so a test can send what a careless producer can."""
+
+    def __new__(cls, raw: bytes):
+        key = super().__new__(cls, raw.decode("latin-1"))
+        key.raw = raw
+        return key
+
+    def encode(self, *args, **kwargs) -> bytes:
+        return self.raw
+
+
+@contextlib.contextmanager
+def raw_header_keys():
+    """Within this block, producers build batches in Python, where `_RawHeaderKey` is honoured
+    (aiokafka's C builder encodes keys itself). Use `_RawHeaderKey(b"...")` as a header key."""
+    from aiokafka.producer import message_accumulator, producer
+    from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
+
+    modules = (message_accumulator, producer)
+    originals = [m.DefaultRecordBatchBuilder for m in modules]
+    for module in modules:
+        module.DefaultRecordBatchBuilder = _DefaultRecordBatchBuilderPy
+    try:
+        yield _RawHeaderKey
+    finally:
+        for module, original in zip(modules, originals):
+            module.DefaultRecordBatchBuilder = original

@@ -78,3 +78,57 @@ def test_control_events():
         with pytest.raises(msgspec.ValidationError):
             decode_control(bad)
     assert decode_control(encode(publish)) == publish
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize("body,fragment", [
+    (_raw(seed=2**64), "seed"),  # killed the engine thread in torch's generator
+    (_raw(seed=-1), "seed"),
+    (_raw(temperature=1e-320), "temperature"),  # made every neighbour's sampling fail
+    (_raw(temperature=1e9), "temperature"),
+    (_raw(top_p=1e-300), "top_p"),
+    (_raw(top_k=2**40), "top_k"),
+    (_raw(max_new_tokens=2**64), "max_new_tokens"),
+    (_raw(prompt=None, prompt_ids=[2**63]), "prompt_ids"),
+    (_raw(deadline_ms=2**63), "deadline_ms"),
+    (_raw(deadline_ms=-5), "deadline_ms"),
+    (_raw(reply_to="no spaces/allowed"), "reply_to"),
+    (_raw(stop=["x"] * 17), "stop"),
+    (b'{"id": "j-1", "tenant": "acme", "prompt": "x", "deadline_ms": 1e400}', "deadline_ms"),
+    (b'{"id": "j-1", "tenant": "acme", "prompt": "\\ud800"}', "decode"),  # lone surrogate escape
+    (b'{"id": "j-1", "tenant": "acme", "prompt": "\xff\xfe"}', "utf-8"),  # raw invalid UTF-8
+    (b'{"id": "j-1", "tenant": "acme", "prompt_ids": ' + DEEP + b"}", "prompt_ids"),
+])
+def test_hostile_values_are_invalid_jobs_with_their_id(body, fragment):
+    with pytest.raises(JobError) as err:
+        decode_job(body)
+    assert err.value.code == "invalid_job"
+    assert err.value.job_id == "j-1", err.value.message
+    assert fragment.lower() in err.value.message.lower()
+    assert len(err.value.message) <= 1024
+
+
+@pytest.mark.parametrize("body,job_id", [
+    (b'{"x": ' + DEEP + b', "id": "after-deep"}', "after-deep"),
+    (b'{"x": "' + b"\\\\" * 1000 + b'\\"", "id": "esc\\"aped"}', 'esc"aped'),
+    (b'{"name": "id", "id": "value-not-key"}', "value-not-key"),
+    (b'{"x": {"id": "nested"}, "y": [{"id": "nested"}]}', None),
+    (b'["id", "x"]', None),
+    (b'{"id": 5}', None),
+    (b'{"id": "\\ud800"}', None),
+    (b'{"id": "' + b"x" * 300 + b'"}', None),
+    (b'{"id": "cut', None),
+])
+def test_readable_id_reads_only_a_top_level_string(body, job_id):
+    with pytest.raises(JobError) as err:
+        decode_job(body)
+    assert err.value.job_id == job_id
+
+
+def test_non_utf8_header_key_is_an_invalid_job():
+    # The Kafka reader hands a non-UTF-8 header key over with surrogate escapes (worker/kafka_records.py).
+    with pytest.raises(JobError, match="header key") as err:
+        decode_job(_raw(), [(b"x-\xff".decode("utf-8", "surrogateescape"), b"v")])
+    assert err.value.job_id == "j-1"

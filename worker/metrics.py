@@ -31,6 +31,9 @@ class Metrics:
                                     "Job for a non-resident adapter arrives → its first token", buckets=LATENCY_BUCKETS, registry=r)
         self.adapter_load = Histogram("lorabus_adapter_load_seconds", "Adapter load (disk or host cache → device slot)",
                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.control_ignored = Counter("lorabus_control_records_ignored", "Control records skipped, by reason",
+                                       ["reason"], registry=r)
+        self.inflight = Gauge("lorabus_jobs_inflight", "Job records taken from Kafka and not yet answered", registry=r)
         self.consumer_lag = Gauge("lorabus_consumer_lag", "Records behind the end of each assigned jobs partition",
                                   ["partition"], registry=r)
         self._engine_stats = None

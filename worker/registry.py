@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas import AdapterActivate, AdapterPublish, ControlEvent, JobError, parse_adapter_ref
+from schemas import AdapterPublish, JobError, parse_adapter_ref
 
 
 @dataclass(frozen=True)
@@ -19,20 +19,20 @@ class AdapterRegistry:
         self.versions: dict[str, dict[str, AdapterPublish]] = {}
         self.active: dict[str, str] = {}
 
-    def apply(self, event: ControlEvent) -> list[str]:
-        """Apply one control event; returns the keys that became active (to warm up)."""
-        if isinstance(event, AdapterPublish):
-            self.versions.setdefault(event.name, {})[event.version] = event
-            if event.name not in self.active:
-                self.active[event.name] = event.version
-                return [f"{event.name}@{event.version}"]
-            return []
-        if isinstance(event, AdapterActivate):
-            if event.version not in self.versions.get(event.name, {}):
-                raise KeyError(f"activate {event.name}@{event.version}: that version was never published")
-            self.active[event.name] = event.version
-            return [f"{event.name}@{event.version}"]
-        raise TypeError(event)
+    def publish(self, event: AdapterPublish) -> bool:
+        """Record a published version; True when it is the name's first, which makes it active."""
+        self.versions.setdefault(event.name, {})[event.version] = event
+        if event.name in self.active:
+            return False
+        self.active[event.name] = event.version
+        return True
+
+    def activate(self, name: str, version: str) -> bool:
+        """Make a published version the active one; False (nothing changes) when it was never published."""
+        if version not in self.versions.get(name, {}):
+            return False
+        self.active[name] = version
+        return True
 
     def knows(self, ref_text: str) -> bool:
         ref = parse_adapter_ref(ref_text)
@@ -47,5 +47,6 @@ class AdapterRegistry:
         if publish is None:
             raise JobError("adapter_not_found", f"adapter {ref_text} is not published")
         if publish.tenants is not None and tenant not in publish.tenants:
-            raise JobError("forbidden", f"tenant {tenant} may not use adapter {ref.name}@{version}")
+            # Name only what the job asked for: the active version is none of this tenant's business.
+            raise JobError("forbidden", f"tenant {tenant} may not use adapter {ref_text}")
         return ResolvedAdapter(ref.name, version, f"{ref.name}@{version}")

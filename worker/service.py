@@ -16,13 +16,14 @@ import os
 import socket
 import time
 
-import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError, TopicAlreadyExistsError
 
 from scheduler import AdapterSpec, Completion, Engine, GenerationRequest, SamplingParams
-from schemas import ErrorInfo, Job, JobError, JobResult, Usage, decode_control, decode_job, encode, error_result
+from schemas import (DECODE_ERRORS, AdapterActivate, AdapterPublish, ErrorInfo, Job, JobError, JobResult, Usage, decode_control,
+                     decode_job, encode, error_result)
+from worker import kafka_records
 from worker.client import topic_partitions
 from worker.config import WorkerConfig
 from worker.metrics import Metrics
@@ -30,6 +31,17 @@ from worker.offsets import PartitionOffsets
 from worker.registry import AdapterRegistry, ResolvedAdapter
 
 log = logging.getLogger(__name__)
+
+# Records larger than this are decoded on a worker thread, so a big one never stalls the event loop
+# (heartbeats, other jobs' results); smaller ones decode faster inline than a thread hop costs.
+INLINE_DECODE_BYTES = 64 << 10
+# How stale the list of existing topics may be when a job's reply_to names one it does not hold.
+TOPICS_REFRESH_S = 1.0
+# A dead letter too large for the broker is sent as a prefix of this many bytes (well under the
+# default 1 MB message limit, with room for the headers).
+DLQ_TRUNCATED_BYTES = 64 << 10
+# After a failed fetch of the control topic (broker away), wait this long before the next one.
+CONTROL_RETRY_S = 1.0
 
 
 async def ensure_topics(bootstrap: str, topics: dict[str, int]) -> None:
@@ -61,6 +73,15 @@ class _Rebalance(ConsumerRebalanceListener):
     async def on_partitions_assigned(self, assigned):
         for tp in assigned:
             self.worker.partitions[tp] = PartitionOffsets()
+        # A rebalance clears the consumer's pause on reassigned partitions: apply ours again.
+        self.worker.apply_backpressure()
+
+
+_LOG_DETAIL = 300  # characters of a bad record's parse error worth a log line
+
+
+class ControlRejected(Exception):
+    """A well-formed control event that cannot be applied (e.g. activating a version never published)."""
 
 
 class Worker:
@@ -77,11 +98,13 @@ class Worker:
         self._control_progress = asyncio.Event()
         self._stop = asyncio.Event()
         self._known_topics: set[str] = set()
+        self._topics_checked_at = float("-inf")
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
     async def run(self) -> None:
         cfg = self.config
+        kafka_records.install()
         await ensure_topics(cfg.bootstrap_servers, {cfg.jobs_topic: cfg.topic_partitions, cfg.results_topic: cfg.topic_partitions,
                                                     cfg.control_topic: 1, cfg.dlq_topic: 1})
         self._hook_metrics()
@@ -129,6 +152,7 @@ class Worker:
     def _hook_metrics(self) -> None:
         m = self.metrics
         m.watch_engine(self.engine.stats)
+        m.inflight.set_function(lambda: len(self.inflight))
 
         def on_step(seqs, tokens, adapters, _seconds):
             m.batch_size.observe(seqs)
@@ -144,8 +168,14 @@ class Worker:
     # ---- control topic ----------------------------------------------------------------------------
 
     async def _control_loop(self) -> None:
+        """Apply every control record in order; no record and no broker error ends this loop."""
         while True:
-            batches = await self.control.getmany(timeout_ms=200)
+            try:
+                batches = await self.control.getmany(timeout_ms=200)
+            except KafkaError as exc:
+                log.warning("reading the control topic failed (%s); retrying", exc)
+                await asyncio.sleep(CONTROL_RETRY_S)
+                continue
             for tp, records in batches.items():
                 for record in records:
                     self._apply_control(record)
@@ -153,18 +183,43 @@ class Worker:
             self._control_progress.set()
 
     def _apply_control(self, record) -> None:
+        if record.value is None:  # a tombstone: normal on a compacted topic, nothing to apply
+            self._ignore_control(record, "tombstone", "a record without a value")
+            return
         try:
             event = decode_control(record.value)
-            activated = self.registry.apply(event)
-        except (msgspec.DecodeError, msgspec.ValidationError, KeyError) as exc:
-            log.warning("control record %s@%d ignored: %s", record.topic, record.offset, exc)
+        except DECODE_ERRORS as exc:
+            self._ignore_control(record, "invalid", f"{type(exc).__name__}: {exc}")
             return
-        if hasattr(event, "path"):
-            key = f"{event.name}@{event.version}"
-            self.engine.register(AdapterSpec(key, event.path, event.sha256))
-            self.engine.prefetch(key)
-        for key in activated:
-            self.engine.warm(key, lambda c: c.status == "ok" or log.warning("warm-up of %s: %s", c.id, c.error_message))
+        try:
+            self._apply_event(event)
+        except ControlRejected as exc:
+            self._ignore_control(record, "rejected", str(exc))
+        except Exception as exc:  # a bug here must cost one record, never the control reader
+            log.exception("control record %s@%d failed", record.topic, record.offset)
+            self._ignore_control(record, "internal", f"{type(exc).__name__}: {exc}")
+
+    def _ignore_control(self, record, reason: str, detail: str) -> None:
+        self.metrics.control_ignored.labels(reason).inc()
+        log.warning("control record %s-%d@%d ignored (%s): %s", record.topic, record.partition, record.offset,
+                    reason, detail[:_LOG_DETAIL])
+
+    def _apply_event(self, event) -> None:
+        match event:
+            case AdapterPublish(name=name, version=version):
+                first = self.registry.publish(event)
+                key = f"{name}@{version}"
+                self.engine.register(AdapterSpec(key, event.path, event.sha256))
+                self.engine.prefetch(key)
+                if first:
+                    self._warm(key)
+            case AdapterActivate(name=name, version=version):
+                if not self.registry.activate(name, version):
+                    raise ControlRejected(f"activate {name}@{version}: that version was never published")
+                self._warm(f"{name}@{version}")
+
+    def _warm(self, key: str) -> None:
+        self.engine.warm(key, lambda c: c.status == "ok" or log.warning("warm-up of %s: %s", c.id, c.error_message))
 
     async def catch_up_control(self) -> None:
         """Wait until every control event published before now has been applied (read-your-writes)."""
@@ -183,27 +238,40 @@ class Worker:
 
     # ---- jobs topic -------------------------------------------------------------------------------
 
+    def apply_backpressure(self) -> None:
+        """Pause every assigned partition while `max_inflight` jobs are held, resume below it.
+
+        Reads the consumer's own pause state each time, so a rebalance that dropped it cannot fool us;
+        pausing keeps the poll loop (and group membership) alive, unlike not polling."""
+        parts = self.jobs.assignment()
+        if len(self.inflight) >= self.config.max_inflight:
+            self.jobs.pause(*parts)
+        else:
+            paused = self.jobs.paused()
+            self.jobs.resume(*[tp for tp in parts if tp in paused])
+
     async def _jobs_loop(self) -> None:
-        paused = False
         while not self._stop.is_set():
-            batches = await self.jobs.getmany(timeout_ms=100)
+            self.apply_backpressure()
+            room = self.config.max_inflight - len(self.inflight)
+            try:
+                batches = await self.jobs.getmany(timeout_ms=100, max_records=max(room, 1))
+            except KafkaError as exc:  # the consumer retries by itself; keep polling
+                log.warning("fetching jobs failed: %s", exc)
+                continue
             for tp, records in batches.items():
                 offsets = self.partitions.setdefault(tp, PartitionOffsets())
                 for record in records:
+                    if len(self.inflight) >= self.config.max_inflight:
+                        # Only reachable when a rebalance un-paused a partition between polls: hand
+                        # the rest back (seek), so in-flight jobs never exceed the bound.
+                        self.jobs.seek(tp, record.offset)
+                        break
                     offsets.begin(record.offset)
                     self.metrics.jobs_consumed.inc()
                     task = asyncio.create_task(self._handle(record, offsets))
                     self.inflight.add(task)
                     task.add_done_callback(self.inflight.discard)
-            # Back-pressure without starving the poll loop: pausing causes no rebalance.
-            full = len(self.inflight) >= self.config.max_inflight
-            if full != paused:
-                parts = self.jobs.assignment()
-                if full:
-                    self.jobs.pause(*parts)
-                else:
-                    self.jobs.resume(*parts)
-                paused = full
 
     async def _handle(self, record, offsets: PartitionOffsets) -> None:
         started = time.monotonic()
@@ -229,15 +297,23 @@ class Worker:
     async def _answer(self, record) -> tuple[JobResult | None, str | None]:
         """The result to send for a record (None when it was dead-lettered instead)."""
         try:
-            job = decode_job(record.value, record.headers)
+            if record.value is not None and len(record.value) > INLINE_DECODE_BYTES:
+                job = await asyncio.to_thread(decode_job, record.value, record.headers)
+            else:
+                job = decode_job(record.value, record.headers)
         except JobError as err:
             if err.job_id is None:
                 await self._dead_letter(record, err.code, err.message)
                 return None, None
             return error_result(err.job_id, err.code, err.message, self.worker_id), None
         reply_to = job.reply_to
-        if reply_to is not None and not await self._topic_exists(reply_to):
-            return error_result(job.id, "invalid_job", f"reply_to topic {reply_to} does not exist", self.worker_id), None
+        if reply_to is not None:
+            problem = await self._reply_topic_problem(reply_to)
+            if problem is not None:
+                return error_result(job.id, "invalid_job", problem, self.worker_id), None
+        if job.prompt is not None and len(job.prompt.encode()) > self.config.max_prompt_bytes:
+            return error_result(job.id, "invalid_job", f"the prompt is longer than {self.config.max_prompt_bytes} "
+                                "bytes (max_prompt_bytes)", self.worker_id), reply_to
         try:
             resolved = await self._resolve(job)
         except JobError as err:
@@ -274,7 +350,9 @@ class Worker:
             params=SamplingParams(job.max_new_tokens, job.temperature, job.top_p, job.top_k, job.seed, tuple(job.stop)),
             deadline=job.deadline_ms / 1000 if job.deadline_ms is not None else None,
         )
-        self.engine.submit(request, lambda c: loop.call_soon_threadsafe(_resolve_future, future, c))
+        # submit tokenizes the prompt: a thread keeps that off the event loop.
+        await asyncio.to_thread(self.engine.submit, request,
+                                lambda c: loop.call_soon_threadsafe(_resolve_future, future, c))
         return await future
 
     def _observe(self, c: Completion) -> None:
@@ -289,19 +367,29 @@ class Worker:
                          adapter_version=resolved.version if resolved else None,
                          error=ErrorInfo(code, message), worker=self.worker_id)
 
-    async def _topic_exists(self, topic: str) -> bool:
-        if topic in self._known_topics:
-            return True
-        await self.producer.client.force_metadata_update()
-        self._known_topics = set(self.producer.client.cluster.topics())
-        return topic in self._known_topics
+    async def _reply_topic_problem(self, topic: str) -> str | None:
+        """Why results may not go to `topic` (None when they may)."""
+        cfg = self.config
+        if topic in (cfg.jobs_topic, cfg.control_topic, cfg.dlq_topic) or topic.startswith("__"):
+            return f"reply_to may not name the topic {topic}: it is not a results topic"
+        if topic not in self._known_topics and time.monotonic() - self._topics_checked_at > TOPICS_REFRESH_S:
+            # The producer's metadata only covers topics it has written to: ask for the whole cluster.
+            self._topics_checked_at = time.monotonic()
+            metadata = await self.producer.client.fetch_all_metadata()
+            self._known_topics = set(metadata.topics())
+        if topic not in self._known_topics:
+            return f"reply_to topic {topic} does not exist"
+        return None
 
     async def _send_result(self, result: JobResult, reply_to: str | None, record) -> None:
         await self.producer.send_and_wait(reply_to or self.config.results_topic, encode(result),
                                           key=result.id.encode())
 
     async def _dead_letter(self, record, code: str, reason: str) -> None:
-        headers = list(record.headers or ()) + [
+        # A header key that was not UTF-8 (surrogate-escaped on reading) is kept as escaped text.
+        original = [(key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), value)
+                    for key, value in record.headers or ()]
+        headers = original + [
             ("x-dlq-code", code.encode()),
             ("x-dlq-reason", reason.encode()[:4096]),
             ("x-dlq-topic", record.topic.encode()),
@@ -310,7 +398,16 @@ class Worker:
             ("x-dlq-timestamp", str(record.timestamp).encode()),
             ("x-dlq-worker", self.worker_id.encode()),
         ]
-        await self.producer.send_and_wait(self.config.dlq_topic, record.value, key=record.key, headers=headers)
+        try:
+            await self.producer.send_and_wait(self.config.dlq_topic, record.value, key=record.key, headers=headers)
+        except (MessageSizeTooLargeError, RecordTooLargeError):
+            # Too large to copy whole: keep its coordinates and a prefix, so its offset can still commit.
+            size = len(record.value or b"")
+            prefix = (record.value or b"")[:DLQ_TRUNCATED_BYTES]
+            headers = [h for h in headers if len(h[1] or b"") <= DLQ_TRUNCATED_BYTES] + [
+                ("x-dlq-truncated", str(size).encode())]
+            await self.producer.send_and_wait(self.config.dlq_topic, prefix, key=(record.key or b"")[:DLQ_TRUNCATED_BYTES] or None,
+                                              headers=headers)
         self.metrics.dead_letters.inc()
 
     # ---- commits ----------------------------------------------------------------------------------
