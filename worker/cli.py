@@ -64,7 +64,13 @@ def cmd_worker(args) -> int:
     if not config.model:
         print("lorabus worker: --model (or LORABUS_MODEL) is required", file=sys.stderr)
         return 2
-    asyncio.run(_serve(config))
+    from worker.signing import ControlKeyError
+
+    try:
+        asyncio.run(_serve(config))
+    except ControlKeyError as exc:
+        print(f"lorabus worker: --control-key: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -86,22 +92,33 @@ def cmd_produce(args) -> int:
     return 0
 
 
+def _send_control(args, event) -> int:
+    """Send one control event, signed when a control key is given; a bad key spec is a one-line error."""
+    from worker.client import publish_control, run
+    from worker.signing import ControlKeyError, ControlKeys
+
+    signer = None
+    if args.control_key:
+        try:
+            signer = ControlKeys.load(args.control_key).sign
+        except ControlKeyError as exc:
+            print(f"lorabus {args.command}: {exc}", file=sys.stderr)
+            return 2
+    run(publish_control(args.bootstrap_servers, args.control_topic, [event], signer=signer))
+    return 0
+
+
 def cmd_publish(args) -> int:
     from schemas import AdapterPublish
-    from worker.client import publish_control, run
 
     tenants = args.tenants.split(",") if args.tenants else None
-    event = AdapterPublish(args.name, args.version, os.path.abspath(args.path), args.sha256, tenants)
-    run(publish_control(args.bootstrap_servers, args.control_topic, [event]))
-    return 0
+    return _send_control(args, AdapterPublish(args.name, args.version, os.path.abspath(args.path), args.sha256, tenants))
 
 
 def cmd_activate(args) -> int:
     from schemas import AdapterActivate
-    from worker.client import publish_control, run
 
-    run(publish_control(args.bootstrap_servers, args.control_topic, [AdapterActivate(args.name, args.version)]))
-    return 0
+    return _send_control(args, AdapterActivate(args.name, args.version))
 
 
 def cmd_demo(args) -> int:
@@ -122,6 +139,11 @@ def _client_flags(parser: argparse.ArgumentParser, *topics: str) -> None:
     for topic in topics:
         env = "LORABUS_" + topic.upper()
         parser.add_argument("--" + topic.replace("_", "-"), default=os.environ.get(env, getattr(defaults, topic)))
+
+
+def _control_key_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--control-key", default=os.environ.get("LORABUS_CONTROL_KEY", ""),
+                        help="sign with the first key of this file (or env:NAME) of 'keyid:secret' lines [env LORABUS_CONTROL_KEY]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,12 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("path")
     publish.add_argument("--sha256")
     publish.add_argument("--tenants", help="comma-separated tenants allowed (default: all)")
+    _control_key_flag(publish)
     publish.set_defaults(func=cmd_publish)
 
     activate = sub.add_parser("activate", help="make a published version the active one (hot swap, rollback)")
     _client_flags(activate, "control_topic")
     activate.add_argument("name")
     activate.add_argument("version")
+    _control_key_flag(activate)
     activate.set_defaults(func=cmd_activate)
 
     demo = sub.add_parser("demo", help="the embedded default: local broker, tiny model, three adapters, sample jobs")

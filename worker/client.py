@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -11,12 +12,16 @@ from aiokafka.admin import AIOKafkaAdminClient
 from schemas import AdapterActivate, AdapterPublish, JobResult, decode_result, encode
 
 
-async def publish_control(bootstrap: str, topic: str, events: list[AdapterPublish | AdapterActivate]) -> None:
+async def publish_control(bootstrap: str, topic: str, events: list[AdapterPublish | AdapterActivate],
+                          signer: Callable[[bytes], tuple[str, bytes]] | None = None) -> None:
+    """Send control events; `signer` (e.g. `ControlKeys.sign`) turns a record value into its signature header."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
     await producer.start()
     try:
         for event in events:
-            await producer.send_and_wait(topic, encode(event), key=event.name.encode())
+            value = encode(event)
+            headers = [signer(value)] if signer is not None else None
+            await producer.send_and_wait(topic, value, key=event.name.encode(), headers=headers)
     finally:
         await producer.stop()
 

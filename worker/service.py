@@ -24,11 +24,13 @@ from scheduler import AdapterSpec, Completion, Engine, GenerationRequest, Sampli
 from schemas import (DECODE_ERRORS, AdapterActivate, AdapterPublish, ErrorInfo, Job, JobError, JobResult, Usage, decode_control,
                      decode_job, encode, error_result)
 from worker import kafka_records
+from worker.adapter_paths import AdapterPathError, confine_adapter_path
 from worker.client import topic_partitions
 from worker.config import WorkerConfig
 from worker.metrics import Metrics
 from worker.offsets import PartitionOffsets
 from worker.registry import AdapterRegistry, ResolvedAdapter
+from worker.signing import ControlKeys
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,8 @@ class Worker:
         self.engine = engine or Engine(config.model, config.engine)
         self.metrics = Metrics()
         self.registry = AdapterRegistry()
+        self.control_keys = ControlKeys.load(config.control_key) if config.control_key else None
+        self.refused: dict[str, str] = {}  # adapter key → why its published path may not be read
         self.partitions: dict[TopicPartition, PartitionOffsets] = {}
         self.inflight: set[asyncio.Task] = set()
         self.metrics_port: int | None = None
@@ -186,6 +190,11 @@ class Worker:
         if record.value is None:  # a tombstone: normal on a compacted topic, nothing to apply
             self._ignore_control(record, "tombstone", "a record without a value")
             return
+        if self.control_keys is not None:
+            verdict = self.control_keys.verify(record.value, record.headers)
+            if not verdict.ok:
+                self._ignore_control(record, verdict.code, verdict.reason)
+                return
         try:
             event = decode_control(record.value)
         except DECODE_ERRORS as exc:
@@ -207,9 +216,16 @@ class Worker:
     def _apply_event(self, event) -> None:
         match event:
             case AdapterPublish(name=name, version=version):
-                first = self.registry.publish(event)
                 key = f"{name}@{version}"
-                self.engine.register(AdapterSpec(key, event.path, event.sha256))
+                try:
+                    path = confine_adapter_path(event.path, self.config.adapter_root)
+                except AdapterPathError as exc:  # published, but its jobs are answered adapter_load_failed
+                    self.registry.publish(event)
+                    self.refused[key] = f"{key}: {exc}"
+                    raise ControlRejected(str(exc)) from None
+                self.refused.pop(key, None)
+                first = self.registry.publish(event)
+                self.engine.register(AdapterSpec(key, path, event.sha256))
                 self.engine.prefetch(key)
                 if first:
                     self._warm(key)
@@ -318,6 +334,8 @@ class Worker:
             resolved = await self._resolve(job)
         except JobError as err:
             return error_result(job.id, err.code, err.message, self.worker_id), reply_to
+        if resolved is not None and resolved.key in self.refused:
+            return self._error(job, resolved, "adapter_load_failed", self.refused[resolved.key]), reply_to
         if job.deadline_ms is not None and time.time() * 1000 > job.deadline_ms:
             return self._error(job, resolved, "deadline_exceeded", "the job's deadline passed before it ran"), reply_to
         completion = await self._generate(job, resolved)
