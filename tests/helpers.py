@@ -161,3 +161,19 @@ def raw_header_keys():
     finally:
         for module, original in zip(modules, originals):
             module.DefaultRecordBatchBuilder = original
+
+
+def start_worker_process(kafka: str, model_dir: Path, topics: dict[str, str], group: str, log_path: Path, **env):
+    """`lorabus worker` as a subprocess on the given topics (jobs, results, control, dlq); extra settings as
+    LORABUS_* variables, e.g. MAX_RUNNING="2"."""
+    import os
+    import subprocess
+    import sys
+
+    variables = {**os.environ, "LORABUS_BOOTSTRAP_SERVERS": kafka, "LORABUS_MODEL": str(model_dir),
+                 "LORABUS_GROUP_ID": group, "LORABUS_JOBS_TOPIC": topics["jobs"],
+                 "LORABUS_RESULTS_TOPIC": topics["results"], "LORABUS_CONTROL_TOPIC": topics["control"],
+                 "LORABUS_DLQ_TOPIC": topics["dlq"], "LORABUS_METRICS_PORT": "-1", "LORABUS_KV_CACHE_MB": "64",
+                 **{f"LORABUS_{name.upper()}": str(value) for name, value in env.items()}}
+    return subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=variables,
+                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)

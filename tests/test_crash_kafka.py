@@ -1,36 +1,31 @@
 """Crash recovery through the real broker: kill -9 a worker mid-run, start another in the same group;
-every job gets an ok result, and duplicates of greedy jobs carry identical tokens (at-least-once)."""
+every job gets an ok result. At-least-once: duplicates of greedy jobs carry identical tokens.
+Exactly-once: a read_committed reader sees exactly one result per job (the restarted worker shares the
+killed one's group instance id, so its transactional id fences what the killed one left open)."""
 
-import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
-from schemas import AdapterPublish, decode_result
-from tests.helpers import unique
-from worker.client import publish_control
-from worker.service import ensure_topics
-
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from worker.client import topic_partitions
+from schemas import AdapterPublish, decode_result
+from tests.helpers import start_worker_process, unique
+from worker.client import publish_control, topic_partitions
+from worker.service import ensure_topics
+
+pytestmark = pytest.mark.kafka
 
 
-def _start_worker(kafka, model, topics, group, log_path):
-    env = {**os.environ, "LORABUS_BOOTSTRAP_SERVERS": kafka, "LORABUS_MODEL": str(model), "LORABUS_GROUP_ID": group,
-           "LORABUS_JOBS_TOPIC": topics["jobs"], "LORABUS_RESULTS_TOPIC": topics["results"],
-           "LORABUS_CONTROL_TOPIC": topics["control"], "LORABUS_DLQ_TOPIC": topics["dlq"],
-           "LORABUS_METRICS_PORT": "-1", "LORABUS_KV_CACHE_MB": "64",
-           # A small batch keeps the first worker busy long enough to be killed mid-run.
-           "LORABUS_MAX_RUNNING": "2", "LORABUS_MAX_STEP_TOKENS": "16"}
-    return subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=env,
-                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+def _start_worker(kafka, model, topics, group, log_path, exactly_once):
+    # A small batch keeps the first worker busy long enough to be killed mid-run.
+    extra = dict(exactly_once="true", group_instance_id="crash-worker") if exactly_once else {}
+    return start_worker_process(kafka, model, topics, group, log_path, max_running=2, max_step_tokens=16, **extra)
 
 
-async def test_kill_9_mid_run_loses_no_job(kafka, tiny_model, peft_adapters, tmp_path):
+@pytest.mark.parametrize("exactly_once", [False, True], ids=["at-least-once", "exactly-once"])
+async def test_kill_9_mid_run_loses_no_job(kafka, tiny_model, peft_adapters, tmp_path, exactly_once):
     tag = unique("crash")
     topics = {t: f"{t}-{tag}" for t in ("jobs", "results", "control", "dlq")}
     await ensure_topics(kafka, {topics["jobs"]: 3, topics["results"]: 3, topics["control"]: 1, topics["dlq"]: 1})
@@ -46,7 +41,8 @@ async def test_kill_9_mid_run_loses_no_job(kafka, tiny_model, peft_adapters, tmp
         await producer.send(topics["jobs"], json.dumps(job).encode(), key=job_id.encode())
     await producer.stop()
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, enable_auto_commit=False, auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, enable_auto_commit=False, auto_offset_reset="earliest",
+                                isolation_level="read_committed" if exactly_once else "read_uncommitted")
     await consumer.start()
     consumer.assign(await topic_partitions(kafka, topics["results"]))
     results: dict[str, list] = {}
@@ -60,14 +56,14 @@ async def test_kill_9_mid_run_loses_no_job(kafka, tiny_model, peft_adapters, tmp
                     results.setdefault(result.id, []).append(result)
 
     group = f"g-{tag}"
-    first = _start_worker(kafka, tiny_model, topics, group, tmp_path / "first.log")
+    first = _start_worker(kafka, tiny_model, topics, group, tmp_path / "first.log", exactly_once)
     try:
         await read(lambda: len(results) >= 8, 120)
         assert 8 <= len(results) < len(ids), f"first worker answered {len(results)} jobs; wanted a mid-run kill"
         first.send_signal(signal.SIGKILL)
         first.wait(30)
         answered_before = len(results)
-        second = _start_worker(kafka, tiny_model, topics, group, tmp_path / "second.log")
+        second = _start_worker(kafka, tiny_model, topics, group, tmp_path / "second.log", exactly_once)
         try:
             await read(lambda: set(ids) <= results.keys(), 180)
         finally:
@@ -85,4 +81,6 @@ async def test_kill_9_mid_run_loses_no_job(kafka, tiny_model, peft_adapters, tmp
         assert all(r.status == "ok" for r in copies), copies
         assert len({tuple(r.token_ids) for r in copies}) == 1, f"{job_id}: duplicates disagree: {copies}"
         duplicates += len(copies) - 1
-    print(f"answered before the kill: {answered_before}/{len(ids)}; duplicate results after restart: {duplicates}")
+    if exactly_once:
+        assert duplicates == 0, f"{duplicates} duplicate results visible to a read_committed reader"
+    print(f"{'exactly' if exactly_once else 'at-least'}-once: answered before the kill: {answered_before}/{len(ids)}; duplicate results after restart: {duplicates}")

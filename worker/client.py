@@ -60,9 +60,11 @@ async def run_jobs(
     timeout_s: float = 120.0,
     on_result=None,
     headers: list[list[tuple[str, bytes]]] | None = None,
+    isolation_level: str = "read_uncommitted",
 ) -> dict[str, list[JobResult]]:
-    """Send (job id, raw record value) pairs and wait until every id has a result; returns id → results."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    """Send (job id, raw record value) pairs and wait until every id has a result; returns id → results.
+    Use `isolation_level="read_committed"` to see only the results of committed transactions."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level=isolation_level)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
     await consumer.start()
     await producer.start()

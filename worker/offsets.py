@@ -13,6 +13,7 @@ class PartitionOffsets:
         self.pending: set[int] = set()
         self.next_offset: int | None = None  # one past the highest offset taken
         self.committed: int | None = None
+        self.revoked = False  # the partition moved to another consumer
 
     def begin(self, offset: int) -> None:
         self.pending.add(offset)
@@ -21,9 +22,13 @@ class PartitionOffsets:
     def done(self, offset: int) -> None:
         self.pending.discard(offset)
 
-    def committable(self) -> int | None:
-        """The offset to commit now (Kafka's "next record to read"), or None if nothing new."""
+    def committable(self, answered: set[int] = frozenset()) -> int | None:
+        """The offset to commit now (Kafka's "next record to read"), or None if nothing new.
+
+        `answered`: offsets to count as done although they are still pending (exactly-once mode commits
+        them in the same transaction as their results)."""
         if self.next_offset is None:
             return None
-        offset = min(self.pending) if self.pending else self.next_offset
+        pending = self.pending - answered if answered else self.pending
+        offset = min(pending) if pending else self.next_offset
         return offset if offset != self.committed else None

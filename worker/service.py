@@ -15,10 +15,11 @@ import logging
 import os
 import socket
 import time
+from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from scheduler import AdapterSpec, Completion, Engine, GenerationRequest, SamplingParams
 from schemas import (DECODE_ERRORS, AdapterActivate, AdapterPublish, ErrorInfo, Job, JobError, JobResult, Usage, decode_control,
@@ -31,6 +32,8 @@ from worker.metrics import Metrics
 from worker.offsets import PartitionOffsets
 from worker.registry import AdapterRegistry, ResolvedAdapter
 from worker.signing import ControlKeys
+from worker.output import AtLeastOnceOutput, Outgoing, TransactionalOutbox
+from worker.producer import ResultProducer
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +42,11 @@ log = logging.getLogger(__name__)
 INLINE_DECODE_BYTES = 64 << 10
 # How stale the list of existing topics may be when a job's reply_to names one it does not hold.
 TOPICS_REFRESH_S = 1.0
-# A dead letter too large for the broker is sent as a prefix of this many bytes (well under the
-# default 1 MB message limit, with room for the headers).
+# Kafka refuses records over its message.max.bytes (1 MiB by default): an answer larger than this is
+# replaced by a smaller one (an error result, or a dead letter cut to DLQ_TRUNCATED_BYTES).
+MAX_OUTGOING_BYTES = 1_000_000
 DLQ_TRUNCATED_BYTES = 64 << 10
+DLQ_REASON_BYTES = 4096
 # After a failed fetch of the control topic (broker away), wait this long before the next one.
 CONTROL_RETRY_S = 1.0
 
@@ -70,7 +75,9 @@ class _Rebalance(ConsumerRebalanceListener):
         # Commit what is answered; records still in flight will be re-read by the next owner.
         await self.worker.commit(only=set(revoked))
         for tp in revoked:
-            self.worker.partitions.pop(tp, None)
+            state = self.worker.partitions.pop(tp, None)
+            if state is not None:
+                state.revoked = True
 
     async def on_partitions_assigned(self, assigned):
         for tp in assigned:
@@ -80,6 +87,12 @@ class _Rebalance(ConsumerRebalanceListener):
 
 
 _LOG_DETAIL = 300  # characters of a bad record's parse error worth a log line
+
+
+@dataclass
+class _DeadLetter:
+    code: str
+    reason: str
 
 
 class ControlRejected(Exception):
@@ -103,6 +116,8 @@ class Worker:
         self._stop = asyncio.Event()
         self._known_topics: set[str] = set()
         self._topics_checked_at = float("-inf")
+        self._give_up = asyncio.Event()  # set when a stopping worker stops waiting for the broker
+        self.outbox: TransactionalOutbox | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
@@ -116,14 +131,22 @@ class Worker:
             self.metrics_port = self.metrics.serve(cfg.metrics_port)
             log.info("metrics on http://127.0.0.1:%d/metrics", self.metrics_port)
         self.engine.start()
-        self.producer = AIOKafkaProducer(bootstrap_servers=cfg.bootstrap_servers, acks="all",
-                                         enable_idempotence=True, linger_ms=2)
+        if cfg.exactly_once:
+            # Stable across restarts with a group instance id, so a restarted worker fences its predecessor.
+            txn_id = f"lorabus-{cfg.group_id}-{cfg.group_instance_id or self.worker_id}"
+            self.outbox = self.output = TransactionalOutbox(cfg.bootstrap_servers, txn_id, cfg.group_id, linger_ms=2)
+            await self.outbox.start()
+        else:
+            self.producer = ResultProducer(cfg.bootstrap_servers, self._give_up)
+            self.output = AtLeastOnceOutput(self.producer, self._give_up)
+            await self.producer.start()
+        self.admin = AIOKafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers)
+        await self.admin.start()
         self.control = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap_servers, enable_auto_commit=False,
                                         auto_offset_reset="earliest")
         self.jobs = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap_servers, group_id=cfg.group_id,
                                      enable_auto_commit=False, auto_offset_reset="earliest",
                                      group_instance_id=cfg.group_instance_id or None, max_poll_records=cfg.max_inflight)
-        await self.producer.start()
         await self.control.start()
         control_parts = await topic_partitions(cfg.bootstrap_servers, cfg.control_topic)
         self.control.assign(control_parts)
@@ -137,18 +160,32 @@ class Worker:
         try:
             await self._jobs_loop()
         finally:
-            # Graceful stop: no new records, finish and answer what is in flight, commit, leave.
-            if self.inflight:
-                await asyncio.gather(*self.inflight, return_exceptions=True)
+            # Graceful stop: no new records, finish and answer what is held (within the drain timeout), commit, leave.
+            await self._drain()
             await self.commit()
             commit_task.cancel()
             control_task.cancel()
             await asyncio.gather(commit_task, control_task, return_exceptions=True)
             await self.jobs.stop()
             await self.control.stop()
-            await self.producer.stop()
+            await (self.outbox or self.producer).stop()
+            await self.admin.close()
             await asyncio.to_thread(self.engine.stop)
             log.info("worker %s stopped", self.worker_id)
+
+    async def _drain(self) -> None:
+        if not self.inflight:
+            return
+        _, late = await asyncio.wait(set(self.inflight), timeout=self.config.drain_timeout_ms / 1000)
+        if late:
+            log.warning("%d held jobs not answered within %d ms; left uncommitted for the next owner",
+                        len(late), self.config.drain_timeout_ms)
+            self._give_up.set()
+            if self.outbox is not None:
+                await self.outbox.stop()
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
 
     def stop(self) -> None:
         self._stop.set()
@@ -290,28 +327,33 @@ class Worker:
                     task.add_done_callback(self.inflight.discard)
 
     async def _handle(self, record, offsets: PartitionOffsets) -> None:
+        """Answer one record (result or dead letter); only an answered record's offset may commit."""
         started = time.monotonic()
+        result = None
         try:
-            result, reply_to = await self._answer(record)
-            if result is not None:
-                await self._send_result(result, reply_to, record)
-                if result.status == "ok":
-                    self.metrics.jobs_completed.labels(result.adapter or "base").inc()
-                    self.metrics.tokens_generated.inc(result.usage.completion_tokens)
-                else:
-                    self.metrics.jobs_failed.labels(result.error.code).inc()
-            self.metrics.latency.observe(time.monotonic() - started)
-        except Exception as exc:  # the record must still be accounted for: dead-letter it
+            answer = await self._answer(record)
+        except Exception as exc:  # a bug costs this record a dead letter, never its partition's commits
             log.exception("record %s-%d@%d failed", record.topic, record.partition, record.offset)
-            try:
-                await self._dead_letter(record, "internal", f"{type(exc).__name__}: {exc}")
-            except KafkaError:
-                log.exception("dead letter failed; offset %d stays uncommitted", record.offset)
-                return
-        offsets.done(record.offset)
+            answer = _DeadLetter("internal", f"{type(exc).__name__}: {exc}")
+        if isinstance(answer, _DeadLetter):
+            outgoing = self._dead_letter(record, answer.code, answer.reason)
+        else:
+            result, reply_to = answer
+            outgoing = self._result_record(result, reply_to)
+        tp = TopicPartition(record.topic, record.partition)
+        if not await self.output.deliver(outgoing, tp, record.offset, offsets):
+            return  # the worker is stopping: uncommitted, so the partition's next owner answers it
+        if result is None:
+            self.metrics.dead_letters.inc()
+        elif result.status == "ok":
+            self.metrics.jobs_completed.labels(result.adapter or "base").inc()
+            self.metrics.tokens_generated.inc(result.usage.completion_tokens)
+        else:
+            self.metrics.jobs_failed.labels(result.error.code).inc()
+        self.metrics.latency.observe(time.monotonic() - started)
 
-    async def _answer(self, record) -> tuple[JobResult | None, str | None]:
-        """The result to send for a record (None when it was dead-lettered instead)."""
+    async def _answer(self, record) -> "tuple[JobResult, str | None] | _DeadLetter":
+        """The result for a record and its reply topic, or why it must be dead-lettered instead."""
         try:
             if record.value is not None and len(record.value) > INLINE_DECODE_BYTES:
                 job = await asyncio.to_thread(decode_job, record.value, record.headers)
@@ -319,8 +361,7 @@ class Worker:
                 job = decode_job(record.value, record.headers)
         except JobError as err:
             if err.job_id is None:
-                await self._dead_letter(record, err.code, err.message)
-                return None, None
+                return _DeadLetter(err.code, err.message)
             return error_result(err.job_id, err.code, err.message, self.worker_id), None
         reply_to = job.reply_to
         if reply_to is not None:
@@ -393,44 +434,51 @@ class Worker:
         if topic not in self._known_topics and time.monotonic() - self._topics_checked_at > TOPICS_REFRESH_S:
             # The producer's metadata only covers topics it has written to: ask for the whole cluster.
             self._topics_checked_at = time.monotonic()
-            metadata = await self.producer.client.fetch_all_metadata()
-            self._known_topics = set(metadata.topics())
+            self._known_topics = set(await self.admin.list_topics())
         if topic not in self._known_topics:
             return f"reply_to topic {topic} does not exist"
         return None
 
-    async def _send_result(self, result: JobResult, reply_to: str | None, record) -> None:
-        await self.producer.send_and_wait(reply_to or self.config.results_topic, encode(result),
-                                          key=result.id.encode())
+    def _result_record(self, result: JobResult, reply_to: str | None) -> Outgoing:
+        value = encode(result)
+        if len(value) > MAX_OUTGOING_BYTES:  # a result the broker would refuse: answer that instead
+            value = encode(self._error_like(result, "internal", f"the result is {len(value)} bytes, over the "
+                                            f"{MAX_OUTGOING_BYTES}-byte limit of a Kafka record"))
+        return Outgoing(reply_to or self.config.results_topic, value, result.id.encode())
 
-    async def _dead_letter(self, record, code: str, reason: str) -> None:
+    def _error_like(self, result: JobResult, code: str, message: str) -> JobResult:
+        return JobResult(id=result.id, status="error", adapter=result.adapter, adapter_version=result.adapter_version,
+                         error=ErrorInfo(code, message), worker=self.worker_id)
+
+    def _dead_letter(self, record, code: str, reason: str) -> Outgoing:
+        """The record as it came, with headers that say where from and why, cut down if too large to copy."""
         # A header key that was not UTF-8 (surrogate-escaped on reading) is kept as escaped text.
-        original = [(key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), value)
-                    for key, value in record.headers or ()]
-        headers = original + [
+        headers = [(key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), value)
+                   for key, value in record.headers or ()]
+        headers += [
             ("x-dlq-code", code.encode()),
-            ("x-dlq-reason", reason.encode()[:4096]),
+            ("x-dlq-reason", reason.encode()[:DLQ_REASON_BYTES]),
             ("x-dlq-topic", record.topic.encode()),
             ("x-dlq-partition", str(record.partition).encode()),
             ("x-dlq-offset", str(record.offset).encode()),
             ("x-dlq-timestamp", str(record.timestamp).encode()),
             ("x-dlq-worker", self.worker_id.encode()),
         ]
-        try:
-            await self.producer.send_and_wait(self.config.dlq_topic, record.value, key=record.key, headers=headers)
-        except (MessageSizeTooLargeError, RecordTooLargeError):
-            # Too large to copy whole: keep its coordinates and a prefix, so its offset can still commit.
-            size = len(record.value or b"")
-            prefix = (record.value or b"")[:DLQ_TRUNCATED_BYTES]
-            headers = [h for h in headers if len(h[1] or b"") <= DLQ_TRUNCATED_BYTES] + [
-                ("x-dlq-truncated", str(size).encode())]
-            await self.producer.send_and_wait(self.config.dlq_topic, prefix, key=(record.key or b"")[:DLQ_TRUNCATED_BYTES] or None,
-                                              headers=headers)
-        self.metrics.dead_letters.inc()
+        value, key = record.value, record.key
+        size = len(value or b"") + len(key or b"") + sum(len(k) + len(v or b"") for k, v in headers)
+        if size > MAX_OUTGOING_BYTES:  # keep its coordinates and a prefix, so its offset can still commit
+            headers = [(k, v) for k, v in headers if len(v or b"") <= DLQ_TRUNCATED_BYTES]
+            headers.append(("x-dlq-truncated", str(len(value or b"")).encode()))
+            value, key = (value or b"")[:DLQ_TRUNCATED_BYTES], (key or b"")[:DLQ_TRUNCATED_BYTES] or None
+        return Outgoing(self.config.dlq_topic, value, key, headers)
 
     # ---- commits ----------------------------------------------------------------------------------
 
     async def commit(self, only: set[TopicPartition] | None = None) -> None:
+        """Commit the offsets that every answered record allows (exactly-once: the queued transaction)."""
+        if self.outbox is not None:
+            await self.outbox.commit(only)
+            return
         offsets = {}
         for tp, state in list(self.partitions.items()):
             if only is not None and tp not in only:
@@ -451,7 +499,10 @@ class Worker:
     async def _commit_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.commit_interval_ms / 1000)
-            await self.commit()
+            try:
+                await self.commit()
+            except Exception:  # the next round retries; this loop must outlive any one failure
+                log.exception("commit failed")
             for tp in self.jobs.assignment():
                 end = self.jobs.highwater(tp)
                 position = self.partitions.get(tp, PartitionOffsets()).committed

@@ -1,0 +1,530 @@
+"""Delivery of results and dead letters that survives broker outages: `ResultProducer`.
+
+It wraps aiokafka's idempotent producer (acks=all) and retries every transient failure until the
+broker acknowledges the record, or until a `stopping` event says to give up (the record's offset
+then stays uncommitted and the next owner answers it). Errors that belong to the record (too
+large, bad or missing topic, not authorized) raise `PermanentSendError` instead. An outage is
+logged a few lines at a time, never one line per failed send.
+
+What aiokafka 0.14 does that this module works around (read in its producer/sender.py and
+producer/message_accumulator.py, reproduced against Kafka 4.4):
+* An idempotent producer numbers each batch per partition when it drains it, and never rewinds.
+  A batch that then fails (the broker refuses it as too large; or, after a restart, the leader is
+  briefly unknown and the batch is older than request_timeout_ms) leaves a gap, and the broker
+  answers OutOfOrderSequenceNumber to every later batch on that partition, forever. So whenever
+  a delivery fails, the producer is replaced (the old one flushes what it holds, then closes).
+* While the broker is down, `send()` raises KafkaTimeoutError after request_timeout_ms once the
+  partition's batch is full; a delivery future just waits (the sender retries internally).
+* While a partition has no known leader (the broker went away mid-shutdown, or is restarting),
+  aiokafka's sender refreshes metadata in a loop without any pause; with the broker down each
+  refresh fails at once: measured ~8,000 refreshes/s, a busy CPU core and an ERROR line each.
+  `_throttle_metadata` spaces refreshes after a failed one.
+* aiokafka logs a WARNING/ERROR per reconnect and metadata attempt; `install_log_limits()`
+  rate-limits those by message template.
+
+Dead letters too large for the broker: `send_dead_letter()` falls back to `truncated_copy()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+import re
+import time
+from typing import Callable, NamedTuple
+
+from aiokafka import AIOKafkaProducer
+from aiokafka import errors as E
+
+log = logging.getLogger(__name__)
+
+# Retry pacing for one send: doubles from the first delay up to the cap, with jitter so that many
+# waiting sends do not hit a returning broker at the same instant. The cap bounds how late a send
+# notices that the broker is back.
+BACKOFF_FIRST_S = 0.1
+BACKOFF_MAX_S = 2.0
+# At most one WARNING per kind of trouble per this many seconds (ours, and aiokafka's per template).
+LOG_EVERY_S = 10.0
+# A delivery not acknowledged after this long is reported as stalled (rate-limited); aiokafka
+# keeps retrying it, so it is not resent.
+STALL_WARN_S = 5.0
+# stop(): how long each producer may flush before what it still holds is dropped.
+STOP_TIMEOUT_S = 10.0
+# A topic absent from a successful metadata refresh is looked up once more after this delay (a
+# topic just created can be briefly absent) before the send is refused.
+MISSING_TOPIC_RECHECK_S = 0.5
+
+# A metadata refresh that follows a failed one waits this long (see _throttle_metadata).
+METADATA_RETRY_S = 0.25
+
+# Dead letters refused as too large are resent with their value cut to this size: well under the
+# broker's default max.message.bytes (1 MiB), leaving room for the key and headers.
+DEAD_LETTER_VALUE_BYTES = 64 * 1024
+DEAD_LETTER_KEY_BYTES = 1024
+DEAD_LETTER_HEADER_BYTES = 16 * 1024
+TRUNCATED_HEADER = "x-dlq-truncated"            # parts that were cut: "value", "key", "headers"
+ORIGINAL_SIZE_HEADER = "x-dlq-original-size"    # the value's length in bytes before the cut
+
+# Errors that belong to the record or its topic: resending cannot help.
+SIZE_ERRORS = (E.MessageSizeTooLargeError, E.RecordTooLargeError, E.RecordListTooLargeError)
+PERMANENT_ERRORS = SIZE_ERRORS + (
+    E.InvalidTopicError, E.TopicAuthorizationFailedError, E.ClusterAuthorizationFailedError,
+    E.CorruptRecordException, E.InvalidTimestampError, E.PolicyViolationError,
+    E.UnsupportedForMessageFormatError, E.InvalidRequiredAcksError,
+)
+# Errors that mean the producer itself is unusable: replace it and resend.
+BROKEN_ERRORS = (
+    E.OutOfOrderSequenceNumber, E.UnknownProducerId, E.InvalidProducerEpoch, E.ProducerFenced,
+    E.InvalidProducerIdMapping, E.InvalidTxnState, E.ProducerClosed, E.IllegalStateError,
+)
+# Errors of the connection, not of the record (aiokafka's own `retriable` flag covers the rest).
+TRANSIENT_ERRORS = (E.KafkaTimeoutError, OSError, asyncio.TimeoutError)
+# Kafka's legal topic names (org.apache.kafka.common.internals.Topic).
+TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+# aiokafka's loggers that write one line per failed attempt (client.py logs as plain "aiokafka").
+AIOKAFKA_LOGGERS = (
+    "aiokafka", "aiokafka.conn", "aiokafka.cluster", "aiokafka.producer.producer",
+    "aiokafka.producer.sender", "aiokafka.consumer.consumer", "aiokafka.consumer.fetcher",
+    "aiokafka.consumer.group_coordinator",
+)
+
+
+class PermanentSendError(Exception):
+    """The broker will never accept this record; `cause` is aiokafka's error."""
+
+    def __init__(self, topic: str, cause: BaseException):
+        super().__init__(f"cannot send to {topic}: {type(cause).__name__}: {cause}")
+        self.topic = topic
+        self.cause = cause
+
+    @property
+    def too_large(self) -> bool:
+        return isinstance(self.cause, SIZE_ERRORS)
+
+
+class Truncated(NamedTuple):
+    value: bytes | None
+    key: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+def truncated_copy(value: bytes | None, key: bytes | None = None, headers=(),
+                   limit: int = DEAD_LETTER_VALUE_BYTES) -> Truncated:
+    """A copy of a record small enough for a topic with the default max.message.bytes.
+
+    The value is cut to `limit` bytes and the key to DEAD_LETTER_KEY_BYTES; headers are kept in
+    order while they fit in DEAD_LETTER_HEADER_BYTES (one too large is dropped, smaller ones after
+    it are still kept). Two headers are added: `x-dlq-truncated` (the parts that were cut, comma
+    separated, empty if none) and `x-dlq-original-size` (the value's length before the cut)."""
+    size = 0 if value is None else len(value)
+    cut = []
+    if value is not None and size > limit:
+        value = value[:limit]
+        cut.append("value")
+    if key is not None and len(key) > DEAD_LETTER_KEY_BYTES:
+        key = key[:DEAD_LETTER_KEY_BYTES]
+        cut.append("key")
+    kept, budget = [], DEAD_LETTER_HEADER_BYTES
+    for name, data in headers or ():
+        need = len(name.encode()) + len(data or b"")
+        if need <= budget:
+            kept.append((name, data))
+            budget -= need
+        elif "headers" not in cut:
+            cut.append("headers")
+    kept += [(TRUNCATED_HEADER, ",".join(cut).encode()), (ORIGINAL_SIZE_HEADER, str(size).encode())]
+    return Truncated(value, key, kept)
+
+
+class _Limiter:
+    """Lets one event per key through every `every` seconds and counts the ones it held back."""
+
+    def __init__(self, every: float = LOG_EVERY_S):
+        self.every = every
+        self.last: dict = {}
+        self.held: collections.Counter = collections.Counter()
+
+    def allow(self, key) -> int | None:
+        """None: stay quiet; else the number of events held back since the last one let through."""
+        now = time.monotonic()
+        if now - self.last.get(key, -self.every) < self.every:
+            self.held[key] += 1
+            return None
+        self.last[key] = now
+        return self.held.pop(key, 0)
+
+
+class _AiokafkaLogFilter(logging.Filter):
+    """Rate-limits aiokafka's WARNING and ERROR records per (logger, message template)."""
+
+    def __init__(self):
+        super().__init__()
+        self.limiter = _Limiter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        held = self.limiter.allow((record.name, str(record.msg)))
+        if held is None:
+            return False
+        if held:
+            record.msg = f"{record.msg} [{held} similar lines suppressed in the last {LOG_EVERY_S:g} s]"
+        return True
+
+
+_LOG_FILTER = _AiokafkaLogFilter()
+
+
+def install_log_limits() -> None:
+    """Rate-limit aiokafka's per-attempt log lines process-wide (idempotent). It also quiets the
+    consumers' lines, which repeat the same way during an outage."""
+    for name in AIOKAFKA_LOGGERS:
+        logger = logging.getLogger(name)
+        if _LOG_FILTER not in logger.filters:
+            logger.addFilter(_LOG_FILTER)
+
+
+def _valid_topic(topic: str) -> bool:
+    return bool(TOPIC_NAME.fullmatch(topic)) and topic not in (".", "..")
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    # An abandoned future's exception must be read, or asyncio logs "never retrieved" for each.
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _throttle_metadata(producer: AIOKafkaProducer) -> AIOKafkaProducer:
+    """Make a metadata refresh requested within METADATA_RETRY_S of a failed one wait out the rest
+    of that delay (resolving False, as a failed refresh does) instead of starting at once. The
+    sender awaits that future, so its no-leader loop runs a few times a second, not thousands."""
+    client = producer.client
+    refresh = client.force_metadata_update
+    failed_at = -METADATA_RETRY_S
+
+    def noted(fut: asyncio.Future) -> None:
+        nonlocal failed_at
+        if not fut.cancelled() and fut.exception() is None and not fut.result():
+            failed_at = time.monotonic()
+
+    def force_metadata_update():
+        wait = failed_at + METADATA_RETRY_S - time.monotonic()
+        if wait > 0:
+            fut = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_later(wait, lambda: fut.done() or fut.set_result(False))
+            return fut
+        fut = refresh()
+        fut.add_done_callback(noted)
+        return fut
+
+    client.force_metadata_update = force_metadata_update   # the sender calls it on this object
+    return producer
+
+
+async def _close_producer(producer: AIOKafkaProducer, timeout: float | None) -> None:
+    """Flush and close; after `timeout` drop what is left (aiokafka has no close-without-flush)."""
+    try:
+        await asyncio.wait_for(producer.stop(), timeout)
+        return
+    except Exception as exc:  # including the timeout: the broker did not take the rest
+        log.debug("producer close: %r; dropping its unsent records", exc)
+    # What stop() does after its flush (sender task cancelled, connections closed).
+    task = getattr(getattr(producer, "_sender", None), "sender_task", None)
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(task, STOP_TIMEOUT_S)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(producer.client.close(), STOP_TIMEOUT_S)
+
+
+class ResultProducer:
+    """An idempotent producer whose `send` retries until acknowledged, stopped, or refused for good.
+
+    Counters (plain ints, for metrics): `sends_retried` (sends that needed more than one attempt),
+    `retries` (extra attempts in all), `recreations` (producers replaced), `stalls` (deliveries
+    not acknowledged within STALL_WARN_S), `permanent_errors` (PermanentSendError raised),
+    `truncated` (dead letters sent as truncated copies).
+    """
+
+    def __init__(self, bootstrap_servers: str, stopping: asyncio.Event, *,
+                 producer_factory: Callable[..., AIOKafkaProducer] = AIOKafkaProducer, **options):
+        # linger_ms=2 as the worker had it: a few ms of batching for many small results.
+        self.options = {"bootstrap_servers": bootstrap_servers, "linger_ms": 2, **options,
+                        "acks": "all", "enable_idempotence": True}
+        self.stopping = stopping
+        self.factory = producer_factory
+        self.sends_retried = self.retries = self.recreations = 0
+        self.stalls = self.permanent_errors = self.truncated = 0
+        self._producer: AIOKafkaProducer | None = None
+        self._swap: asyncio.Task | None = None          # replacing a broken producer
+        self._retiring: set[asyncio.Task] = set()       # old producers flushing, then closing
+        self._halt: asyncio.Future | None = None        # done once stopping is set or stop() runs
+        self._watch: asyncio.Task | None = None
+        self._closed = False
+        self._logs = _Limiter()
+        self._trouble_since: float | None = None        # the outage now being reported
+        self._trouble_sends = 0                          # sends retried in it
+        self._trouble_stalls = 0                         # deliveries stalled in it
+        self._trouble_kinds: collections.Counter = collections.Counter()
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect once; errors propagate (a worker should not start without its broker)."""
+        install_log_limits()
+        producer = _throttle_metadata(self.factory(**self.options))
+        try:
+            await producer.start()
+        except BaseException:
+            await _close_producer(producer, STOP_TIMEOUT_S)
+            raise
+        self._producer = producer
+        self._halt = asyncio.get_running_loop().create_future()
+        self._watch = asyncio.create_task(self._watch_stopping())
+
+    async def stop(self) -> None:
+        """Make pending sends return False, flush what the producers hold (STOP_TIMEOUT_S each),
+        close them. Sends that must land should be awaited before this."""
+        if self._closed:
+            return
+        self._closed = True
+        self._set_halt()
+        if self._swap is not None:
+            self._swap.cancel()
+            await asyncio.gather(self._swap, return_exceptions=True)
+        if self._producer is not None:
+            await _close_producer(self._producer, STOP_TIMEOUT_S)
+            self._producer = None
+        if self._retiring:
+            await asyncio.wait(self._retiring, timeout=STOP_TIMEOUT_S)
+            for task in self._retiring:
+                task.cancel()
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+
+    async def _watch_stopping(self) -> None:
+        await self.stopping.wait()
+        self._set_halt()
+
+    def _set_halt(self) -> None:
+        if self._halt is not None and not self._halt.done():
+            self._halt.set_result(None)
+
+    # ---- sending ----------------------------------------------------------------------------------
+
+    async def send(self, topic: str, value: bytes | None, key: bytes | None = None,
+                   headers=None) -> bool:
+        """Send one record and wait for the broker's acknowledgement (acks=all).
+
+        True: acknowledged. False: `stopping` was set (or stop() ran) first; the record may still
+        land later (at-least-once), the caller neither commits nor dead-letters it. Raises
+        PermanentSendError when the record can never be accepted (too large, invalid, missing or
+        forbidden topic). Everything else is retried, replacing the producer when it is broken."""
+        if self._closed or self._halt is None:
+            raise RuntimeError("ResultProducer is not running")
+        headers = list(headers or ())
+        delay, attempts, unexplained = BACKOFF_FIRST_S, 0, set()
+        while True:
+            if self._halt.done():
+                return False
+            if self._swap is not None and not self._swap.done() and not await self._until(self._swap):
+                return False
+            producer = self._producer
+            if producer is None:     # a replacement gave up because we are stopping
+                return False
+            if attempts == 1:
+                self.sends_retried += 1
+                self._trouble_sends += 1
+            self.retries += attempts > 0
+            attempts += 1
+            delivery = None
+            try:
+                await self._check_topic(producer, topic)
+                enqueue = asyncio.ensure_future(producer.send(topic, value, key=key, headers=headers))
+                if not await self._until(enqueue):
+                    enqueue.cancel()   # cancelling send() (not its future) withdraws the record
+                    enqueue.add_done_callback(_retrieve)
+                    return False
+                delivery = enqueue.result()
+                acked = await self._wait_ack(delivery, topic)
+                if acked is None:
+                    delivery.add_done_callback(_retrieve)
+                    return False
+                self._recovered()
+                return True
+            except PermanentSendError:
+                self.permanent_errors += 1
+                raise
+            except Exception as exc:
+                # A failed delivery leaves a gap in the partition's sequence (see module docstring).
+                broken = delivery is not None or isinstance(exc, BROKEN_ERRORS)
+                if isinstance(exc, PERMANENT_ERRORS):
+                    if broken:
+                        self._replace(producer, exc)
+                    self.permanent_errors += 1
+                    raise PermanentSendError(topic, exc) from exc
+                if not (broken or isinstance(exc, TRANSIENT_ERRORS) or getattr(exc, "retriable", False)):
+                    if not isinstance(exc, E.KafkaError):
+                        raise       # not Kafka's: a bug in the caller (e.g. value not bytes)
+                    # An error aiokafka cannot recover from: one fresh producer per error kind;
+                    # if that fails the same way, the record is the problem.
+                    if type(exc) in unexplained:
+                        self.permanent_errors += 1
+                        raise PermanentSendError(topic, exc) from exc
+                    unexplained.add(type(exc))
+                    broken = True
+                if broken:
+                    self._replace(producer, exc)
+                self._trouble(type(exc).__name__, "Kafka send to %s failed, retrying: %r", topic, exc)
+            if not await self._sleep(delay * random.uniform(0.5, 1.0)):
+                return False
+            delay = min(delay * 2, BACKOFF_MAX_S)
+
+    async def send_dead_letter(self, topic: str, value: bytes | None, key: bytes | None = None,
+                               headers=None) -> bool:
+        """`send`, but a record refused as too large is replaced by its `truncated_copy` (so the
+        offset can commit). Other permanent errors still raise."""
+        try:
+            return await self.send(topic, value, key, headers)
+        except PermanentSendError as err:
+            if not err.too_large:
+                raise
+            copy = truncated_copy(value, key, headers)
+            self.truncated += 1
+            self._warn("truncated", "dead letter to %s too large (%d bytes, %s); sending a copy cut to %d bytes",
+                       topic, len(value or b""), type(err.cause).__name__, DEAD_LETTER_VALUE_BYTES)
+            return await self.send(topic, copy.value, copy.key, copy.headers)
+
+    async def topic_exists(self, topic: str) -> bool:
+        """Whether the cluster has `topic`, after a metadata refresh (cached answer if it fails)."""
+        producer = self._producer
+        if producer is None:
+            raise RuntimeError("ResultProducer is not running")
+        try:
+            await self._check_topic(producer, topic)
+            return True
+        except PermanentSendError:
+            return False
+        except Exception:
+            return producer.client.cluster.partitions_for_topic(topic) is not None
+
+    # ---- internals --------------------------------------------------------------------------------
+
+    async def _until(self, aw: asyncio.Future) -> bool:
+        """Wait for `aw` unless we are told to stop first (then False; `aw` is left running)."""
+        done, _ = await asyncio.wait({aw, self._halt}, return_when=asyncio.FIRST_COMPLETED)
+        return aw in done
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Back off; False if told to stop meanwhile."""
+        await asyncio.wait({self._halt}, timeout=seconds)
+        return not self._halt.done()
+
+    async def _wait_ack(self, delivery: asyncio.Future, topic: str):
+        """The record's metadata once acknowledged (raises its error); None if told to stop."""
+        waited = 0.0
+        while True:
+            done, _ = await asyncio.wait({delivery, self._halt}, timeout=STALL_WARN_S,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if delivery in done:
+                return delivery.result()
+            if done:
+                return None
+            waited += STALL_WARN_S
+            if waited == STALL_WARN_S:
+                self.stalls += 1
+                self._trouble_stalls += 1
+            self._trouble("stalled", "Kafka send to %s not acknowledged after %.0f s; aiokafka keeps retrying",
+                          topic, waited)
+
+    async def _check_topic(self, producer: AIOKafkaProducer, topic: str) -> None:
+        """Raise PermanentSendError if `topic` is invalid or absent from a successful metadata
+        refresh. aiokafka would instead wait request_timeout_ms in send(), then say
+        UnknownTopicOrPartition whether the topic is missing or the broker is down."""
+        if not _valid_topic(topic):
+            raise PermanentSendError(topic, E.InvalidTopicError(topic))
+        client = producer.client
+        for check in range(2):
+            if client.cluster.partitions_for_topic(topic) is not None:
+                return
+            client.add_topic(topic)
+            fut = client.force_metadata_update()
+            if not await self._until(fut):
+                raise E.KafkaTimeoutError("stopping during a metadata refresh")
+            if client.cluster.partitions_for_topic(topic) is not None:
+                return
+            if not fut.result():
+                raise E.KafkaConnectionError(f"metadata refresh for {topic} failed")
+            if topic in client.cluster.unauthorized_topics:
+                raise PermanentSendError(topic, E.TopicAuthorizationFailedError(topic))
+            if check == 0 and not await self._sleep(MISSING_TOPIC_RECHECK_S):
+                raise E.KafkaTimeoutError("stopping during a metadata refresh")
+        raise PermanentSendError(topic, E.UnknownTopicOrPartitionError(topic))
+
+    def _replace(self, broken: AIOKafkaProducer, cause: BaseException) -> None:
+        """Start replacing `broken` unless that is under way or done already."""
+        if broken is not self._producer or self._halt.done():
+            return
+        if self._swap is not None and not self._swap.done():
+            return
+        self._swap = asyncio.create_task(self._swap_producer(broken, cause))
+
+    async def _swap_producer(self, broken: AIOKafkaProducer, cause: BaseException) -> None:
+        self.recreations += 1
+        self._warn("recreate", "Kafka producer unusable after %r; replacing it", cause)
+        # The old one flushes what it holds (sends waiting on it get their answer or an error and
+        # come back here), then closes; it is never reused.
+        retiring = asyncio.create_task(_close_producer(broken, None))
+        self._retiring.add(retiring)
+        retiring.add_done_callback(self._retiring.discard)
+        delay = BACKOFF_FIRST_S
+        while not self._halt.done():
+            producer = _throttle_metadata(self.factory(**self.options))
+            starting = asyncio.ensure_future(producer.start())
+            try:
+                if not await self._until(starting):
+                    starting.cancel()
+                    await asyncio.gather(starting, return_exceptions=True)
+                    await _close_producer(producer, STOP_TIMEOUT_S)
+                    break
+                starting.result()
+            except asyncio.CancelledError:   # stop() while starting
+                starting.cancel()
+                await _close_producer(producer, STOP_TIMEOUT_S)
+                raise
+            except Exception as exc:   # the broker is still away: try again later
+                await _close_producer(producer, STOP_TIMEOUT_S)
+                self._trouble(type(exc).__name__, "new Kafka producer cannot start yet: %r", exc)
+                await self._sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, BACKOFF_MAX_S)
+                continue
+            self._producer = producer
+            return
+        self._producer = None
+
+    def _warn(self, kind: str, msg: str, *args) -> None:
+        held = self._logs.allow(kind)
+        if held is not None:
+            log.warning(msg + (f" [{held} more like this in the last {LOG_EVERY_S:g} s]" if held else ""), *args)
+
+    def _trouble(self, kind: str, msg: str, *args) -> None:
+        if self._trouble_since is None:
+            self._trouble_since = time.monotonic()
+        self._trouble_kinds[kind] += 1
+        self._warn(kind, msg, *args)
+
+    def _recovered(self) -> None:
+        if self._trouble_since is None:
+            return
+        kinds = ", ".join(f"{k} x{n}" for k, n in self._trouble_kinds.most_common())
+        log.warning("Kafka sends recovered: %d sends retried, %d deliveries stalled, over %.1f s (%s); "
+                    "%d producer recreations so far", self._trouble_sends, self._trouble_stalls,
+                    time.monotonic() - self._trouble_since, kinds, self.recreations)
+        self._trouble_since, self._trouble_sends, self._trouble_stalls = None, 0, 0
+        self._trouble_kinds.clear()
