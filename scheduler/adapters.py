@@ -4,6 +4,10 @@ An adapter directory holds `adapter_config.json` and `adapter_model.safetensors`
 `read_adapter` validates both against the base model's shapes and returns `AdapterWeights`: per
 (layer, projection) the A and B matrices and the scale PEFT would apply (`lora_alpha / r`, or
 `lora_alpha / sqrt(r)` with rsLoRA; `rank_pattern` / `alpha_pattern` honoured per module).
+Every number that reaches the device pool is finite: weights with NaN or inf (in the file, or once cast
+to the pool's dtype), a non-numeric or non-finite alpha, a rank that is not a positive integer (or
+differs from what the config declares), and a scale that is not finite in float32 (the pool's scale
+dtype) are refused, because a NaN in a pool slot reaches every token of every job on that adapter.
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ _UNSUPPORTED = {
 }
 
 
+# The pool keeps scales in float32 (scheduler/lora.py): a scale must be finite there.
+SCALE_DTYPE = torch.float32
+
+
 class AdapterLoadError(Exception):
     """The adapter cannot be served; the message says why (it reaches the job's error result)."""
 
@@ -69,12 +77,57 @@ class AdapterWeights:
         return sum(a.nbytes + b.nbytes for a, b, _ in self.modules.values())
 
 
-def _pattern_value(patterns: dict, module_name: str, default):
+def _pattern_value(key: str, patterns: dict, module_name: str, default):
     # PEFT matches pattern keys against the end of the module name (peft.utils.other.get_pattern_key).
     for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module_name):
+        try:
+            matched = re.match(rf"(.*\.)?({pattern})$", module_name)
+        except re.error as exc:
+            raise AdapterLoadError(f"{key}: pattern {pattern!r} is not a valid regular expression: {exc}") from None
+        if matched:
             return value
     return default
+
+
+def _is_number(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int beyond any float
+        return False
+
+
+def _is_rank(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_numbers(key: str, config: dict) -> None:
+    """lora_alpha, r and their per-module patterns must be numbers a scale can be computed from."""
+    if not _is_number(config.get("lora_alpha", 8)):
+        raise AdapterLoadError(f"{key}: lora_alpha {config.get('lora_alpha')!r} is not a finite number")
+    if "r" in config and not _is_rank(config["r"]):
+        raise AdapterLoadError(f"{key}: r {config['r']!r} is not a positive integer")
+    for name, valid, what in (("alpha_pattern", _is_number, "a finite number"),
+                              ("rank_pattern", _is_rank, "a positive integer")):
+        patterns = config.get(name) or {}
+        if not isinstance(patterns, dict):
+            raise AdapterLoadError(f"{key}: {name} must be an object, got {type(patterns).__name__}")
+        for pattern, value in patterns.items():
+            if not valid(value):
+                raise AdapterLoadError(f"{key}: {name}[{pattern!r}] = {value!r} is not {what}")
+
+
+def _check_weights(key: str, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The tensor cast to the pool's dtype, refused unless it is floating point and finite both before and after."""
+    if not tensor.is_floating_point():
+        raise AdapterLoadError(f"{key}: {name} has dtype {tensor.dtype}, LoRA weights must be floating point")
+    if not bool(torch.isfinite(tensor).all()):
+        raise AdapterLoadError(f"{key}: {name} holds NaN or infinite values")
+    cast = tensor.to(dtype).contiguous()
+    if not bool(torch.isfinite(cast).all()):
+        raise AdapterLoadError(f"{key}: {name} overflows to infinity in the pool's dtype {dtype}")
+    return cast
 
 
 def file_sha256(path: Path) -> str:
@@ -104,11 +157,14 @@ def read_adapter(
     except (OSError, ValueError) as exc:
         raise AdapterLoadError(f"{key}: unreadable adapter_config.json: {exc}") from None
 
+    if not isinstance(config, dict):
+        raise AdapterLoadError(f"{key}: adapter_config.json must hold a JSON object")
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterLoadError(f"{key}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
     for option, allowed in _UNSUPPORTED.items():
         if config.get(option, allowed[0]) not in allowed:
             raise AdapterLoadError(f"{key}: PEFT option {option}={config[option]!r} is not supported")
+    _check_numbers(key, config)
 
     try:
         tensors = load_file(str(weights_path))
@@ -142,10 +198,19 @@ def read_adapter(
             )
         if rank > max_rank:
             raise AdapterLoadError(f"{key}: rank {rank} exceeds the pool's max rank {max_rank}")
+        if rank < 1:
+            raise AdapterLoadError(f"{key}: layer {layer} {proj} has rank 0")
         module_name = f"model.layers.{layer}.{PROJECTIONS[proj]}.{proj}"
-        module_alpha = _pattern_value(config.get("alpha_pattern"), module_name, alpha)
-        scale = module_alpha / (math.sqrt(rank) if use_rslora else rank)
-        modules[(layer, proj)] = (a.to(dtype).contiguous(), b.to(dtype).contiguous(), float(scale))
+        declared = _pattern_value(key, config.get("rank_pattern"), module_name, config.get("r", rank))
+        if declared != rank:  # PEFT would build rank `declared` here and fail to load these weights
+            raise AdapterLoadError(f"{key}: layer {layer} {proj} has rank {rank}, its config declares {declared}")
+        module_alpha = _pattern_value(key, config.get("alpha_pattern"), module_name, alpha)
+        scale = float(module_alpha / (math.sqrt(rank) if use_rslora else rank))
+        if not bool(torch.isfinite(torch.tensor(scale, dtype=SCALE_DTYPE))):
+            raise AdapterLoadError(f"{key}: layer {layer} {proj} has scale {scale!r}, not finite in {SCALE_DTYPE}")
+        where = f"layer {layer} {proj}"
+        modules[(layer, proj)] = (_check_weights(key, f"{where} lora_A", a, dtype),
+                                  _check_weights(key, f"{where} lora_B", b, dtype), scale)
         top_rank = max(top_rank, rank)
     if not modules:
         raise AdapterLoadError(f"{key}: adapter holds no LoRA weights")

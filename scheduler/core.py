@@ -16,9 +16,29 @@ Policy, in order of precedence:
    be passed over for long. If its adapter has no slot, it takes the least-recently-used idle slot
    even when other queued jobs want that adapter; if every slot is busy, the slot with the fewest
    running sequences is marked draining (no new jobs join it) and is handed over once they finish.
-   Overdue jobs are admitted before the rest (in fair order among themselves), and if one does
-   not fit in the KV cache, nothing else is admitted until it does. So reordering
+   Overdue jobs are admitted before the rest (in fair order among themselves). So reordering
    adds at most max_wait_s + the drain of one slot's sequences + one load.
+5. KV reservation, for a job the KV cache keeps out. A job whose prompt + max_new_tokens needs more
+   blocks than the whole cache can never run: `admissible` says so and the engine answers it
+   `prompt_too_long`. Otherwise every running sequence has a step `done_by` by which it is finished
+   whatever happens (prefill is served in running order at no less than max_step_tokens -
+   max_running + 1 tokens a step, then one decode token a step up to max_new_tokens; EOS or a stop
+   string only ends it sooner). The oldest overdue job that does not fit in the free blocks becomes
+   the *head* and gets a reservation: `at`, the first step at which, counting only the running
+   sequences' `done_by`, enough blocks and a running seat are free for it, and the blocks and seats
+   spare at `at` beyond its own. While the head waits, another job is admitted only if it is done
+   by `at` or fits in what is spare at `at` (and uses that up). Guarantees:
+   - the head is admitted at step `at` at the latest (or, if its adapter is not ready by then, as
+     soon as it is: its blocks stay reserved meanwhile), and `at` never moves later however many
+     jobs keep arriving. So once a job is the head it waits at most the remaining worst-case life
+     of the sequences running at that moment; heads are taken oldest first, so an overdue job the
+     cache keeps out becomes the head after finitely many older ones: none is starved;
+   - a job is held back by a reservation only at a step s where it would still be running at `at`,
+     so `at` - s is less than its own worst-case run: behind one head, no job waits longer than it
+     would itself occupy the cache, and jobs that finish before `at` (the many short jobs behind a
+     long one) are not held back at all. Jobs that would still run at `at` must wait, as nothing is
+     preempted: any rule that let them in after a fixed time instead would let a stream of them
+     starve the head.
 Device slots are otherwise evicted least-recently-used among those no running sequence holds and no
 waiting job needs: LRU keeps the hot set of a Zipf-like workload resident, and protecting wanted
 adapters prevents the load-evict-reload thrash that plain LRU shows when there are more distinct
@@ -71,6 +91,7 @@ class Sequence:
         self.cold = False  # its adapter was not resident when it arrived
         self.admitted_at: float | None = None
         self.first_token_at: float | None = None
+        self.done_by = 0  # while running: the scheduler step by which it is finished, at the latest
         self.payload = None  # what the engine attaches (sampler, detokenizer state, callback)
 
     @property
@@ -163,6 +184,26 @@ class AdapterSlots:
 
 
 @dataclass
+class Reservation:
+    """What the head of the KV queue is promised: at step `at` it fits; what is spare then beyond it."""
+
+    head: Sequence
+    at: int
+    spare_blocks: int
+    spare_seats: int
+
+    def allows(self, done_by: int, blocks: int) -> bool:
+        """May a job that is done by step `done_by` and needs `blocks` be admitted now (and if so, book it)?"""
+        if done_by <= self.at:
+            return True
+        if blocks <= self.spare_blocks and self.spare_seats > 0:
+            self.spare_blocks -= blocks
+            self.spare_seats -= 1
+            return True
+        return False
+
+
+@dataclass
 class Step:
     expired: list[Sequence] = field(default_factory=list)
     loads: list[tuple[str, int]] = field(default_factory=list)  # (adapter key, slot) to load now
@@ -179,11 +220,35 @@ class Scheduler:
         self.usage: dict[str, float] = {}  # tenant → tokens admitted (virtual service)
         # slot → (the adapter it holds, the adapter an overdue job waits to load there once it drains)
         self.draining: dict[int, tuple[str, str]] = {}
+        self.steps = 0  # schedule() calls that returned a batch: the clock of `Sequence.done_by`
+        self.head: Sequence | None = None  # the overdue job the KV cache keeps out, holding a reservation
+        self.reservation: Reservation | None = None  # the head's, as of the last schedule()
+        # Prefill tokens a step gives the prefilling sequences (in running order), at the least: one
+        # decode token goes to each of the at most max_running - 1 other sequences first.
+        self._prefill_rate = limits.max_step_tokens - limits.max_running + 1
+
+    def admissible(self, seq: Sequence) -> bool:
+        """False for a job that can never run: its prompt + max_new_tokens needs more KV blocks than exist."""
+        return self.blocks.blocks_for(seq.cost) <= self.blocks.num_blocks
+
+    def reset(self) -> list[Sequence]:
+        """Drop every waiting and running sequence and return them (the caller answers them); for when a
+        failure leaves this bookkeeping untrustworthy. Slots keep their adapters, loads in flight included."""
+        dropped = self.waiting + self.running
+        for seq in dropped:
+            seq.state = State.FINISHED
+            seq.blocks = []
+        self.waiting, self.running, self.draining, self.head, self.reservation = [], [], {}, None, None
+        self.blocks.reset()
+        self.slots.refs = [0] * len(self.slots)
+        return dropped
 
     def _active_tenants(self) -> set[str]:
         return {s.request.tenant for s in self.waiting} | {s.request.tenant for s in self.running}
 
     def add(self, seq: Sequence) -> None:
+        if not self.admissible(seq):
+            raise ValueError(f"{seq.request.id} needs more KV blocks than the cache has")
         tenant = seq.request.tenant
         active = self._active_tenants()
         if tenant not in active:
@@ -256,11 +321,16 @@ class Scheduler:
 
         max_wait = self.limits.max_wait_s
         fair = self._order()
-        # Overdue jobs go first (still in fair order among themselves), so one the KV cache keeps
-        # out holds back everything else until it fits.
         overdue = [s for s in fair if now - s.arrival > max_wait]
-        overdue_ids = {id(s) for s in overdue}
-        order = overdue + [s for s in fair if id(s) not in overdue_ids]
+        if self.head is not None and self.head.state is not State.WAITING:  # admitted, expired or failed
+            self.head = None
+        if self.head is None:
+            kept_out = [s for s in overdue if self.blocks.blocks_for(s.cost) > self.blocks.num_free]
+            self.head = min(kept_out, key=lambda s: s.arrival, default=None)
+        # The head first, then the other overdue jobs (still in fair order among themselves), then the rest.
+        first = ([self.head] if self.head is not None else []) + overdue
+        first_ids = {id(s) for s in first}
+        order = list({id(s): s for s in first}.values()) + [s for s in fair if id(s) not in first_ids]
         overdue_keys = [s.request.adapter for s in overdue if s.request.adapter is not None]
         overdue_set = set(overdue_keys)
         # A drain is only for an adapter that overdue jobs still wait for and that has no slot yet.
@@ -284,25 +354,20 @@ class Scheduler:
             step.loads.append((key, slot))
 
         admitted = set()
+        prefill_ahead = sum(s.num_tokens - s.num_computed for s in self.running if not s.output_ids)
+        self.reservation = None
         for seq in order:
             if len(self.running) >= self.limits.max_running:
                 break
-            key = seq.request.adapter
-            if key is not None and (not self.slots.is_ready(key) or self.slots.slot_of[key] in self.draining):
-                continue
-            blocks = self.blocks.allocate(seq.cost)
-            if blocks is None:
-                if id(seq) in overdue_ids:
-                    break  # an overdue job the KV cache keeps out: hold everyone behind it until it fits
-                continue
-            seq.blocks = blocks
-            seq.state = State.RUNNING
-            seq.admitted_at = now
-            if key is not None:
-                seq.slot = self.slots.acquire(key, now)
-            self.usage[seq.request.tenant] = self.usage.get(seq.request.tenant, 0.0) + seq.cost
-            self.running.append(seq)
-            admitted.add(id(seq))
+            if self.head is not None and seq is not self.head and self.reservation is None:
+                self.reservation = self._reserve(self.head)  # the head (first in order) is still waiting
+            if self._admit(seq, now, prefill_ahead):
+                admitted.add(id(seq))
+                prefill_ahead += len(seq.request.prompt_ids)
+                if seq is self.head:
+                    self.head = None
+        if self.head is not None and self.reservation is None:
+            self.reservation = self._reserve(self.head)
         if admitted:
             self.waiting = [s for s in self.waiting if id(s) not in admitted]
 
@@ -321,7 +386,51 @@ class Scheduler:
             chunk = min(pending, budget)
             step.batch.append((seq, chunk))
             budget -= chunk
+        if step.batch:
+            self.steps += 1
         return step
+
+    def _admit(self, seq: Sequence, now: float, prefill_ahead: int) -> bool:
+        """Admit `seq` if its adapter is ready, the reservation allows it and its KV blocks are free."""
+        key = seq.request.adapter
+        if key is not None and (not self.slots.is_ready(key) or self.slots.slot_of[key] in self.draining):
+            return False
+        need = self.blocks.blocks_for(seq.cost)
+        if need > self.blocks.num_free:
+            return False
+        done_by = self._done_by(seq, prefill_ahead)
+        if self.reservation is not None and not self.reservation.allows(done_by, need):
+            return False
+        seq.blocks = self.blocks.allocate(seq.cost)
+        seq.state = State.RUNNING
+        seq.admitted_at = now
+        seq.done_by = done_by
+        if key is not None:
+            seq.slot = self.slots.acquire(key, now)
+        self.usage[seq.request.tenant] = self.usage.get(seq.request.tenant, 0.0) + seq.cost
+        self.running.append(seq)
+        return True
+
+    def _done_by(self, seq: Sequence, prefill_ahead: int) -> int:
+        """The step by which `seq`, admitted now behind `prefill_ahead` prompt tokens still to prefill, is
+        finished at the latest (see the docstring, 5.)."""
+        prefill_steps = -(-(prefill_ahead + len(seq.request.prompt_ids)) // self._prefill_rate)
+        return self.steps + prefill_steps + seq.request.params.max_new_tokens - 1
+
+    def _reserve(self, head: Sequence) -> Reservation:
+        """The head's reservation: the first step at which, with no one else admitted, it fits."""
+        need = self.blocks.blocks_for(head.cost)
+        free, seats = self.blocks.num_free, self.limits.max_running - len(self.running)
+        at = self.steps
+        ending = sorted(self.running, key=lambda s: s.done_by)
+        i = 0
+        while (free < need or seats < 1) and i < len(ending):
+            at = max(at, ending[i].done_by)
+            while i < len(ending) and ending[i].done_by <= at:  # everything ending by then
+                free += len(ending[i].blocks)
+                seats += 1
+                i += 1
+        return Reservation(head, at, free - need, seats - 1)
 
     def finish(self, seq: Sequence, now: float) -> None:
         seq.state = State.FINISHED

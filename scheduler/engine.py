@@ -5,11 +5,18 @@ in a thread-safe inbox and returns; the step thread admits it (via `Scheduler`),
 forward passes, samples, detokenizes, checks stop conditions, and calls the request's `on_done`
 with a `Completion` from the step thread. Adapter loads (disk → host cache → device slot) run on a
 separate loader thread so they overlap compute.
+
+Failures stay with the jobs they belong to: an exception while sampling, detokenizing or answering one
+sequence answers that job `internal` and its neighbours carry on; a failed forward pass answers the
+jobs of that step; anything else that goes wrong in an iteration of the step loop is logged, the jobs
+that can no longer continue are answered `internal`, and the loop keeps running. Every submitted job
+is answered exactly once.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import threading
@@ -78,6 +85,7 @@ class _Job:
     def __init__(self, on_done: Callable[[Completion], None], sampler: Sampler, kv_slots: torch.Tensor | None = None):
         self.on_done, self.sampler, self.kv_slots = on_done, sampler, kv_slots
         self.text: str | None = None  # set early only when a stop string cut it
+        self.answered = False  # on_done was called: a later failure must not answer it again
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -222,18 +230,22 @@ class Engine:
         """Queue a request; `on_done` is called exactly once, from the step thread (or here on bad input)."""
         try:
             ids = self._prompt_ids(request)
+            _check_params(request.params)
+            if request.adapter is not None and request.adapter not in self._specs:
+                raise ValueError(f"adapter_not_found: adapter {request.adapter} is not registered")
+            deadline = None
+            if request.deadline is not None:
+                deadline = self.clock() + (request.deadline - time.time())
+            core = Request(request.id, request.tenant, request.adapter, ids, request.params, deadline)
         except ValueError as exc:
             code, _, message = str(exc).partition(": ")
-            on_done(Completion(request.id, "error", error_code=code, error_message=message))
+            _deliver(on_done, Completion(request.id, "error", error_code=code, error_message=message))
             return
-        if request.adapter is not None and request.adapter not in self._specs:
-            on_done(Completion(request.id, "error", error_code="adapter_not_found",
-                               error_message=f"adapter {request.adapter} is not registered"))
+        except Exception as exc:  # a request we could not even read must still be answered
+            log.exception("submit of %s failed", request.id)
+            _deliver(on_done, Completion(request.id, "error", error_code="internal",
+                                         error_message=f"{type(exc).__name__}: {exc}"))
             return
-        deadline = None
-        if request.deadline is not None:
-            deadline = self.clock() + (request.deadline - time.time())
-        core = Request(request.id, request.tenant, request.adapter, ids, request.params, deadline)
         self._inbox.put(("job", core, on_done))
         self._wake.set()
 
@@ -273,19 +285,31 @@ class Engine:
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         if request.prompt_ids is not None:
             ids = list(request.prompt_ids)
-            if any(i >= self.model.vocab_size for i in ids):
-                raise ValueError(f"invalid_job: prompt_ids must be below the vocabulary size {self.model.vocab_size}")
+            # A negative id would index the embedding from its end: wrong output, not an error.
+            if not all(isinstance(i, int) and 0 <= i < self.model.vocab_size for i in ids):
+                raise ValueError(f"invalid_job: prompt_ids must be integers in [0, {self.model.vocab_size})")
         else:
             if self.tokenizer is None:
                 raise ValueError("invalid_job: the model directory has no tokenizer; send prompt_ids")
+            if not isinstance(request.prompt, str):
+                raise ValueError("invalid_job: prompt must be a string")
             ids = self.tokenizer(request.prompt)["input_ids"]
         if not ids:
             raise ValueError("invalid_job: the prompt encodes to no tokens")
-        total = len(ids) + request.params.max_new_tokens
-        limit = min(self.max_model_len, self.kv_capacity_tokens)
-        if total > limit:
+        max_new = request.params.max_new_tokens
+        if not isinstance(max_new, int) or max_new < 1:
+            raise ValueError("invalid_job: max_new_tokens must be an integer >= 1")
+        total = len(ids) + max_new
+        if total > self.max_model_len:
             raise ValueError(
-                f"prompt_too_long: {len(ids)} prompt + {request.params.max_new_tokens} new tokens exceed the limit {limit}"
+                f"prompt_too_long: {len(ids)} prompt + {max_new} new tokens exceed the model's limit "
+                f"{self.max_model_len}"
+            )
+        blocks = self.scheduler.blocks
+        if blocks.blocks_for(total) > blocks.num_blocks:  # it could never be admitted: answer now, not never
+            raise ValueError(
+                f"prompt_too_long: {len(ids)} prompt + {max_new} new tokens exceed the KV cache's "
+                f"{blocks.num_blocks * blocks.block_size} tokens"
             )
         return ids
 
@@ -318,33 +342,54 @@ class Engine:
     # ---- step thread ------------------------------------------------------------------------------
 
     def _step_loop(self) -> None:
-        sched = self.scheduler
         while True:
-            self._wake.clear()
-            self._drain_inbox()
-            self._drain_loads()
-            if not sched.has_work():
-                if self._stopping and self._inbox.empty():
-                    return
-                self._wake.wait(IDLE_S)
-                continue
-            now = self.clock()
-            step = sched.schedule(now)
-            for seq in step.expired:
-                self._answer_error(seq, "deadline_exceeded", "the job's deadline passed before it could run")
-            for key, slot in step.loads:
-                self._load_queue.put((self._specs[key], slot))
-            if not step.batch:
-                self._wake.wait(REPLAN_S)
-                continue
             try:
-                self._run(step.batch)
-            except Exception as exc:
-                log.exception("step failed")
-                for seq, _ in step.batch:
-                    if seq in sched.running:
-                        sched.finish(seq, self.clock())
-                        self._answer_error(seq, "internal", f"{type(exc).__name__}: {exc}")
+                if not self._iterate():
+                    return
+            except Exception as exc:  # a bug outside any one job: what the scheduler holds cannot go on
+                log.exception("step loop iteration failed")
+                try:
+                    self._fail_all(exc)
+                except Exception:
+                    log.exception("answering the jobs of a failed iteration failed")
+                self._wake.wait(REPLAN_S)  # a failure that repeats must not spin a core
+
+    def _iterate(self) -> bool:
+        """One pass of the step loop; False once stopping and nothing is left."""
+        sched = self.scheduler
+        self._wake.clear()
+        self._drain_inbox()
+        self._drain_loads()
+        if not sched.has_work():
+            if self._stopping and self._inbox.empty():
+                return False
+            self._wake.wait(IDLE_S)
+            return True
+        try:
+            step = sched.schedule(self.clock())
+        except Exception as exc:  # its bookkeeping may be half-updated: answer everything it holds
+            log.exception("schedule failed")
+            self._fail_all(exc)
+            return True
+        for seq in step.expired:
+            self._answer_error(seq, "deadline_exceeded", "the job's deadline passed before it could run")
+        for key, slot in step.loads:
+            spec = self._specs.get(key)
+            if spec is not None:
+                self._load_queue.put((spec, slot))
+            else:  # cannot happen (jobs name registered keys); never leave its jobs waiting on a load
+                for seq in sched.load_failed(key):
+                    self._answer_error(seq, "internal", f"adapter {key} is not registered")
+        if not step.batch:
+            self._wake.wait(REPLAN_S)
+            return True
+        self._run(step.batch)
+        return True
+
+    def _fail_all(self, exc: Exception) -> None:
+        """Answer `internal` every job the scheduler holds and start its bookkeeping afresh."""
+        for seq in self.scheduler.reset():
+            self._answer_error(seq, "internal", f"{type(exc).__name__}: {exc}")
 
     def _drain_inbox(self) -> None:
         while True:
@@ -352,28 +397,46 @@ class Engine:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if item[0] == "job":
-                _, request, on_done = item
-                if request.adapter in self._load_errors:
-                    on_done(Completion(request.id, "error", error_code="adapter_load_failed",
-                                       error_message=self._load_errors[request.adapter]))
-                    continue
-                seq = Sequence(request, self.clock())
-                seq.payload = _Job(on_done, Sampler(request.params, self.device))
-                self.scheduler.add(seq)
-            elif item[0] == "prefetch":
-                spec = self._specs[item[1]]
-                if spec.key not in self.scheduler.slots.slot_of and self.host_cache.get(spec) is None:
-                    wanted = {s.request.adapter for s in self.scheduler.waiting}
-                    slot = self.scheduler.slots.reserve(spec.key, self.clock(), wanted)
-                    self._load_queue.put((spec, slot))
-            elif item[0] == "invalidate":
-                old = item[1]
-                self.host_cache.drop(old)
-                self._load_errors.pop(old.key, None)
-                # A slot still loading is left to _drain_loads, which sees the spec changed.
-                if self.scheduler.slots.is_ready(old.key):
-                    self.scheduler.slots.retire(old.key)
+            try:
+                self._take(item)
+            except Exception as exc:  # one bad item must not stop the others (or the loop)
+                log.exception("inbox item %s failed", item[:2])
+                if item[0] == "job":
+                    request, on_done = item[1], item[2]
+                    self.scheduler.waiting = [s for s in self.scheduler.waiting if s.request is not request]
+                    _deliver(on_done, Completion(request.id, "error", error_code="internal",
+                                                 error_message=f"{type(exc).__name__}: {exc}"))
+
+    def _take(self, item: tuple) -> None:
+        if item[0] == "job":
+            _, request, on_done = item
+            if request.adapter in self._load_errors:
+                _deliver(on_done, Completion(request.id, "error", error_code="adapter_load_failed",
+                                             error_message=self._load_errors[request.adapter]))
+                return
+            seq = Sequence(request, self.clock())
+            if not self.scheduler.admissible(seq):  # submit checks this too; the scheduler must never hold one
+                _deliver(on_done, Completion(request.id, "error", error_code="prompt_too_long",
+                                             error_message="the job needs more KV cache than there is"))
+                return
+            seq.payload = _Job(on_done, Sampler(request.params, self.device))
+            self.scheduler.add(seq)
+        elif item[0] == "prefetch":
+            spec = self._specs.get(item[1])
+            if spec is None:
+                log.warning("prefetch of %s ignored: it is not registered", item[1])
+                return
+            if spec.key not in self.scheduler.slots.slot_of and self.host_cache.get(spec) is None:
+                wanted = {s.request.adapter for s in self.scheduler.waiting}
+                slot = self.scheduler.slots.reserve(spec.key, self.clock(), wanted)
+                self._load_queue.put((spec, slot))
+        elif item[0] == "invalidate":
+            old = item[1]
+            self.host_cache.drop(old)
+            self._load_errors.pop(old.key, None)
+            # A slot still loading is left to _drain_loads, which sees the spec changed.
+            if self.scheduler.slots.is_ready(old.key):
+                self.scheduler.slots.retire(old.key)
 
     def _drain_loads(self) -> None:
         while True:
@@ -381,22 +444,53 @@ class Engine:
                 spec, slot, error, seconds = self._load_done.get_nowait()
             except queue.Empty:
                 return
-            key = spec.key
-            if self.on_load is not None:
-                self.on_load(key, seconds, error)
-            if self._specs.get(key) != spec:  # re-published while loading: free the slot, load again later
-                if slot is not None:
-                    self.scheduler.slots.loaded(key, ok=False)
-                continue
-            if error is None:
-                if slot is not None:
-                    self.scheduler.slots.loaded(key, ok=True)
-                continue
-            self._load_errors[key] = error
-            for seq in self.scheduler.load_failed(key):
-                self._answer_error(seq, "adapter_load_failed", error)
+            _call_hook(self.on_load, spec.key, seconds, error)
+            try:
+                self._loaded(spec, slot, error)
+            except Exception as exc:  # its waiting jobs cannot run on a slot in an unknown state
+                log.exception("finishing the load of %s failed", spec.key)
+                for seq in self.scheduler.load_failed(spec.key):
+                    self._answer_error(seq, "internal", f"{type(exc).__name__}: {exc}")
+
+    def _loaded(self, spec: AdapterSpec, slot: int | None, error: str | None) -> None:
+        key = spec.key
+        if self._specs.get(key) != spec:  # re-published while loading: free the slot, load again later
+            if slot is not None:
+                self.scheduler.slots.loaded(key, ok=False)
+            return
+        if error is None:
+            if slot is not None:
+                self.scheduler.slots.loaded(key, ok=True)
+            return
+        self._load_errors[key] = error
+        for seq in self.scheduler.load_failed(key):
+            self._answer_error(seq, "adapter_load_failed", error)
 
     def _run(self, batch: list[tuple[Sequence, int]]) -> None:
+        """One forward pass over the batch, then each sequence's own work, isolated from the others'."""
+        sched = self.scheduler
+        try:
+            logits, wants_logits = self._forward(batch)
+            greedy = logits.argmax(dim=-1).tolist()
+        except Exception as exc:
+            log.exception("step failed")
+            for seq, _ in batch:
+                if seq in sched.running:
+                    sched.finish(seq, self.clock())
+                    self._answer_error(seq, "internal", f"{type(exc).__name__}: {exc}")
+            return
+        now = self.clock()
+        for row, seq in enumerate(wants_logits):
+            try:
+                self._advance(seq, logits[row], greedy[row], now)
+            except Exception as exc:
+                log.exception("job %s failed after the forward pass", seq.request.id)
+                if seq in sched.running:
+                    sched.finish(seq, now)
+                self._answer_error(seq, "internal", f"{type(exc).__name__}: {exc}")
+
+    def _forward(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
+        """Logits of the sequences that get a token this step (rows in the returned order)."""
         device = self.device
         tokens, positions, write_slots, lora_idx, logit_rows = [], [], [], [], []
         decode_rows, decode_ctx, prefills = [], [], []
@@ -427,7 +521,9 @@ class Engine:
             write_slots=torch.cat(write_slots),
             lora=kernels.make_lora_mapping(torch.tensor(lora_idx, device=device), self.max_loras),
             decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
-            decode_kv_slots=torch.nn.utils.rnn.pad_sequence(decode_ctx, batch_first=True) if decode_ctx
+            # Padding points at the cache's null slot, never at memory a sequence wrote.
+            decode_kv_slots=torch.nn.utils.rnn.pad_sequence(decode_ctx, batch_first=True,
+                                                            padding_value=self.kv.null_slot) if decode_ctx
             else torch.empty(0, 0, dtype=torch.long, device=device),
             decode_mask=(torch.arange(width, device=device)[None, :] < ctx_lens[:, None])[:, None, None, :],
             prefills=prefills,
@@ -436,22 +532,22 @@ class Engine:
         started = time.perf_counter()
         logits = self.model.forward(step)
         self.steps += 1
-        if self.on_step is not None:
-            self.on_step(len(batch), len(tokens), len(step.lora.active_slots), time.perf_counter() - started)
+        _call_hook(self.on_step, len(batch), len(tokens), len(step.lora.active_slots), time.perf_counter() - started)
         for seq, n in batch:
             seq.num_computed += n
-        now = self.clock()
-        greedy = logits.argmax(dim=-1).tolist()
-        for row, seq in enumerate(wants_logits):
-            job = seq.payload
-            token = greedy[row] if job.sampler.greedy else job.sampler.sample(logits[row])
-            if seq.first_token_at is None:
-                seq.first_token_at = now
-            seq.output_ids.append(token)
-            reason = self._finish_reason(seq, job)
-            if reason is not None:
-                self.scheduler.finish(seq, now)
-                self._answer_ok(seq, reason)
+        return logits, wants_logits
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor, greedy: int, now: float) -> None:
+        """Append the sequence's next token; finish and answer it if that ends it."""
+        job: _Job = seq.payload
+        token = greedy if job.sampler.greedy else job.sampler.sample(logits)
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+        seq.output_ids.append(token)
+        reason = self._finish_reason(seq, job)
+        if reason is not None:
+            self.scheduler.finish(seq, now)
+            self._answer_ok(seq, reason)
 
     def _finish_reason(self, seq: Sequence, job: _Job) -> str | None:
         params = seq.request.params
@@ -484,11 +580,33 @@ class Engine:
             text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True) if self.tokenizer else ""
         completion = Completion(seq.request.id, "ok", token_ids=list(seq.output_ids), text=text,
                                 finish_reason=reason, **self._timings(seq))
-        _deliver(job.on_done, completion)
+        self._answer(seq, completion)
 
     def _answer_error(self, seq: Sequence, code: str, message: str) -> None:
-        completion = Completion(seq.request.id, "error", error_code=code, error_message=message, **self._timings(seq))
-        _deliver(seq.payload.on_done, completion)
+        self._answer(seq, Completion(seq.request.id, "error", error_code=code, error_message=message,
+                                     **self._timings(seq)))
+
+    def _answer(self, seq: Sequence, completion: Completion) -> None:
+        job: _Job = seq.payload
+        if job.answered:  # a failure after its answer went out: it stays answered once
+            return
+        job.answered = True
+        _deliver(job.on_done, completion)
+
+
+def _check_params(params: SamplingParams) -> None:
+    """Refuse sampling numbers that have no meaning; extreme but meaningful ones are the sampler's job."""
+    if not (isinstance(params.temperature, (int, float)) and math.isfinite(params.temperature)
+            and params.temperature >= 0):
+        raise ValueError("invalid_job: temperature must be a finite number >= 0")
+    if not (isinstance(params.top_p, (int, float)) and 0 <= params.top_p <= 1):
+        raise ValueError("invalid_job: top_p must be a number in [0, 1]")
+    if not isinstance(params.top_k, int) or params.top_k < 0:
+        raise ValueError("invalid_job: top_k must be an integer >= 0")
+    if params.seed is not None and not isinstance(params.seed, int):
+        raise ValueError("invalid_job: seed must be an integer or null")
+    if not all(isinstance(stop, str) for stop in params.stop):
+        raise ValueError("invalid_job: stop must be strings")
 
 
 def _deliver(on_done: Callable[[Completion], None], completion: Completion) -> None:
@@ -496,6 +614,16 @@ def _deliver(on_done: Callable[[Completion], None], completion: Completion) -> N
         on_done(completion)
     except Exception:  # a failing callback must not take the step loop down
         log.exception("on_done for %s failed", completion.id)
+
+
+def _call_hook(hook: Callable | None, *args) -> None:
+    """Metrics hooks are observers: their failure is logged, never the jobs' problem."""
+    if hook is None:
+        return
+    try:
+        hook(*args)
+    except Exception:
+        log.exception("engine hook %s failed", getattr(hook, "__name__", hook))
 
 
 def _has_tokenizer(model_dir: str) -> bool:

@@ -15,7 +15,11 @@ class BlockAllocator:
 
     def __init__(self, num_blocks: int, block_size: int):
         self.num_blocks, self.block_size = num_blocks, block_size
-        self._free = list(range(num_blocks - 1, -1, -1))
+        self.reset()
+
+    def reset(self) -> None:
+        """Every block free again (the scheduler dropped all its sequences)."""
+        self._free = list(range(self.num_blocks - 1, -1, -1))
 
     @property
     def num_free(self) -> int:
@@ -37,7 +41,12 @@ class BlockAllocator:
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
-        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        # One row past the blocks is the null slot: no block contains it, so nothing ever writes it and it
+        # stays zero. Padded context positions point at it. Masked attention weights are 0, but 0 times a
+        # NaN is NaN, so a padding index into real memory (another sequence's, or a freed block's stale
+        # K/V) would let that memory poison every padded row.
+        self.null_slot = num_blocks * block_size
+        shape = (num_layers, self.null_slot + 1, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size

@@ -55,7 +55,7 @@ class StepBatch:
     write_slots: torch.Tensor  # [T] cache index each new token's K/V goes to
     lora: "kernels.LoRAMapping"  # per-token adapter slot (-1 = base model)
     decode_rows: torch.Tensor  # [B] rows of single-token sequences
-    decode_kv_slots: torch.Tensor  # [B, C] cache index of their context, padded
+    decode_kv_slots: torch.Tensor  # [B, C] cache index of their context, padded with the cache's null slot
     decode_mask: torch.Tensor  # [B, 1, 1, C] True where a real context position
     prefills: list[PrefillSpan]
     logit_rows: torch.Tensor  # [N] rows whose next-token logits are wanted

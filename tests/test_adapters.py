@@ -64,3 +64,100 @@ def test_bad_files_are_refused(peft_adapters, shapes, tmp_path, tiny_model):
     embed = make_peft_adapter(tiny_model, tmp_path / "embed", seed=3, r=2, target_modules=["embed_tokens"])
     with pytest.raises(AdapterLoadError, match="unsupported tensor"):
         read_adapter("e", embed, shapes, 64, torch.float32)
+
+
+# ---- every number that reaches the device pool is finite --------------------------------------------
+
+
+def _copy_with_tensors(src, dst, change, whole_module=False):
+    """A copy of a PEFT adapter whose first tensor (or both of its first module's) went through
+    `change(name, tensor) -> tensor` in the safetensors file."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    path = dst / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    first = sorted(tensors)[0]
+    prefix = first.split(".lora_")[0] + ".lora_" if whole_module else first
+    save_file({name: change(name, t) if name.startswith(prefix) else t for name, t in tensors.items()}, str(path))
+    return dst
+
+
+def _set(index, value, dtype=None):
+    def change(name, tensor):
+        tensor = tensor.to(dtype or tensor.dtype).clone()
+        tensor.view(-1)[index] = value
+        return tensor
+    return change
+
+
+@pytest.mark.parametrize("change,dtype,fragment", [
+    (_set(0, float("nan")), torch.float32, "NaN or infinite"),
+    (_set(-1, float("inf")), torch.float32, "NaN or infinite"),
+    (_set(3, -float("inf"), torch.float16), torch.float32, "NaN or infinite"),
+    (_set(0, 1e39, torch.float64), torch.bfloat16, "overflows to infinity"),
+    (_set(0, 1e39, torch.float64), torch.float16, "overflows to infinity"),
+    (_set(0, 7e4), torch.float16, "overflows to infinity"),  # finite in float32, beyond float16's 65504
+    (lambda name, t: t.to(torch.int32), torch.float32, "floating point"),
+], ids=["nan", "inf", "fp16-minus-inf", "1e39-bf16", "1e39-fp16", "7e4-fp16", "int-weights"])
+def test_non_finite_weights_are_refused(peft_adapters, shapes, tmp_path, change, dtype, fragment):
+    path = _copy_with_tensors(peft_adapters["all-r8-rslora"], tmp_path / "a", change)
+    with pytest.raises(AdapterLoadError, match=fragment):
+        read_adapter("a", path, shapes, 64, dtype)
+
+
+def test_large_but_finite_weights_load_in_a_wide_pool(peft_adapters, shapes, tmp_path):
+    # The same 7e4 that float16 refuses is a legitimate float32 / bfloat16 value.
+    path = _copy_with_tensors(peft_adapters["all-r8-rslora"], tmp_path / "a", _set(0, 7e4))
+    for dtype in (torch.float32, torch.bfloat16):
+        weights = read_adapter("a", path, shapes, 64, dtype)
+        assert all(torch.isfinite(a).all() and torch.isfinite(b).all() for a, b, _ in weights.modules.values())
+
+
+@pytest.mark.parametrize("change,fragment", [
+    (dict(lora_alpha=float("nan")), "lora_alpha nan is not a finite number"),
+    (dict(lora_alpha=float("inf")), "lora_alpha inf is not a finite number"),
+    (dict(lora_alpha="16"), "lora_alpha '16' is not a finite number"),
+    (dict(lora_alpha=True), "lora_alpha True is not a finite number"),
+    (dict(lora_alpha=10**400), "is not a finite number"),
+    (dict(lora_alpha=1e300), "not finite in torch.float32"),  # the scale alpha / r overflows the pool's scales
+    (dict(alpha_pattern={"o_proj": float("inf")}), r"alpha_pattern\['o_proj'\] = inf"),
+    (dict(alpha_pattern={"o_proj": None}), r"alpha_pattern\['o_proj'\] = None"),
+    (dict(alpha_pattern=["o_proj"]), "alpha_pattern must be an object"),
+    (dict(alpha_pattern={"(": 2}), "not a valid regular expression"),
+    (dict(r=4.5), "r 4.5 is not a positive integer"),
+    (dict(r="4"), "r '4' is not a positive integer"),
+    (dict(r=0), "r 0 is not a positive integer"),
+    (dict(r=10**12), "its config declares 1000000000000"),
+    (dict(rank_pattern={"q_proj": -1}), r"rank_pattern\['q_proj'\] = -1"),
+    (dict(rank_pattern={"q_proj": 2}), "has rank 8, its config declares 2"),
+], ids=lambda v: str(v) if isinstance(v, str) else None)
+def test_bad_alphas_and_ranks_are_refused(peft_adapters, shapes, tmp_path, change, fragment):
+    path = _copy_with_config(peft_adapters["all-r8-rslora"], tmp_path / "a", **change)
+    with pytest.raises(AdapterLoadError, match=fragment):
+        read_adapter("a", path, shapes, 64, torch.float32)
+
+
+def test_zero_rank_weights_are_refused(peft_adapters, shapes, tmp_path):
+    path = _copy_with_tensors(peft_adapters["qv-r4"], tmp_path / "a",
+                              lambda name, t: (t[:0] if "lora_A" in name else t[:, :0]).contiguous(), whole_module=True)
+    with pytest.raises(AdapterLoadError, match="has rank 0"):
+        read_adapter("a", path, shapes, 64, torch.float32)
+
+
+def test_a_poisoned_adapter_fails_only_its_jobs(tiny_model, peft_adapters, tmp_path):
+    """Through the engine: the job gets `adapter_load_failed` with the reason; the base model still serves."""
+    from scheduler import AdapterSpec, GenerationRequest, SamplingParams
+
+    path = _copy_with_tensors(peft_adapters["qv-r4"], tmp_path / "nan", _set(0, float("nan")))
+    engine = Engine(str(tiny_model), EngineConfig(kv_cache_mb=4))
+    engine.register(AdapterSpec("nan@1", str(path)))
+    engine.start()
+    try:
+        bad = engine.generate(GenerationRequest("bad", "t", "nan@1", prompt="hello", params=SamplingParams(3)), 60)
+        good = engine.generate(GenerationRequest("good", "t", None, prompt="hello", params=SamplingParams(3)), 60)
+    finally:
+        engine.stop()
+    assert bad.status == "error" and bad.error_code == "adapter_load_failed", bad
+    assert "NaN or infinite" in bad.error_message
+    assert good.status == "ok"

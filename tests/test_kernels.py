@@ -324,6 +324,31 @@ def test_end_to_end_matches_dense_lora(gen):
         check("e2e", y, ref, torch.float16, backend, f"idx={idx.tolist()}")
 
 
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("pattern", ["decode", "prefill"])
+def test_nan_in_one_slot_stays_in_its_rows(gen, backend, pattern):
+    """A slot whose A, B and scale are NaN changes only its own tokens' rows: padded segments (the torch
+    path's single bmm), masked tile rows and split-K partial sums never carry it into another token."""
+    T, H_in, widths, R, L = (24, 48, [40, 24], 8, 4) if pattern == "decode" else (150, 72, [40, 24], 8, 3)
+    idx = make_idx(gen, T, L, pattern, p_none=0.2)
+    bad = int(idx[idx >= 0][0])
+    m = make_lora_mapping(idx, L)
+    x = torch.randn(T, H_in, generator=gen)
+    a = torch.randn(len(widths), L, R, H_in, generator=gen) / H_in ** 0.5
+    bs = [torch.randn(L, h, R, generator=gen) / R ** 0.5 for h in widths]
+    scale = torch.rand(len(widths), L, generator=gen) + 0.5
+    y0 = torch.randn(T, sum(widths), generator=gen)
+    clean = lora_expand(y0.clone(), lora_shrink(x, a, m, backend=backend), bs, m, scale, backend=backend)
+    a[:, bad] = torch.nan
+    for b in bs:
+        b[bad] = torch.nan
+    scale[:, bad] = torch.nan
+    y = lora_expand(y0.clone(), lora_shrink(x, a, m, backend=backend), bs, m, scale, backend=backend)
+    others = idx != bad
+    assert torch.isnan(y[~others]).all(), "the poisoned slot's own rows should be NaN (else the test shows nothing)"
+    assert torch.equal(y[others], clean[others]), f"NaN reached another slot's rows [seed={SEED} idx={idx.tolist()}]"
+
+
 def test_property_random_shapes(gen):
     """Many small random cases: every backend must agree with float64."""
     for case in range(40):

@@ -6,7 +6,8 @@
   passes their arrival time, with `Sequence.arrival` = the arrival time;
 * each `schedule(now)` → its `loads` go to a fake loader: a load issued at `now` completes at
   `now + latency(key)` and then calls `slots.loaded(key, True)`, or for a failing key
-  `scheduler.load_failed(key)` (and later jobs for that key are refused, as the engine does);
+  `scheduler.load_failed(key)` (and later jobs for that key are refused, as the engine does; so are
+  jobs `scheduler.admissible` says can never fit the KV cache);
 * a step with a non-empty batch takes `STEP_BASE_S + STEP_TOKEN_S * tokens` of simulated time,
   then `seq.num_computed += n`, and every sequence with `num_computed == num_tokens` gets one
   output token and is finished once it has `max_new_tokens` of them;
@@ -14,7 +15,8 @@
   waits on its wake event with a 5 ms timeout).
 
 Every step is checked against the invariants in `Sim._check_step`: device slots, adapter pinning,
-KV blocks, step token budget, running cap, liveness of decoding sequences. After the run every
+KV blocks, step token budget, running cap, liveness of decoding sequences; and against the KV
+reservation's promise (`Sim._check_reservation`, and every sequence finishes by its `done_by` step). After the run every
 submitted job must have ended exactly once (finished with all its tokens, expired, or failed).
 """
 
@@ -46,7 +48,7 @@ class Record:
     finished_at: float | None = None
     expired_at: float | None = None
     failed_at: float | None = None
-    rejected: bool = False  # refused at submit: its adapter already failed to load
+    rejected: bool = False  # refused at submit: its adapter already failed to load, or it can never fit the KV
 
     @property
     def ends(self) -> int:
@@ -134,7 +136,8 @@ class Sim:
             t, _, request = self._arrivals.pop(0)
             seq = Sequence(request, t)
             rec = self.records[request.id] = Record(seq)
-            if request.adapter in self._failed_keys:  # the engine answers these at once
+            # The engine answers these at once: the adapter already failed, or the job can never fit the KV.
+            if request.adapter in self._failed_keys or not self.sched.admissible(seq):
                 rec.rejected = True
                 seq.state = State.FINISHED
                 continue
@@ -172,8 +175,10 @@ class Sim:
         running_before = {id(s) for s in sched.running}
         waiting_before = list(sched.waiting)
 
+        step_index, head_before, at_before = sched.steps, sched.head, sched.reservation and sched.reservation.at
         step = sched.schedule(self.now)
         self.steps += 1
+        self._check_reservation(step_index, head_before, at_before)
         if step.expired or len(sched.running) != len(running_before) or step.loads:
             self.last_progress = self.now
 
@@ -229,11 +234,29 @@ class Sim:
                 if seq.first_token_at is None:
                     seq.first_token_at = self.now
                 if len(seq.output_ids) >= seq.request.params.max_new_tokens:
+                    # The worst-case finishing step the KV reservation relies on (core.py, 5.) holds.
+                    assert sched.steps <= seq.done_by, f"{seq.request.id} ran past its done_by step {seq.done_by}"
                     sched.finish(seq, self.now)
                     self.last_progress = self.now
                     rec = self.records[seq.request.id]
                     assert rec.finished_at is None
                     rec.finished_at = self.now
+
+    def _check_reservation(self, step_index: int, head_before, at_before) -> None:
+        """The KV reservation's promise (core.py, 5.): the reserved step never moves later, and the head is
+        admitted at that step at the latest, unless its adapter is not ready."""
+        sched, head, res = self.sched, self.sched.head, self.sched.reservation
+        if head is None:
+            assert res is None
+            return
+        assert res is not None and res.head is head and head.state is State.WAITING
+        if head is head_before:  # (once reached, the reserved step is "now": the head waits for its adapter)
+            assert res.at <= max(at_before, step_index), (
+                f"{head.request.id}'s reserved step moved from {at_before} to {res.at} at step {step_index}")
+        key = head.request.adapter
+        adapter_ready = key is None or (self.slots.is_ready(key) and self.slots.slot_of[key] not in sched.draining)
+        assert not (adapter_ready and step_index >= res.at), (
+            f"{head.request.id} not admitted at step {step_index}, past its reserved step {res.at}")
 
     def _check_step(self, step) -> None:
         sched, slots, blocks, limits = self.sched, self.slots, self.blocks, self.limits
@@ -343,10 +366,11 @@ def wait_bound(limits: SchedulerLimits, max_prompt: int, max_new: int, load_s: f
 
     max_wait_s        the job becomes overdue;
     + one step        the scheduler sees that at its next schedule() (a step or a 5 ms poll later);
-    + drain           an overdue job the KV cache keeps out holds back everything behind it, and one
-                      whose adapter has no slot gets an idle one or has a busy one drained (no new
-                      jobs join it); either way what it waits for is freed within the longest life
-                      of a sequence;
+    + drain           an overdue job the KV cache keeps out holds a reservation (nothing admitted
+                      may still run at its reserved step unless it fits in what is spare then), and
+                      one whose adapter has no slot gets an idle one or has a busy one drained (no
+                      new jobs join it); either way what it waits for is freed within the longest
+                      life of a sequence;
     + load_s          its adapter, if not resident, is loaded into the freed slot;
     + one step        it is admitted at the schedule() after the load completes.
     Assumes what the overdue jobs ahead of it need fits in one drain (≤ max_running jobs, ≤ slots
@@ -418,6 +442,78 @@ def test_bounded_wait_for_a_job_the_kv_cache_keeps_out(seed):
     # one and then also wait out its life: it holds 37 of the 40 blocks while it runs.
     others = bound + drain_bound(sim.limits, 280, 16)[1]
     assert max(waits.values()) <= others
+
+
+def kept_out_sim(seed: int) -> Sim:
+    """A long-running job `old` holds 39 of 64 blocks for ~7 s; `long` (33 blocks) arrives behind it and
+    cannot run until `old` ends; 200 four-token jobs (one block each) keep arriving meanwhile."""
+    rng = random.Random(seed)
+    sim = Sim(SchedulerLimits(**LIMITS), num_slots=4, num_blocks=64, block_size=16)
+    sim.submit(0.0, request("old", "t0", None, 16, 600))  # 616 tokens: 39 blocks, 600 decode steps
+    sim.submit(0.1, request("long", "t1", None, 500, 16))  # 516 tokens: 33 blocks > the 25 left
+    times = sorted(rng.uniform(0.2, 5.0) for _ in range(200))
+    for i, t in enumerate(times):
+        sim.submit(t, request(f"s{i}", f"t{i % 3}", f"a{rng.randrange(2)}@1", 4, 4))
+    return sim.run()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_short_jobs_are_not_held_behind_a_job_the_kv_cache_keeps_out(seed):
+    """The old rule held every admission behind an overdue job that did not fit (here ~7 s, for as long as
+    `old` ran); the reservation lets through whatever is done before `long` can start anyway."""
+    sim = kept_out_sim(seed)
+    waits = sim.waits()
+    short = {rid: w for rid, w in waits.items() if rid.startswith("s")}
+    assert len(short) == 200
+    worst = max(short, key=short.get)
+    bound = wait_bound(sim.limits, 4, 4, LOAD_S)
+    assert short[worst] <= bound, f"{worst} waited {short[worst]:.3f}s behind the long job, bound {bound:.3f}s"
+    # ... and the long job still starts at the first step after `old` frees its blocks.
+    old, long = sim.records["old"], sim.records["long"]
+    assert old.finished_at <= long.admitted_at <= old.finished_at + sim.max_step_seen + POLL_S
+
+
+def stream_sim(max_wait_s: float) -> Sim:
+    """A steady stream of 8-block jobs keeps 2-4 of them running in a 40-block cache: `long` (37 blocks)
+    never finds 37 free blocks unless admissions stop for it."""
+    sim = Sim(SchedulerLimits(**{**LIMITS, "max_wait_s": max_wait_s}), num_slots=4, num_blocks=40, block_size=8)
+    for i in range(300):  # one every 0.1 s for 30 s, each ~0.45 s long
+        sim.submit(0.1 * i, request(f"j{i}", f"t{i % 3}", f"a{i % 2}@1", 24, 40))
+    sim.submit(1.0, request("long", "t0", "a0@1", 280, 16))  # 296 tokens: 37 of the 40 blocks
+    return sim.run()
+
+
+def test_a_job_the_kv_cache_keeps_out_is_not_starved_by_a_stream():
+    # Without a reservation (no job is ever overdue) the stream starves it for as long as the stream lasts.
+    unreserved = stream_sim(1e9)
+    assert unreserved.waits()["long"] > 25.0
+    # With it: admitted by the step it reserved, i.e. once the jobs running when it became overdue end.
+    sim = stream_sim(LIMITS["max_wait_s"])
+    limits = sim.limits
+    step, life = drain_bound(limits, 24, 40)
+    waits = sim.waits()
+    assert waits["long"] <= limits.max_wait_s + step + life + step, f"long waited {waits['long']:.3f}s"
+    # The stream is held only while `long` waits for its blocks (less than one job's life), then shares
+    # the 3 blocks `long` leaves while it runs (its life); nobody else waits longer than that.
+    others = wait_bound(limits, 24, 40, LOAD_S) + drain_bound(limits, 280, 16)[1]
+    assert max(w for rid, w in waits.items() if rid != "long") <= others
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_job_that_can_never_fit_the_kv_cache_is_refused_and_holds_no_one(seed):
+    """Mind block rounding: 16 blocks of 8 are 128 tokens; a job of exactly 128 needs them all (and waits
+    for them), a job of 129 can never run and is refused at once. Before `admissible` the 129-token job
+    became overdue, did not fit, and held back every admission forever (the sim's hang check)."""
+    rng = random.Random(seed)
+    sim = Sim(SchedulerLimits(**LIMITS), num_slots=2, num_blocks=16, block_size=8)
+    for i, t in enumerate(poisson_times(rng, 20.0, 0.0, 3.0)):
+        sim.submit(t, request(f"j{i}", f"t{i % 2}", f"a{i % 3}@1", rng.randint(*PROMPT), rng.randint(*NEW)))
+    sim.submit(0.5, request("never", "t0", None, 120, 9))  # 129 tokens: 17 blocks
+    sim.submit(0.6, request("whole", "t1", None, 120, 8))  # 128 tokens: all 16 blocks
+    sim.run()
+    assert sim.records["never"].rejected and sim.records["never"].admitted_at is None
+    assert sim.records["whole"].finished_at is not None
+    assert len(sim.finished()) == len(sim.records) - 1
 
 
 FLOOD_LIMITS = dict(max_running=32, max_step_tokens=256, max_wait_s=0.25)
