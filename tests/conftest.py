@@ -53,3 +53,11 @@ def peft_adapters(tiny_model, tmp_path_factory) -> dict[str, Path]:
                                  rank_pattern={"down_proj": 4}, alpha_pattern={"o_proj": 64}),
     }
     return {name: make_peft_adapter(tiny_model, root / name, seed=i, **cfg) for i, (name, cfg) in enumerate(specs.items())}
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that uses the broker is a `kafka` test, so `pytest -m "not kafka"` is the fast suite.
+    Tests that start brokers of their own carry the mark explicitly."""
+    for item in items:
+        if "kafka" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.kafka)

@@ -15,8 +15,11 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+pytestmark = pytest.mark.kafka  # starts brokers of its own
 
 SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "local-kafka"
 ADDRESS = re.compile(r"127\.0\.0\.1:(\d+)\n")

@@ -75,7 +75,7 @@ def cmd_worker(args) -> int:
 
 
 def cmd_produce(args) -> int:
-    from worker.client import run, run_jobs
+    from worker.client import run_jobs
 
     source = open(args.file) if args.file != "-" else sys.stdin
     jobs = []
@@ -83,7 +83,7 @@ def cmd_produce(args) -> int:
         if line.strip():
             job_id = json.loads(line).get("id", f"line-{len(jobs)}")
             jobs.append((str(job_id), line.strip().encode()))
-    results = run(run_jobs(args.bootstrap_servers, args.jobs_topic, args.results_topic, jobs, args.timeout,
+    results = asyncio.run(run_jobs(args.bootstrap_servers, args.jobs_topic, args.results_topic, jobs, args.timeout,
                            on_result=lambda r: print(json.dumps(_plain(r)), flush=True)))
     missing = [job_id for job_id, _ in jobs if job_id not in results]
     if missing:
@@ -94,7 +94,7 @@ def cmd_produce(args) -> int:
 
 def _send_control(args, event) -> int:
     """Send one control event, signed when a control key is given; a bad key spec is a one-line error."""
-    from worker.client import publish_control, run
+    from worker.client import publish_control
     from worker.signing import ControlKeyError, ControlKeys
 
     signer = None
@@ -104,7 +104,7 @@ def _send_control(args, event) -> int:
         except ControlKeyError as exc:
             print(f"lorabus {args.command}: {exc}", file=sys.stderr)
             return 2
-    run(publish_control(args.bootstrap_servers, args.control_topic, [event], signer=signer))
+    asyncio.run(publish_control(args.bootstrap_servers, args.control_topic, [event], signer=signer))
     return 0
 
 

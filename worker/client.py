@@ -88,7 +88,3 @@ async def run_jobs(
     finally:
         await producer.stop()
         await consumer.stop()
-
-
-def run(coro):
-    return asyncio.run(coro)
