@@ -155,7 +155,7 @@ async def test_poison_records_fail_only_themselves(kafka, tiny_model, peft_adapt
 
     assert len(letters) == len(dead), [r.value[:40] for r in letters]
     huge = next(r for r in letters if dict(r.headers).get("x-dlq-truncated"))
-    assert int(dict(huge.headers)["x-dlq-truncated"]) == len(dead["no-id-huge"])
+    assert int(dict(huge.headers)["x-dlq-original-size"]) == len(dead["no-id-huge"])
     assert dead["no-id-huge"].startswith(huge.value) and len(huge.value) < len(dead["no-id-huge"])
     bad_key = next(r for r in letters if r.value == dead["no-id-bad-key"])
     assert dict(bad_key.headers)["x-dlq-code"] == b"invalid_job"

@@ -49,9 +49,11 @@ class Outgoing:
     """One record to produce in answer to a consumed one: its result or its dead letter."""
 
     topic: str
-    value: bytes
+    value: bytes | None
     key: bytes | None = None
     headers: list[tuple[str, bytes]] = field(default_factory=list)
+    dead_letter: bool = False  # refused as too large, it is sent as a truncated copy
+    if_too_large: "Outgoing | None" = None  # a result's smaller stand-in should the broker refuse it
 
 
 class AtLeastOnceOutput:
@@ -61,12 +63,15 @@ class AtLeastOnceOutput:
     async def deliver(self, outgoing: Outgoing, tp: TopicPartition, offset: int, offsets: PartitionOffsets) -> bool:
         """Send an answer; True once the broker holds it, False if the worker gave up (stopping)."""
         while True:
+            send = self.producer.send_dead_letter if outgoing.dead_letter else self.producer.send
             try:
-                sent = await self.producer.send(outgoing.topic, outgoing.value, key=outgoing.key,
-                                                headers=outgoing.headers)
+                sent = await send(outgoing.topic, outgoing.value, key=outgoing.key, headers=outgoing.headers)
             except PermanentSendError as exc:
-                # Not the record's fault (sizes are checked before): a topic deleted or not authorized.
-                # Keep the offset uncommitted and retry until an operator fixes it, loudly.
+                if exc.too_large and outgoing.if_too_large is not None:  # a topic with a smaller limit
+                    outgoing = outgoing.if_too_large
+                    continue
+                # Not the record's fault: a topic deleted or not authorized. Keep the offset
+                # uncommitted and retry until an operator fixes it, loudly.
                 log.error("cannot write to %s (%s); record %s@%d waits", outgoing.topic, exc, tp, offset)
                 try:
                     await asyncio.wait_for(self.stopping.wait(), RETRY_PERMANENT_S)

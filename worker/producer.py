@@ -225,20 +225,23 @@ def _throttle_metadata(producer: AIOKafkaProducer) -> AIOKafkaProducer:
 
 
 async def _close_producer(producer: AIOKafkaProducer, timeout: float | None) -> None:
-    """Flush and close; after `timeout` drop what is left (aiokafka has no close-without-flush)."""
+    """Flush and close; after `timeout` (or if cancelled) drop what is left unsent (aiokafka has
+    no close-without-flush, so its last steps are done here: sender task cancelled, client closed)."""
+    flushed = False
     try:
         await asyncio.wait_for(producer.stop(), timeout)
-        return
+        flushed = True
     except Exception as exc:  # including the timeout: the broker did not take the rest
         log.debug("producer close: %r; dropping its unsent records", exc)
-    # What stop() does after its flush (sender task cancelled, connections closed).
-    task = getattr(getattr(producer, "_sender", None), "sender_task", None)
-    if task is not None and not task.done():
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(task, STOP_TIMEOUT_S)
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(producer.client.close(), STOP_TIMEOUT_S)
+    finally:
+        if not flushed:
+            task = getattr(getattr(producer, "_sender", None), "sender_task", None)
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(task, STOP_TIMEOUT_S)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.client.close(), STOP_TIMEOUT_S)
 
 
 class ResultProducer:
@@ -286,9 +289,9 @@ class ResultProducer:
         self._halt = asyncio.get_running_loop().create_future()
         self._watch = asyncio.create_task(self._watch_stopping())
 
-    async def stop(self) -> None:
-        """Make pending sends return False, flush what the producers hold (STOP_TIMEOUT_S each),
-        close them. Sends that must land should be awaited before this."""
+    async def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Make pending sends return False, let each producer flush what it holds for up to
+        `timeout` s, close them. Sends that must land should be awaited before this."""
         if self._closed:
             return
         self._closed = True
@@ -297,10 +300,10 @@ class ResultProducer:
             self._swap.cancel()
             await asyncio.gather(self._swap, return_exceptions=True)
         if self._producer is not None:
-            await _close_producer(self._producer, STOP_TIMEOUT_S)
+            await _close_producer(self._producer, timeout)
             self._producer = None
         if self._retiring:
-            await asyncio.wait(self._retiring, timeout=STOP_TIMEOUT_S)
+            await asyncio.wait(self._retiring, timeout=timeout)
             for task in self._retiring:
                 task.cancel()
             await asyncio.gather(*self._retiring, return_exceptions=True)
@@ -338,10 +341,11 @@ class ResultProducer:
             producer = self._producer
             if producer is None:     # a replacement gave up because we are stopping
                 return False
-            if attempts == 1:
-                self.sends_retried += 1
-                self._trouble_sends += 1
-            self.retries += attempts > 0
+            if attempts:
+                self.retries += 1
+                if attempts == 1:
+                    self.sends_retried += 1
+                    self._trouble_sends += 1
             attempts += 1
             delivery = None
             try:
@@ -362,24 +366,22 @@ class ResultProducer:
                 self.permanent_errors += 1
                 raise
             except Exception as exc:
-                # A failed delivery leaves a gap in the partition's sequence (see module docstring).
-                broken = delivery is not None or isinstance(exc, BROKEN_ERRORS)
+                # A failed delivery leaves a gap in the partition's sequence (module docstring).
+                if delivery is not None or isinstance(exc, BROKEN_ERRORS):
+                    self._replace(producer, exc)
                 if isinstance(exc, PERMANENT_ERRORS):
-                    if broken:
-                        self._replace(producer, exc)
                     self.permanent_errors += 1
                     raise PermanentSendError(topic, exc) from exc
-                if not (broken or isinstance(exc, TRANSIENT_ERRORS) or getattr(exc, "retriable", False)):
+                transient = isinstance(exc, BROKEN_ERRORS + TRANSIENT_ERRORS) or getattr(exc, "retriable", False)
+                if not transient:
                     if not isinstance(exc, E.KafkaError):
                         raise       # not Kafka's: a bug in the caller (e.g. value not bytes)
-                    # An error aiokafka cannot recover from: one fresh producer per error kind;
-                    # if that fails the same way, the record is the problem.
+                    # An error of no known kind: one fresh producer per kind; if the record fails
+                    # the same way on it, the record is the problem.
                     if type(exc) in unexplained:
                         self.permanent_errors += 1
                         raise PermanentSendError(topic, exc) from exc
                     unexplained.add(type(exc))
-                    broken = True
-                if broken:
                     self._replace(producer, exc)
                 self._trouble(type(exc).__name__, "Kafka send to %s failed, retrying: %r", topic, exc)
             if not await self._sleep(delay * random.uniform(0.5, 1.0)):

@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from scheduler import AdapterSpec, Completion, Engine, GenerationRequest, SamplingParams
+from scheduler import AdapterSpec, Completion, Engine, Request, SamplingParams
 from schemas import (DECODE_ERRORS, AdapterActivate, AdapterPublish, ErrorInfo, Job, JobError, JobResult, Usage, decode_control,
                      decode_job, encode, error_result)
 from worker import kafka_records
@@ -33,7 +33,7 @@ from worker.offsets import PartitionOffsets
 from worker.registry import AdapterRegistry, ResolvedAdapter
 from worker.signing import ControlKeys
 from worker.output import AtLeastOnceOutput, Outgoing, TransactionalOutbox
-from worker.producer import ResultProducer
+from worker.producer import ResultProducer, truncated_copy
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,9 @@ INLINE_DECODE_BYTES = 64 << 10
 # How stale the list of existing topics may be when a job's reply_to names one it does not hold.
 TOPICS_REFRESH_S = 1.0
 # Kafka refuses records over its message.max.bytes (1 MiB by default): an answer larger than this is
-# replaced by a smaller one (an error result, or a dead letter cut to DLQ_TRUNCATED_BYTES).
+# replaced by a smaller one before sending (an error result, or a truncated copy of a dead letter);
+# a topic with a smaller limit gets the same replacement when it refuses the record.
 MAX_OUTGOING_BYTES = 1_000_000
-DLQ_TRUNCATED_BYTES = 64 << 10
 DLQ_REASON_BYTES = 4096
 # After a failed fetch of the control topic (broker away), wait this long before the next one.
 CONTROL_RETRY_S = 1.0
@@ -403,7 +403,7 @@ class Worker:
     async def _generate(self, job: Job, resolved: ResolvedAdapter | None) -> Completion:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Completion] = loop.create_future()
-        request = GenerationRequest(
+        request = Request(
             id=job.id, tenant=job.tenant, adapter=resolved.key if resolved else None,
             prompt=job.prompt, prompt_ids=job.prompt_ids,
             params=SamplingParams(job.max_new_tokens, job.temperature, job.top_p, job.top_k, job.seed, tuple(job.stop)),
@@ -440,11 +440,12 @@ class Worker:
         return None
 
     def _result_record(self, result: JobResult, reply_to: str | None) -> Outgoing:
-        value = encode(result)
-        if len(value) > MAX_OUTGOING_BYTES:  # a result the broker would refuse: answer that instead
-            value = encode(self._error_like(result, "internal", f"the result is {len(value)} bytes, over the "
-                                            f"{MAX_OUTGOING_BYTES}-byte limit of a Kafka record"))
-        return Outgoing(reply_to or self.config.results_topic, value, result.id.encode())
+        topic, key, value = reply_to or self.config.results_topic, result.id.encode(), encode(result)
+        too_large = Outgoing(topic, encode(self._error_like(
+            result, "internal", f"the result is {len(value)} bytes, more than its topic accepts")), key)
+        if len(value) > MAX_OUTGOING_BYTES:  # over Kafka's default limit: don't even try
+            return too_large
+        return Outgoing(topic, value, key, if_too_large=too_large)
 
     def _error_like(self, result: JobResult, code: str, message: str) -> JobResult:
         return JobResult(id=result.id, status="error", adapter=result.adapter, adapter_version=result.adapter_version,
@@ -467,10 +468,8 @@ class Worker:
         value, key = record.value, record.key
         size = len(value or b"") + len(key or b"") + sum(len(k) + len(v or b"") for k, v in headers)
         if size > MAX_OUTGOING_BYTES:  # keep its coordinates and a prefix, so its offset can still commit
-            headers = [(k, v) for k, v in headers if len(v or b"") <= DLQ_TRUNCATED_BYTES]
-            headers.append(("x-dlq-truncated", str(len(value or b"")).encode()))
-            value, key = (value or b"")[:DLQ_TRUNCATED_BYTES], (key or b"")[:DLQ_TRUNCATED_BYTES] or None
-        return Outgoing(self.config.dlq_topic, value, key, headers)
+            value, key, headers = truncated_copy(value, key, headers)
+        return Outgoing(self.config.dlq_topic, value, key, headers, dead_letter=True)
 
     # ---- commits ----------------------------------------------------------------------------------
 

@@ -1,0 +1,428 @@
+"""worker/producer.py against a real Kafka 4.4 broker that these tests start, stop and restart
+themselves (own data dir and port; the shared session broker is never touched).
+
+The outage lasts LORABUS_OUTAGE_S seconds (default 15): `LORABUS_OUTAGE_S=60 python -m pytest -s
+tests/test_producer_kafka.py -k outage` reproduces the 60 s outage that was measured in production.
+"""
+
+import asyncio
+import collections
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import errors as E
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from worker import producer as wp
+from worker.producer import (DEAD_LETTER_VALUE_BYTES, ORIGINAL_SIZE_HEADER, TRUNCATED_HEADER,
+                             PermanentSendError, ResultProducer, truncated_copy)
+
+SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "local-kafka"
+OUTAGE_S = float(os.environ.get("LORABUS_OUTAGE_S", "15"))
+SEND_RATE = 20          # sends started per second, before, during and after the outage
+VALUE_BYTES = 1000      # ~ a result with a few hundred token ids
+BIG = 2 * 1024 * 1024   # over the broker's default max.message.bytes (1 MiB)
+# Warning/error lines allowed per LOG_EVERY_S window of the outage: each kind of trouble (ours:
+# stalled, connection error, recreate; aiokafka's: connect, metadata, produce response, ...) may
+# speak once per window. Without the limits aiokafka alone wrote ~40 lines/s, and ~8,000/s while
+# its sender spun on an unknown leader.
+LINES_PER_WINDOW = 10
+# aiokafka's attempts per second while the broker is down, counting the lines the limiter held
+# back: its sender refreshed metadata ~8,000 times a second before worker/producer.py spaced them.
+AIOKAFKA_ATTEMPTS_PER_S = 20
+# A send that should succeed at once but takes longer fails the test instead of hanging it.
+SEND_TIMEOUT_S = 30
+SUPPRESSED = re.compile(r"\[(\d+) similar lines suppressed")
+
+
+class Broker:
+    """A private broker: deploy/local-kafka on its own data dir, restartable on the same port."""
+
+    def __init__(self, data: Path):
+        self.data = data
+        self.port = 0
+        self.bootstrap = None
+
+    def start(self) -> float:
+        t0 = time.monotonic()
+        out = subprocess.run([sys.executable, str(SCRIPT), "start", "--port", str(self.port), "--data", str(self.data)],
+                             check=True, capture_output=True, text=True, timeout=300)
+        self.bootstrap = out.stdout.strip().splitlines()[-1]
+        self.port = int(self.bootstrap.rsplit(":", 1)[1])
+        return time.monotonic() - t0
+
+    def stop(self) -> float:
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, str(SCRIPT), "stop", "--data", str(self.data)], check=True,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+        return time.monotonic() - t0
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    b = Broker(tmp_path_factory.mktemp("producer-kafka"))
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture
+def up(broker):
+    """The broker, running (a test that stopped it left it stopped only if it failed midway)."""
+    broker.start()   # reports the running broker, or restarts it on the same port and data
+    return broker
+
+
+async def make_topic(bootstrap, partitions=3) -> str:
+    topic = f"p-{uuid.uuid4().hex[:10]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, partitions, 1)])
+    finally:
+        await admin.close()
+    return topic
+
+
+async def read_all(bootstrap, topic, expect: int, timeout=60.0):
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False, fetch_max_bytes=8 << 20, max_partition_fetch_bytes=8 << 20)
+    await consumer.start()
+    records = []
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            fetched = [r for batch in (await consumer.getmany(timeout_ms=500)).values() for r in batch]
+            records += fetched
+            if len(records) >= expect and not fetched:   # all expected, then a quiet fetch: no more
+                break
+    finally:
+        await consumer.stop()
+    return records
+
+
+async def within(aw, seconds=SEND_TIMEOUT_S):
+    return await asyncio.wait_for(aw, seconds)
+
+
+def warnings_between(caplog, t0: float, t1: float):
+    return [r for r in caplog.records if r.levelno >= logging.WARNING and t0 <= r.created <= t1]
+
+
+# ---- (1) an outage under load: every send lands, logs stay quiet -----------------------------------
+
+@pytest.mark.kafka
+async def test_outage_every_send_acknowledged(up, caplog):
+    topic = await make_topic(up.bootstrap)
+    stopping = asyncio.Event()
+    rp = ResultProducer(up.bootstrap, stopping)
+    await rp.start()
+    sent, tasks, acked_at = [], [], {}
+    generating = True
+
+    async def one(i):
+        value = f"v{i:06d}-".encode().ljust(VALUE_BYTES, b"x")
+        sent.append(value)
+        ok = await rp.send(topic, value, key=f"j-{i}".encode())
+        acked_at[i] = time.monotonic()
+        return ok
+
+    async def generate():
+        i = 0
+        while generating:
+            tasks.append(asyncio.create_task(one(i)))
+            i += 1
+            await asyncio.sleep(1 / SEND_RATE)
+
+    try:
+        gen = asyncio.create_task(generate())
+        await asyncio.sleep(2)
+        wall0 = time.time()
+        stop_s = await asyncio.to_thread(up.stop)
+        down_at = time.monotonic()
+        in_flight_at_stop = sum(not t.done() for t in tasks)
+        await asyncio.sleep(OUTAGE_S)
+        outage_sends = len(tasks)
+        outage_tasks = list(tasks)
+        restart_at = time.monotonic()
+        restart_s = await asyncio.to_thread(up.start)
+        back_at = time.monotonic()
+        await asyncio.wait(outage_tasks, timeout=120)
+        recovered_at = time.monotonic()
+        await asyncio.sleep(3)
+        generating = False
+        await gen
+        results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+        done_at = time.monotonic()
+        wall1 = time.time()
+    finally:
+        stopping.set()
+        await rp.stop()
+
+    assert all(results), f"{results.count(False)} sends returned False"
+    records = await read_all(up.bootstrap, topic, len(sent))
+    counts = collections.Counter(r.value for r in records)
+    missing = [v[:8] for v in sent if counts[v] == 0]
+    dups = {v[:8].decode(): n for v, n in counts.items() if n > 1}
+    lines = warnings_between(caplog, wall0, wall1)
+    by_kind = collections.Counter((r.name, r.levelname, str(r.msg)[:50]) for r in lines)
+    aiokafka_lines = [r for r in lines if r.name.startswith("aiokafka")]
+    attempts = len(aiokafka_lines) + sum(int(m.group(1)) for r in aiokafka_lines
+                                         for m in [SUPPRESSED.search(r.getMessage())] if m)
+    print(f"\noutage {OUTAGE_S:g} s (broker stop took {stop_s:.1f} s, restart {restart_s:.1f} s); "
+          f"{len(sent)} sends, {in_flight_at_stop} in flight at stop, {outage_sends} started before restart; "
+          f"all True; read {len(records)} records, {len(missing)} missing, {len(dups)} duplicated {dups}; "
+          f"sends_retried={rp.sends_retried} retries={rp.retries} stalls={rp.stalls} recreations={rp.recreations}; "
+          f"every send started before the restart acknowledged {recovered_at - restart_at:.1f} s after the restart "
+          f"began, {recovered_at - back_at:.1f} s after local-kafka reported it ready; "
+          f"{len(lines)} WARNING+ lines in {wall1 - wall0:.0f} s, standing for {attempts} aiokafka failures:")
+    for kind, n in by_kind.most_common():
+        print(f"  {n:4d}  {kind}")
+    for r in lines:
+        if r.name == wp.__name__ and ("recovered" in str(r.msg) or "replacing" in str(r.msg)):
+            print("  >", r.getMessage())
+    assert not missing, missing
+    assert in_flight_at_stop > 0 and outage_sends - in_flight_at_stop > OUTAGE_S * SEND_RATE / 2
+    windows = (wall1 - wall0) / wp.LOG_EVERY_S + 1
+    assert len(lines) <= LINES_PER_WINDOW * windows, by_kind
+    # no line per failed send: even the noisiest kind speaks about once per window
+    assert max(by_kind.values()) <= windows + 1, by_kind
+    assert any("recovered" in str(r.msg) for r in lines)
+    assert attempts <= AIOKAFKA_ATTEMPTS_PER_S * (wall1 - wall0)
+    assert rp.stalls > 0 and recovered_at - back_at < 30 and done_at - back_at < 60
+
+
+# ---- (2) stopping during an outage -------------------------------------------------------------------
+
+@pytest.mark.kafka
+async def test_stopping_during_outage_returns_false_promptly(up):
+    topic = await make_topic(up.bootstrap)
+    stopping = asyncio.Event()
+    rp = ResultProducer(up.bootstrap, stopping)
+    await rp.start()
+    try:
+        assert await rp.send(topic, b"before", key=b"k")
+        await asyncio.to_thread(up.stop)
+        pending = [asyncio.create_task(rp.send(topic, b"during-%d" % i, key=b"k%d" % i)) for i in range(20)]
+        await asyncio.sleep(2)
+        assert not any(t.done() for t in pending)    # nothing can be acknowledged now
+        t0 = time.monotonic()
+        stopping.set()
+        results = await asyncio.wait_for(asyncio.gather(*pending), timeout=10)
+        took = time.monotonic() - t0
+        late = await rp.send(topic, b"after-stopping")
+        print(f"\nstopping set during the outage: {len(results)} sends returned {set(results)} in {took:.2f} s")
+        assert results == [False] * len(pending) and late is False
+        assert took < 1.0
+        t0 = time.monotonic()
+    finally:
+        await rp.stop()   # broker still down: must not hang on the unsent records
+    stop_took = time.monotonic() - t0
+    print(f"stop() with the broker down took {stop_took:.1f} s")
+    assert stop_took < wp.STOP_TIMEOUT_S * 2 + 5
+    with pytest.raises(RuntimeError):
+        await rp.send(topic, b"closed")
+
+
+# ---- (3) records too large for the broker ------------------------------------------------------------
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("where", ["client", "broker"])
+async def test_too_large_is_permanent_and_truncated_copy_lands(up, where):
+    topic = await make_topic(up.bootstrap, partitions=1)
+    # "client": aiokafka's max_request_size (1 MiB) refuses it before sending; "broker": the
+    # client lets 4 MiB through and the broker's max.message.bytes (1 MiB) refuses it.
+    options = {"max_request_size": 4 << 20} if where == "broker" else {}
+    rp = ResultProducer(up.bootstrap, asyncio.Event(), **options)
+    await rp.start()
+    big = b"B" * BIG
+    headers = [("x-dlq-code", b"internal"), ("huge", b"h" * 100_000), ("x-dlq-offset", b"7")]
+    try:
+        with pytest.raises(PermanentSendError) as info:
+            await within(rp.send(topic, big, key=b"big", headers=headers))
+        assert info.value.too_large and isinstance(info.value.cause, E.MessageSizeTooLargeError)
+        assert rp.permanent_errors == 1
+        t0 = time.monotonic()
+        assert await within(rp.send_dead_letter(topic, big, key=b"big", headers=headers))
+        assert await within(rp.send(topic, b"next", key=b"n"))   # same partition: still usable
+        took = time.monotonic() - t0
+        print(f"\n{where}-side refusal: {info.value}; truncated copy and next send acknowledged in {took:.2f} s, "
+              f"recreations={rp.recreations}")
+        assert rp.truncated == 1
+        # Each refusal by the broker (the send, then the full dead letter) leaves a sequence gap:
+        # the producer is replaced each time. A refusal by the client leaves none.
+        assert rp.recreations == (2 if where == "broker" else 0)
+    finally:
+        await rp.stop()
+    records = await read_all(up.bootstrap, topic, 2)
+    assert [r.value for r in records] == [big[:DEAD_LETTER_VALUE_BYTES], b"next"]
+    got = dict(records[0].headers)
+    assert got[TRUNCATED_HEADER] == b"value,headers" and got[ORIGINAL_SIZE_HEADER] == str(BIG).encode()
+    assert got["x-dlq-code"] == b"internal" and got["x-dlq-offset"] == b"7" and "huge" not in got
+
+
+# ---- (4) a broken idempotent producer is replaced --------------------------------------------------
+
+@pytest.mark.kafka
+async def test_broken_producer_is_recreated(up):
+    """The real broken state: the broker refuses a batch (too large) after aiokafka numbered it;
+    every later batch on that partition gets OutOfOrderSequenceNumber (the same gap a batch
+    expired after an outage leaves). Raw aiokafka stays broken,
+    ResultProducer replaces its producer and delivers."""
+    topic = await make_topic(up.bootstrap, partitions=1)
+    raw = AIOKafkaProducer(bootstrap_servers=up.bootstrap, enable_idempotence=True, max_request_size=4 << 20)
+    await raw.start()
+    try:
+        # The broker keeps sequence state only once it has written something for this producer.
+        await raw.send_and_wait(topic, b"raw-first")
+        with pytest.raises(E.MessageSizeTooLargeError):
+            await raw.send_and_wait(topic, b"B" * BIG)
+        raw_errors = []
+        for i in range(3):
+            with pytest.raises(E.OutOfOrderSequenceNumber):
+                await raw.send_and_wait(topic, b"raw-%d" % i)
+            raw_errors.append("OutOfOrderSequenceNumber")
+    finally:
+        await raw.stop()
+
+    rp = ResultProducer(up.bootstrap, asyncio.Event(), max_request_size=4 << 20)
+    await rp.start()
+    try:
+        assert await within(rp.send(topic, b"first"))
+        with pytest.raises(PermanentSendError):
+            await within(rp.send(topic, b"B" * BIG))
+        results = await within(asyncio.gather(*(rp.send(topic, b"ok-%d" % i) for i in range(30))))
+    finally:
+        await rp.stop()
+    print(f"\nraw aiokafka after the refusal: {raw_errors}; ResultProducer: {results.count(True)}/30 acknowledged, "
+          f"recreations={rp.recreations}, sends_retried={rp.sends_retried}")
+    # Replaced as soon as the refused delivery left the gap, so no later send even saw the error.
+    assert all(results) and rp.recreations == 1 and rp.sends_retried == 0
+    values = collections.Counter(r.value for r in await read_all(up.bootstrap, topic, 30))
+    assert all(values[b"ok-%d" % i] >= 1 for i in range(30))
+
+
+class _FailOnce(AIOKafkaProducer):
+    """A fake, for the recreate path only: a real producer whose first send fails the way a broken
+    idempotent producer does (these errors cannot be provoked at will against one broker). The
+    first `failing` producers made fail so; the later ones are plain."""
+
+    made: list = []
+    error: type = E.UnknownProducerId
+    in_delivery = True
+    failing = 1
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.fails = len(_FailOnce.made) < _FailOnce.failing
+        _FailOnce.made.append(self)
+
+    async def send(self, *args, **kw):
+        if self.fails:
+            self.fails = False
+            if not self.in_delivery:
+                raise self.error()
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_exception(self.error())
+            return fut
+        return await super().send(*args, **kw)
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("error,in_delivery", [(E.UnknownProducerId, True), (E.InvalidProducerEpoch, False),
+                                               (E.OutOfOrderSequenceNumber, True), (E.UnknownError, True)])
+async def test_recreate_path_with_fake_failure(up, error, in_delivery):
+    topic = await make_topic(up.bootstrap, partitions=1)
+    _FailOnce.made, _FailOnce.error, _FailOnce.in_delivery, _FailOnce.failing = [], error, in_delivery, 1
+    rp = ResultProducer(up.bootstrap, asyncio.Event(), producer_factory=_FailOnce)
+    await rp.start()
+    try:
+        assert await within(rp.send(topic, b"first", key=b"a"))
+        assert await within(rp.send(topic, b"second", key=b"b"))
+    finally:
+        await rp.stop()
+    assert rp.recreations == 1 and len(_FailOnce.made) == 2 and _FailOnce.made[0]._closed
+    assert rp.sends_retried == 1
+    assert [r.value for r in await read_all(up.bootstrap, topic, 2)] == [b"first", b"second"]
+
+
+@pytest.mark.kafka
+async def test_unknown_error_on_a_fresh_producer_too_is_permanent(up):
+    """A fake as above: an error of no known kind gets one fresh producer; failing the same way
+    there, it is the record's (no endless recreations)."""
+    topic = await make_topic(up.bootstrap, partitions=1)
+    _FailOnce.made, _FailOnce.error, _FailOnce.in_delivery, _FailOnce.failing = [], E.UnknownError, True, 2
+    rp = ResultProducer(up.bootstrap, asyncio.Event(), producer_factory=_FailOnce)
+    await rp.start()
+    try:
+        with pytest.raises(PermanentSendError) as info:
+            await within(rp.send(topic, b"poison"))
+        assert await within(rp.send(topic, b"fine"))
+    finally:
+        await rp.stop()
+    assert isinstance(info.value.cause, E.UnknownError) and not info.value.too_large
+    assert rp.recreations == 2 and rp.permanent_errors == 1   # the second failure's gap: replaced again
+    assert [r.value for r in await read_all(up.bootstrap, topic, 1)] == [b"fine"]
+
+
+# ---- topics that cannot take the record ------------------------------------------------------------
+
+@pytest.mark.kafka
+async def test_missing_or_invalid_topic_is_permanent_quickly(up):
+    rp = ResultProducer(up.bootstrap, asyncio.Event())
+    await rp.start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(PermanentSendError) as missing:
+            await within(rp.send(f"missing-{uuid.uuid4().hex[:8]}", b"v"))
+        took = time.monotonic() - t0
+        with pytest.raises(PermanentSendError) as invalid:
+            await within(rp.send("no spaces allowed", b"v"))
+        assert not await rp.topic_exists(f"missing-{uuid.uuid4().hex[:8]}")
+        assert await rp.topic_exists(await make_topic(up.bootstrap))
+    finally:
+        await rp.stop()
+    print(f"\nmissing topic refused in {took:.2f} s: {missing.value}; invalid: {invalid.value}")
+    assert isinstance(missing.value.cause, E.UnknownTopicOrPartitionError) and took < 5
+    assert isinstance(invalid.value.cause, E.InvalidTopicError) and not missing.value.too_large
+
+
+# ---- no broker needed --------------------------------------------------------------------------------
+
+def test_truncated_copy_rules():
+    small = truncated_copy(b"v" * 10, b"k", [("a", b"1")])
+    assert small.value == b"v" * 10 and small.key == b"k"
+    assert small.headers == [("a", b"1"), (TRUNCATED_HEADER, b""), (ORIGINAL_SIZE_HEADER, b"10")]
+    big = truncated_copy(b"v" * 100, b"k" * 5000, [("x", b"y" * 20_000), ("z", b"1")], limit=40)
+    assert big.value == b"v" * 40 and len(big.key) == wp.DEAD_LETTER_KEY_BYTES
+    assert dict(big.headers) == {"z": b"1", TRUNCATED_HEADER: b"value,key,headers", ORIGINAL_SIZE_HEADER: b"100"}
+    assert truncated_copy(None).headers[-1] == (ORIGINAL_SIZE_HEADER, b"0")
+
+
+def test_aiokafka_log_lines_are_rate_limited(caplog):
+    wp.install_log_limits()
+    wp.install_log_limits()   # idempotent
+    noisy = logging.getLogger("aiokafka")
+    assert noisy.filters.count(wp._LOG_FILTER) == 1
+    wp._LOG_FILTER.limiter.last.clear()
+    wp._LOG_FILTER.limiter.held.clear()
+    for i in range(500):
+        noisy.error("Unable connect to node with id %s: %s", 1, f"refused {i}")
+        logging.getLogger("aiokafka.producer.sender").warning("Got error produce response: %s", i)
+    noisy.info("not limited %s", 1)
+    noisy.info("not limited %s", 2)
+    lines = [r for r in caplog.records if r.name.startswith("aiokafka")]
+    assert [r.levelname for r in lines] == ["ERROR", "WARNING", "INFO", "INFO"]
+    wp._LOG_FILTER.limiter.last.clear()   # as if LOG_EVERY_S had passed
+    noisy.error("Unable connect to node with id %s: %s", 1, "again")
+    assert "499 similar lines suppressed" in caplog.records[-1].getMessage()
