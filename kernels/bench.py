@@ -38,8 +38,10 @@ import torch
 
 from . import lora_expand, lora_shrink, make_lora_mapping
 
+# Benchmark shapes, not read from any model (kernels imports nothing of lorabus): a 7B-class layer's
+# LoRA groups as the adapter pool lays them out (scheduler/arch.py GROUPS).
 HIDDEN, KV, MLP = 4096, 1024, 11008
-PROJECTIONS = {  # name: (H_in, [H_out per slice])
+BENCH_SHAPES = {  # group: (H_in, [H_out per slice])
     "qkv": (HIDDEN, [HIDDEN, KV, KV]),
     "o": (HIDDEN, [HIDDEN]),
     "gate_up": (HIDDEN, [MLP, MLP]),
@@ -145,7 +147,7 @@ def run(args) -> dict:
         m = make_lora_mapping(idx, A)
         mappings.append({"phase": phase, "tokens": T, "adapters": A, "us": mapping_s * 1e6})
         for R in ranks:
-            for proj, (H_in, widths) in PROJECTIONS.items():
+            for proj, (H_in, widths) in BENCH_SHAPES.items():
                 S, W = len(widths), sum(widths)
                 x = torch.randn(T, H_in, device=device, dtype=dtype)
                 a = (torch.randn(S, A, R, H_in, device=device) / H_in ** 0.5).to(dtype)

@@ -1,9 +1,12 @@
 """Reading PEFT LoRA adapters from disk into host memory, with every unsupported option refused.
 
 An adapter directory holds `adapter_config.json` and `adapter_model.safetensors` (PEFT's layout).
-`read_adapter` validates both against the base model's shapes and returns `AdapterWeights`: per
-(layer, projection) the A and B matrices and the scale PEFT would apply (`lora_alpha / r`, or
-`lora_alpha / sqrt(r)` with rsLoRA; `rank_pattern` / `alpha_pattern` honoured per module).
+`read_adapter` validates both against the base model's shapes and LoRA targets (`ModelShapes`, from
+scheduler/arch.py) and returns `AdapterWeights`: per (layer, projection slice) the A and B matrices and
+the scale PEFT would apply (`lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA; `rank_pattern` /
+`alpha_pattern` honoured per module). A LoRA on a fused module (Phi-3's `qkv_proj`, `gate_up_proj`) has
+one A and a B whose rows span the fused output: each slice gets that A and its own rows of B, which is
+the same update, since B·A·x split by rows is each slice's rows of B times the shared A·x.
 Every number that reaches the device pool is finite: weights with NaN or inf (in the file, or once cast
 to the pool's dtype), a non-numeric or non-finite alpha, a rank that is not a positive integer (or
 differs from what the config declares), and a scale that is not finite in float32 (the pool's scale
@@ -22,17 +25,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-# Projections of a Llama-family decoder layer that an adapter may target, and where they sit.
-PROJECTIONS = {
-    "q_proj": "self_attn",
-    "k_proj": "self_attn",
-    "v_proj": "self_attn",
-    "o_proj": "self_attn",
-    "gate_proj": "mlp",
-    "up_proj": "mlp",
-    "down_proj": "mlp",
-}
-_KEY = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+from scheduler.arch import ModelShapes  # noqa: F401 (read_adapter's parameter type; importable from here as before)
+
+# PEFT's tensor names: `base_model.model.<module>.lora_A[.<adapter name>].weight`; the module within a
+# layer (`self_attn.qkv_proj`) is what the base model's LoRA targets list.
+PEFT_PREFIX = "base_model.model."
+_KEY = re.compile(r"layers\.(\d+)\.(\w+(?:\.\w+)*?)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 # Config options whose non-default values change the math; we refuse them rather than serve wrong output.
 _UNSUPPORTED = {
     "use_dora": (False, None),
@@ -56,17 +54,10 @@ class AdapterLoadError(Exception):
     """The adapter cannot be served; the message says why (it reaches the job's error result)."""
 
 
-@dataclass(frozen=True)
-class ModelShapes:
-    """What an adapter must fit: per projection its (in_features, out_features), and the layer count."""
-
-    num_layers: int
-    projections: dict[str, tuple[int, int]]
-
-
 @dataclass
 class AdapterWeights:
-    """One adapter in host memory: {(layer, projection): (A [r, in], B [out, r], scale)}."""
+    """One adapter in host memory: {(layer, projection slice): (A [r, in], B [out, r], scale)}.
+    The slices of a fused target share one A tensor and hold views of one B."""
 
     key: str
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]
@@ -74,7 +65,9 @@ class AdapterWeights:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b, _ in self.modules.values())
+        # A shared A counts once; B's slices are views at distinct offsets that add up to B.
+        tensors = {(t.data_ptr(), t.nbytes) for a, b, _ in self.modules.values() for t in (a, b)}
+        return sum(nbytes for _, nbytes in tensors)
 
 
 def _pattern_value(key: str, patterns: dict, module_name: str, default):
@@ -172,45 +165,57 @@ def read_adapter(
         raise AdapterLoadError(f"{key}: unreadable adapter_model.safetensors: {exc}") from None
 
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    module_names: dict[tuple[int, str], str] = {}
     for name, tensor in tensors.items():
         match = _KEY.search(name)
         if match is None:
             raise AdapterLoadError(f"{key}: unsupported tensor {name!r} (only LoRA on decoder projections)")
-        layer, parent, proj, which = int(match[1]), match[2], match[3], match[4]
-        if PROJECTIONS.get(proj) != parent:
-            raise AdapterLoadError(f"{key}: target module {parent}.{proj} is not supported")
+        layer, module, which = int(match[1]), match[2], match[3]
+        if module not in shapes.targets:
+            raise AdapterLoadError(f"{key}: target module {module} is not supported "
+                                   f"(the base model's LoRA targets: {', '.join(shapes.targets)})")
         if layer >= shapes.num_layers:
             raise AdapterLoadError(f"{key}: layer {layer} does not exist in the base model")
-        pairs.setdefault((layer, proj), {})[which] = tensor
+        pairs.setdefault((layer, module), {})[which] = tensor
+        module_names[(layer, module)] = name[:match.end(2)].removeprefix(PEFT_PREFIX)
 
     alpha, use_rslora = config.get("lora_alpha", 8), bool(config.get("use_rslora", False))
     modules, top_rank = {}, 0
-    for (layer, proj), ab in sorted(pairs.items()):
+    for (layer, module), ab in sorted(pairs.items()):
+        where = f"layer {layer} {module.rsplit('.', 1)[-1]}"
         if set(ab) != {"A", "B"}:
-            raise AdapterLoadError(f"{key}: layer {layer} {proj} lacks lora_A or lora_B")
+            raise AdapterLoadError(f"{key}: {where} lacks lora_A or lora_B")
         a, b = ab["A"], ab["B"]
-        d_in, d_out = shapes.projections[proj]
+        slices = shapes.targets[module]
+        d_in = shapes.projections[slices[0]][0]
+        d_out = sum(shapes.projections[slice_][1] for slice_ in slices)
         rank = a.shape[0]
         if a.shape != (rank, d_in) or b.shape != (d_out, rank):
             raise AdapterLoadError(
-                f"{key}: layer {layer} {proj} has A {tuple(a.shape)} / B {tuple(b.shape)}, "
+                f"{key}: {where} has A {tuple(a.shape)} / B {tuple(b.shape)}, "
                 f"base model needs A [r, {d_in}] / B [{d_out}, r]"
             )
         if rank > max_rank:
             raise AdapterLoadError(f"{key}: rank {rank} exceeds the pool's max rank {max_rank}")
         if rank < 1:
-            raise AdapterLoadError(f"{key}: layer {layer} {proj} has rank 0")
-        module_name = f"model.layers.{layer}.{PROJECTIONS[proj]}.{proj}"
+            raise AdapterLoadError(f"{key}: {where} has rank 0")
+        module_name = module_names[(layer, module)]
         declared = _pattern_value(key, config.get("rank_pattern"), module_name, config.get("r", rank))
         if declared != rank:  # PEFT would build rank `declared` here and fail to load these weights
-            raise AdapterLoadError(f"{key}: layer {layer} {proj} has rank {rank}, its config declares {declared}")
+            raise AdapterLoadError(f"{key}: {where} has rank {rank}, its config declares {declared}")
         module_alpha = _pattern_value(key, config.get("alpha_pattern"), module_name, alpha)
         scale = float(module_alpha / (math.sqrt(rank) if use_rslora else rank))
         if not bool(torch.isfinite(torch.tensor(scale, dtype=SCALE_DTYPE))):
-            raise AdapterLoadError(f"{key}: layer {layer} {proj} has scale {scale!r}, not finite in {SCALE_DTYPE}")
-        where = f"layer {layer} {proj}"
-        modules[(layer, proj)] = (_check_weights(key, f"{where} lora_A", a, dtype),
-                                  _check_weights(key, f"{where} lora_B", b, dtype), scale)
+            raise AdapterLoadError(f"{key}: {where} has scale {scale!r}, not finite in {SCALE_DTYPE}")
+        a = _check_weights(key, f"{where} lora_A", a, dtype)
+        b = _check_weights(key, f"{where} lora_B", b, dtype)
+        row = 0
+        for slice_ in slices:  # a fused target: one A for every slice, each slice its own rows of B
+            width = shapes.projections[slice_][1]
+            if (layer, slice_) in modules:
+                raise AdapterLoadError(f"{key}: layer {layer} {slice_} is targeted by more than one module")
+            modules[(layer, slice_)] = (a, b[row:row + width], scale)
+            row += width
         top_rank = max(top_rank, rank)
     if not modules:
         raise AdapterLoadError(f"{key}: adapter holds no LoRA weights")

@@ -1,11 +1,14 @@
 """The device pool of adapter weights that the LoRA kernels read, and the LoRA step of each projection.
 
-The pool holds `max_loras` slots. For every decoder layer and projection group (fused q/k/v, o,
-fused gate/up, down) it keeps one stacked A tensor [S, slots, R, in] and, per slice, a B tensor
+The pool holds `max_loras` slots. For every decoder layer and projection group (`scheduler.arch.GROUPS`:
+fused q/k/v, o, fused gate/up, down) it keeps one stacked A tensor [S, slots, R, in] and, per slice, a B tensor
 [slots, out, R] plus scales [S, slots]. Adapters of different ranks share the pool by zero padding
 to the pool's max rank R: the padded columns add nothing to the result, and one fixed layout keeps
 every kernel launch a single gather-free read of the slot's tile (see docs/benchmarks.md for the cost).
-Which job uses which slot is decided by the scheduler; the pool only stores and applies.
+Which job uses which slot is decided by the scheduler; the pool only stores and applies. An adapter on
+a fused module (Phi-3's qkv_proj) arrives split into slices that share its A (scheduler/adapters.py), so
+the pool keeps a copy of that A per slice and shrinks once per slice: exact, for (slices - 1) extra A
+copies and reads on such adapters, and one fixed layout for every family.
 """
 
 from __future__ import annotations
@@ -16,15 +19,7 @@ import torch
 
 import kernels
 from scheduler.adapters import AdapterWeights
-
-# How the model fuses projections; slices of a group share the group's input and one launch.
-GROUPS: dict[str, tuple[str, ...]] = {
-    "qkv": ("q_proj", "k_proj", "v_proj"),
-    "o": ("o_proj",),
-    "gate_up": ("gate_proj", "up_proj"),
-    "down": ("down_proj",),
-}
-GROUP_OF = {proj: (group, i) for group, projs in GROUPS.items() for i, proj in enumerate(projs)}
+from scheduler.arch import GROUPS
 
 
 def slot_bytes(projections: dict[str, tuple[int, int]], num_layers: int, max_rank: int, dtype: torch.dtype) -> int:
@@ -43,15 +38,18 @@ class AdapterPool:
         dtype: torch.dtype,
         device: torch.device,
         backend: str = "auto",
+        groups: dict[str, tuple[str, ...]] = GROUPS,
     ):
         self.max_loras, self.max_rank, self.backend = max_loras, max_rank, backend
         self.device = device
+        self.groups = groups
+        self._group_of = {proj: (group, i) for group, projs in groups.items() for i, proj in enumerate(projs)}
         self.a: list[dict[str, torch.Tensor]] = []
         self.b: list[dict[str, list[torch.Tensor]]] = []
         self.scale: list[dict[str, torch.Tensor]] = []
         for _ in range(num_layers):
             a, b, s = {}, {}, {}
-            for group, projs in GROUPS.items():
+            for group, projs in groups.items():
                 d_in = projections[projs[0]][0]
                 a[group] = torch.zeros(len(projs), max_loras, max_rank, d_in, dtype=dtype, device=device)
                 b[group] = [torch.zeros(max_loras, projections[p][1], max_rank, dtype=dtype, device=device) for p in projs]
@@ -60,7 +58,7 @@ class AdapterPool:
             self.b.append(b)
             self.scale.append(s)
         # Slots per group whose adapter targets it: a group no resident adapter targets costs no launch.
-        self._targets: dict[str, set[int]] = {group: set() for group in GROUPS}
+        self._targets: dict[str, set[int]] = {group: set() for group in groups}
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def write(self, slot: int, adapter: AdapterWeights) -> None:
@@ -69,7 +67,7 @@ class AdapterPool:
         with stream:
             self.clear(slot)
             for (layer, proj), (a, b, scale) in adapter.modules.items():
-                group, i = GROUP_OF[proj]
+                group, i = self._group_of[proj]
                 rank = a.shape[0]
                 self.a[layer][group][i, slot, :rank].copy_(a, non_blocking=True)
                 self.b[layer][group][i][slot, :, :rank].copy_(b, non_blocking=True)
@@ -80,7 +78,7 @@ class AdapterPool:
 
     def clear(self, slot: int) -> None:
         for layer in range(len(self.a)):
-            for group in GROUPS:
+            for group in self.groups:
                 self.a[layer][group][:, slot].zero_()
                 for b in self.b[layer][group]:
                     b[slot].zero_()

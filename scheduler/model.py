@@ -1,25 +1,54 @@
 """The base model as flat tensors, run over a ragged batch of sequences with per-token adapters.
 
-Weights come from a Hugging Face Llama-family checkpoint (Llama, Mistral, Qwen2: grouped-query
-attention, optional q/k/v biases, tied or untied embeddings) loaded through transformers; the
-forward pass is our own so that a step can mix prefill chunks and decode tokens of many sequences
-without padding, read and write the paged KV cache, and apply each token's own LoRA adapter
-through `AdapterPool.apply` (the Triton/torch kernels) on the fused projections.
+The architecture comes from config.json through `ModelSpec` (scheduler/arch.py: Llama, Mistral, Qwen2,
+Phi-3; grouped-query attention, biases, tied embeddings, partial rotary); the weights are read by name
+from the safetensors checkpoint (`model.safetensors`, or the shards `model.safetensors.index.json` lists),
+with no transformers model in between. The forward pass is our own so that a step can mix prefill chunks
+and decode tokens of many sequences without padding, read and write the paged KV cache, and apply each
+token's own LoRA adapter through `AdapterPool.apply` (the Triton/torch kernels) on the fused projections.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
 import kernels
-from scheduler.adapters import ModelShapes
+from scheduler.arch import ACTIVATIONS, GROUPS, ModelSpec
 from scheduler.kv_cache import PagedKVCache
 from scheduler.lora import AdapterPool
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SINGLE_FILE, SHARD_INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+class Checkpoint:
+    """The model's safetensors weights, read one tensor at a time by name (one file or a sharded index)."""
+
+    def __init__(self, model_dir: str | Path):
+        self.root = root = Path(model_dir)
+        if (root / SHARD_INDEX).is_file():
+            weight_map = json.loads((root / SHARD_INDEX).read_text())["weight_map"]
+            self.files = {name: root / file for name, file in weight_map.items()}
+        elif (root / SINGLE_FILE).is_file():
+            with safe_open(root / SINGLE_FILE, framework="pt") as f:
+                self.files = dict.fromkeys(f.keys(), root / SINGLE_FILE)
+        else:
+            raise FileNotFoundError(f"no {SINGLE_FILE} or {SHARD_INDEX} in {root} (pickled .bin weights are refused)")
+
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The tensor `name`, which must have `shape` (a config.json that disagrees with its weights is refused)."""
+        if name not in self.files:
+            raise ValueError(f"{self.root}: the checkpoint has no tensor {name}")
+        with safe_open(self.files[name], framework="pt") as f:
+            tensor = f.get_tensor(name)
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{self.root}: {name} has shape {tuple(tensor.shape)}, config.json implies {shape}")
+        return tensor
 
 
 @dataclass
@@ -69,83 +98,77 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * x32.to(dtype)
 
 
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float, dtype: torch.dtype):
+    """cos and sin [T, rotary_dim] of each position, with the same operations as transformers' rotary
+    embedding: float32 angles, scaled, then cast to the activations' dtype."""
+    freqs = positions[:, None].float() * inv_freq
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return (angles.cos() * scaling).to(dtype), (angles.sin() * scaling).to(dtype)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _cat_bias(linears) -> torch.Tensor | None:
-    if all(lin.bias is None for lin in linears):
-        return None
-    return torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features) for lin in linears])
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the leading cos.shape[-1] dims of each head; the rest (partial rotary) pass through."""
+    rotary_dim = cos.shape[-1]
+    if rotary_dim == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
 
 
 class CausalLM:
-    def __init__(self, hf_model, device: torch.device, dtype: torch.dtype):
-        config = hf_model.config
-        if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model_type {config.model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})")
-        # Sequences never exceed the attention window, so sliding-window models run as full attention.
-        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-        self.max_context = min(config.max_position_embeddings, window or config.max_position_embeddings)
-        self.config = config
+    def __init__(self, spec: ModelSpec, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype):
+        self.spec = spec
+        self.config = spec  # the engine reads `config.eos_token_id`
         self.device, self.dtype = device, dtype
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        self.eps = config.rms_norm_eps
-        self.vocab_size = config.vocab_size
-        body = hf_model.model
-        self.rotary = body.rotary_emb.to(device)
-        self.act = body.layers[0].mlp.act_fn
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.vocab_size, self.max_context, self.eps = spec.vocab_size, spec.max_context, spec.norm_eps
+        self.act = ACTIVATIONS[spec.hidden_act]
+        self.inv_freq, self.rope_scaling = spec.rope.frequencies(device)
+        family, hidden = spec.family, spec.hidden_size
 
-        def take(t):
-            return t.detach().to(device=device, dtype=dtype).contiguous() if t is not None else None
+        def take(name, shape):
+            return checkpoint.get(name, shape).to(device=device, dtype=dtype).contiguous()
 
-        self.embed = take(body.embed_tokens.weight)
-        self.norm = take(body.norm.weight)
-        self.lm_head = take(hf_model.lm_head.weight)
+        self.embed = take(f"{family.embed}.weight", (spec.vocab_size, hidden))
+        self.norm = take(f"{family.final_norm}.weight", (hidden,))
+        tied = spec.tie_word_embeddings
+        self.lm_head = self.embed if tied else take(f"{family.lm_head}.weight", (spec.vocab_size, hidden))
         self.layers: list[Layer] = []
-        for block in body.layers:
-            attn, mlp = block.self_attn, block.mlp
-            self.layers.append(
-                Layer(
-                    attn_norm=take(block.input_layernorm.weight),
-                    qkv=take(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])),
-                    qkv_bias=take(_cat_bias([attn.q_proj, attn.k_proj, attn.v_proj])),
-                    o=take(attn.o_proj.weight),
-                    o_bias=take(attn.o_proj.bias),
-                    mlp_norm=take(block.post_attention_layernorm.weight),
-                    gate_up=take(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-                    gate_up_bias=take(_cat_bias([mlp.gate_proj, mlp.up_proj])),
-                    down=take(mlp.down_proj.weight),
-                    down_bias=take(mlp.down_proj.bias),
-                )
-            )
-        q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        hidden, inter = config.hidden_size, config.intermediate_size
-        self.shapes = ModelShapes(
-            num_layers=len(self.layers),
-            projections={
-                "q_proj": (hidden, q_out),
-                "k_proj": (hidden, kv_out),
-                "v_proj": (hidden, kv_out),
-                "o_proj": (q_out, hidden),
-                "gate_proj": (hidden, inter),
-                "up_proj": (hidden, inter),
-                "down_proj": (inter, hidden),
-            },
-        )
-        self._qkv_split = [q_out, kv_out, kv_out]
+        for i in range(spec.num_layers):
+            projections = {}
+            for group in GROUPS:
+                projections[group], projections[f"{group}_bias"] = self._load_group(checkpoint, i, group)
+            self.layers.append(Layer(attn_norm=take(f"{spec.module_name(i, family.attn_norm)}.weight", (hidden,)),
+                                     mlp_norm=take(f"{spec.module_name(i, family.mlp_norm)}.weight", (hidden,)),
+                                     **projections))
+        self.shapes = spec.shapes
+        self._qkv_split = spec.widths("qkv")
         self.pool: AdapterPool | None = None
         self.kv: PagedKVCache | None = None
 
+    def _load_group(self, checkpoint: Checkpoint, layer: int, group: str):
+        """A group's weight [out, in] with its modules fused along out, and its bias (None if no module has one)."""
+        spec = self.spec
+        d_in = spec.projections[GROUPS[group][0]][0]
+        modules = spec.family.modules[group]
+        widths = [sum(spec.projections[s][1] for s in spec.targets[module]) for module in modules]
+        names = [spec.module_name(layer, module) for module in modules]
+        weight = torch.cat([checkpoint.get(f"{name}.weight", (width, d_in)) for name, width in zip(names, widths)])
+        bias = None
+        if any(module in spec.biases for module in modules):
+            bias = torch.cat([checkpoint.get(f"{name}.bias", (width,)) if module in spec.biases
+                              else weight.new_zeros(width) for module, name, width in zip(modules, names, widths)])
+            bias = bias.to(device=self.device, dtype=self.dtype).contiguous()
+        return weight.to(device=self.device, dtype=self.dtype).contiguous(), bias
+
     @classmethod
     def from_pretrained(cls, model_dir: str, device: torch.device, dtype: torch.dtype) -> "CausalLM":
-        from transformers import AutoModelForCausalLM
-
-        hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
-        return cls(hf_model, device, dtype)
+        return cls(ModelSpec.from_dir(model_dir), Checkpoint(model_dir), device, dtype)
 
     def attach(self, pool: AdapterPool, kv: PagedKVCache) -> None:
         self.pool, self.kv = pool, kv
@@ -156,8 +179,8 @@ class CausalLM:
         pool, kv, lora = self.pool, self.kv, step.lora
         num_tokens = step.tokens.shape[0]
         h = self.embed[step.tokens]
-        cos, sin = self.rotary(h, step.positions[None])
-        cos, sin = cos[0, :, None, :], sin[0, :, None, :]
+        cos, sin = rope_cos_sin(step.positions, self.inv_freq, self.rope_scaling, h.dtype)
+        cos, sin = cos[:, None, :], sin[:, None, :]
         for i, layer in enumerate(self.layers):
             x = _rms_norm(h, layer.attn_norm, self.eps)
             qkv = F.linear(x, layer.qkv, layer.qkv_bias)
@@ -166,8 +189,8 @@ class CausalLM:
             q = q.view(num_tokens, self.num_heads, self.head_dim)
             k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
             v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q = _apply_rope(q, cos, sin)
+            k = _apply_rope(k, cos, sin)
             kv.write(i, step.write_slots, k, v)
             attn = self._attention(i, q, step)
             o = F.linear(attn, layer.o, layer.o_bias)

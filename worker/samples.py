@@ -1,5 +1,6 @@
-"""Builds the embedded default: a tiny Llama-architecture base model with a byte-level BPE tokenizer,
-and sample LoRA adapters in PEFT's on-disk layout (adapter_config.json + adapter_model.safetensors).
+"""Builds the embedded default: a tiny Llama-architecture base model (or another supported family) with a
+byte-level BPE tokenizer, and sample LoRA adapters in PEFT's on-disk layout (adapter_config.json +
+adapter_model.safetensors) whose targets and shapes come from the model's spec (scheduler/arch.py).
 
 Everything is generated locally from a seed (no model hub): the demo, the tests and the benchmarks use it.
 """
@@ -11,6 +12,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from scheduler.adapters import PEFT_PREFIX
+from scheduler.arch import ModelSpec
 
 _CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -49,7 +53,7 @@ def build_tokenizer(out_dir: Path, vocab_size: int):
 
 
 def build_tiny_model(out_dir: str | Path, seed: int = 0, **overrides) -> Path:
-    """A random-init Llama (or `model_type="qwen2"` / `"mistral"`) saved with safetensors and a tokenizer."""
+    """A random-init Llama (or any `model_type` of scheduler.arch.FAMILIES) saved with safetensors and a tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     out_dir = Path(out_dir)
@@ -75,24 +79,20 @@ def build_sample_adapter(
     seed: int = 0,
     std: float = 0.2,
 ) -> Path:
-    """A LoRA adapter with random non-zero A and B, written exactly as PEFT's save_pretrained does."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    q_out = config.num_attention_heads * head_dim
-    kv_out = (config.num_key_value_heads or config.num_attention_heads) * head_dim
-    hidden, inter = config.hidden_size, config.intermediate_size
-    dims = {"q_proj": (hidden, q_out), "k_proj": (hidden, kv_out), "v_proj": (hidden, kv_out),
-            "o_proj": (q_out, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
-            "down_proj": (inter, hidden)}
+    """A LoRA adapter with random non-zero A and B, written exactly as PEFT's save_pretrained does.
+    `target_modules` are PEFT target names of the model's family (Phi-3: qkv_proj, gate_up_proj, ...)."""
+    spec = ModelSpec.from_dir(model_dir)
+    by_name = {module.rsplit(".", 1)[-1]: module for module in spec.targets}
+    unknown = set(target_modules) - set(by_name)
+    if unknown:
+        raise ValueError(f"{sorted(unknown)} are not LoRA targets of this {spec.model_type} model ({sorted(by_name)})")
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
-    for layer in range(config.num_hidden_layers):
-        for proj in target_modules:
-            parent = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-            d_in, d_out = dims[proj]
-            prefix = f"base_model.model.model.layers.{layer}.{parent}.{proj}"
+    for layer in range(spec.num_layers):
+        for name in target_modules:
+            slices = spec.targets[by_name[name]]
+            d_in, d_out = spec.projections[slices[0]][0], sum(spec.projections[s][1] for s in slices)
+            prefix = PEFT_PREFIX + spec.module_name(layer, by_name[name])
             tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=gen) * std
             tensors[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=gen) * std
     out_dir = Path(out_dir)
