@@ -11,7 +11,7 @@ import tempfile
 import threading
 import time
 
-from scheduler import AdapterSpec, Engine, EngineConfig, GenerationRequest, SamplingParams
+from scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
 from worker.samples import build_sample_adapter, build_tiny_model
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -25,7 +25,7 @@ def throughput(model_dir, adapters, pool_rank: int, device: str, jobs: int = 64,
     engine.start()
     try:
         for key, _ in adapters:  # make every adapter resident first: this measures the steps, not loads
-            engine.generate(GenerationRequest(f"warm-{key}", "t", key, prompt_ids=[5], params=SamplingParams(1)), 60)
+            engine.generate(Request(f"warm-{key}", "t", key, prompt_ids=[5], params=SamplingParams(1)), 60)
         done, count = threading.Event(), [0]
 
         def on_done(_):
@@ -35,8 +35,8 @@ def throughput(model_dir, adapters, pool_rank: int, device: str, jobs: int = 64,
 
         started = time.perf_counter()
         for i in range(jobs):
-            engine.submit(GenerationRequest(f"j{i}", "t", adapters[i % len(adapters)][0], prompt_ids=[5] * tokens,
-                                            params=SamplingParams(tokens)), on_done)
+            engine.submit(Request(f"j{i}", "t", adapters[i % len(adapters)][0], prompt_ids=[5] * tokens,
+                                  params=SamplingParams(tokens)), on_done)
         done.wait(600)
         return jobs * tokens / (time.perf_counter() - started)
     finally:

@@ -57,7 +57,7 @@ from pathlib import Path
 
 import torch
 
-from scheduler import AdapterSpec, Engine, EngineConfig, GenerationRequest, SamplingParams
+from scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
 from worker.samples import build_sample_adapter, build_tiny_model
 
 SHAPES = {
@@ -193,8 +193,8 @@ class Lorabus:
 
     def warm(self, key: str, prompt_len: int, max_new: int) -> None:
         """Run a job so one-time costs (allocator, kernels, threads) are not charged to the stream."""
-        self.engine.generate(GenerationRequest(f"warm-{key}-{time.perf_counter()}", "warm", key,
-                                               prompt_ids=[5] * prompt_len, params=SamplingParams(max_new)), 600)
+        self.engine.generate(Request(f"warm-{key}-{time.perf_counter()}", "warm", key,
+                                     prompt_ids=[5] * prompt_len, params=SamplingParams(max_new)), 600)
 
     def run(self, jobs: list[Job], keys: list[str], max_new: int, mode: str) -> RunResult:
         n = len(jobs)
@@ -218,8 +218,8 @@ class Lorabus:
             if delay > 0:
                 time.sleep(delay)
             submitted[job.id] = time.perf_counter()
-            self.engine.submit(GenerationRequest(job.id, f"t{int(job.id[1:]) % 4}", keys[job.adapter],
-                                                 prompt_ids=job.prompt, params=SamplingParams(max_new)), on_done)
+            self.engine.submit(Request(job.id, f"t{int(job.id[1:]) % 4}", keys[job.adapter],
+                                       prompt_ids=job.prompt, params=SamplingParams(max_new)), on_done)
         if not done.wait(3600):
             raise TimeoutError(f"lorabus: {len(results)}/{n} jobs done")
         end = max(t for t, _ in results.values())
@@ -231,7 +231,7 @@ class Lorabus:
             cold += c.cold
             latency = t - submitted[job_id]
             e2e.append(latency)
-            # the engine's clock starts when its step thread picks the job up; shift to submission
+            # the engine's clock starts once submit has validated the job; shift to the call
             ttft.append(c.ttft_s + (latency - c.total_s))
         return RunResult("lorabus", len(keys), mode, n, tokens, end - t0, e2e, ttft,
                          {"distinct": len(set(j.adapter for j in jobs)), "steps": self.engine.steps - steps0, "loads": len(self.loads) - loads0, "cold_jobs": cold,
@@ -242,15 +242,15 @@ class Lorabus:
         ttft, load = [], []
         for key in keys:
             loads0 = len(self.loads)
-            c = self.engine.generate(GenerationRequest(f"cold-{key}", "cold", key, prompt_ids=[5] * prompt_len,
-                                                       params=SamplingParams(1)), 600)
+            c = self.engine.generate(Request(f"cold-{key}", "cold", key, prompt_ids=[5] * prompt_len,
+                                             params=SamplingParams(1)), 600)
             assert c.status == "ok" and c.cold, c
             ttft.append(c.ttft_s)
             load.extend(self.loads[loads0:])
         warm = []
         for key in keys[:10]:  # the same adapters again, now resident: the first-token time without the load
-            c = self.engine.generate(GenerationRequest(f"warm-{key}", "cold", key, prompt_ids=[5] * prompt_len,
-                                                       params=SamplingParams(1)), 600)
+            c = self.engine.generate(Request(f"warm-{key}", "cold", key, prompt_ids=[5] * prompt_len,
+                                             params=SamplingParams(1)), 600)
             warm.append(c.ttft_s)
         return {"samples": len(ttft), "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
                 "load_p50_s": pct(load, 50), "load_p99_s": pct(load, 99), "warm_ttft_p50_s": pct(warm, 50),

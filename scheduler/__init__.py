@@ -3,8 +3,9 @@
 Builds on `kernels` for the LoRA math; knows nothing of Kafka. The worker talks to `Engine` only.
 """
 
+from scheduler.adapter_manager import AdapterSpec
 from scheduler.config import EngineConfig
-from scheduler.core import SamplingParams
-from scheduler.engine import AdapterSpec, Completion, Engine, GenerationRequest
+from scheduler.engine import Engine
+from scheduler.requests import Completion, Request, SamplingParams
 
-__all__ = ["AdapterSpec", "Completion", "Engine", "EngineConfig", "GenerationRequest", "SamplingParams"]
+__all__ = ["AdapterSpec", "Completion", "Engine", "EngineConfig", "Request", "SamplingParams"]

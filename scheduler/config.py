@@ -23,3 +23,4 @@ class EngineConfig:
     max_wait_ms: int = field(default=250, metadata=_doc("bound on the extra wait adapter-aware reordering may add to a job"))
     max_model_len: int = field(default=0, metadata=_doc("prompt + output tokens per job (0 = the model's context)"))
     lora_backend: str = field(default="auto", metadata=_doc("LoRA kernels: triton, torch, or auto (triton on cuda)"))
+    stop_timeout_s: float = field(default=10.0, metadata=_doc("on stop, how long the engine may take to finish the jobs it holds (warm-ups included); the rest are answered internal"))

@@ -147,17 +147,75 @@ def test_zero_rank_weights_are_refused(peft_adapters, shapes, tmp_path):
 
 def test_a_poisoned_adapter_fails_only_its_jobs(tiny_model, peft_adapters, tmp_path):
     """Through the engine: the job gets `adapter_load_failed` with the reason; the base model still serves."""
-    from scheduler import AdapterSpec, GenerationRequest, SamplingParams
+    from scheduler import AdapterSpec, Request, SamplingParams
 
     path = _copy_with_tensors(peft_adapters["qv-r4"], tmp_path / "nan", _set(0, float("nan")))
     engine = Engine(str(tiny_model), EngineConfig(kv_cache_mb=4))
     engine.register(AdapterSpec("nan@1", str(path)))
     engine.start()
     try:
-        bad = engine.generate(GenerationRequest("bad", "t", "nan@1", prompt="hello", params=SamplingParams(3)), 60)
-        good = engine.generate(GenerationRequest("good", "t", None, prompt="hello", params=SamplingParams(3)), 60)
+        bad = engine.generate(Request("bad", "t", "nan@1", prompt="hello", params=SamplingParams(3)), 60)
+        good = engine.generate(Request("good", "t", None, prompt="hello", params=SamplingParams(3)), 60)
     finally:
         engine.stop()
     assert bad.status == "error" and bad.error_code == "adapter_load_failed", bad
     assert "NaN or infinite" in bad.error_message
     assert good.status == "ok"
+
+
+# ---- fused LoRA targets (Phi-3) ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def phi3_model(tmp_path_factory):
+    from worker.samples import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("phi3") / "phi3", model_type="phi3")
+
+
+def test_fused_targets_map_onto_the_pools_slices(phi3_model, tmp_path):
+    """A PEFT LoRA on qkv_proj / gate_up_proj: every slice gets the one A and its own rows of B."""
+    from safetensors.torch import load_file
+
+    from scheduler.arch import ModelSpec
+
+    spec = ModelSpec.from_dir(phi3_model)
+    path = make_peft_adapter(phi3_model, tmp_path / "fused", seed=5, r=4, lora_alpha=8,
+                             target_modules=["qkv_proj", "gate_up_proj"])
+    weights = read_adapter("f", path, spec.shapes, 64, torch.float32)
+    assert set(weights.modules) == {(layer, s) for layer in range(spec.num_layers)
+                                    for s in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")}
+    stored = load_file(str(path / "adapter_model.safetensors"))
+    for module, slices in (("self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                           ("mlp.gate_up_proj", ("gate_proj", "up_proj"))):
+        prefix = f"base_model.model.model.layers.1.{module}"
+        parts = [weights.modules[(1, s)] for s in slices]
+        assert all(torch.equal(a, stored[f"{prefix}.lora_A.weight"]) for a, _, _ in parts)
+        assert len({a.data_ptr() for a, _, _ in parts}) == 1  # one A in host memory
+        assert [b.shape[0] for _, b, _ in parts] == [spec.projections[s][1] for s in slices]
+        assert torch.equal(torch.cat([b for _, b, _ in parts]), stored[f"{prefix}.lora_B.weight"])
+        assert {scale for _, _, scale in parts} == {8 / 4}
+    assert weights.nbytes == sum(t.nbytes for t in stored.values())
+
+
+def test_targets_of_another_family_are_refused(phi3_model, peft_adapters, shapes, tmp_path):
+    from scheduler.arch import ModelSpec
+
+    phi3_shapes = ModelSpec.from_dir(phi3_model).shapes
+    with pytest.raises(AdapterLoadError, match="target module self_attn.q_proj is not supported"):
+        read_adapter("llama-on-phi3", peft_adapters["qv-r4"], phi3_shapes, 64, torch.float32)
+    fused = make_peft_adapter(phi3_model, tmp_path / "fused", seed=6, r=2, target_modules=["qkv_proj"])
+    with pytest.raises(AdapterLoadError, match="target module self_attn.qkv_proj is not supported"):
+        read_adapter("phi3-on-llama", fused, shapes, 64, torch.float32)
+
+
+def test_sample_adapters_follow_the_family(phi3_model, tmp_path):
+    from scheduler.arch import ModelSpec
+    from worker.samples import build_sample_adapter
+
+    spec = ModelSpec.from_dir(phi3_model)
+    path = build_sample_adapter(tmp_path / "s", phi3_model, rank=4, target_modules=("qkv_proj", "down_proj"))
+    weights = read_adapter("s", path, spec.shapes, 64, torch.float32)
+    assert {proj for _, proj in weights.modules} == {"q_proj", "k_proj", "v_proj", "down_proj"}
+    with pytest.raises(ValueError, match=r"\['q_proj'\] are not LoRA targets of this phi3 model"):
+        build_sample_adapter(tmp_path / "bad", phi3_model, target_modules=("q_proj",))

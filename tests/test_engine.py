@@ -1,15 +1,19 @@
-"""The engine without Kafka: PEFT parity across the Llama family, the Triton backend on the hot path,
-seeded sampling independent of the batch, stop strings, and more adapters than device slots."""
+"""The engine without Kafka: PEFT parity across the Llama family and Phi-3, the Triton backend on the hot path,
+seeded sampling independent of the batch, stop strings, EOS, and more adapters than device slots."""
 
+import json
+import shutil
 import threading
+from pathlib import Path
 
 import pytest
 
-from scheduler import AdapterSpec, Engine, EngineConfig, GenerationRequest, SamplingParams
+from scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
 from tests.helpers import PeftOracle, make_peft_adapter
 from worker.samples import build_tiny_model
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PHI3_ALL = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
 def _submit_all(engine, requests, timeout=120):
@@ -27,16 +31,17 @@ def _submit_all(engine, requests, timeout=120):
     return results
 
 
-def _parity(model_dir, adapters, config, prompts, max_new=8):
+def _parity(model_dir, adapters, config, prompts, max_new=8, on_step=None, on_load=None):
     oracle = PeftOracle(model_dir)
     engine = Engine(str(model_dir), config)
+    engine.on_step, engine.on_load = on_step, on_load
     for name, path in adapters.items():
         engine.register(AdapterSpec(name, str(path)))
     engine.start()
     try:
         names = [None, *adapters]
-        requests = [GenerationRequest(f"r{i}", "t", names[i % len(names)], prompt_ids=oracle.prompt_ids(p),
-                                      params=SamplingParams(max_new))
+        requests = [Request(f"r{i}", "t", names[i % len(names)], prompt_ids=oracle.prompt_ids(p),
+                            params=SamplingParams(max_new))
                     for i, p in enumerate(prompts)]
         results = _submit_all(engine, requests)
     finally:
@@ -48,26 +53,33 @@ def _parity(model_dir, adapters, config, prompts, max_new=8):
     return engine
 
 
-@pytest.mark.parametrize("model_type,overrides", [
-    ("qwen2", dict(tie_word_embeddings=True)),  # q/k/v biases, tied embeddings
-    ("mistral", dict(head_dim=32)),  # head_dim ≠ hidden/heads
-    ("llama", dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True)),  # MQA, biases everywhere
+@pytest.mark.parametrize("model_type,overrides,some,every", [
+    ("qwen2", dict(tie_word_embeddings=True), ["k_proj", "up_proj"], ALL),  # q/k/v biases, tied embeddings
+    ("mistral", dict(head_dim=32), ["k_proj", "up_proj"], ALL),  # head_dim ≠ hidden/heads
+    # MQA, biases everywhere
+    ("llama", dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True), ["k_proj", "up_proj"], ALL),
+    # q/k/v and gate/up fused in the checkpoint and in PEFT's targets; half of each head rotates
+    ("phi3", dict(partial_rotary_factor=0.5), ["qkv_proj", "down_proj"], PHI3_ALL),
 ])
-def test_llama_family_matches_peft(tmp_path, model_type, overrides):
+def test_llama_family_matches_peft(tmp_path, model_type, overrides, some, every):
     model_dir = build_tiny_model(tmp_path / model_type, model_type=model_type, **overrides)
     adapters = {
-        "a": make_peft_adapter(model_dir, tmp_path / "a", seed=1, r=2, lora_alpha=4, target_modules=["k_proj", "up_proj"]),
-        "b": make_peft_adapter(model_dir, tmp_path / "b", seed=2, r=12, lora_alpha=6, target_modules=ALL),
+        "a": make_peft_adapter(model_dir, tmp_path / "a", seed=1, r=2, lora_alpha=4, target_modules=some),
+        "b": make_peft_adapter(model_dir, tmp_path / "b", seed=2, r=12, lora_alpha=6, target_modules=every),
     }
     prompts = ["the quick brown fox", "hello world", "summarize: the meeting", "0123456789", "lazy dog"] * 2
     _parity(model_dir, adapters, EngineConfig(kv_cache_mb=16, max_lora_rank=16), prompts)
 
 
 def test_more_adapters_than_device_slots(tiny_model, peft_adapters):
+    """Three adapters take turns in one device slot: no step mixes two, and each is loaded into the slot."""
+    step_adapters, loads = [], []
     prompts = ["the quick brown fox", "hello world", "jobs arrive on kafka"] * 4
-    engine = _parity(tiny_model, peft_adapters, EngineConfig(kv_cache_mb=16, max_loras=1), prompts)
-    assert engine.max_loras == 1
-    assert engine.stats()["adapter_slots_used"] <= 1
+    _parity(tiny_model, peft_adapters, EngineConfig(kv_cache_mb=16, max_loras=1), prompts,
+            on_step=lambda seqs, tokens, adapters, seconds: step_adapters.append(adapters),
+            on_load=lambda key, seconds, error: loads.append((key, error)))
+    assert step_adapters and max(step_adapters) == 1, f"adapters per step: {step_adapters}"
+    assert {key for key, _ in loads} == set(peft_adapters) and all(error is None for _, error in loads), loads
 
 
 def test_triton_backend_on_the_hot_path(tiny_model, peft_adapters, monkeypatch):
@@ -97,12 +109,12 @@ def test_seeded_sampling_is_independent_of_the_batch(tiny_model, peft_adapters):
     engine.start()
     try:
         params = SamplingParams(10, temperature=0.9, top_p=0.9, top_k=50, seed=1234)
-        alone = engine.generate(GenerationRequest("alone", "t", "qv-r4", prompt="hello world", params=params), 60)
-        crowd = [GenerationRequest(f"n{i}", "t", name, prompt="the quick brown fox", params=SamplingParams(12))
+        alone = engine.generate(Request("alone", "t", "qv-r4", prompt="hello world", params=params), 60)
+        crowd = [Request(f"n{i}", "t", name, prompt="the quick brown fox", params=SamplingParams(12))
                  for i, name in enumerate([None, *peft_adapters] * 2)]
-        crowd.append(GenerationRequest("again", "t", "qv-r4", prompt="hello world", params=params))
+        crowd.append(Request("again", "t", "qv-r4", prompt="hello world", params=params))
         other = dict(params.__dict__, seed=99)
-        crowd.append(GenerationRequest("other-seed", "t", "qv-r4", prompt="hello world", params=SamplingParams(**other)))
+        crowd.append(Request("other-seed", "t", "qv-r4", prompt="hello world", params=SamplingParams(**other)))
         results = _submit_all(engine, crowd)
     finally:
         engine.stop()
@@ -110,18 +122,42 @@ def test_seeded_sampling_is_independent_of_the_batch(tiny_model, peft_adapters):
     assert results["other-seed"].token_ids != alone.token_ids
 
 
-def test_stop_strings_and_eos(tiny_model):
-    engine = Engine(str(tiny_model), EngineConfig(kv_cache_mb=16))
+def _generate_all(model_dir, requests):
+    engine = Engine(str(model_dir), EngineConfig(kv_cache_mb=16))
     engine.start()
     try:
-        free = engine.generate(GenerationRequest("free", "t", prompt="hello world", params=SamplingParams(12)), 60)
-        assert free.finish_reason == "length" and len(free.token_ids) == 12
-        stop = free.text[len(free.text) // 2:][:3]
-        assert stop
-        cut = engine.generate(GenerationRequest("cut", "t", prompt="hello world",
-                                                params=SamplingParams(12, stop=(stop,))), 60)
+        return [engine.generate(request, 60) for request in requests]
     finally:
         engine.stop()
+
+
+def test_stop_strings(tiny_model):
+    (free,) = _generate_all(tiny_model, [Request("free", "t", prompt="hello world", params=SamplingParams(12))])
+    assert free.finish_reason == "length" and len(free.token_ids) == 12
+    stop = free.text[len(free.text) // 2:][:3]
+    assert stop
+    (cut,) = _generate_all(tiny_model, [Request("cut", "t", prompt="hello world",
+                                                params=SamplingParams(12, stop=(stop,)))])
     assert cut.finish_reason == "stop"
     assert cut.text == free.text[:free.text.find(stop)]
     assert cut.token_ids == free.token_ids[:len(cut.token_ids)] and len(cut.token_ids) < 12
+
+
+def test_eos_ends_a_sequence(tiny_model, tmp_path):
+    """The same weights with an eos_token_id that greedy decoding emits mid-way: generation stops there,
+    with the EOS token as the last of `token_ids` and finish_reason "stop"."""
+    request = Request("free", "t", prompt="hello world", params=SamplingParams(12))
+    (free,) = _generate_all(tiny_model, [request])
+    assert free.finish_reason == "length" and len(free.token_ids) == 12
+    # The last token that first appears at its position: greedy reaches it only there.
+    eos_at = max(i for i, token in enumerate(free.token_ids) if token not in free.token_ids[:i])
+    eos = free.token_ids[eos_at]
+    model_dir = Path(shutil.copytree(tiny_model, tmp_path / "eos-model"))
+    for name in ("config.json", "generation_config.json"):
+        path = model_dir / name
+        if path.exists():
+            path.write_text(json.dumps({**json.loads(path.read_text()), "eos_token_id": eos}))
+    (ended,) = _generate_all(model_dir, [request])
+    assert ended.status == "ok", ended
+    assert ended.finish_reason == "stop"
+    assert ended.token_ids == free.token_ids[:eos_at + 1]

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from scheduler import AdapterSpec, Engine, EngineConfig, GenerationRequest, SamplingParams
+from scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
 from scheduler.adapters import read_adapter
 from scheduler.sampling import Sampler
 from tests.helpers import PeftOracle
@@ -52,8 +52,8 @@ def _submit_all(engine, requests, timeout=60):
 def _greedy_neighbours(oracle, adapters, count=8, prefix="g"):
     """Greedy jobs across the base model and every adapter: the ones that must not notice anything."""
     names = [None, *adapters]
-    return [GenerationRequest(f"{prefix}{i}", "t", names[i % len(names)],
-                              prompt_ids=oracle.prompt_ids(PROMPTS[i % len(PROMPTS)]), params=SamplingParams(MAX_NEW))
+    return [Request(f"{prefix}{i}", "t", names[i % len(names)],
+                    prompt_ids=oracle.prompt_ids(PROMPTS[i % len(PROMPTS)]), params=SamplingParams(MAX_NEW))
             for i in range(count)]
 
 
@@ -74,12 +74,12 @@ def test_seed_beyond_the_generators_range_is_served(tiny_model, peft_adapters, o
     huge = SamplingParams(MAX_NEW, temperature=0.7, seed=2**64)
     try:
         greedy = _greedy_neighbours(oracle, adapters)
-        odd = [GenerationRequest(f"huge{i}", "t", name, prompt="hello world", params=huge)
+        odd = [Request(f"huge{i}", "t", name, prompt="hello world", params=huge)
                for i, name in enumerate([None, "qv-r4"])]
-        odd.append(GenerationRequest("negative", "t", None, prompt="hello world",
-                                     params=SamplingParams(MAX_NEW, temperature=0.7, seed=-(2**70))))
+        odd.append(Request("negative", "t", None, prompt="hello world",
+                           params=SamplingParams(MAX_NEW, temperature=0.7, seed=-(2**70))))
         results = _submit_all(engine, greedy + odd)
-        again = engine.generate(GenerationRequest("again", "t", None, prompt="hello world", params=huge), 60)
+        again = engine.generate(Request("again", "t", None, prompt="hello world", params=huge), 60)
     finally:
         engine.stop()
     _assert_peft(oracle, adapters, greedy, results)
@@ -115,14 +115,14 @@ def test_a_failure_after_the_forward_pass_fails_only_its_job(tiny_model, peft_ad
     engine = _engine(tiny_model, adapters)
     try:
         greedy = _greedy_neighbours(oracle, adapters)
-        bad = GenerationRequest("bad", "t", "qv-r4", prompt="hello world",
-                                params=SamplingParams(MAX_NEW, temperature=0.7, seed=666))
+        bad = Request("bad", "t", "qv-r4", prompt="hello world",
+                      params=SamplingParams(MAX_NEW, temperature=0.7, seed=666))
         # A failing on_done must not take its neighbours down either.
-        boom = GenerationRequest("boom", "t", None, prompt="hello world", params=SamplingParams(2))
+        boom = Request("boom", "t", None, prompt="hello world", params=SamplingParams(2))
         engine.submit(boom, lambda c: 1 / 0)
         results = _submit_all(engine, greedy + [bad])
-        after = engine.generate(GenerationRequest("after", "t", "qv-r4", prompt="hello world",
-                                                  params=SamplingParams(MAX_NEW)), 60)
+        after = engine.generate(Request("after", "t", "qv-r4", prompt="hello world",
+                                        params=SamplingParams(MAX_NEW)), 60)
     finally:
         engine.stop()
     assert results["bad"].status == "error" and results["bad"].error_code == "internal", results["bad"]
@@ -136,8 +136,8 @@ def test_the_step_loop_survives_errors_outside_the_forward_pass(tiny_model, peft
     engine = _engine(tiny_model, adapters)
     try:
         engine.prefetch("no-such-adapter@1")  # a key nobody registered
-        first = engine.generate(GenerationRequest("first", "t", None, prompt="hello world",
-                                                  params=SamplingParams(MAX_NEW)), 60)
+        first = engine.generate(Request("first", "t", None, prompt="hello world",
+                                        params=SamplingParams(MAX_NEW)), 60)
         assert first.status == "ok", first
 
         # Metrics hooks that raise: the jobs are served regardless.
@@ -189,7 +189,7 @@ def test_degenerate_sampling_numbers_stay_with_their_job(tiny_model, peft_adapte
     try:
         greedy = _greedy_neighbours(oracle, {"all-r8-rslora": adapters["all-r8-rslora"]})
         ids = oracle.prompt_ids("hello world")
-        odd = [GenerationRequest(name, "t", "qv-r4", prompt_ids=ids, params=p) for name, p in odd_params.items()]
+        odd = [Request(name, "t", "qv-r4", prompt_ids=ids, params=p) for name, p in odd_params.items()]
         results = _submit_all(engine, greedy + odd)
     finally:
         engine.stop()
@@ -265,17 +265,17 @@ def test_nan_adapter_and_stale_nan_kv_reach_no_other_sequence(tiny_model, peft_a
     engine.register(poison)
     # Bypass validation: the loader takes host-cached weights as they are and writes them into a slot.
     weights = read_adapter(poison.key, poison.path, engine.model.shapes, engine.config.max_lora_rank, engine.dtype)
-    engine.host_cache.put(poison, _poisoned(weights))
+    engine.adapters.host_cache.put(poison, _poisoned(weights))
     try:
         # One poisoned job first: its NaN K/V stay behind in the blocks it frees.
-        first = engine.generate(GenerationRequest("p-first", "t", poison.key, prompt="hello world",
-                                                  params=SamplingParams(MAX_NEW)), 60)
+        first = engine.generate(Request("p-first", "t", poison.key, prompt="hello world",
+                                        params=SamplingParams(MAX_NEW)), 60)
         assert first.status == "ok"
         _poison_free_kv(engine)
         names = [poison.key, None, *adapters, poison.key]
-        requests = [GenerationRequest(f"r{i}", "t", names[i % len(names)],
-                                      prompt_ids=oracle.prompt_ids(PROMPTS[i % len(PROMPTS)] + " x" * (i % 4)),
-                                      params=SamplingParams(MAX_NEW + i % 3))
+        requests = [Request(f"r{i}", "t", names[i % len(names)],
+                            prompt_ids=oracle.prompt_ids(PROMPTS[i % len(PROMPTS)] + " x" * (i % 4)),
+                            params=SamplingParams(MAX_NEW + i % 3))
                     for i in range(15)]
         results = _submit_all(engine, requests)
     finally:
@@ -302,8 +302,8 @@ def test_meaningless_numbers_are_refused_at_submit(tiny_model):
         "float-seed": dict(params=SamplingParams(4, temperature=1.0, seed=1.5)),
     }
     try:
-        requests = [GenerationRequest(name, "t", **{"prompt_ids": [5, 6, 7], **fields}) for name, fields in bad.items()]
-        requests.append(GenerationRequest("fine", "t", prompt_ids=[5, 6, 7], params=SamplingParams(4)))
+        requests = [Request(name, "t", **{"prompt_ids": [5, 6, 7], **fields}) for name, fields in bad.items()]
+        requests.append(Request("fine", "t", prompt_ids=[5, 6, 7], params=SamplingParams(4)))
         results = _submit_all(engine, requests)
     finally:
         engine.stop()
@@ -324,8 +324,8 @@ def test_kv_cache_limit_is_in_whole_blocks(tmp_path):
     # 1 MiB holds more tokens than whole 48-token blocks do: a byte count would let a too-long job in.
     assert capacity < (1 << 20) // token_bytes and capacity < engine.max_model_len
     try:
-        fits = GenerationRequest("fits", "t", prompt_ids=[5] * (capacity - 4), params=SamplingParams(4))
-        over = GenerationRequest("over", "t", prompt_ids=[5] * (capacity - 3), params=SamplingParams(4))
+        fits = Request("fits", "t", prompt_ids=[5] * (capacity - 4), params=SamplingParams(4))
+        over = Request("over", "t", prompt_ids=[5] * (capacity - 3), params=SamplingParams(4))
         results = _submit_all(engine, [fits, over])
     finally:
         engine.stop()

@@ -1,54 +1,72 @@
-"""Deterministic simulations of the adapter-aware scheduler (scheduler/core.py), no model, no threads.
+"""Deterministic simulations of the adapter-aware scheduling policy (scheduler/policy.py), no model, no threads.
 
-`Sim` drives `Scheduler` exactly the way `scheduler.engine.Engine` does, on a fake clock:
+`Sim` runs the engine's own step loop (`scheduler.step_loop.StepLoop`, the very code `Engine` runs) over
+the real policy, with a simulated runner and loader on a fake clock:
 
-* arrivals (seeded Poisson, Zipf adapter popularity, several tenants) are added when the clock
-  passes their arrival time, with `Sequence.arrival` = the arrival time;
-* each `schedule(now)` → its `loads` go to a fake loader: a load issued at `now` completes at
-  `now + latency(key)` and then calls `slots.loaded(key, True)`, or for a failing key
-  `scheduler.load_failed(key)` (and later jobs for that key are refused, as the engine does; so are
-  jobs `scheduler.admissible` says can never fit the KV cache);
-* a step with a non-empty batch takes `STEP_BASE_S + STEP_TOKEN_S * tokens` of simulated time,
-  then `seq.num_computed += n`, and every sequence with `num_computed == num_tokens` gets one
-  output token and is finished once it has `max_new_tokens` of them;
-* a step with an empty batch waits 5 ms or until the next arrival / load completion (the engine
-  waits on its wake event with a 5 ms timeout).
+* arrivals (seeded Poisson, Zipf adapter popularity, several tenants) are handed to the loop when the
+  clock passes their arrival time, with `Sequence.arrival` = the arrival time;
+* `SimLoader`: a load the loop issues at `now` completes at `now + latency(key)`; a key in `fail_keys`
+  fails (the loop answers its waiting jobs, and refuses later ones, as in the engine; it also refuses
+  jobs the policy says can never fit the KV cache);
+* `SimRunner`: a step takes `STEP_BASE_S + STEP_TOKEN_S * tokens` of simulated time; every sequence whose
+  prompt is then fully computed gets one output token, and the loop finishes it once it has
+  `max_new_tokens` of them;
+* when the loop holds work but nothing runnable, the clock moves 5 ms or to the next arrival / load
+  completion (the engine waits on its wake event with a 5 ms timeout); with nothing held, to the next event.
 
-Every step is checked against the invariants in `Sim._check_step`: device slots, adapter pinning,
-KV blocks, step token budget, running cap, liveness of decoding sequences; and against the KV
-reservation's promise (`Sim._check_reservation`, and every sequence finishes by its `done_by` step). After the run every
-submitted job must have ended exactly once (finished with all its tokens, expired, or failed).
+Every decision of the policy is checked as it is made (`CheckedScheduler`, the real `Scheduler` with
+checks around `schedule`, `load_failed` and `finish`) against the invariants in `Sim._check_step`:
+device slots, adapter pinning, KV blocks, step token budget, running cap, liveness of decoding
+sequences; and against the KV reservation's promise (`Sim._check_reservation`, and every sequence
+finishes by its `done_by` step). After the run every submitted job must have been answered exactly once
+(finished with all its tokens, expired, or failed).
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import random
+import sys
 from dataclasses import dataclass, field
 
 import pytest
 
-from scheduler.core import AdapterSlots, Request, SamplingParams, Scheduler, SchedulerLimits, Sequence, State
 from scheduler.kv_cache import BlockAllocator
+from scheduler.policy import AdapterSlots, Scheduler, SchedulerLimits
+from scheduler.requests import Completion, Request, SamplingParams, Sequence, State, StopRules
+from scheduler.step_loop import REPLAN_S, LoadDone, Outcome, StepLoop, Submit
 
 STEP_BASE_S = 0.010  # fixed cost of a forward pass
 STEP_TOKEN_S = 0.0001  # plus this per token in the step
-POLL_S = 0.005  # the engine's wait when a step has nothing to run
+POLL_S = REPLAN_S  # the engine's wait when the loop holds jobs but none is runnable
 LOAD_S = 0.050  # default adapter load latency (disk → device slot)
+SIM_TOKEN = 7  # every simulated output token (no EOS, no stop strings: jobs end at max_new_tokens)
 
 
 # ---- the simulator ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Arrival:
+    """A job as a workload describes it: the request, its prompt length, its deadline on the sim clock."""
+
+    request: Request
+    prompt_len: int
+    deadline: float | None = None
+
+
 @dataclass
 class Record:
     seq: Sequence
+    added: bool = False  # the loop handed it to the policy
+    answers: int = 0
     admitted_at: float | None = None
     finished_at: float | None = None
     expired_at: float | None = None
     failed_at: float | None = None
-    rejected: bool = False  # refused at submit: its adapter already failed to load, or it can never fit the KV
+    rejected: bool = False  # refused on arrival: its adapter already failed to load, or it can never fit the KV
 
     @property
     def ends(self) -> int:
@@ -66,6 +84,105 @@ class Overtake:
     same_tenant: bool  # fair order is FIFO within a tenant: only adapter affinity (or KV) reorders these
 
 
+def checked(method):
+    """For checks that run inside the step loop: its fault isolation would turn a failed check into
+    `internal` answers and carry on, so the first failure is also kept and `Sim.run` raises it."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args):
+        try:
+            return method(self, *args)
+        except AssertionError as exc:
+            (self if isinstance(self, Sim) else self.sim).violations.append(exc)
+            raise
+
+    return wrapper
+
+
+class SimOutput:
+    def __init__(self, sequences: list[Sequence]):
+        self.sequences = sequences
+
+    def token(self, row: int) -> int:
+        return SIM_TOKEN
+
+
+class SimRunner:
+    """The model runner on the sim's cost model: a step's time passes on the fake clock."""
+
+    def __init__(self, sim: Sim):
+        self.sim = sim
+
+    def run(self, batch: list[tuple[Sequence, int]]) -> SimOutput:
+        dt = STEP_BASE_S + STEP_TOKEN_S * sum(n for _, n in batch)
+        self.sim.max_step_seen = max(self.sim.max_step_seen, dt)
+        self.sim.now += dt
+        return SimOutput([seq for seq, n in batch if seq.num_computed + n == seq.num_tokens])
+
+
+class SimLoader:
+    """Loads that land `latency(key)` after the loop issues them; keys in `fail_keys` fail."""
+
+    def __init__(self, sim: Sim):
+        self.sim = sim
+        self.inflight: list[tuple[float, str, int]] = []  # (done_at, key, slot)
+        self.errors: dict[str, str] = {}
+
+    def load(self, key: str, slot: int | None) -> bool:
+        sim = self.sim
+        sim.loads_issued.append((sim.now, key, slot))
+        self.inflight.append((sim.now + sim.latency(key), key, slot))
+        return True
+
+    def finished(self) -> list[LoadDone]:
+        sim = self.sim
+        done = sorted(x for x in self.inflight if x[0] <= sim.now)
+        self.inflight = [x for x in self.inflight if x[0] > sim.now]
+        out = []
+        for _, key, slot in done:
+            sim.last_progress = sim.now
+            assert sim.slots.slot_of.get(key) == slot and not sim.slots.ready[slot], "a loading slot changed hands"
+            if key in sim.fail_keys:
+                self.errors[key] = f"{key}: simulated load failure"
+                out.append(LoadDone(key, slot, self.errors[key]))
+            else:
+                out.append(LoadDone(key, slot))
+        return out
+
+    def load_error(self, key: str) -> str | None:
+        return self.errors.get(key)
+
+
+class CheckedScheduler(Scheduler):
+    """The real policy; every decision it makes in the run is checked by the sim as it is made."""
+
+    def __init__(self, sim: Sim, *args):
+        super().__init__(*args)
+        self.sim = sim
+
+    def add(self, seq: Sequence) -> None:
+        super().add(seq)
+        self.sim.records[seq.request.id].added = True
+
+    @checked
+    def schedule(self, now: float):
+        return self.sim._checked_schedule(super().schedule, now)
+
+    @checked
+    def load_failed(self, key: str) -> list[Sequence]:
+        waiting_before = list(self.waiting)
+        returned = super().load_failed(key)
+        self.sim._check_load_failed(key, waiting_before, returned)
+        return returned
+
+    @checked
+    def finish(self, seq: Sequence, now: float) -> None:
+        # The worst-case finishing step the KV reservation relies on (policy.py, 5.) holds.
+        assert self.steps <= seq.done_by, f"{seq.request.id} ran past its done_by step {seq.done_by}"
+        super().finish(seq, now)
+        self.sim.last_progress = now
+
+
 @dataclass
 class Sim:
     limits: SchedulerLimits
@@ -78,7 +195,6 @@ class Sim:
     horizon_s: float = 600.0  # simulated seconds in all: past it, loads without admissions (thrash) count as a hang
 
     now: float = 0.0
-    steps: int = 0
     records: dict = field(default_factory=dict)  # request id → Record
     overtakes: list = field(default_factory=list)
     admissions: list = field(default_factory=list)  # (now, seq) in admission order
@@ -87,23 +203,28 @@ class Sim:
     max_step_seen: float = 0.0
     max_running_seen: int = 0
     last_progress: float = 0.0
+    violations: list = field(default_factory=list)  # failed checks, first one first
 
     def __post_init__(self):
         self.blocks = BlockAllocator(self.num_blocks, self.block_size)
         self.slots = AdapterSlots(self.num_slots)
-        self.sched = Scheduler(self.limits, self.blocks, self.slots)
-        self._arrivals: list[tuple[float, int, Request]] = []
-        self._inflight: list[tuple[float, str, int]] = []  # (done_at, key, slot)
-        self._failed_keys: set[str] = set()
+        self.sched = CheckedScheduler(self, self.limits, self.blocks, self.slots)
+        self.loader = SimLoader(self)
+        # No tokenizer, no EOS, no model length: a job ends at its max_new_tokens, as the cost model assumes.
+        stops = StopRules(tokenizer=None, eos_ids=frozenset(), max_model_len=sys.maxsize)
+        self.loop = StepLoop(self.sched, SimRunner(self), self.loader, stops, clock=lambda: self.now)
+        self._arrivals: list[tuple[float, int, Sequence]] = []
 
     # -- input --
 
-    def submit(self, t: float, request: Request) -> None:
+    def submit(self, t: float, arrival: Arrival) -> None:
+        request = arrival.request
         assert request.id not in self.records, f"duplicate id {request.id}"
-        self.records[request.id] = None
-        bisect.insort(self._arrivals, (t, len(self.records), request))
+        seq = Sequence(request, [1] * arrival.prompt_len, t, self._answered, deadline=arrival.deadline)
+        self.records[request.id] = Record(seq)
+        bisect.insort(self._arrivals, (t, len(self.records), seq))
 
-    def _latency(self, key: str) -> float:
+    def latency(self, key: str) -> float:
         if isinstance(self.load_latency, dict):
             return self.load_latency.get(key, LOAD_S)
         return self.load_latency
@@ -111,53 +232,46 @@ class Sim:
     # -- the loop --
 
     def run(self) -> "Sim":
-        while self._arrivals or self._inflight or self.sched.has_work():
+        while self._arrivals or self.loader.inflight or self.sched.has_work():
             assert self.now <= self.horizon_s, f"not done after {self.horizon_s:.0f} simulated seconds (thrash?)"
             assert self.now - self.last_progress <= self.stall_s, (
                 f"hang: nothing admitted, finished, expired or loaded for {self.stall_s:.0f}s; "
                 f"{len(self.sched.waiting)} waiting, {len(self.sched.running)} running at t={self.now:.3f}"
             )
-            self._admit_arrivals()
-            self._complete_loads()
-            if not self.sched.has_work():
+            while self._arrivals and self._arrivals[0][0] <= self.now:
+                self.loop.put(Submit(self._arrivals.pop(0)[2]))
+            outcome = self.loop.iterate()
+            if self.violations:
+                raise self.violations[0]
+            if outcome is Outcome.IDLE:
                 self.now = self.last_progress = max(self.now, self._next_event())
-                continue
-            self._step()
+            elif outcome is Outcome.BLOCKED:
+                self.now = max(self.now, min([self.now + POLL_S, self._next_event()]))
+            # Outcome.STEPPED: SimRunner moved the clock by the step's cost.
         self._check_end()
         return self
 
     def _next_event(self) -> float:
         times = [self._arrivals[0][0]] if self._arrivals else []
-        times += [done for done, _, _ in self._inflight]
+        times += [done for done, _, _ in self.loader.inflight]
         return min(times, default=self.now)
 
-    def _admit_arrivals(self) -> None:
-        while self._arrivals and self._arrivals[0][0] <= self.now:
-            t, _, request = self._arrivals.pop(0)
-            seq = Sequence(request, t)
-            rec = self.records[request.id] = Record(seq)
-            # The engine answers these at once: the adapter already failed, or the job can never fit the KV.
-            if request.adapter in self._failed_keys or not self.sched.admissible(seq):
-                rec.rejected = True
-                seq.state = State.FINISHED
-                continue
-            self.sched.add(seq)
-
-    def _complete_loads(self) -> None:
-        done = [x for x in self._inflight if x[0] <= self.now]
-        self._inflight = [x for x in self._inflight if x[0] > self.now]
-        for _, key, slot in sorted(done):
-            self.last_progress = self.now
-            assert self.slots.slot_of.get(key) == slot and not self.slots.ready[slot], "a loading slot changed hands"
-            if key in self.fail_keys:
-                waiting_before = list(self.sched.waiting)
-                returned = self.sched.load_failed(key)
-                self._check_load_failed(key, waiting_before, returned)
-                for seq in returned:
-                    self.records[seq.request.id].failed_at = self.now
-                self._failed_keys.add(key)
-            else:
-                self.slots.loaded(key, True)
+    @checked
+    def _answered(self, c: Completion) -> None:
+        """on_done of every simulated job: what the loop answered, recorded once."""
+        rec = self.records[c.id]
+        rec.answers += 1
+        if c.status == "ok":
+            assert rec.finished_at is None
+            rec.finished_at = self.now
+        elif c.error_code == "deadline_exceeded":
+            rec.expired_at = self.now
+        elif c.error_code == "adapter_load_failed" and rec.added:
+            rec.failed_at = self.now
+        elif c.error_code in ("adapter_load_failed", "prompt_too_long") and not rec.added:
+            rec.rejected = True
+        else:
+            raise AssertionError(f"{c.id} answered {c.error_code}: {c.error_message}")
 
     def _check_load_failed(self, key: str, waiting_before: list, returned: list) -> None:
         expect = [s for s in waiting_before if s.request.adapter == key]
@@ -167,7 +281,8 @@ class Sim:
         assert key not in self.slots.slot_of and key not in self.slots.key_of, "failed adapter keeps its slot"
         self.load_failures.append((key, returned))
 
-    def _step(self) -> None:
+    def _checked_schedule(self, schedule, now: float):
+        """The policy's `schedule(now)`, with its decisions checked against the state right before it."""
         sched, slots = self.sched, self.slots
         pinned = {s: slots.key_of[s] for s in range(len(slots)) if slots.refs[s] > 0}
         loading = {s: slots.key_of[s] for s in range(len(slots)) if slots.key_of[s] is not None and not slots.ready[s]}
@@ -176,24 +291,20 @@ class Sim:
         waiting_before = list(sched.waiting)
 
         step_index, head_before, at_before = sched.steps, sched.head, sched.reservation and sched.reservation.at
-        step = sched.schedule(self.now)
-        self.steps += 1
+        step = schedule(now)
         self._check_reservation(step_index, head_before, at_before)
         if step.expired or len(sched.running) != len(running_before) or step.loads:
             self.last_progress = self.now
 
         for seq in step.expired:
             rec = self.records[seq.request.id]
-            assert seq.request.deadline is not None and self.now > seq.request.deadline, "expired before its deadline"
+            assert seq.deadline is not None and self.now > seq.deadline, "expired before its deadline"
             assert rec.admitted_at is None and seq.num_computed == 0 and not seq.blocks, "an expired job ran"
-            rec.expired_at = self.now
         for key, slot in step.loads:
             assert key not in keys_before, f"{key} loaded while already in a slot"
             assert slot not in pinned, f"slot {slot} reassigned while held by a running sequence ({pinned[slot]})"
             assert slot not in loading, f"slot {slot} reassigned while loading {loading[slot]}"
             assert slots.key_of[slot] == key and not slots.ready[slot] and slots.refs[slot] == 0
-            self.loads_issued.append((self.now, key, slot))
-            self._inflight.append((self.now + self._latency(key), key, slot))
         for slot, key in pinned.items():
             assert slots.key_of[slot] == key and slots.ready[slot], f"pinned slot {slot} ({key}) evicted"
 
@@ -217,33 +328,10 @@ class Sim:
 
         self._check_step(step)
         self.max_running_seen = max(self.max_running_seen, len(sched.running))
-        if not step.batch:
-            nxt = [self.now + POLL_S] + [d for d, _, _ in self._inflight]
-            nxt += [self._arrivals[0][0]] if self._arrivals else []
-            self.now = max(self.now, min(nxt))
-            return
-        tokens = sum(n for _, n in step.batch)
-        dt = STEP_BASE_S + STEP_TOKEN_S * tokens
-        self.max_step_seen = max(self.max_step_seen, dt)
-        self.now += dt
-        for seq, n in step.batch:  # exactly the engine's accounting (Engine._run)
-            seq.num_computed += n
-        for seq, _ in step.batch:
-            if seq.num_computed == seq.num_tokens:
-                seq.output_ids.append(7)
-                if seq.first_token_at is None:
-                    seq.first_token_at = self.now
-                if len(seq.output_ids) >= seq.request.params.max_new_tokens:
-                    # The worst-case finishing step the KV reservation relies on (core.py, 5.) holds.
-                    assert sched.steps <= seq.done_by, f"{seq.request.id} ran past its done_by step {seq.done_by}"
-                    sched.finish(seq, self.now)
-                    self.last_progress = self.now
-                    rec = self.records[seq.request.id]
-                    assert rec.finished_at is None
-                    rec.finished_at = self.now
+        return step
 
     def _check_reservation(self, step_index: int, head_before, at_before) -> None:
-        """The KV reservation's promise (core.py, 5.): the reserved step never moves later, and the head is
+        """The KV reservation's promise (policy.py, 5.): the reserved step never moves later, and the head is
         admitted at that step at the latest, unless its adapter is not ready."""
         sched, head, res = self.sched, self.sched.head, self.sched.reservation
         if head is None:
@@ -303,14 +391,14 @@ class Sim:
 
     def _check_end(self) -> None:
         for rid, rec in self.records.items():
-            assert rec is not None, f"{rid} never arrived"
+            assert rec.answers == 1, f"{rid} answered {rec.answers} times"
             assert rec.ends == 1, f"{rid} ended {rec.ends} times"
             seq = rec.seq
             if rec.admitted_at is not None:
                 assert rec.finished_at is not None, f"{rid} admitted but never finished"
                 assert len(seq.output_ids) == seq.request.params.max_new_tokens
                 assert seq.num_computed == seq.num_tokens - 1
-            assert seq.state is State.FINISHED
+            assert seq.state is (State.WAITING if rec.rejected else State.FINISHED)
         assert not self.sched.waiting and not self.sched.running
         assert self.blocks.num_free == self.blocks.num_blocks, "KV blocks not all freed"
         assert self.slots.refs == [0] * self.num_slots
@@ -341,9 +429,9 @@ def poisson_times(rng: random.Random, rate: float, start: float, end: float) -> 
         out.append(t)
 
 
-def request(rid: str, tenant: str, adapter: str | None, prompt_len: int, max_new: int,
-            deadline: float | None = None) -> Request:
-    return Request(rid, tenant, adapter, [1] * prompt_len, SamplingParams(max_new_tokens=max_new), deadline)
+def job(rid: str, tenant: str, adapter: str | None, prompt_len: int, max_new: int,
+        deadline: float | None = None) -> Arrival:
+    return Arrival(Request(rid, tenant, adapter, params=SamplingParams(max_new_tokens=max_new)), prompt_len, deadline)
 
 
 def drain_bound(limits: SchedulerLimits, max_prompt: int, max_new: int) -> tuple[float, float]:
@@ -396,7 +484,7 @@ def zipf_sim(seed: int, *, rate: float = 26.0, duration: float = 8.0, num_adapte
     weights = zipf_weights(num_adapters)
     for i, t in enumerate(poisson_times(rng, rate, 0.0, duration)):
         adapter = None if rng.random() < base_share else rng.choices(keys, weights)[0]
-        sim.submit(t, request(f"j{i}", f"t{rng.randrange(tenants)}", adapter, rng.randint(*PROMPT), rng.randint(*NEW)))
+        sim.submit(t, job(f"j{i}", f"t{rng.randrange(tenants)}", adapter, rng.randint(*PROMPT), rng.randint(*NEW)))
     return sim
 
 
@@ -432,8 +520,8 @@ def test_bounded_wait_for_a_job_the_kv_cache_keeps_out(seed):
     rng = random.Random(seed)
     sim = Sim(SchedulerLimits(**LIMITS), num_slots=4, num_blocks=40, block_size=8)  # 320 tokens of KV
     for i, t in enumerate(poisson_times(rng, 60.0, 0.0, 5.0)):
-        sim.submit(t, request(f"j{i}", f"t{i % 3}", f"a{rng.randrange(3)}@1", rng.randint(*PROMPT), rng.randint(*NEW)))
-    sim.submit(0.5, request("long", "t0", "a0@1", 280, 16))  # 296 tokens: 37 of the 40 blocks
+        sim.submit(t, job(f"j{i}", f"t{i % 3}", f"a{rng.randrange(3)}@1", rng.randint(*PROMPT), rng.randint(*NEW)))
+    sim.submit(0.5, job("long", "t0", "a0@1", 280, 16))  # 296 tokens: 37 of the 40 blocks
     sim.run()
     bound = wait_bound(sim.limits, PROMPT[1], NEW[1], LOAD_S)
     waits = sim.waits()
@@ -449,11 +537,11 @@ def kept_out_sim(seed: int) -> Sim:
     cannot run until `old` ends; 200 four-token jobs (one block each) keep arriving meanwhile."""
     rng = random.Random(seed)
     sim = Sim(SchedulerLimits(**LIMITS), num_slots=4, num_blocks=64, block_size=16)
-    sim.submit(0.0, request("old", "t0", None, 16, 600))  # 616 tokens: 39 blocks, 600 decode steps
-    sim.submit(0.1, request("long", "t1", None, 500, 16))  # 516 tokens: 33 blocks > the 25 left
+    sim.submit(0.0, job("old", "t0", None, 16, 600))  # 616 tokens: 39 blocks, 600 decode steps
+    sim.submit(0.1, job("long", "t1", None, 500, 16))  # 516 tokens: 33 blocks > the 25 left
     times = sorted(rng.uniform(0.2, 5.0) for _ in range(200))
     for i, t in enumerate(times):
-        sim.submit(t, request(f"s{i}", f"t{i % 3}", f"a{rng.randrange(2)}@1", 4, 4))
+        sim.submit(t, job(f"s{i}", f"t{i % 3}", f"a{rng.randrange(2)}@1", 4, 4))
     return sim.run()
 
 
@@ -478,8 +566,8 @@ def stream_sim(max_wait_s: float) -> Sim:
     never finds 37 free blocks unless admissions stop for it."""
     sim = Sim(SchedulerLimits(**{**LIMITS, "max_wait_s": max_wait_s}), num_slots=4, num_blocks=40, block_size=8)
     for i in range(300):  # one every 0.1 s for 30 s, each ~0.45 s long
-        sim.submit(0.1 * i, request(f"j{i}", f"t{i % 3}", f"a{i % 2}@1", 24, 40))
-    sim.submit(1.0, request("long", "t0", "a0@1", 280, 16))  # 296 tokens: 37 of the 40 blocks
+        sim.submit(0.1 * i, job(f"j{i}", f"t{i % 3}", f"a{i % 2}@1", 24, 40))
+    sim.submit(1.0, job("long", "t0", "a0@1", 280, 16))  # 296 tokens: 37 of the 40 blocks
     return sim.run()
 
 
@@ -507,9 +595,9 @@ def test_a_job_that_can_never_fit_the_kv_cache_is_refused_and_holds_no_one(seed)
     rng = random.Random(seed)
     sim = Sim(SchedulerLimits(**LIMITS), num_slots=2, num_blocks=16, block_size=8)
     for i, t in enumerate(poisson_times(rng, 20.0, 0.0, 3.0)):
-        sim.submit(t, request(f"j{i}", f"t{i % 2}", f"a{i % 3}@1", rng.randint(*PROMPT), rng.randint(*NEW)))
-    sim.submit(0.5, request("never", "t0", None, 120, 9))  # 129 tokens: 17 blocks
-    sim.submit(0.6, request("whole", "t1", None, 120, 8))  # 128 tokens: all 16 blocks
+        sim.submit(t, job(f"j{i}", f"t{i % 2}", f"a{i % 3}@1", rng.randint(*PROMPT), rng.randint(*NEW)))
+    sim.submit(0.5, job("never", "t0", None, 120, 9))  # 129 tokens: 17 blocks
+    sim.submit(0.6, job("whole", "t1", None, 120, 8))  # 128 tokens: all 16 blocks
     sim.run()
     assert sim.records["never"].rejected and sim.records["never"].admitted_at is None
     assert sim.records["whole"].finished_at is not None
@@ -530,8 +618,8 @@ def flood_sim(seed: int, *, num_slots: int, popular: int = 2, rare_at: float = 0
     sim = Sim(SchedulerLimits(**FLOOD_LIMITS), num_slots=num_slots)
     keys = [f"pop{i}@1" for i in range(popular)]
     for i, t in enumerate(poisson_times(rng, rate, 0.0, duration)):
-        sim.submit(t, request(f"j{i}", f"t{i % 3}", rng.choice(keys), 16, 16))
-    sim.submit(rare_at, request("rare", "t0", "rare@1", 16, 16))
+        sim.submit(t, job(f"j{i}", f"t{i % 3}", rng.choice(keys), 16, 16))
+    sim.submit(rare_at, job("rare", "t0", "rare@1", 16, 16))
     return sim
 
 
@@ -560,10 +648,10 @@ def test_rare_adapter_when_the_drained_slots_adapter_is_overdue_too(seed):
     rng = random.Random(seed)
     sim = Sim(SchedulerLimits(**FLOOD_LIMITS), num_slots=2)
     for i, t in enumerate(poisson_times(rng, 70.0, 0.0, 4.0)):
-        sim.submit(t, request(f"b{i}", f"t{i % 3}", "B@1", 16, 16))
+        sim.submit(t, job(f"b{i}", f"t{i % 3}", "B@1", 16, 16))
     for i, t in enumerate(poisson_times(rng, 8.0, 0.0, 4.0)):
-        sim.submit(t, request(f"a{i}", f"t{i % 3}", "A@1", 16, 60))
-    sim.submit(0.5, request("rare", "t0", "C@1", 16, 16))
+        sim.submit(t, job(f"a{i}", f"t{i % 3}", "A@1", 16, 60))
+    sim.submit(0.5, job("rare", "t0", "C@1", 16, 16))
     sim.run()
     bound = wait_bound(sim.limits, 16, 60, LOAD_S)
     waits = sim.waits()
@@ -576,9 +664,9 @@ def test_overdue_job_expiring_while_a_slot_drains_for_it(seed):
     rng = random.Random(seed)
     sim = Sim(SchedulerLimits(**FLOOD_LIMITS), num_slots=2)
     for i, t in enumerate(poisson_times(rng, 80.0, 0.0, 4.0)):
-        sim.submit(t, request(f"j{i}", f"t{i % 3}", rng.choice(["pop0@1", "pop1@1"]), 16, 16))
+        sim.submit(t, job(f"j{i}", f"t{i % 3}", rng.choice(["pop0@1", "pop1@1"]), 16, 16))
     # overdue at 0.75 s, expires at 0.8 s: while the slot it asked for is still draining
-    sim.submit(0.5, request("rare", "t0", "rare@1", 16, 16, deadline=0.8))
+    sim.submit(0.5, job("rare", "t0", "rare@1", 16, 16, deadline=0.8))
     sim.run()  # no hang
     assert sim.records["rare"].expired_at is not None
     bound = wait_bound(sim.limits, 16, 16, LOAD_S)
@@ -588,8 +676,8 @@ def test_overdue_job_expiring_while_a_slot_drains_for_it(seed):
 def test_a_loading_slot_is_not_reassigned():
     """A slot whose load is in flight is not handed to another adapter, even once nobody wants it."""
     sim = Sim(SchedulerLimits(**LIMITS), num_slots=1, load_latency={"slow@1": 1.0, "b@1": LOAD_S})
-    sim.submit(0.0, request("a", "t0", "slow@1", 8, 4, deadline=0.1))  # expires while its adapter loads
-    sim.submit(0.2, request("b", "t0", "b@1", 8, 4))
+    sim.submit(0.0, job("a", "t0", "slow@1", 8, 4, deadline=0.1))  # expires while its adapter loads
+    sim.submit(0.2, job("b", "t0", "b@1", 8, 4))
     sim.run()  # Sim checks every issued load against the in-flight ones
     assert sim.records["a"].expired_at is not None
     assert [(key, slot) for _, key, slot in sim.loads_issued] == [("slow@1", 0), ("b@1", 0)]
@@ -606,7 +694,7 @@ def fairness_sim(seed: int, max_wait_s: float) -> Sim:
     rng.shuffle(jobs)
     times = sorted(rng.uniform(0.0, 0.1) for _ in jobs)
     for t, (tenant, i) in zip(times, jobs):
-        sim.submit(t, request(f"{tenant}-{i}", tenant, rng.choice(keys), rng.randint(*PROMPT), rng.randint(*NEW)))
+        sim.submit(t, job(f"{tenant}-{i}", tenant, rng.choice(keys), rng.randint(*PROMPT), rng.randint(*NEW)))
     return sim
 
 
@@ -654,13 +742,13 @@ def test_deadlines_expire_waiting_jobs_and_never_run_them(seed):
             deadline = t + 1000.0 if i % 5 == 1 else None
             if deadline is not None:
                 loose.append(f"j{i}")
-        sim.submit(t, request(f"j{i}", f"t{i % 2}", f"a{rng.randrange(3)}@1", rng.randint(*PROMPT),
-                              rng.randint(*NEW), deadline))
+        sim.submit(t, job(f"j{i}", f"t{i % 2}", f"a{rng.randrange(3)}@1", rng.randint(*PROMPT),
+                          rng.randint(*NEW), deadline))
     sim.run()
     expired = [r for r in sim.records.values() if r.expired_at is not None]
     assert len(expired) >= 10, "the scenario should expire a good number of jobs"
     for rec in sim.records.values():
-        deadline = rec.seq.request.deadline
+        deadline = rec.seq.deadline
         if rec.expired_at is not None:
             assert rec.admitted_at is None and rec.seq.num_computed == 0 and not rec.seq.output_ids
             # answered at the first schedule() after its deadline passed
@@ -679,7 +767,7 @@ def test_load_failure_returns_exactly_that_adapters_waiting_jobs(seed):
     sim = Sim(SchedulerLimits(**LIMITS), num_slots=3, fail_keys=frozenset(bad),
               load_latency={k: rng.uniform(0.02, 0.12) for k in keys})
     for i, t in enumerate(poisson_times(rng, 60.0, 0.0, 3.0)):
-        sim.submit(t, request(f"j{i}", f"t{i % 3}", rng.choice(keys), rng.randint(*PROMPT), rng.randint(*NEW)))
+        sim.submit(t, job(f"j{i}", f"t{i % 3}", rng.choice(keys), rng.randint(*PROMPT), rng.randint(*NEW)))
     sim.run()  # Sim._check_load_failed compares each return with the waiting queue right before it
     assert {key for key, _ in sim.load_failures} == bad
     assert all(returned for _, returned in sim.load_failures), "a failed load answered no job"
@@ -698,7 +786,7 @@ def test_kv_pressure_and_base_model_jobs(seed):
     sim = Sim(SchedulerLimits(**LIMITS), num_slots=2, num_blocks=12, block_size=8)  # ~96 tokens: 2-3 jobs
     for i, t in enumerate(poisson_times(rng, 15.0, 0.0, 4.0)):
         adapter = None if i % 4 == 0 else f"a{rng.randrange(4)}@1"
-        sim.submit(t, request(f"j{i}", "t0", adapter, rng.randint(*PROMPT), rng.randint(*NEW)))
+        sim.submit(t, job(f"j{i}", "t0", adapter, rng.randint(*PROMPT), rng.randint(*NEW)))
     sim.run()
     assert len(sim.finished()) == len(sim.records)
     assert 2 <= sim.max_running_seen <= 96 // (8 + 4), "KV, not max_running, must be what limits the batch"
@@ -714,7 +802,7 @@ def test_burst_of_more_adapters_than_slots_does_not_thrash(seed):
     keys = [f"a{i}@1" for i in range(512)]
     weights = zipf_weights(len(keys))
     for i in range(256):
-        sim.submit(0.0, request(f"j{i}", f"t{i % 4}", rng.choices(keys, weights)[0], 32, 32))
+        sim.submit(0.0, job(f"j{i}", f"t{i % 4}", rng.choices(keys, weights)[0], 32, 32))
     sim.run()
     distinct = len({r.seq.request.adapter for r in sim.records.values()})
     assert len(sim.loads_issued) <= 2 * distinct, f"{len(sim.loads_issued)} loads for {distinct} adapters"

@@ -1,7 +1,8 @@
 """Adapter-aware continuous batching: which sequences run in the next step, which adapters to load.
 
 Pure bookkeeping — no tensors, no threads, time passed in — so the policy can be simulated
-deterministically (tests/test_scheduler_sim.py) and the engine only executes what it decides.
+deterministically: the step loop (scheduler/step_loop.py) executes what it decides, in the engine with
+the model and in tests/test_scheduler_sim.py with a simulated runner and loader on a fake clock.
 
 Policy, in order of precedence:
 1. Deadlines: a waiting job past its deadline is answered `deadline_exceeded`, never run.
@@ -47,60 +48,10 @@ adapters in the queue than slots.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 from scheduler.kv_cache import BlockAllocator
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-
-@dataclass
-class Request:
-    id: str
-    tenant: str
-    adapter: str | None  # adapter key in the store ("name@version"); None = base model
-    prompt_ids: list[int]
-    params: SamplingParams = field(default_factory=SamplingParams)
-    deadline: float | None = None  # on the scheduler's clock
-
-
-class State(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-class Sequence:
-    def __init__(self, request: Request, arrival: float):
-        self.request = request
-        self.arrival = arrival
-        self.output_ids: list[int] = []
-        self.num_computed = 0  # tokens whose K/V are in the cache
-        self.blocks: list[int] = []
-        self.slot = -1  # device adapter slot while running; -1 = base model
-        self.state = State.WAITING
-        self.cold = False  # its adapter was not resident when it arrived
-        self.admitted_at: float | None = None
-        self.first_token_at: float | None = None
-        self.done_by = 0  # while running: the scheduler step by which it is finished, at the latest
-        self.payload = None  # what the engine attaches (sampler, detokenizer state, callback)
-
-    @property
-    def cost(self) -> int:
-        return len(self.request.prompt_ids) + self.request.params.max_new_tokens
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.request.prompt_ids) + len(self.output_ids)
+from scheduler.requests import Sequence, State
 
 
 @dataclass
@@ -147,22 +98,15 @@ class AdapterSlots:
         return slot
 
     def loaded(self, key: str, ok: bool) -> None:
+        """`key`'s load ended: its slot is ready, or (failed, or outdated meanwhile) free again unless in use."""
         slot = self.slot_of.get(key)
         if slot is None:
             return
         if ok:
             self.ready[slot] = True
-        else:
-            self.drop(key)
-
-    def drop(self, key: str) -> int | None:
-        """Forget `key` (failed load or invalidated); returns its slot if it had one and nobody uses it."""
-        slot = self.slot_of.get(key)
-        if slot is None or self.refs[slot]:
-            return None
-        del self.slot_of[key]
-        self.key_of[slot], self.ready[slot] = None, False
-        return slot
+        elif not self.refs[slot]:
+            del self.slot_of[key]
+            self.key_of[slot], self.ready[slot] = None, False
 
     def retire(self, key: str) -> None:
         """`key`'s slot holds outdated content: new jobs no longer match it, running ones finish on it,
@@ -311,7 +255,7 @@ class Scheduler:
         step = Step()
         live = []
         for seq in self.waiting:
-            deadline = seq.request.deadline
+            deadline = seq.deadline
             if deadline is not None and now > deadline:
                 seq.state = State.FINISHED
                 step.expired.append(seq)
@@ -363,7 +307,7 @@ class Scheduler:
                 self.reservation = self._reserve(self.head)  # the head (first in order) is still waiting
             if self._admit(seq, now, prefill_ahead):
                 admitted.add(id(seq))
-                prefill_ahead += len(seq.request.prompt_ids)
+                prefill_ahead += len(seq.prompt_ids)
                 if seq is self.head:
                     self.head = None
         if self.head is not None and self.reservation is None:
@@ -414,7 +358,7 @@ class Scheduler:
     def _done_by(self, seq: Sequence, prefill_ahead: int) -> int:
         """The step by which `seq`, admitted now behind `prefill_ahead` prompt tokens still to prefill, is
         finished at the latest (see the docstring, 5.)."""
-        prefill_steps = -(-(prefill_ahead + len(seq.request.prompt_ids)) // self._prefill_rate)
+        prefill_steps = -(-(prefill_ahead + len(seq.prompt_ids)) // self._prefill_rate)
         return self.steps + prefill_steps + seq.request.params.max_new_tokens - 1
 
     def _reserve(self, head: Sequence) -> Reservation:

@@ -1,0 +1,200 @@
+"""Every adapter tier in one owner: disk → host cache → device slots, and the loader thread between them.
+
+Like vLLM's LoRA model manager. `AdapterManager` sizes and holds the device pool (`AdapterPool`, the slots
+the LoRA kernels read) and the host cache (`HostAdapterCache`, parsed adapters in LRU order), knows which
+adapters are registered (`AdapterSpec`), runs the loader thread that reads adapters from disk and writes
+them into slots while steps run, reports finished loads to the step loop (`LoadDone`), remembers the
+adapters that failed to load (their later jobs are answered at once), drops what it cached of an adapter
+re-published with new content, and builds the dummy job that warms an adapter up. Which adapter a slot
+holds is the scheduling policy's call (`AdapterSlots` in scheduler/policy.py); the manager loads what it
+is handed.
+
+Threads: `register` and `knows` from any thread; `_load_loop` on the loader thread; the rest on the step thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from scheduler.adapters import AdapterLoadError, AdapterWeights, ModelShapes, read_adapter
+from scheduler.callbacks import call_hook
+from scheduler.config import EngineConfig
+from scheduler.lora import AdapterPool, slot_bytes
+from scheduler.policy import AdapterSlots
+from scheduler.requests import Request, SamplingParams
+from scheduler.step_loop import LoadDone
+
+log = logging.getLogger(__name__)
+
+# Sizing when --max-loras / --max-cpu-loras are 0: device slots take this share of device memory, at most
+# MAX_AUTO_SLOTS of them; the host cache keeps HOST_ADAPTERS_PER_SLOT adapters per device slot.
+SLOT_MEMORY_SHARE = 0.05
+MAX_AUTO_SLOTS = 64
+HOST_ADAPTERS_PER_SLOT = 4
+WARMUP_TENANT = "__warmup__"
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    key: str  # unique per content: "name@version"
+    path: str
+    sha256: str | None = None
+
+
+def warmup_request(key: str) -> Request:
+    """The dummy one-token job that warms an adapter up: its load and its first step, before live traffic."""
+    return Request(f"warmup:{key}", WARMUP_TENANT, key, prompt_ids=[0], params=SamplingParams(1))
+
+
+class HostAdapterCache:
+    """The host-memory tier: LRU over parsed adapters, so a re-load skips disk and validation."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        # Keyed by the whole spec, so a same-name re-publish with new content never hits stale weights.
+        self._items: OrderedDict[AdapterSpec, AdapterWeights] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, spec: AdapterSpec) -> AdapterWeights | None:
+        with self._lock:
+            weights = self._items.get(spec)
+            if weights is not None:
+                self._items.move_to_end(spec)
+            return weights
+
+    def put(self, spec: AdapterSpec, weights: AdapterWeights) -> None:
+        with self._lock:
+            self._items[spec] = weights
+            self._items.move_to_end(spec)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def drop(self, spec: AdapterSpec) -> None:
+        with self._lock:
+            self._items.pop(spec, None)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class AdapterManager:
+    def __init__(self, shapes: ModelShapes, config: EngineConfig, dtype: torch.dtype, device: torch.device,
+                 device_bytes: int):
+        self.shapes, self.max_rank, self.dtype, self.device = shapes, config.max_lora_rank, dtype, device
+        per_slot = slot_bytes(shapes.projections, shapes.num_layers, config.max_lora_rank, dtype)
+        self.max_loras = config.max_loras or max(1, min(MAX_AUTO_SLOTS, int(SLOT_MEMORY_SHARE * device_bytes) // per_slot))
+        self.max_cpu_loras = config.max_cpu_loras or HOST_ADAPTERS_PER_SLOT * self.max_loras
+        self.pool = AdapterPool(shapes.projections, shapes.num_layers, self.max_loras, config.max_lora_rank, dtype,
+                                device, backend=config.lora_backend)
+        self.host_cache = HostAdapterCache(self.max_cpu_loras)
+        self._specs: dict[str, AdapterSpec] = {}
+        self._errors: dict[str, str] = {}  # key → why it failed to load
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # (spec, slot) to load; None stops the loader
+        self._done: queue.SimpleQueue = queue.SimpleQueue()  # (spec, slot, error, seconds)
+        self._thread: threading.Thread | None = None
+        # Called from the loader thread when a load finishes (the engine wakes its step thread).
+        self.notify: Callable[[], None] = lambda: None
+        # Optional metrics hook, called from the step thread: on_load(key, seconds, error).
+        self.on_load: Callable[[str, float, str | None], None] | None = None
+
+    # ---- any thread -------------------------------------------------------------------------------
+
+    def register(self, spec: AdapterSpec) -> AdapterSpec | None:
+        """Make an adapter known (published); returns the spec it replaces if the content changed."""
+        old = self._specs.get(spec.key)
+        self._specs[spec.key] = spec
+        return old if old is not None and old != spec else None
+
+    def knows(self, key: str) -> bool:
+        return key in self._specs
+
+    # ---- the loader thread ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._load_loop, name="lorabus-loader", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float) -> bool:
+        """Stop the loader after the load in hand; False if it is still busy after `timeout_s` (a stuck read)."""
+        if self._thread is None:
+            return True
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def _load_loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            spec, slot = item
+            started = time.perf_counter()
+            error = None
+            try:
+                self._load(spec, slot)
+            except AdapterLoadError as exc:
+                error = str(exc)
+            except Exception as exc:  # a loader bug must answer the jobs, not kill the thread
+                log.exception("loading %s failed", spec.key)
+                error = f"{spec.key}: {type(exc).__name__}: {exc}"
+            self._done.put((spec, slot, error, time.perf_counter() - started))
+            self.notify()
+
+    def _load(self, spec: AdapterSpec, slot: int | None) -> None:
+        weights = self.host_cache.get(spec)
+        if weights is None:
+            weights = read_adapter(spec.key, spec.path, self.shapes, self.max_rank, self.dtype, spec.sha256)
+            if self.device.type == "cuda":  # pinned pages let the host → device copy run async
+                weights.modules = {k: (a.pin_memory(), b.pin_memory(), s) for k, (a, b, s) in weights.modules.items()}
+            self.host_cache.put(spec, weights)
+        if slot is not None:
+            self.pool.write(slot, weights)
+
+    # ---- the step thread --------------------------------------------------------------------------
+
+    def load(self, key: str, slot: int | None) -> bool:
+        """Queue `key` for loading (into `slot`, or the host cache only); False if it is not registered."""
+        spec = self._specs.get(key)
+        if spec is None:
+            return False
+        self._queue.put((spec, slot))
+        return True
+
+    def finished(self) -> list[LoadDone]:
+        """The loads finished since the last call; a failed one is remembered for the key's later jobs."""
+        done = []
+        while True:
+            try:
+                spec, slot, error, seconds = self._done.get_nowait()
+            except queue.Empty:
+                return done
+            call_hook(self.on_load, spec.key, seconds, error)
+            stale = self._specs.get(spec.key) != spec
+            if error is not None and not stale:
+                self._errors[spec.key] = error
+            done.append(LoadDone(spec.key, slot, error, stale))
+
+    def load_error(self, key: str) -> str | None:
+        return self._errors.get(key)
+
+    def prefetch(self, key: str, slots: AdapterSlots, wanted: set[str], now: float) -> None:
+        """Load `key` into the host tier ahead of traffic, and into a device slot no `wanted` adapter needs."""
+        spec = self._specs.get(key)
+        if spec is None:
+            log.warning("prefetch of %s ignored: it is not registered", key)
+            return
+        if key not in slots.slot_of and self.host_cache.get(spec) is None:
+            self._queue.put((spec, slots.reserve(key, now, wanted)))
+
+    def invalidate(self, old: AdapterSpec, slots: AdapterSlots) -> None:
+        """`old` was re-published with new content: forget its weights, its load error and its ready slot."""
+        self.host_cache.drop(old)
+        self._errors.pop(old.key, None)
+        # A slot still loading is reported stale when its load finishes (see `finished`).
+        if slots.is_ready(old.key):
+            slots.retire(old.key)
