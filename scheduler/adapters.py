@@ -61,13 +61,6 @@ class AdapterWeights:
 
     key: str
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]
-    max_rank: int
-
-    @property
-    def nbytes(self) -> int:
-        # A shared A counts once; B's slices are views at distinct offsets that add up to B.
-        tensors = {(t.data_ptr(), t.nbytes) for a, b, _ in self.modules.values() for t in (a, b)}
-        return sum(nbytes for _, nbytes in tensors)
 
 
 def _pattern_value(key: str, patterns: dict, module_name: str, default):
@@ -180,7 +173,7 @@ def read_adapter(
         module_names[(layer, module)] = name[:match.end(2)].removeprefix(PEFT_PREFIX)
 
     alpha, use_rslora = config.get("lora_alpha", 8), bool(config.get("use_rslora", False))
-    modules, top_rank = {}, 0
+    modules = {}
     for (layer, module), ab in sorted(pairs.items()):
         where = f"layer {layer} {module.rsplit('.', 1)[-1]}"
         if set(ab) != {"A", "B"}:
@@ -216,7 +209,6 @@ def read_adapter(
                 raise AdapterLoadError(f"{key}: layer {layer} {slice_} is targeted by more than one module")
             modules[(layer, slice_)] = (a, b[row:row + width], scale)
             row += width
-        top_rank = max(top_rank, rank)
     if not modules:
         raise AdapterLoadError(f"{key}: adapter holds no LoRA weights")
-    return AdapterWeights(key=key, modules=modules, max_rank=top_rank)
+    return AdapterWeights(key=key, modules=modules)

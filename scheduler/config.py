@@ -15,7 +15,7 @@ class EngineConfig:
     dtype: str = field(default="auto", metadata=_doc("float32, float16, bfloat16, or auto (bf16 on cuda, fp32 on cpu)"))
     max_loras: int = field(default=0, metadata=_doc("device adapter slots (0 = 5%% of device memory, at most 64)"))
     max_cpu_loras: int = field(default=0, metadata=_doc("adapters cached in host memory (0 = 4x max-loras)"))
-    max_lora_rank: int = field(default=16, metadata=_doc("largest adapter rank the pool accepts; smaller ranks are zero-padded (padding r8 to r64 cost 23%% throughput on CPU, docs/benchmarks.md)"))
+    max_lora_rank: int = field(default=16, metadata=_doc("largest adapter rank the pool accepts; smaller ranks are zero-padded (docs/benchmarks.md measures what padding costs)"))
     kv_cache_mb: int = field(default=0, metadata=_doc("KV cache budget in MiB (0 = 40%% of free GPU memory, or 1 GiB on cpu)"))
     kv_block_size: int = field(default=16, metadata=_doc("tokens per KV cache block"))
     max_running: int = field(default=64, metadata=_doc("sequences in one batch"))

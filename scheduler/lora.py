@@ -40,7 +40,7 @@ class AdapterPool:
         backend: str = "auto",
         groups: dict[str, tuple[str, ...]] = GROUPS,
     ):
-        self.max_loras, self.max_rank, self.backend = max_loras, max_rank, backend
+        self.backend = backend
         self.device = device
         self.groups = groups
         self._group_of = {proj: (group, i) for group, projs in groups.items() for i, proj in enumerate(projs)}

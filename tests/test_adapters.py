@@ -195,7 +195,6 @@ def test_fused_targets_map_onto_the_pools_slices(phi3_model, tmp_path):
         assert [b.shape[0] for _, b, _ in parts] == [spec.projections[s][1] for s in slices]
         assert torch.equal(torch.cat([b for _, b, _ in parts]), stored[f"{prefix}.lora_B.weight"])
         assert {scale for _, _, scale in parts} == {8 / 4}
-    assert weights.nbytes == sum(t.nbytes for t in stored.values())
 
 
 def test_targets_of_another_family_are_refused(phi3_model, peft_adapters, shapes, tmp_path):

@@ -21,9 +21,9 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from scheduler import AdapterSpec, Completion, Engine, Request, SamplingParams
-from schemas import (DECODE_ERRORS, AdapterActivate, AdapterPublish, ErrorInfo, Job, JobError, JobResult, Usage, decode_control,
-                     decode_job, encode, error_result)
+from scheduler import AdapterSpec, Completion, Engine, Request
+from schemas import (DECODE_ERRORS, AdapterActivate, AdapterPublish, Job, JobError, JobResult, decode_control, decode_job,
+                     encode, error_result)
 from worker import kafka_records
 from worker.adapter_paths import AdapterPathError, confine_adapter_path
 from worker.client import topic_partitions
@@ -32,6 +32,7 @@ from worker.metrics import Metrics
 from worker.offsets import PartitionOffsets
 from worker.registry import AdapterRegistry, ResolvedAdapter
 from worker.signing import ControlKeys
+from worker.translate import ok_result, to_request
 from worker.output import AtLeastOnceOutput, Outgoing, TransactionalOutbox
 from worker.producer import ResultProducer, truncated_copy
 
@@ -379,16 +380,11 @@ class Worker:
             return self._error(job, resolved, "adapter_load_failed", self.refused[resolved.key]), reply_to
         if job.deadline_ms is not None and time.time() * 1000 > job.deadline_ms:
             return self._error(job, resolved, "deadline_exceeded", "the job's deadline passed before it ran"), reply_to
-        completion = await self._generate(job, resolved)
+        completion = await self._generate(to_request(job, resolved))
         if completion.status != "ok":
             return self._error(job, resolved, completion.error_code, completion.error_message), reply_to
         self._observe(completion)
-        return JobResult(
-            id=job.id, status="ok",
-            adapter=resolved.name if resolved else None, adapter_version=resolved.version if resolved else None,
-            text=completion.text, token_ids=completion.token_ids, finish_reason=completion.finish_reason,
-            usage=Usage(completion.prompt_tokens, len(completion.token_ids)), worker=self.worker_id,
-        ), reply_to
+        return ok_result(job, resolved, completion, self.worker_id), reply_to
 
     async def _resolve(self, job: Job) -> ResolvedAdapter | None:
         if job.adapter is None:
@@ -400,15 +396,10 @@ class Worker:
                 log.warning("control topic not caught up within %d ms", self.config.control_wait_ms)
         return self.registry.resolve(job.adapter, job.tenant)
 
-    async def _generate(self, job: Job, resolved: ResolvedAdapter | None) -> Completion:
+    async def _generate(self, request: Request) -> Completion:
+        """The hand-off to the engine: submit from a thread, await the completion on this loop."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Completion] = loop.create_future()
-        request = Request(
-            id=job.id, tenant=job.tenant, adapter=resolved.key if resolved else None,
-            prompt=job.prompt, prompt_ids=job.prompt_ids,
-            params=SamplingParams(job.max_new_tokens, job.temperature, job.top_p, job.top_k, job.seed, tuple(job.stop)),
-            deadline=job.deadline_ms / 1000 if job.deadline_ms is not None else None,
-        )
         # submit tokenizes the prompt: a thread keeps that off the event loop.
         await asyncio.to_thread(self.engine.submit, request,
                                 lambda c: loop.call_soon_threadsafe(_resolve_future, future, c))
@@ -422,9 +413,8 @@ class Worker:
                 self.metrics.cold_start.observe(c.ttft_s)
 
     def _error(self, job: Job, resolved: ResolvedAdapter | None, code: str, message: str) -> JobResult:
-        return JobResult(id=job.id, status="error", adapter=resolved.name if resolved else None,
-                         adapter_version=resolved.version if resolved else None,
-                         error=ErrorInfo(code, message), worker=self.worker_id)
+        return error_result(job.id, code, message, self.worker_id, adapter=resolved.name if resolved else None,
+                            adapter_version=resolved.version if resolved else None)
 
     async def _reply_topic_problem(self, topic: str) -> str | None:
         """Why results may not go to `topic` (None when they may)."""
@@ -448,8 +438,8 @@ class Worker:
         return Outgoing(topic, value, key, if_too_large=too_large)
 
     def _error_like(self, result: JobResult, code: str, message: str) -> JobResult:
-        return JobResult(id=result.id, status="error", adapter=result.adapter, adapter_version=result.adapter_version,
-                         error=ErrorInfo(code, message), worker=self.worker_id)
+        return error_result(result.id, code, message, self.worker_id, adapter=result.adapter,
+                            adapter_version=result.adapter_version)
 
     def _dead_letter(self, record, code: str, reason: str) -> Outgoing:
         """The record as it came, with headers that say where from and why, cut down if too large to copy."""

@@ -1,0 +1,27 @@
+"""The one place where wire types (schemas) meet engine types (scheduler): a job becomes an engine
+`Request`, and what the engine answers becomes a `JobResult`."""
+
+from __future__ import annotations
+
+from scheduler import Completion, Request, SamplingParams
+from schemas import Job, JobResult, Usage
+from worker.registry import ResolvedAdapter
+
+
+def to_request(job: Job, adapter: ResolvedAdapter | None) -> Request:
+    return Request(
+        id=job.id, tenant=job.tenant, adapter=adapter.key if adapter else None,
+        prompt=job.prompt, prompt_ids=job.prompt_ids,
+        params=SamplingParams(job.max_new_tokens, job.temperature, job.top_p, job.top_k, job.seed, tuple(job.stop)),
+        deadline=job.deadline_ms / 1000 if job.deadline_ms is not None else None,
+    )
+
+
+def ok_result(job: Job, adapter: ResolvedAdapter | None, completion: Completion, worker: str) -> JobResult:
+    return JobResult(
+        id=job.id, status="ok", adapter=adapter.name if adapter else None,
+        adapter_version=adapter.version if adapter else None,
+        text=completion.text, token_ids=completion.token_ids, finish_reason=completion.finish_reason,
+        usage=Usage(completion.prompt_tokens, len(completion.token_ids)), worker=worker,
+    )
+
