@@ -167,15 +167,19 @@ def _readable_id(value: bytes) -> str | None:
             expect_key = False
         elif expect_key:
             key = token
-        elif key == b'"id"':
-            try:
-                job_id = msgspec.json.decode(token, type=str)
-            except DECODE_ERRORS:
-                return None
-            return job_id if 0 < len(job_id) <= 256 else None
+        elif key is not None and (key == b'"id"' or _json_text(key) == "id"):  # "\u0069d" spells id too
+            job_id = _json_text(token)
+            return job_id if job_id is not None and 0 < len(job_id) <= 256 else None
         else:
             key = None
     return None
+
+
+def _json_text(token: bytes) -> str | None:
+    try:
+        return msgspec.json.decode(token, type=str)
+    except DECODE_ERRORS:
+        return None
 
 
 def _header_text(raw: bytes | str | None) -> str | None:

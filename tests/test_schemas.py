@@ -114,6 +114,7 @@ def test_hostile_values_are_invalid_jobs_with_their_id(body, fragment):
     (b'{"x": ' + DEEP + b', "id": "after-deep"}', "after-deep"),
     (b'{"x": "' + b"\\\\" * 1000 + b'\\"", "id": "esc\\"aped"}', 'esc"aped'),
     (b'{"name": "id", "id": "value-not-key"}', "value-not-key"),
+    (b'{"\\u0069d": "escaped-key", "tenant": 5}', "escaped-key"),
     (b'{"x": {"id": "nested"}, "y": [{"id": "nested"}]}', None),
     (b'["id", "x"]', None),
     (b'{"id": 5}', None),
