@@ -7,7 +7,7 @@ install:
 	$(PYTHON) -m pip install --disable-pip-version-check -q -e '.[test]'
 
 demo: install
-	$(PYTHON) -m worker.cli demo
+	$(PYTHON) -m lorabus.worker.cli demo
 
 test: install
 	$(PYTHON) -m pytest -q -ra --durations=10

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from scheduler import EngineConfig
-from worker.client import run_jobs
-from worker.config import WorkerConfig
-from worker.samples import build_tiny_model
-from worker.service import Worker, ensure_topics
+from lorabus.scheduler import EngineConfig
+from lorabus.worker.client import run_jobs
+from lorabus.worker.config import WorkerConfig
+from lorabus.worker.samples import build_tiny_model
+from lorabus.worker.service import Worker, ensure_topics
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("at-least-once", "exactly-once")

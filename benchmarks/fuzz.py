@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.fuzz_records import run_fuzz, summary  # noqa: E402
 from tests.helpers import PeftOracle, make_peft_adapter  # noqa: E402
-from worker.samples import build_tiny_model  # noqa: E402
+from lorabus.worker.samples import build_tiny_model  # noqa: E402
 
 ADAPTERS = {  # the test suite's three adapters (tests/conftest.py, peft_adapters)
     "qv-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),

@@ -57,8 +57,8 @@ from pathlib import Path
 
 import torch
 
-from scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
-from worker.samples import build_sample_adapter, build_tiny_model
+from lorabus.scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
+from lorabus.worker.samples import build_sample_adapter, build_tiny_model
 
 SHAPES = {
     "tiny": {},  # worker.samples.TINY_MODEL: hidden 64, 2 layers

@@ -3,9 +3,9 @@
 Builds on `kernels` for the LoRA math; knows nothing of Kafka. The worker talks to `Engine` only.
 """
 
-from scheduler.adapter_manager import AdapterSpec
-from scheduler.config import EngineConfig
-from scheduler.engine import Engine
-from scheduler.requests import Completion, Request, SamplingParams
+from lorabus.scheduler.adapter_manager import AdapterSpec
+from lorabus.scheduler.config import EngineConfig
+from lorabus.scheduler.engine import Engine
+from lorabus.scheduler.requests import Completion, Request, SamplingParams
 
 __all__ = ["AdapterSpec", "Completion", "Engine", "EngineConfig", "Request", "SamplingParams"]

@@ -24,13 +24,13 @@ from typing import Callable
 
 import torch
 
-from scheduler.adapters import AdapterLoadError, AdapterWeights, ModelShapes, read_adapter
-from scheduler.callbacks import call_hook
-from scheduler.config import EngineConfig
-from scheduler.lora import AdapterPool, slot_bytes
-from scheduler.policy import AdapterSlots
-from scheduler.requests import Request, SamplingParams
-from scheduler.step_loop import LoadDone
+from lorabus.scheduler.adapters import AdapterLoadError, AdapterWeights, ModelShapes, read_adapter
+from lorabus.scheduler.callbacks import call_hook
+from lorabus.scheduler.config import EngineConfig
+from lorabus.scheduler.lora import AdapterPool, slot_bytes
+from lorabus.scheduler.policy import AdapterSlots
+from lorabus.scheduler.requests import Request, SamplingParams
+from lorabus.scheduler.step_loop import LoadDone
 
 log = logging.getLogger(__name__)
 

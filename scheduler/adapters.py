@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from scheduler.arch import ModelShapes  # noqa: F401 (read_adapter's parameter type; importable from here as before)
+from lorabus.scheduler.arch import ModelShapes  # noqa: F401 (read_adapter's parameter type; importable from here as before)
 
 # PEFT's tensor names: `base_model.model.<module>.lora_A[.<adapter name>].weight`; the module within a
 # layer (`self_attn.qkv_proj`) is what the base model's LoRA targets list.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from scheduler.requests import Completion
+from lorabus.scheduler.requests import Completion
 
 log = logging.getLogger(__name__)
 

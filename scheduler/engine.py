@@ -23,16 +23,16 @@ from typing import Callable
 
 import torch
 
-from scheduler.adapter_manager import AdapterManager, AdapterSpec, warmup_request
-from scheduler.callbacks import deliver
-from scheduler.config import EngineConfig
-from scheduler.kv_cache import BlockAllocator, PagedKVCache
-from scheduler.model import CausalLM
-from scheduler.policy import AdapterSlots, Scheduler, SchedulerLimits
-from scheduler.requests import Completion, Request, RequestError, RequestLimits, Sequence, StopRules, validate
-from scheduler.runner import ModelRunner
-from scheduler.sampling import Sampler
-from scheduler.step_loop import REPLAN_S, STOPPED, Invalidate, Outcome, Prefetch, StepLoop, Submit
+from lorabus.scheduler.adapter_manager import AdapterManager, AdapterSpec, warmup_request
+from lorabus.scheduler.callbacks import deliver
+from lorabus.scheduler.config import EngineConfig
+from lorabus.scheduler.kv_cache import BlockAllocator, PagedKVCache
+from lorabus.scheduler.model import CausalLM
+from lorabus.scheduler.policy import AdapterSlots, Scheduler, SchedulerLimits
+from lorabus.scheduler.requests import Completion, Request, RequestError, RequestLimits, Sequence, StopRules, validate
+from lorabus.scheduler.runner import ModelRunner
+from lorabus.scheduler.sampling import Sampler
+from lorabus.scheduler.step_loop import REPLAN_S, STOPPED, Invalidate, Outcome, Prefetch, StepLoop, Submit
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from contextlib import nullcontext
 
 import torch
 
-import kernels
-from scheduler.adapters import AdapterWeights
-from scheduler.arch import GROUPS
+from lorabus import kernels
+from lorabus.scheduler.adapters import AdapterWeights
+from lorabus.scheduler.arch import GROUPS
 
 
 def slot_bytes(projections: dict[str, tuple[int, int]], num_layers: int, max_rank: int, dtype: torch.dtype) -> int:

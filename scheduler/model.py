@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-import kernels
-from scheduler.arch import ACTIVATIONS, GROUPS, ModelSpec
-from scheduler.kv_cache import PagedKVCache
-from scheduler.lora import AdapterPool
+from lorabus import kernels
+from lorabus.scheduler.arch import ACTIVATIONS, GROUPS, ModelSpec
+from lorabus.scheduler.kv_cache import PagedKVCache
+from lorabus.scheduler.lora import AdapterPool
 
 SINGLE_FILE, SHARD_INDEX = "model.safetensors", "model.safetensors.index.json"
 

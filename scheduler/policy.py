@@ -50,8 +50,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scheduler.kv_cache import BlockAllocator
-from scheduler.requests import Sequence, State
+from lorabus.scheduler.kv_cache import BlockAllocator
+from lorabus.scheduler.requests import Sequence, State
 
 
 @dataclass

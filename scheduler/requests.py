@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:
     import torch
 
-    from scheduler.sampling import Sampler
+    from lorabus.scheduler.sampling import Sampler
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ import time
 
 import torch
 
-import kernels
-from scheduler.callbacks import call_hook
-from scheduler.kv_cache import PagedKVCache
-from scheduler.model import CausalLM, PrefillSpan, StepBatch
-from scheduler.requests import Sequence
+from lorabus import kernels
+from lorabus.scheduler.callbacks import call_hook
+from lorabus.scheduler.kv_cache import PagedKVCache
+from lorabus.scheduler.model import CausalLM, PrefillSpan, StepBatch
+from lorabus.scheduler.requests import Sequence
 
 # A sequence with this many new tokens in a step is decoding (attends over its cached context);
 # more is a prefill chunk (causal attention over the chunk and what precedes it).

@@ -12,7 +12,7 @@ import random
 
 import torch
 
-from scheduler.requests import SamplingParams
+from lorabus.scheduler.requests import SamplingParams
 
 # torch.Generator.manual_seed takes [-2**63, 2**64); it maps a negative seed s to s + 2**64. Reducing every
 # int modulo 2**64 is the same map on that range and extends it deterministically to any int.

@@ -22,12 +22,12 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
 
-from scheduler.callbacks import deliver
-from scheduler.policy import AdapterSlots, Scheduler
-from scheduler.requests import Completion, Sequence, StopRules
+from lorabus.scheduler.callbacks import deliver
+from lorabus.scheduler.policy import AdapterSlots, Scheduler
+from lorabus.scheduler.requests import Completion, Sequence, StopRules
 
 if TYPE_CHECKING:
-    from scheduler.adapter_manager import AdapterSpec
+    from lorabus.scheduler.adapter_manager import AdapterSpec
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Only `v1` exists today. Everything here is plain msgspec Structs and pure functi
 imports nothing else of lorabus.
 """
 
-from schemas.v1 import (
+from lorabus.schemas.v1 import (
     ERROR_CODES,
     DECODE_ERRORS,
     AdapterActivate,

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.helpers import make_peft_adapter  # noqa: E402
-from worker.samples import build_tiny_model  # noqa: E402
+from lorabus.worker.samples import build_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

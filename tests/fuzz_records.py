@@ -51,7 +51,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, Phase, given, reject, settings
 from hypothesis import strategies as st
 
-from schemas import ERROR_CODES
+from lorabus.schemas import ERROR_CODES
 
 # ---- what the generators know about the deployment ------------------------------------------------
 
@@ -1133,7 +1133,7 @@ def _dlq_origin(letter) -> tuple[str, int, int] | None:
 async def _end_offsets(bootstrap: str, topic: str) -> int:
     from aiokafka import AIOKafkaConsumer
 
-    from worker.client import topic_partitions
+    from lorabus.worker.client import topic_partitions
 
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await consumer.start()
@@ -1154,7 +1154,7 @@ class Collector:
     async def start(self) -> None:
         from aiokafka import AIOKafkaConsumer
 
-        from worker.client import topic_partitions
+        from lorabus.worker.client import topic_partitions
 
         t = self.report.target
         self.consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
@@ -1168,7 +1168,7 @@ class Collector:
         self.task = asyncio.create_task(self._loop())
 
     async def _loop(self) -> None:
-        from schemas import decode_result
+        from lorabus.schemas import decode_result
 
         dlq = self.report.target.dlq_topic
         while True:
@@ -1236,10 +1236,10 @@ async def run_fuzz(kafka: str, model_dir: Path, adapters: dict[str, Path], workd
     from aiokafka import AIOKafkaProducer
     from transformers import AutoConfig
 
-    from schemas import AdapterPublish
+    from lorabus.schemas import AdapterPublish
     from tests.helpers import committed_lag, running_worker, worker_config
-    from worker.client import publish_control
-    from worker.service import ensure_topics
+    from lorabus.worker.client import publish_control
+    from lorabus.worker.service import ensure_topics
 
     config = worker_config(kafka, model_dir, worker_id="fuzz-1")
     reply_topic = config.results_topic.replace("results-", "replies-")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from scheduler import EngineConfig
-from worker.config import WorkerConfig
+from lorabus.scheduler import EngineConfig
+from lorabus.worker.config import WorkerConfig
 
 
 def make_peft_adapter(model_dir: Path, out_dir: Path, seed: int, scale: float = 3.0, **lora_kwargs) -> Path:
@@ -97,7 +97,7 @@ def worker_config(kafka: str, model_dir: Path, **overrides) -> WorkerConfig:
 @contextlib.asynccontextmanager
 async def running_worker(config: WorkerConfig):
     """A Worker in this event loop; stopped gracefully (and checked to exit cleanly) on the way out."""
-    from worker.service import Worker, ensure_topics
+    from lorabus.worker.service import Worker, ensure_topics
 
     await ensure_topics(config.bootstrap_servers, {config.jobs_topic: config.topic_partitions,
                                                    config.results_topic: config.topic_partitions,
@@ -116,7 +116,7 @@ async def committed_lag(bootstrap: str, group: str, topic: str) -> int:
     from aiokafka import AIOKafkaConsumer
     from aiokafka.admin import AIOKafkaAdminClient
 
-    from worker.client import topic_partitions
+    from lorabus.worker.client import topic_partitions
 
     parts = await topic_partitions(bootstrap, topic)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
@@ -175,5 +175,5 @@ def start_worker_process(kafka: str, model_dir: Path, topics: dict[str, str], gr
                  "LORABUS_RESULTS_TOPIC": topics["results"], "LORABUS_CONTROL_TOPIC": topics["control"],
                  "LORABUS_DLQ_TOPIC": topics["dlq"], "LORABUS_METRICS_PORT": "-1", "LORABUS_KV_CACHE_MB": "64",
                  **{f"LORABUS_{name.upper()}": str(value) for name, value in env.items()}}
-    return subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=variables,
+    return subprocess.Popen([sys.executable, "-m", "lorabus.worker.cli", "worker"], env=variables,
                             stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.adapter_paths import AdapterPathError, confine_adapter_path
+from lorabus.worker.adapter_paths import AdapterPathError, confine_adapter_path
 
 FILES = ("adapter_config.json", "adapter_model.safetensors")
 

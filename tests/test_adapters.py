@@ -6,9 +6,9 @@ import shutil
 import pytest
 import torch
 
-from scheduler.adapters import AdapterLoadError, file_sha256, read_adapter
-from scheduler.engine import Engine
-from scheduler.config import EngineConfig
+from lorabus.scheduler.adapters import AdapterLoadError, file_sha256, read_adapter
+from lorabus.scheduler.engine import Engine
+from lorabus.scheduler.config import EngineConfig
 from tests.helpers import make_peft_adapter
 
 
@@ -147,7 +147,7 @@ def test_zero_rank_weights_are_refused(peft_adapters, shapes, tmp_path):
 
 def test_a_poisoned_adapter_fails_only_its_jobs(tiny_model, peft_adapters, tmp_path):
     """Through the engine: the job gets `adapter_load_failed` with the reason; the base model still serves."""
-    from scheduler import AdapterSpec, Request, SamplingParams
+    from lorabus.scheduler import AdapterSpec, Request, SamplingParams
 
     path = _copy_with_tensors(peft_adapters["qv-r4"], tmp_path / "nan", _set(0, float("nan")))
     engine = Engine(str(tiny_model), EngineConfig(kv_cache_mb=4))
@@ -168,7 +168,7 @@ def test_a_poisoned_adapter_fails_only_its_jobs(tiny_model, peft_adapters, tmp_p
 
 @pytest.fixture(scope="module")
 def phi3_model(tmp_path_factory):
-    from worker.samples import build_tiny_model
+    from lorabus.worker.samples import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("phi3") / "phi3", model_type="phi3")
 
@@ -177,7 +177,7 @@ def test_fused_targets_map_onto_the_pools_slices(phi3_model, tmp_path):
     """A PEFT LoRA on qkv_proj / gate_up_proj: every slice gets the one A and its own rows of B."""
     from safetensors.torch import load_file
 
-    from scheduler.arch import ModelSpec
+    from lorabus.scheduler.arch import ModelSpec
 
     spec = ModelSpec.from_dir(phi3_model)
     path = make_peft_adapter(phi3_model, tmp_path / "fused", seed=5, r=4, lora_alpha=8,
@@ -198,7 +198,7 @@ def test_fused_targets_map_onto_the_pools_slices(phi3_model, tmp_path):
 
 
 def test_targets_of_another_family_are_refused(phi3_model, peft_adapters, shapes, tmp_path):
-    from scheduler.arch import ModelSpec
+    from lorabus.scheduler.arch import ModelSpec
 
     phi3_shapes = ModelSpec.from_dir(phi3_model).shapes
     with pytest.raises(AdapterLoadError, match="target module self_attn.q_proj is not supported"):
@@ -209,8 +209,8 @@ def test_targets_of_another_family_are_refused(phi3_model, peft_adapters, shapes
 
 
 def test_sample_adapters_follow_the_family(phi3_model, tmp_path):
-    from scheduler.arch import ModelSpec
-    from worker.samples import build_sample_adapter
+    from lorabus.scheduler.arch import ModelSpec
+    from lorabus.worker.samples import build_sample_adapter
 
     spec = ModelSpec.from_dir(phi3_model)
     path = build_sample_adapter(tmp_path / "s", phi3_model, rank=4, target_modules=("qkv_proj", "down_proj"))

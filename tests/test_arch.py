@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from scheduler.arch import ModelSpec, UnsupportedModel
-from scheduler.model import CausalLM, Checkpoint, rope_cos_sin
-from worker.samples import TINY_MODEL
+from lorabus.scheduler.arch import ModelSpec, UnsupportedModel
+from lorabus.scheduler.model import CausalLM, Checkpoint, rope_cos_sin
+from lorabus.worker.samples import TINY_MODEL
 
 # A layer of 4 heads of 16 dims, like worker.samples.TINY_MODEL, without its tokenizer-dependent ids.
 SHAPE = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,

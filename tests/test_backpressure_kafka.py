@@ -6,7 +6,7 @@ import json
 from aiokafka import AIOKafkaConsumer
 
 from tests.helpers import running_worker, worker_config
-from worker.client import run_jobs
+from lorabus.worker.client import run_jobs
 
 
 async def test_pauses_and_resumes_under_load(kafka, tiny_model, monkeypatch):

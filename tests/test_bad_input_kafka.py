@@ -8,9 +8,9 @@ import time
 
 from aiokafka import AIOKafkaConsumer
 
-from schemas import AdapterPublish
+from lorabus.schemas import AdapterPublish
 from tests.helpers import committed_lag, make_peft_adapter, running_worker, worker_config
-from worker.client import publish_control, run_jobs, topic_partitions
+from lorabus.worker.client import publish_control, run_jobs, topic_partitions
 
 
 def _job(job_id, **fields):

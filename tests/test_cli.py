@@ -10,7 +10,7 @@ from tests.helpers import running_worker, worker_config
 
 async def _lorabus(*args, stdin: bytes | None = None, env=None) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker.cli", *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        sys.executable, "-m", "lorabus.worker.cli", *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})})
     out, err = await asyncio.wait_for(proc.communicate(stdin), 300)
     return proc.returncode, out.decode(), err.decode()

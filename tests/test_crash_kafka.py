@@ -10,10 +10,10 @@ import time
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from schemas import AdapterPublish, decode_result
+from lorabus.schemas import AdapterPublish, decode_result
 from tests.helpers import start_worker_process, unique
-from worker.client import publish_control, topic_partitions
-from worker.service import ensure_topics
+from lorabus.worker.client import publish_control, topic_partitions
+from lorabus.worker.service import ensure_topics
 
 pytestmark = pytest.mark.kafka
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client import generate_latest
 
-from scheduler import Engine, EngineConfig
-from worker.metrics import Metrics
+from lorabus.scheduler import Engine, EngineConfig
+from lorabus.worker.metrics import Metrics
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "lorabus.json"
 

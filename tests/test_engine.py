@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
+from lorabus.scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
 from tests.helpers import PeftOracle, make_peft_adapter
-from worker.samples import build_tiny_model
+from lorabus.worker.samples import build_tiny_model
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PHI3_ALL = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
@@ -84,8 +84,7 @@ def test_more_adapters_than_device_slots(tiny_model, peft_adapters):
 
 def test_triton_backend_on_the_hot_path(tiny_model, peft_adapters, monkeypatch):
     """The model's LoRA layers run the Triton kernels (interpreted on CPU) and still match PEFT."""
-    import kernels
-
+    from lorabus import kernels
     calls = []
     for name in ("lora_shrink", "lora_expand"):
         original = getattr(kernels, name)

@@ -9,9 +9,9 @@ import threading
 import pytest
 import torch
 
-from scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
-from scheduler.adapters import read_adapter
-from scheduler.sampling import Sampler
+from lorabus.scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
+from lorabus.scheduler.adapters import read_adapter
+from lorabus.scheduler.sampling import Sampler
 from tests.helpers import PeftOracle
 
 PROMPTS = ["the quick brown fox", "hello world", "summarize: the meeting moved to thursday",
@@ -314,7 +314,7 @@ def test_meaningless_numbers_are_refused_at_submit(tiny_model):
 
 def test_kv_cache_limit_is_in_whole_blocks(tmp_path):
     """A job is refused `prompt_too_long` at submit exactly when its blocks exceed the cache's."""
-    from worker.samples import build_tiny_model
+    from lorabus.worker.samples import build_tiny_model
 
     model_dir = build_tiny_model(tmp_path / "m", max_position_embeddings=4096)  # the KV cache, not the model, limits
     engine = _engine(model_dir, {}, kv_cache_mb=1, kv_block_size=48, max_step_tokens=1024)

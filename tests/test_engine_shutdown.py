@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-import scheduler.adapter_manager
-from scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
-from scheduler.engine import THREAD_JOIN_S
+from lorabus.scheduler import adapter_manager
+from lorabus.scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
+from lorabus.scheduler.engine import THREAD_JOIN_S
 
 SLACK_S = 5.0  # scheduling noise on a loaded machine, on top of the bound stop() promises
 WAIT_S = 60.0  # for things that happen within milliseconds when nothing is wrong
@@ -44,7 +44,7 @@ class GatedReads:
 
     def __init__(self, monkeypatch, key):
         self.reading, self.open = threading.Event(), threading.Event()
-        original = scheduler.adapter_manager.read_adapter
+        original = adapter_manager.read_adapter
 
         def read(k, *args):
             if k == key:
@@ -52,7 +52,7 @@ class GatedReads:
                 self.open.wait()
             return original(k, *args)
 
-        monkeypatch.setattr(scheduler.adapter_manager, "read_adapter", read)
+        monkeypatch.setattr(adapter_manager, "read_adapter", read)
 
 
 def _engine(model_dir, adapters, **config):

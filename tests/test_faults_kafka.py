@@ -27,12 +27,12 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from scheduler import EngineConfig
-from schemas import AdapterPublish, decode_result
+from lorabus.scheduler import EngineConfig
+from lorabus.schemas import AdapterPublish, decode_result
 from tests.fuzz_records import run_task_of
 from tests.helpers import PeftOracle, committed_lag, running_worker, start_worker_process, unique, worker_config
-from worker.client import publish_control, topic_partitions
-from worker.service import ensure_topics
+from lorabus.worker.client import publish_control, topic_partitions
+from lorabus.worker.service import ensure_topics
 
 pytestmark = pytest.mark.kafka
 

@@ -22,8 +22,8 @@ from collections import defaultdict
 import pytest
 import torch
 
-import kernels
-from kernels import LoRAMapping, lora_expand, lora_shrink, make_lora_mapping, triton_ops
+from lorabus import kernels
+from lorabus.kernels import LoRAMapping, lora_expand, lora_shrink, make_lora_mapping, triton_ops
 
 SEED = int(os.environ.get("LORABUS_TEST_SEED", time.time_ns() % 2**31))
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -253,7 +253,7 @@ def test_empty_batch(backend, sliced):
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_all_minus_one_skips_work(monkeypatch, backend):
-    from kernels import ops, torch_ops, triton_ops
+    from lorabus.kernels import ops, torch_ops, triton_ops
 
     def boom(*args, **kwargs):
         raise AssertionError("kernel launched for a batch without adapters")

@@ -9,10 +9,10 @@ import time
 import msgspec
 import pytest
 
-from scheduler import EngineConfig
-from schemas import AdapterPublish
+from lorabus.scheduler import EngineConfig
+from lorabus.schemas import AdapterPublish
 from tests.helpers import PeftOracle, running_worker, worker_config
-from worker.client import publish_control, run_jobs
+from lorabus.worker.client import publish_control, run_jobs
 
 PROMPTS = ["the quick brown fox", "hello world", "summarize: the meeting moved to thursday",
            "classify sentiment: i loved this film", "jobs arrive on kafka", "translate english to french: hello"]

@@ -14,11 +14,11 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from safetensors.torch import load_file, save_file
 
-from schemas import AdapterPublish, decode_result
+from lorabus.schemas import AdapterPublish, decode_result
 from tests.helpers import (PeftOracle, committed_lag, raw_header_keys, running_worker, unique,
                            worker_config)
-from worker.client import publish_control, run_jobs, topic_partitions
-from worker.service import ensure_topics
+from lorabus.worker.client import publish_control, run_jobs, topic_partitions
+from lorabus.worker.service import ensure_topics
 
 pytestmark = pytest.mark.kafka
 

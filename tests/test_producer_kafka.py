@@ -21,8 +21,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka import errors as E
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from worker import producer as wp
-from worker.producer import (DEAD_LETTER_VALUE_BYTES, ORIGINAL_SIZE_HEADER, TRUNCATED_HEADER,
+from lorabus.worker import producer as wp
+from lorabus.worker.producer import (DEAD_LETTER_VALUE_BYTES, ORIGINAL_SIZE_HEADER, TRUNCATED_HEADER,
                              PermanentSendError, ResultProducer, truncated_copy)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "local-kafka"

@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from scheduler.kv_cache import BlockAllocator
-from scheduler.policy import AdapterSlots, Scheduler, SchedulerLimits
-from scheduler.requests import Completion, Request, SamplingParams, Sequence, State, StopRules
-from scheduler.step_loop import REPLAN_S, LoadDone, Outcome, StepLoop, Submit
+from lorabus.scheduler.kv_cache import BlockAllocator
+from lorabus.scheduler.policy import AdapterSlots, Scheduler, SchedulerLimits
+from lorabus.scheduler.requests import Completion, Request, SamplingParams, Sequence, State, StopRules
+from lorabus.scheduler.step_loop import REPLAN_S, LoadDone, Outcome, StepLoop, Submit
 
 STEP_BASE_S = 0.010  # fixed cost of a forward pass
 STEP_TOKEN_S = 0.0001  # plus this per token in the step

@@ -5,7 +5,7 @@ import json
 import msgspec
 import pytest
 
-from schemas import (ERROR_CODES, AdapterActivate, AdapterPublish, JobError, JobResult, decode_control, decode_job,
+from lorabus.schemas import (ERROR_CODES, AdapterActivate, AdapterPublish, JobError, JobResult, decode_control, decode_job,
                      decode_result, encode, error_result, parse_adapter_ref)
 
 

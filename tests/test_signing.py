@@ -5,9 +5,9 @@ import hmac
 
 import pytest
 
-from schemas import AdapterPublish, encode
-from worker import cli
-from worker.signing import SIGNATURE_HEADER, VERDICT_CODES, ControlKeyError, ControlKeys
+from lorabus.schemas import AdapterPublish, encode
+from lorabus.worker import cli
+from lorabus.worker.signing import SIGNATURE_HEADER, VERDICT_CODES, ControlKeyError, ControlKeys
 
 NEW = "k2:" + "n" * 32
 OLD = "k1:" + "o" * 32

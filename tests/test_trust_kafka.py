@@ -12,10 +12,10 @@ import sys
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from schemas import AdapterActivate, AdapterPublish, encode
+from lorabus.schemas import AdapterActivate, AdapterPublish, encode
 from tests.helpers import PeftOracle, raw_header_keys, running_worker, worker_config
-from worker.client import publish_control, run_jobs
-from worker.signing import SIGNATURE_HEADER, ControlKeys
+from lorabus.worker.client import publish_control, run_jobs
+from lorabus.worker.signing import SIGNATURE_HEADER, ControlKeys
 
 pytestmark = pytest.mark.kafka
 
@@ -26,7 +26,7 @@ MAX_NEW_TOKENS = 4
 
 async def _lorabus(*args, env=None) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker.cli", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable, "-m", "lorabus.worker.cli", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **(env or {})})
     out, err = await asyncio.wait_for(proc.communicate(), 300)
     return proc.returncode, out.decode(), err.decode()

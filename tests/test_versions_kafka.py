@@ -3,9 +3,9 @@ new content; every result names the version that served it and matches PEFT runn
 
 import json
 
-from schemas import AdapterActivate, AdapterPublish
+from lorabus.schemas import AdapterActivate, AdapterPublish
 from tests.helpers import PeftOracle, running_worker, worker_config
-from worker.client import publish_control, run_jobs
+from lorabus.worker.client import publish_control, run_jobs
 
 
 async def test_activate_rollback_and_republish(kafka, tiny_model, peft_adapters):

@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from schemas import AdapterPublish, JobError
-from worker.offsets import PartitionOffsets
-from worker.registry import AdapterRegistry
+from lorabus.schemas import AdapterPublish, JobError
+from lorabus.worker.offsets import PartitionOffsets
+from lorabus.worker.registry import AdapterRegistry
 
 
 def test_commits_up_to_the_lowest_offset_in_flight():

@@ -14,8 +14,8 @@ import os
 import signal
 import sys
 
-from scheduler import EngineConfig
-from worker.config import WorkerConfig
+from lorabus.scheduler import EngineConfig
+from lorabus.worker.config import WorkerConfig
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, cls, skip=("engine",)) -> None:
@@ -50,7 +50,7 @@ def _config_from(args) -> WorkerConfig:
 
 
 async def _serve(config: WorkerConfig) -> None:
-    from worker.service import Worker
+    from lorabus.worker.service import Worker
 
     worker = Worker(config)
     loop = asyncio.get_running_loop()
@@ -64,7 +64,7 @@ def cmd_worker(args) -> int:
     if not config.model:
         print("lorabus worker: --model (or LORABUS_MODEL) is required", file=sys.stderr)
         return 2
-    from worker.signing import ControlKeyError
+    from lorabus.worker.signing import ControlKeyError
 
     try:
         asyncio.run(_serve(config))
@@ -75,7 +75,7 @@ def cmd_worker(args) -> int:
 
 
 def cmd_produce(args) -> int:
-    from worker.client import run_jobs
+    from lorabus.worker.client import run_jobs
 
     source = open(args.file) if args.file != "-" else sys.stdin
     jobs = []
@@ -94,8 +94,8 @@ def cmd_produce(args) -> int:
 
 def _send_control(args, event) -> int:
     """Send one control event, signed when a control key is given; a bad key spec is a one-line error."""
-    from worker.client import publish_control
-    from worker.signing import ControlKeyError, ControlKeys
+    from lorabus.worker.client import publish_control
+    from lorabus.worker.signing import ControlKeyError, ControlKeys
 
     signer = None
     if args.control_key:
@@ -109,20 +109,20 @@ def _send_control(args, event) -> int:
 
 
 def cmd_publish(args) -> int:
-    from schemas import AdapterPublish
+    from lorabus.schemas import AdapterPublish
 
     tenants = args.tenants.split(",") if args.tenants else None
     return _send_control(args, AdapterPublish(args.name, args.version, os.path.abspath(args.path), args.sha256, tenants))
 
 
 def cmd_activate(args) -> int:
-    from schemas import AdapterActivate
+    from lorabus.schemas import AdapterActivate
 
     return _send_control(args, AdapterActivate(args.name, args.version))
 
 
 def cmd_demo(args) -> int:
-    from worker.demo import main as demo_main
+    from lorabus.worker.demo import main as demo_main
 
     return demo_main(args)
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from schemas import AdapterActivate, AdapterPublish, JobResult, decode_result, encode
+from lorabus.schemas import AdapterActivate, AdapterPublish, JobResult, decode_result, encode
 
 
 async def publish_control(bootstrap: str, topic: str, events: list[AdapterPublish | AdapterActivate],

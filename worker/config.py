@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scheduler import EngineConfig
+from lorabus.scheduler import EngineConfig
 
 
 def _doc(text: str):

@@ -18,10 +18,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from schemas import AdapterActivate, AdapterPublish
-from worker.client import publish_control, run_jobs
-from worker.config import WorkerConfig
-from worker.samples import build_sample_adapter, build_tiny_model
+from lorabus.schemas import AdapterActivate, AdapterPublish
+from lorabus.worker.client import publish_control, run_jobs
+from lorabus.worker.config import WorkerConfig
+from lorabus.worker.samples import build_sample_adapter, build_tiny_model
 
 LOCAL_KAFKA = Path(__file__).resolve().parents[1] / "deploy" / "local-kafka"
 ADAPTERS = {  # name → (versions, rank, alpha, target modules)
@@ -58,7 +58,7 @@ def build_assets(root: Path) -> tuple[Path, dict[str, Path]]:
 
 
 async def _demo(config: WorkerConfig, adapters: dict[str, Path], num_jobs: int) -> None:
-    from worker.service import Worker, ensure_topics
+    from lorabus.worker.service import Worker, ensure_topics
 
     await ensure_topics(config.bootstrap_servers, {config.jobs_topic: config.topic_partitions,
                                                    config.results_topic: config.topic_partitions,

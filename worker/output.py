@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from worker.offsets import PartitionOffsets
-from worker.producer import PermanentSendError, ResultProducer
+from lorabus.worker.offsets import PartitionOffsets
+from lorabus.worker.producer import PermanentSendError, ResultProducer
 
 log = logging.getLogger(__name__)
 

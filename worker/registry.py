@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas import AdapterPublish, JobError, parse_adapter_ref
+from lorabus.schemas import AdapterPublish, JobError, parse_adapter_ref
 
 
 @dataclass(frozen=True)

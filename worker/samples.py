@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from scheduler.adapters import PEFT_PREFIX
-from scheduler.arch import ModelSpec
+from lorabus.scheduler.adapters import PEFT_PREFIX
+from lorabus.scheduler.arch import ModelSpec
 
 _CORPUS = [
     "the quick brown fox jumps over the lazy dog",

@@ -21,20 +21,20 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from scheduler import AdapterSpec, Completion, Engine, Request
-from schemas import (DECODE_ERRORS, AdapterActivate, AdapterPublish, Job, JobError, JobResult, decode_control, decode_job,
+from lorabus.scheduler import AdapterSpec, Completion, Engine, Request
+from lorabus.schemas import (DECODE_ERRORS, AdapterActivate, AdapterPublish, Job, JobError, JobResult, decode_control, decode_job,
                      encode, error_result)
-from worker import kafka_records
-from worker.adapter_paths import AdapterPathError, confine_adapter_path
-from worker.client import topic_partitions
-from worker.config import WorkerConfig
-from worker.metrics import Metrics
-from worker.offsets import PartitionOffsets
-from worker.registry import AdapterRegistry, ResolvedAdapter
-from worker.signing import ControlKeys
-from worker.translate import ok_result, to_request
-from worker.output import AtLeastOnceOutput, Outgoing, TransactionalOutbox
-from worker.producer import ResultProducer, truncated_copy
+from lorabus.worker import kafka_records
+from lorabus.worker.adapter_paths import AdapterPathError, confine_adapter_path
+from lorabus.worker.client import topic_partitions
+from lorabus.worker.config import WorkerConfig
+from lorabus.worker.metrics import Metrics
+from lorabus.worker.offsets import PartitionOffsets
+from lorabus.worker.registry import AdapterRegistry, ResolvedAdapter
+from lorabus.worker.signing import ControlKeys
+from lorabus.worker.translate import ok_result, to_request
+from lorabus.worker.output import AtLeastOnceOutput, Outgoing, TransactionalOutbox
+from lorabus.worker.producer import ResultProducer, truncated_copy
 
 log = logging.getLogger(__name__)
 

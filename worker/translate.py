@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from scheduler import Completion, Request, SamplingParams
-from schemas import Job, JobResult, Usage
-from worker.registry import ResolvedAdapter
+from lorabus.scheduler import Completion, Request, SamplingParams
+from lorabus.schemas import Job, JobResult, Usage
+from lorabus.worker.registry import ResolvedAdapter
 
 
 def to_request(job: Job, adapter: ResolvedAdapter | None) -> Request:
