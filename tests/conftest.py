@@ -6,7 +6,6 @@ import os
 # The Triton interpreter must be chosen before anything imports triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -15,7 +14,7 @@ import pytest  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.helpers import make_peft_adapter  # noqa: E402
+from tests.helpers import PrivateBroker, make_peft_adapter  # noqa: E402
 from lorabus.worker.samples import build_tiny_model  # noqa: E402
 
 
@@ -26,14 +25,12 @@ def kafka(tmp_path_factory) -> str:
     if existing:
         yield existing
         return
-    data = tmp_path_factory.mktemp("kafka")
-    script = ROOT / "deploy" / "local-kafka"
-    out = subprocess.run([sys.executable, str(script), "start", "--port", "0", "--data", str(data)],
-                         check=True, stdout=subprocess.PIPE, text=True, timeout=600)
+    broker = PrivateBroker(tmp_path_factory.mktemp("kafka"))
+    broker.start()
     try:
-        yield out.stdout.strip().splitlines()[-1]
+        yield broker.bootstrap
     finally:
-        subprocess.run([sys.executable, str(script), "stop", "--data", str(data)], check=False, timeout=120)
+        broker.stop(check=False)
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,6 @@ unique token `fzNNNNNx` carried in its id, so results are attributed to records 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -52,6 +51,7 @@ from hypothesis import HealthCheck, Phase, given, reject, settings
 from hypothesis import strategies as st
 
 from lorabus.schemas import ERROR_CODES
+from tests.helpers import RawHeaderKey, raw_header_keys
 
 # ---- what the generators know about the deployment ------------------------------------------------
 
@@ -1029,37 +1029,6 @@ def draw_records(t: Target, jobs: int, control: int, huge_cap: int,
 # ---- sending records whose header keys are not UTF-8 ---------------------------------------------
 
 
-class RawHeaderKey(str):
-    """A header key that encodes to the given bytes (which need not be UTF-8)."""
-
-    def __new__(cls, raw: bytes):
-        key = super().__new__(cls, raw.decode("latin-1"))
-        key.raw = raw
-        return key
-
-    def encode(self, *args, **kwargs) -> bytes:
-        return self.raw
-
-
-@contextlib.contextmanager
-def python_record_builder():
-    """Within this block every producer in the process builds batches with aiokafka's Python builder,
-    which honours `RawHeaderKey` (the C builder encodes keys itself). Keep it around the whole run:
-    aiokafka asserts a batch's builder class when the batch is sent."""
-    from aiokafka.producer import message_accumulator, producer
-    from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
-
-    modules = (message_accumulator, producer)
-    originals = [m.DefaultRecordBatchBuilder for m in modules]
-    for module in modules:
-        module.DefaultRecordBatchBuilder = _DefaultRecordBatchBuilderPy
-    try:
-        yield
-    finally:
-        for module, original in zip(modules, originals):
-            module.DefaultRecordBatchBuilder = original
-
-
 def kafka_headers(headers: list[tuple[bytes, bytes | None]]) -> list[tuple[str, bytes | None]]:
     return [(k.decode() if _is_utf8(k) else RawHeaderKey(k), v) for k, v in headers]
 
@@ -1291,7 +1260,7 @@ async def run_fuzz(kafka: str, model_dir: Path, adapters: dict[str, Path], workd
     stream += [("control", j) for j in range(ci, len(control_records))] + [("good", j) for j in range(gi, good)]
     good_names = [None, *names]
 
-    with python_record_builder():
+    with raw_header_keys():
         collector = None
         try:
             async with running_worker(config) as worker:

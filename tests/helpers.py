@@ -133,7 +133,7 @@ async def committed_lag(bootstrap: str, group: str, topic: str) -> int:
         await admin.close()
 
 
-class _RawHeaderKey(str):
+class RawHeaderKey(str):
     """A header key that encodes to arbitrary bytes, so a test can send what a careless producer can."""
 
     def __new__(cls, raw: bytes):
@@ -147,8 +147,9 @@ class _RawHeaderKey(str):
 
 @contextlib.contextmanager
 def raw_header_keys():
-    """Within this block, producers build batches in Python, where `_RawHeaderKey` is honoured
-    (aiokafka's C builder encodes keys itself). Use `_RawHeaderKey(b"...")` as a header key."""
+    """Within this block, producers build batches in Python, where `RawHeaderKey` is honoured
+    (aiokafka's C builder encodes keys itself). Use `RawHeaderKey(b"...")` as a header key. Keep the
+    block around every send of such a batch: aiokafka asserts a batch's builder class when it is sent."""
     from aiokafka.producer import message_accumulator, producer
     from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 
@@ -157,7 +158,7 @@ def raw_header_keys():
     for module in modules:
         module.DefaultRecordBatchBuilder = _DefaultRecordBatchBuilderPy
     try:
-        yield _RawHeaderKey
+        yield RawHeaderKey
     finally:
         for module, original in zip(modules, originals):
             module.DefaultRecordBatchBuilder = original
@@ -177,3 +178,36 @@ def start_worker_process(kafka: str, model_dir: Path, topics: dict[str, str], gr
                  **{f"LORABUS_{name.upper()}": str(value) for name, value in env.items()}}
     return subprocess.Popen([sys.executable, "-m", "lorabus.worker.cli", "worker"], env=variables,
                             stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+
+
+class PrivateBroker:
+    """A broker of a test's own (deploy/local-kafka on its data dir): started on a free port, and
+    restartable on that same port, so a test can take it away and bring it back."""
+
+    SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "local-kafka"
+
+    def __init__(self, data: Path):
+        self.data, self.port, self.bootstrap = data, 0, None
+
+    def start(self) -> float:
+        """Start (or restart) it; returns the seconds it took to serve."""
+        import subprocess
+        import sys
+        import time
+
+        started = time.monotonic()
+        out = subprocess.run([sys.executable, str(self.SCRIPT), "start", "--port", str(self.port), "--data",
+                              str(self.data)], check=True, stdout=subprocess.PIPE, text=True, timeout=600)
+        self.bootstrap = out.stdout.strip().splitlines()[-1]
+        self.port = int(self.bootstrap.rsplit(":", 1)[1])
+        return time.monotonic() - started
+
+    def stop(self, check: bool = True) -> float:
+        import subprocess
+        import sys
+        import time
+
+        started = time.monotonic()
+        subprocess.run([sys.executable, str(self.SCRIPT), "stop", "--data", str(self.data)], check=check,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=180)
+        return time.monotonic() - started

@@ -18,8 +18,6 @@ import dataclasses
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,14 +28,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from lorabus.scheduler import EngineConfig
 from lorabus.schemas import AdapterPublish, decode_result
 from tests.fuzz_records import run_task_of
-from tests.helpers import PeftOracle, committed_lag, running_worker, start_worker_process, unique, worker_config
+from tests.helpers import (PeftOracle, PrivateBroker, committed_lag, running_worker, start_worker_process, unique,
+                           worker_config)
 from lorabus.worker.client import publish_control, topic_partitions
 from lorabus.worker.service import ensure_topics
 
 pytestmark = pytest.mark.kafka
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "deploy" / "local-kafka"
 # The issue's outage is 60 s; LORABUS_FAULT_OUTAGE_S shortens it for a quick local run.
 OUTAGE_S = float(os.environ.get("LORABUS_FAULT_OUTAGE_S", "60"))
 PROMPTS = [[3 + i, 9, 11, 4 + 2 * i] for i in range(7)]
@@ -45,26 +43,6 @@ PROMPTS = [[3 + i, 9, 11, 4 + 2 * i] for i in range(7)]
 
 # ---- shared plumbing -----------------------------------------------------------------------------
 
-
-class Broker:
-    """deploy/local-kafka on a private data dir; started on a free port, restarted on the same one."""
-
-    def __init__(self, data: Path):
-        self.data, self.port, self.bootstrap = data, 0, None
-
-    def start(self) -> float:
-        t0 = time.monotonic()
-        out = subprocess.run([sys.executable, str(SCRIPT), "start", "--port", str(self.port), "--data", str(self.data)],
-                             check=True, stdout=subprocess.PIPE, text=True, timeout=600)
-        self.bootstrap = out.stdout.strip().splitlines()[-1]
-        self.port = int(self.bootstrap.rsplit(":", 1)[1])
-        return time.monotonic() - t0
-
-    def stop(self) -> float:
-        t0 = time.monotonic()
-        subprocess.run([sys.executable, str(SCRIPT), "stop", "--data", str(self.data)], check=True,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=180)
-        return time.monotonic() - t0
 
 
 def make_jobs(n: int, names: list, prefix: str, max_new_tokens: int) -> tuple[list[tuple[str, bytes]], dict]:
@@ -223,7 +201,7 @@ async def wait_lag_zero(bootstrap: str, group: str, topic: str, timeout_s: float
 
 
 async def test_broker_outage_under_load_loses_nothing(tiny_model, peft_adapters, tmp_path):
-    broker = Broker(tmp_path / "broker")
+    broker = PrivateBroker(tmp_path / "broker")
     start_s = broker.start()
     oracle = PeftOracle(tiny_model)
     names = [None, *peft_adapters]

@@ -8,7 +8,6 @@ not skipped when they are missing.
 
 import asyncio
 import json
-import os
 import re
 import subprocess
 import time

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -37,17 +37,24 @@ class Metrics:
         self.consumer_lag = Gauge("lorabus_consumer_lag", "Records behind the end of each assigned jobs partition",
                                   ["partition"], registry=r)
         self._engine_stats = None
+        self._output_counts = None
         r.register(self)
 
     def watch_engine(self, stats_fn) -> None:
         self._engine_stats = stats_fn
 
+    def watch_output(self, counts_fn) -> None:
+        """`counts_fn() -> {name: count}`: the output path's own counters (retries, recreations, ...)."""
+        self._output_counts = counts_fn
+
     def collect(self):
-        """Engine gauges (adapter residency, queue depth, KV use), read at scrape time."""
-        if self._engine_stats is None:
-            return
-        for name, value in self._engine_stats().items():
-            yield GaugeMetricFamily(f"lorabus_engine_{name}", f"Engine {name.replace('_', ' ')}", value=value)
+        """Engine gauges (adapter residency, queue depth, KV use) and output counters, read at scrape time."""
+        if self._engine_stats is not None:
+            for name, value in self._engine_stats().items():
+                yield GaugeMetricFamily(f"lorabus_engine_{name}", f"Engine {name.replace('_', ' ')}", value=value)
+        if self._output_counts is not None:
+            for name, value in self._output_counts().items():
+                yield CounterMetricFamily(f"lorabus_output_{name}", f"Output {name.replace('_', ' ')}", value=value)
 
     def describe(self):
         return []

@@ -127,7 +127,6 @@ class Worker:
         kafka_records.install()
         await ensure_topics(cfg.bootstrap_servers, {cfg.jobs_topic: cfg.topic_partitions, cfg.results_topic: cfg.topic_partitions,
                                                     cfg.control_topic: 1, cfg.dlq_topic: 1})
-        self._hook_metrics()
         if cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(cfg.metrics_port)
             log.info("metrics on http://127.0.0.1:%d/metrics", self.metrics_port)
@@ -141,6 +140,7 @@ class Worker:
             self.producer = ResultProducer(cfg.bootstrap_servers, self._give_up)
             self.output = AtLeastOnceOutput(self.producer, self._give_up)
             await self.producer.start()
+        self._hook_metrics()
         self.admin = AIOKafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers)
         await self.admin.start()
         self.control = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap_servers, enable_auto_commit=False,
@@ -195,6 +195,13 @@ class Worker:
         m = self.metrics
         m.watch_engine(self.engine.stats)
         m.inflight.set_function(lambda: len(self.inflight))
+        if self.outbox is not None:
+            m.watch_output(lambda: {"transactions": self.outbox.transactions,
+                                    "failed_transactions": self.outbox.failed_transactions})
+        else:
+            p = self.producer
+            m.watch_output(lambda: {"send_retries": p.retries, "sends_retried": p.sends_retried,
+                                    "producer_recreations": p.recreations, "dead_letters_truncated": p.truncated})
 
         def on_step(seqs, tokens, adapters, _seconds):
             m.batch_size.observe(seqs)
