@@ -1,11 +1,16 @@
 """The worker process: Kafka in, engine in the middle, Kafka out.
 
 Three asyncio tasks share one event loop: the control reader (adapter events → registry → engine),
-the jobs reader (one task per record: decode → validate → resolve → engine → result), and the
-committer (answered offsets → the group). The engine runs on its own threads; the only hand-off
-is `Engine.submit(..., on_done)`, whose callback resolves an asyncio future via
-`call_soon_threadsafe`. At-least-once: an offset is committed only after every record up to it
-has its result (or dead letter) acknowledged by the broker with acks=all.
+the jobs reader (one task per record: decode → validate → resolve → engine → one `Outgoing`, its
+result or dead letter), and the committer (answered offsets → the group). The engine runs on its own
+threads; the only hand-off is `Engine.submit(..., on_done)`, whose callback resolves an asyncio future
+via `call_soon_threadsafe`. How answers leave and when offsets commit is `worker/output.py`'s job:
+at-least-once by default, one transaction per commit interval with `--exactly-once`. Either way a
+record's offset commits only once every record before it in its partition has been answered.
+
+No record can stop this process: decoding errors of any kind become `invalid_job` answers or dead
+letters, the control reader skips what it cannot apply, and CPU-heavy decoding and tokenizing run off
+the event loop, so heartbeats and other jobs' results never wait on one record.
 """
 
 from __future__ import annotations
@@ -22,19 +27,19 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from lorabus.scheduler import AdapterSpec, Completion, Engine, Request
-from lorabus.schemas import (DECODE_ERRORS, AdapterActivate, AdapterPublish, Job, JobError, JobResult, decode_control, decode_job,
-                     encode, error_result)
+from lorabus.schemas import (DECODE_ERRORS, AdapterActivate, AdapterPublish, Job, JobError, JobResult, decode_control,
+                             decode_job, encode, error_result)
 from lorabus.worker import kafka_records
 from lorabus.worker.adapter_paths import AdapterPathError, confine_adapter_path
 from lorabus.worker.client import topic_partitions
 from lorabus.worker.config import WorkerConfig
 from lorabus.worker.metrics import Metrics
 from lorabus.worker.offsets import PartitionOffsets
+from lorabus.worker.output import AtLeastOnceOutput, Outgoing, TransactionalOutbox
+from lorabus.worker.producer import ResultProducer, truncated_copy
 from lorabus.worker.registry import AdapterRegistry, ResolvedAdapter
 from lorabus.worker.signing import ControlKeys
 from lorabus.worker.translate import ok_result, to_request
-from lorabus.worker.output import AtLeastOnceOutput, Outgoing, TransactionalOutbox
-from lorabus.worker.producer import ResultProducer, truncated_copy
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,7 @@ MAX_OUTGOING_BYTES = 1_000_000
 DLQ_REASON_BYTES = 4096
 # After a failed fetch of the control topic (broker away), wait this long before the next one.
 CONTROL_RETRY_S = 1.0
+_LOG_DETAIL = 300  # characters of a bad record's parse error worth a log line
 
 
 async def ensure_topics(bootstrap: str, topics: dict[str, int]) -> None:
@@ -85,9 +91,6 @@ class _Rebalance(ConsumerRebalanceListener):
             self.worker.partitions[tp] = PartitionOffsets()
         # A rebalance clears the consumer's pause on reassigned partitions: apply ours again.
         self.worker.apply_backpressure()
-
-
-_LOG_DETAIL = 300  # characters of a bad record's parse error worth a log line
 
 
 @dataclass
