@@ -5,6 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
+import subprocess
+import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -167,10 +172,6 @@ def raw_header_keys():
 def start_worker_process(kafka: str, model_dir: Path, topics: dict[str, str], group: str, log_path: Path, **env):
     """`lorabus worker` as a subprocess on the given topics (jobs, results, control, dlq); extra settings as
     LORABUS_* variables, e.g. MAX_RUNNING="2"."""
-    import os
-    import subprocess
-    import sys
-
     variables = {**os.environ, "LORABUS_BOOTSTRAP_SERVERS": kafka, "LORABUS_MODEL": str(model_dir),
                  "LORABUS_GROUP_ID": group, "LORABUS_JOBS_TOPIC": topics["jobs"],
                  "LORABUS_RESULTS_TOPIC": topics["results"], "LORABUS_CONTROL_TOPIC": topics["control"],
@@ -191,10 +192,6 @@ class PrivateBroker:
 
     def start(self) -> float:
         """Start (or restart) it; returns the seconds it took to serve."""
-        import subprocess
-        import sys
-        import time
-
         started = time.monotonic()
         out = subprocess.run([sys.executable, str(self.SCRIPT), "start", "--port", str(self.port), "--data",
                               str(self.data)], check=True, stdout=subprocess.PIPE, text=True, timeout=600)
@@ -203,11 +200,24 @@ class PrivateBroker:
         return time.monotonic() - started
 
     def stop(self, check: bool = True) -> float:
-        import subprocess
-        import sys
-        import time
-
         started = time.monotonic()
         subprocess.run([sys.executable, str(self.SCRIPT), "stop", "--data", str(self.data)], check=check,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=180)
         return time.monotonic() - started
+
+
+def submit_all(engine, requests, timeout: float = 120):
+    """Submit together (so they share steps) and wait until every one is answered exactly once."""
+    done, results, lock = threading.Event(), {}, threading.Lock()
+
+    def on_done(c):
+        with lock:
+            assert c.id not in results, f"{c.id} answered twice"
+            results[c.id] = c
+            if len(results) == len(requests):
+                done.set()
+
+    for request in requests:
+        engine.submit(request, on_done)
+    assert done.wait(timeout), f"only {len(results)}/{len(requests)} answered: {sorted(results)}"
+    return results

@@ -3,32 +3,16 @@ seeded sampling independent of the batch, stop strings, EOS, and more adapters t
 
 import json
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
 
 from lorabus.scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
-from tests.helpers import PeftOracle, make_peft_adapter
+from tests.helpers import PeftOracle, make_peft_adapter, submit_all
 from lorabus.worker.samples import build_tiny_model
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PHI3_ALL = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-
-
-def _submit_all(engine, requests, timeout=120):
-    """Submit together (so they share batches) and wait for every completion."""
-    done, results = threading.Event(), {}
-
-    def on_done(c):
-        results[c.id] = c
-        if len(results) == len(requests):
-            done.set()
-
-    for request in requests:
-        engine.submit(request, on_done)
-    assert done.wait(timeout), f"only {len(results)}/{len(requests)} completed"
-    return results
 
 
 def _parity(model_dir, adapters, config, prompts, max_new=8, on_step=None, on_load=None):
@@ -43,7 +27,7 @@ def _parity(model_dir, adapters, config, prompts, max_new=8, on_step=None, on_lo
         requests = [Request(f"r{i}", "t", names[i % len(names)], prompt_ids=oracle.prompt_ids(p),
                             params=SamplingParams(max_new))
                     for i, p in enumerate(prompts)]
-        results = _submit_all(engine, requests)
+        results = submit_all(engine, requests)
     finally:
         engine.stop()
     for request in requests:
@@ -114,7 +98,7 @@ def test_seeded_sampling_is_independent_of_the_batch(tiny_model, peft_adapters):
         crowd.append(Request("again", "t", "qv-r4", prompt="hello world", params=params))
         other = dict(params.__dict__, seed=99)
         crowd.append(Request("other-seed", "t", "qv-r4", prompt="hello world", params=SamplingParams(**other)))
-        results = _submit_all(engine, crowd)
+        results = submit_all(engine, crowd)
     finally:
         engine.stop()
     assert results["again"].token_ids == alone.token_ids

@@ -4,7 +4,6 @@ only that job is affected. Every other job still equals PEFT's greedy tokens, ev
 and the step thread keeps running."""
 
 import math
-import threading
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch
 from lorabus.scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
 from lorabus.scheduler.adapters import read_adapter
 from lorabus.scheduler.sampling import Sampler
-from tests.helpers import PeftOracle
+from tests.helpers import PeftOracle, submit_all
 
 PROMPTS = ["the quick brown fox", "hello world", "summarize: the meeting moved to thursday",
            "jobs arrive on kafka", "0123456789", "lazy dog"]
@@ -30,23 +29,6 @@ def _engine(model_dir, adapters, **config):
         engine.register(AdapterSpec(name, str(path)))
     engine.start()
     return engine
-
-
-def _submit_all(engine, requests, timeout=60):
-    """Submit together (so they share steps) and wait until every one is answered exactly once."""
-    done, results, lock = threading.Event(), {}, threading.Lock()
-
-    def on_done(c):
-        with lock:
-            assert c.id not in results, f"{c.id} answered twice"
-            results[c.id] = c
-            if len(results) == len(requests):
-                done.set()
-
-    for request in requests:
-        engine.submit(request, on_done)
-    assert done.wait(timeout), f"only {len(results)}/{len(requests)} answered: {sorted(results)}"
-    return results
 
 
 def _greedy_neighbours(oracle, adapters, count=8, prefix="g"):
@@ -78,7 +60,7 @@ def test_seed_beyond_the_generators_range_is_served(tiny_model, peft_adapters, o
                for i, name in enumerate([None, "qv-r4"])]
         odd.append(Request("negative", "t", None, prompt="hello world",
                            params=SamplingParams(MAX_NEW, temperature=0.7, seed=-(2**70))))
-        results = _submit_all(engine, greedy + odd)
+        results = submit_all(engine, greedy + odd)
         again = engine.generate(Request("again", "t", None, prompt="hello world", params=huge), 60)
     finally:
         engine.stop()
@@ -120,7 +102,7 @@ def test_a_failure_after_the_forward_pass_fails_only_its_job(tiny_model, peft_ad
         # A failing on_done must not take its neighbours down either.
         boom = Request("boom", "t", None, prompt="hello world", params=SamplingParams(2))
         engine.submit(boom, lambda c: 1 / 0)
-        results = _submit_all(engine, greedy + [bad])
+        results = submit_all(engine, greedy + [bad])
         after = engine.generate(Request("after", "t", "qv-r4", prompt="hello world",
                                         params=SamplingParams(MAX_NEW)), 60)
     finally:
@@ -146,7 +128,7 @@ def test_the_step_loop_survives_errors_outside_the_forward_pass(tiny_model, peft
 
         engine.on_step = engine.on_load = broken_hook
         hooked = _greedy_neighbours(oracle, adapters, count=3, prefix="h")
-        results = _submit_all(engine, hooked)
+        results = submit_all(engine, hooked)
         _assert_peft(oracle, adapters, hooked, results)
         engine.on_step = engine.on_load = None
 
@@ -161,13 +143,13 @@ def test_the_step_loop_survives_errors_outside_the_forward_pass(tiny_model, peft
 
         engine.scheduler.schedule = failing_schedule
         held = _greedy_neighbours(oracle, adapters, count=4, prefix="s")
-        results = _submit_all(engine, held)
+        results = submit_all(engine, held)
         engine.scheduler.schedule = schedule
         failed = [c for c in results.values() if c.status == "error"]
         assert failed and all(c.error_code == "internal" for c in failed), results
         _assert_peft(oracle, adapters, [r for r in held if results[r.id].status == "ok"], results)
         later = _greedy_neighbours(oracle, adapters, count=4, prefix="l")
-        results = _submit_all(engine, later)
+        results = submit_all(engine, later)
         _assert_peft(oracle, adapters, later, results)
         assert engine.stats()["kv_blocks_used"] == 0 and engine.stats()["adapter_slots_pinned"] == 0
     finally:
@@ -190,7 +172,7 @@ def test_degenerate_sampling_numbers_stay_with_their_job(tiny_model, peft_adapte
         greedy = _greedy_neighbours(oracle, {"all-r8-rslora": adapters["all-r8-rslora"]})
         ids = oracle.prompt_ids("hello world")
         odd = [Request(name, "t", "qv-r4", prompt_ids=ids, params=p) for name, p in odd_params.items()]
-        results = _submit_all(engine, greedy + odd)
+        results = submit_all(engine, greedy + odd)
     finally:
         engine.stop()
     _assert_peft(oracle, adapters, greedy, results)
@@ -277,7 +259,7 @@ def test_nan_adapter_and_stale_nan_kv_reach_no_other_sequence(tiny_model, peft_a
                             prompt_ids=oracle.prompt_ids(PROMPTS[i % len(PROMPTS)] + " x" * (i % 4)),
                             params=SamplingParams(MAX_NEW + i % 3))
                     for i in range(15)]
-        results = _submit_all(engine, requests)
+        results = submit_all(engine, requests)
     finally:
         engine.stop()
     clean = [r for r in requests if r.adapter != poison.key]
@@ -304,7 +286,7 @@ def test_meaningless_numbers_are_refused_at_submit(tiny_model):
     try:
         requests = [Request(name, "t", **{"prompt_ids": [5, 6, 7], **fields}) for name, fields in bad.items()]
         requests.append(Request("fine", "t", prompt_ids=[5, 6, 7], params=SamplingParams(4)))
-        results = _submit_all(engine, requests)
+        results = submit_all(engine, requests)
     finally:
         engine.stop()
     for name in bad:
@@ -326,7 +308,7 @@ def test_kv_cache_limit_is_in_whole_blocks(tmp_path):
     try:
         fits = Request("fits", "t", prompt_ids=[5] * (capacity - 4), params=SamplingParams(4))
         over = Request("over", "t", prompt_ids=[5] * (capacity - 3), params=SamplingParams(4))
-        results = _submit_all(engine, [fits, over])
+        results = submit_all(engine, [fits, over])
     finally:
         engine.stop()
     assert results["over"].status == "error" and results["over"].error_code == "prompt_too_long", results["over"]

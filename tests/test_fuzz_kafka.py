@@ -22,7 +22,7 @@ from collections import Counter
 
 import pytest
 
-from tests.fuzz_records import (ADAPTER_FORMS, ID_STYLES, Target, draw_records, run_fuzz, summary)
+from tests.fuzz_records import ADAPTER_FORMS, ID_STYLES, Target, _is_utf8, draw_records, run_fuzz, summary
 from tests.helpers import PeftOracle
 
 JOBS, CONTROL, GOOD, HUGE_CAP = 240, 60, 40, 12
@@ -51,21 +51,13 @@ def test_fuzz_batch_covers_every_fault_family():
     musts = Counter(r.must for r in jobs)
     assert musts["answer"] and musts["dead"] and musts["either"], musts
     assert any(r.value is None for r in jobs) and any(r.value is None for r in control)  # tombstones
-    assert any(any(not _utf8(k) for k, _ in r.headers) for r in jobs)  # header keys that are not UTF-8
-    assert any(any(v is not None and not _utf8(v) for _, v in r.headers) for r in jobs)
+    assert any(any(not _is_utf8(k) for k, _ in r.headers) for r in jobs)  # header keys that are not UTF-8
+    assert any(any(v is not None and not _is_utf8(v) for _, v in r.headers) for r in jobs)
     assert any(r.size() > 900_000 for r in jobs) and any(b"[" * 100_000 in (r.value or b"") for r in jobs + control)
     assert {r.spec[1] for r in jobs} >= set(ADAPTER_FORMS) - {"odd-charset"}
     assert len({r.spec[5] for r in jobs}) >= len(set(ID_STYLES)) - 4
     print(f"\n{len(jobs)} job and {len(control)} control records; job families {sorted(job_families)}; "
           f"readable id / none / arguable: {musts['answer']} / {musts['dead']} / {musts['either']}")
-
-
-def _utf8(raw: bytes) -> bool:
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 @pytest.mark.kafka
