@@ -101,6 +101,8 @@ class JobResult(msgspec.Struct, kw_only=True):
     status: Literal["ok", "error"]
     adapter: str | None = None
     adapter_version: str | None = None
+    task: str | None = None  # set when a route chose the adapter: the job's task ...
+    route_event_id: str | None = None  # ... and the route.set event that was in force
     text: str = ""
     token_ids: list[int] = []
     finish_reason: Literal["stop", "length"] | None = None
@@ -109,20 +111,62 @@ class JobResult(msgspec.Struct, kw_only=True):
     worker: str = ""
 
 
+# Every control event may carry an id (the CLI sets one) and its creation time, for provenance.
+EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+TimestampMs = Annotated[int, msgspec.Meta(ge=0, le=MAX_DEADLINE_MS)]
+AdapterVersionRef = Annotated[str, msgspec.Meta(pattern=_NAME[:-1] + "@" + _NAME[1:])]  # "name@version"
+MAX_ROUTE_TARGETS = 64
+MAX_ROUTE_WEIGHT = 1_000_000
+
+
 class AdapterPublish(msgspec.Struct, tag="adapter.publish", tag_field="type", forbid_unknown_fields=True):
     name: Name
     version: Name
     path: NonEmpty  # local directory or file:// URI
     sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
     tenants: list[NonEmpty] | None = None  # None = every tenant
+    event_id: EventId | None = None
+    ts_ms: TimestampMs | None = None
 
 
 class AdapterActivate(msgspec.Struct, tag="adapter.activate", tag_field="type", forbid_unknown_fields=True):
     name: Name
     version: Name
+    event_id: EventId | None = None
+    ts_ms: TimestampMs | None = None
 
 
-ControlEvent = Union[AdapterPublish, AdapterActivate]
+class RouteTarget(msgspec.Struct, forbid_unknown_fields=True):
+    adapter: AdapterVersionRef
+    weight: Annotated[int, msgspec.Meta(ge=0, le=MAX_ROUTE_WEIGHT)]
+
+
+class RouteSet(msgspec.Struct, tag="route.set", tag_field="type", forbid_unknown_fields=True, kw_only=True):
+    """Jobs of `task` (of `tenant`, or of every tenant) without an explicit adapter go to one of the
+    targets, chosen by a stable hash of the sticky key in proportion to the weights."""
+
+    task: Name
+    targets: Annotated[list[RouteTarget], msgspec.Meta(min_length=1, max_length=MAX_ROUTE_TARGETS)]
+    tenant: NonEmpty | None = None
+    sticky: Literal["user", "id"] = "user"
+    event_id: EventId | None = None
+    ts_ms: TimestampMs | None = None
+
+    def __post_init__(self) -> None:
+        if sum(t.weight for t in self.targets) <= 0:
+            raise ValueError("the weights of a route's targets must sum to more than 0")
+        if len({t.adapter for t in self.targets}) != len(self.targets):
+            raise ValueError("a route names each adapter version at most once")
+
+
+class RouteDelete(msgspec.Struct, tag="route.delete", tag_field="type", forbid_unknown_fields=True, kw_only=True):
+    task: Name
+    tenant: NonEmpty | None = None
+    event_id: EventId | None = None
+    ts_ms: TimestampMs | None = None
+
+
+ControlEvent = Union[AdapterPublish, AdapterActivate, RouteSet, RouteDelete]
 
 
 class AdapterRef(msgspec.Struct, frozen=True):

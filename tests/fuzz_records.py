@@ -274,6 +274,8 @@ def _base_outcome(job: dict, t: Target, now_ms: int) -> tuple[set, bool]:
         codes.add("invalid_job"), must.append(True)
     if job.get("adapter") == "<bad-header>":
         codes.add("invalid_job"), must.append(True)
+    elif job.get("adapter") is None and job.get("task") not in (None, "<bad-header>"):
+        codes.add("adapter_not_found"), must.append(True)  # README: a task with no route (the fuzz sets none)
     else:
         _adapter_outcome(job.get("adapter"), tenant, t, codes, must)
     prompt, ids = job.get("prompt"), job.get("prompt_ids")

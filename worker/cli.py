@@ -13,6 +13,10 @@ import logging
 import os
 import signal
 import sys
+import time
+import uuid
+
+import msgspec
 
 from lorabus.scheduler import EngineConfig
 from lorabus.worker.config import WorkerConfig
@@ -104,7 +108,10 @@ def _send_control(args, event) -> int:
         except ControlKeyError as exc:
             print(f"lorabus {args.command}: {exc}", file=sys.stderr)
             return 2
+    if event.event_id is None:  # every event the CLI sends can be traced in results and logs
+        event = msgspec.structs.replace(event, event_id=uuid.uuid4().hex, ts_ms=int(time.time() * 1000))
     asyncio.run(publish_control(args.bootstrap_servers, args.control_topic, [event], signer=signer))
+    print(f"sent {event.__struct_config__.tag} {event.event_id}")
     return 0
 
 
@@ -119,6 +126,32 @@ def cmd_activate(args) -> int:
     from lorabus.schemas import AdapterActivate
 
     return _send_control(args, AdapterActivate(args.name, args.version))
+
+
+def cmd_route(args) -> int:
+    from lorabus.schemas import RouteSet, RouteTarget
+
+    targets = []
+    for spec in args.targets:
+        adapter, _, weight = spec.rpartition("=")
+        try:
+            targets.append(RouteTarget(adapter, int(weight)))
+        except ValueError:
+            print(f"lorabus rollout route: bad target {spec!r}: expected name@version=weight", file=sys.stderr)
+            return 2
+    try:  # the same strict checks a worker applies, before anything is sent
+        event = msgspec.json.decode(msgspec.json.encode(RouteSet(task=args.task, targets=targets, tenant=args.tenant,
+                                                                 sticky=args.sticky)), type=RouteSet)
+    except (msgspec.ValidationError, ValueError) as exc:
+        print(f"lorabus rollout route: {exc}", file=sys.stderr)
+        return 2
+    return _send_control(args, event)
+
+
+def cmd_unroute(args) -> int:
+    from lorabus.schemas import RouteDelete
+
+    return _send_control(args, RouteDelete(task=args.task, tenant=args.tenant))
 
 
 def cmd_demo(args) -> int:
@@ -178,6 +211,23 @@ def build_parser() -> argparse.ArgumentParser:
     activate.add_argument("version")
     _control_key_flag(activate)
     activate.set_defaults(func=cmd_activate)
+
+    rollout = sub.add_parser("rollout", help="route a task's traffic across adapter versions").add_subparsers(
+        dest="rollout", required=True)
+    route = rollout.add_parser("route", help="route.set: split TASK's jobs across versions by weight (sticky)")
+    _client_flags(route, "control_topic")
+    route.add_argument("task")
+    route.add_argument("targets", nargs="+", metavar="NAME@VERSION=WEIGHT")
+    route.add_argument("--tenant", help="only this tenant's jobs (default: every tenant without its own route)")
+    route.add_argument("--sticky", choices=("user", "id"), default="user")
+    _control_key_flag(route)
+    route.set_defaults(func=cmd_route)
+    unroute = rollout.add_parser("unroute", help="route.delete: TASK's jobs without an adapter get adapter_not_found")
+    _client_flags(unroute, "control_topic")
+    unroute.add_argument("task")
+    unroute.add_argument("--tenant")
+    _control_key_flag(unroute)
+    unroute.set_defaults(func=cmd_unroute)
 
     demo = sub.add_parser("demo", help="the embedded default: local broker, tiny model, three adapters, sample jobs")
     demo.add_argument("--workdir", default=os.environ.get("LORABUS_DEMO_DIR", ".lorabus/demo"))

@@ -9,10 +9,17 @@ from collections.abc import Callable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from lorabus.schemas import AdapterActivate, AdapterPublish, JobResult, decode_result, encode
+from lorabus.schemas import ControlEvent, JobResult, RouteDelete, RouteSet, decode_result, encode
 
 
-async def publish_control(bootstrap: str, topic: str, events: list[AdapterPublish | AdapterActivate],
+def control_key(event: ControlEvent) -> bytes:
+    """The record key of a control event: the adapter name, or the route's task and tenant."""
+    if isinstance(event, (RouteSet, RouteDelete)):
+        return f"route:{event.task}:{event.tenant or '*'}".encode()
+    return event.name.encode()
+
+
+async def publish_control(bootstrap: str, topic: str, events: list[ControlEvent],
                           signer: Callable[[bytes], tuple[str, bytes]] | None = None) -> None:
     """Send control events; `signer` (e.g. `ControlKeys.sign`) turns a record value into its signature header."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
@@ -21,7 +28,7 @@ async def publish_control(bootstrap: str, topic: str, events: list[AdapterPublis
         for event in events:
             value = encode(event)
             headers = [signer(value)] if signer is not None else None
-            await producer.send_and_wait(topic, value, key=event.name.encode(), headers=headers)
+            await producer.send_and_wait(topic, value, key=control_key(event), headers=headers)
     finally:
         await producer.stop()
 

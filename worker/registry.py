@@ -1,10 +1,12 @@
-"""What the control topic says: published adapter versions, each name's active version, and who may use them."""
+"""What the control topic says: published adapter versions, each name's active version, who may use
+them, and the task routes in force."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lorabus.schemas import AdapterPublish, JobError, parse_adapter_ref
+from lorabus.schemas import AdapterPublish, Job, JobError, RouteSet, parse_adapter_ref
+from lorabus.worker.routing import RouteTable, pick_target
 
 
 @dataclass(frozen=True)
@@ -12,12 +14,14 @@ class ResolvedAdapter:
     name: str
     version: str
     key: str  # the engine's adapter key, "name@version"
+    route: RouteSet | None = None  # the route that chose it, if one did
 
 
 class AdapterRegistry:
     def __init__(self):
         self.versions: dict[str, dict[str, AdapterPublish]] = {}
         self.active: dict[str, str] = {}
+        self.routes = RouteTable()
 
     def publish(self, event: AdapterPublish) -> bool:
         """Record a published version; True when it is the name's first, which makes it active."""
@@ -33,6 +37,33 @@ class AdapterRegistry:
             return False
         self.active[name] = version
         return True
+
+    def knows_job(self, job: Job) -> bool:
+        """Whether this registry can place the job (False: read the control topic further first)."""
+        if job.adapter is not None:
+            return self.knows(job.adapter)
+        if job.task is not None:
+            route = self.routes.find(job.task, job.tenant)
+            return route is not None and self.knows(pick_target(route, job.user, job.id).adapter)
+        return True
+
+    def resolve_job(self, job: Job) -> ResolvedAdapter | None:
+        """The adapter version for a job: its explicit adapter, else its task's route, else the base model
+        (None). JobError adapter_not_found (no such version, no route for the task) / forbidden."""
+        if job.adapter is not None:
+            return self.resolve(job.adapter, job.tenant)
+        if job.task is None:
+            return None
+        route = self.routes.find(job.task, job.tenant)
+        if route is None:
+            raise JobError("adapter_not_found", f"no route for task {job.task}")
+        try:
+            resolved = self.resolve(pick_target(route, job.user, job.id).adapter, job.tenant)
+        except JobError as err:
+            if err.code == "forbidden":  # name the task, not the version the route chose
+                raise JobError("forbidden", f"tenant {job.tenant} may not use the adapter routed for task {job.task}")
+            raise
+        return ResolvedAdapter(resolved.name, resolved.version, resolved.key, route)
 
     def knows(self, ref_text: str) -> bool:
         ref = parse_adapter_ref(ref_text)

@@ -27,8 +27,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from lorabus.scheduler import AdapterSpec, Completion, Engine, Request
-from lorabus.schemas import (DECODE_ERRORS, AdapterActivate, AdapterPublish, Job, JobError, JobResult, decode_control,
-                             decode_job, encode, error_result)
+from lorabus.schemas import (DECODE_ERRORS, AdapterActivate, AdapterPublish, Job, JobError, JobResult, RouteDelete,
+                             RouteSet, decode_control, decode_job, encode, error_result)
 from lorabus.worker import kafka_records
 from lorabus.worker.adapter_paths import AdapterPathError, confine_adapter_path
 from lorabus.worker.client import topic_partitions
@@ -39,15 +39,17 @@ from lorabus.worker.output import AtLeastOnceOutput, Outgoing, TransactionalOutb
 from lorabus.worker.producer import ResultProducer, truncated_copy
 from lorabus.worker.registry import AdapterRegistry, ResolvedAdapter
 from lorabus.worker.signing import ControlKeys
-from lorabus.worker.translate import ok_result, to_request
+from lorabus.worker.translate import ok_result, provenance, to_request
 
 log = logging.getLogger(__name__)
 
 # Records larger than this are decoded on a worker thread, so a big one never stalls the event loop
 # (heartbeats, other jobs' results); smaller ones decode faster inline than a thread hop costs.
 INLINE_DECODE_BYTES = 64 << 10
-# How stale the list of existing topics may be when a job's reply_to names one it does not hold.
-TOPICS_REFRESH_S = 1.0
+# A reply_to topic missing from the cluster's topic list is looked for again every TOPICS_RECHECK_S
+# (a just-created topic takes a moment to appear in metadata) until REPLY_TOPIC_WAIT_S have passed.
+TOPICS_RECHECK_S = 0.25
+REPLY_TOPIC_WAIT_S = 2.0
 # Kafka refuses records over its message.max.bytes (1 MiB by default): an answer larger than this is
 # replaced by a smaller one before sending (an error result, or a truncated copy of a dead letter);
 # a topic with a smaller limit gets the same replacement when it refuses the record.
@@ -120,6 +122,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._known_topics: set[str] = set()
         self._topics_checked_at = float("-inf")
+        self._topics_lock = asyncio.Lock()
         self._give_up = asyncio.Event()  # set when a stopping worker stops waiting for the broker
         self.outbox: TransactionalOutbox | None = None
 
@@ -281,6 +284,11 @@ class Worker:
                 if not self.registry.activate(name, version):
                     raise ControlRejected(f"activate {name}@{version}: that version was never published")
                 self._warm(f"{name}@{version}")
+            case RouteSet():
+                self.registry.routes.set(event)
+            case RouteDelete(task=task, tenant=tenant):
+                if not self.registry.routes.delete(task, tenant):
+                    raise ControlRejected(f"route.delete {task} (tenant {tenant}): no such route")
 
     def _warm(self, key: str) -> None:
         self.engine.warm(key, lambda c: c.status == "ok" or log.warning("warm-up of %s: %s", c.id, c.error_message))
@@ -397,14 +405,12 @@ class Worker:
         return ok_result(job, resolved, completion, self.worker_id), reply_to
 
     async def _resolve(self, job: Job) -> ResolvedAdapter | None:
-        if job.adapter is None:
-            return None
-        if not self.registry.knows(job.adapter):
+        if not self.registry.knows_job(job):  # publish (or route) then send is always served
             try:
                 await self.catch_up_control()
             except TimeoutError:
                 log.warning("control topic not caught up within %d ms", self.config.control_wait_ms)
-        return self.registry.resolve(job.adapter, job.tenant)
+        return self.registry.resolve_job(job)
 
     async def _generate(self, request: Request) -> Completion:
         """The hand-off to the engine: submit from a thread, await the completion on this loop."""
@@ -423,21 +429,31 @@ class Worker:
                 self.metrics.cold_start.observe(c.ttft_s)
 
     def _error(self, job: Job, resolved: ResolvedAdapter | None, code: str, message: str) -> JobResult:
-        return error_result(job.id, code, message, self.worker_id, adapter=resolved.name if resolved else None,
-                            adapter_version=resolved.version if resolved else None)
+        return error_result(job.id, code, message, self.worker_id, **provenance(resolved))
 
     async def _reply_topic_problem(self, topic: str) -> str | None:
         """Why results may not go to `topic` (None when they may)."""
         cfg = self.config
         if topic in (cfg.jobs_topic, cfg.control_topic, cfg.dlq_topic) or topic.startswith("__"):
             return f"reply_to may not name the topic {topic}: it is not a results topic"
-        if topic not in self._known_topics and time.monotonic() - self._topics_checked_at > TOPICS_REFRESH_S:
-            # The producer's metadata only covers topics it has written to: ask for the whole cluster.
-            self._topics_checked_at = time.monotonic()
-            self._known_topics = set(await self.admin.list_topics())
-        if topic not in self._known_topics:
-            return f"reply_to topic {topic} does not exist"
+        deadline = time.monotonic() + REPLY_TOPIC_WAIT_S
+        while topic not in self._known_topics:
+            await self._refresh_topics()
+            if topic in self._known_topics:
+                break
+            if time.monotonic() >= deadline:
+                return f"reply_to topic {topic} does not exist"
+            await asyncio.sleep(TOPICS_RECHECK_S)
         return None
+
+    async def _refresh_topics(self) -> None:
+        """The cluster's topic list, fetched once for all the jobs that asked while a fetch was running."""
+        asked = time.monotonic()
+        async with self._topics_lock:
+            if self._topics_checked_at >= asked:
+                return
+            self._known_topics = set(await self.admin.list_topics())
+            self._topics_checked_at = time.monotonic()
 
     def _result_record(self, result: JobResult, reply_to: str | None) -> Outgoing:
         topic, key, value = reply_to or self.config.results_topic, result.id.encode(), encode(result)
@@ -449,7 +465,8 @@ class Worker:
 
     def _error_like(self, result: JobResult, code: str, message: str) -> JobResult:
         return error_result(result.id, code, message, self.worker_id, adapter=result.adapter,
-                            adapter_version=result.adapter_version)
+                            adapter_version=result.adapter_version, task=result.task,
+                            route_event_id=result.route_event_id)
 
     def _dead_letter(self, record, code: str, reason: str) -> Outgoing:
         """The record as it came, with headers that say where from and why, cut down if too large to copy."""

@@ -17,11 +17,18 @@ def to_request(job: Job, adapter: ResolvedAdapter | None) -> Request:
     )
 
 
+def provenance(adapter: ResolvedAdapter | None) -> dict:
+    """The result fields that say what served a job: adapter and version, and the route that chose them."""
+    if adapter is None:
+        return {}
+    route = adapter.route
+    return {"adapter": adapter.name, "adapter_version": adapter.version,
+            "task": route.task if route else None, "route_event_id": route.event_id if route else None}
+
+
 def ok_result(job: Job, adapter: ResolvedAdapter | None, completion: Completion, worker: str) -> JobResult:
     return JobResult(
-        id=job.id, status="ok", adapter=adapter.name if adapter else None,
-        adapter_version=adapter.version if adapter else None,
-        text=completion.text, token_ids=completion.token_ids, finish_reason=completion.finish_reason,
-        usage=Usage(completion.prompt_tokens, len(completion.token_ids)), worker=worker,
+        id=job.id, status="ok", **provenance(adapter), text=completion.text, token_ids=completion.token_ids,
+        finish_reason=completion.finish_reason, usage=Usage(completion.prompt_tokens, len(completion.token_ids)), worker=worker,
     )
 
