@@ -136,6 +136,24 @@ class AdapterActivate(msgspec.Struct, tag="adapter.activate", tag_field="type", 
     ts_ms: TimestampMs | None = None
 
 
+class AdapterRetire(msgspec.Struct, tag="adapter.retire", tag_field="type", forbid_unknown_fields=True):
+    """New jobs naming this version get adapter_not_found; sequences already running on it finish."""
+
+    name: Name
+    version: Name
+    event_id: EventId | None = None
+    ts_ms: TimestampMs | None = None
+
+
+class AdapterWarm(msgspec.Struct, tag="adapter.warm", tag_field="type", forbid_unknown_fields=True):
+    """Load a published version and run one dummy step on every worker, without sending it traffic."""
+
+    name: Name
+    version: Name
+    event_id: EventId | None = None
+    ts_ms: TimestampMs | None = None
+
+
 class RouteTarget(msgspec.Struct, forbid_unknown_fields=True):
     adapter: AdapterVersionRef
     weight: Annotated[int, msgspec.Meta(ge=0, le=MAX_ROUTE_WEIGHT)]
@@ -166,7 +184,7 @@ class RouteDelete(msgspec.Struct, tag="route.delete", tag_field="type", forbid_u
     ts_ms: TimestampMs | None = None
 
 
-ControlEvent = Union[AdapterPublish, AdapterActivate, RouteSet, RouteDelete]
+ControlEvent = Union[AdapterPublish, AdapterActivate, AdapterRetire, AdapterWarm, RouteSet, RouteDelete]
 
 
 class AdapterRef(msgspec.Struct, frozen=True):

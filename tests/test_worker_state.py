@@ -71,3 +71,18 @@ def test_unknown_and_forbidden_adapters_are_job_errors_that_hide_the_active_vers
         registry.resolve("private", "acme")
     assert err.value.code == "forbidden" and "v7-secret" not in err.value.message
     assert registry.resolve("private", "owner").version == "v7-secret"
+
+
+def test_retire_forgets_a_version_but_never_the_active_one():
+    registry = AdapterRegistry()
+    registry.publish(_publish("fin", "v1"))
+    registry.publish(_publish("fin", "v2"))
+    assert "active version" in registry.retire("fin", "v1")  # v1 is active: refused, nothing changes
+    assert registry.knows("fin@v1")
+    assert registry.activate("fin", "v2")
+    assert registry.retire("fin", "v1") is None
+    assert not registry.knows("fin@v1") and registry.resolve("fin", "acme").key == "fin@v2"
+    with pytest.raises(JobError) as err:
+        registry.resolve("fin@v1", "acme")
+    assert err.value.code == "adapter_not_found"
+    assert "not published" in registry.retire("fin", "v1")

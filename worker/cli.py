@@ -148,6 +148,18 @@ def cmd_route(args) -> int:
     return _send_control(args, event)
 
 
+def cmd_retire(args) -> int:
+    from lorabus.schemas import AdapterRetire
+
+    return _send_control(args, AdapterRetire(args.name, args.version))
+
+
+def cmd_warm(args) -> int:
+    from lorabus.schemas import AdapterWarm
+
+    return _send_control(args, AdapterWarm(args.name, args.version))
+
+
 def cmd_unroute(args) -> int:
     from lorabus.schemas import RouteDelete
 
@@ -228,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     unroute.add_argument("--tenant")
     _control_key_flag(unroute)
     unroute.set_defaults(func=cmd_unroute)
+    for verb, func, text in (("retire", cmd_retire, "adapter.retire: new jobs naming the version get adapter_not_found"),
+                             ("warm", cmd_warm, "adapter.warm: load the version and run one dummy step, no traffic")):
+        command = rollout.add_parser(verb, help=text)
+        _client_flags(command, "control_topic")
+        command.add_argument("name")
+        command.add_argument("version")
+        _control_key_flag(command)
+        command.set_defaults(func=func)
 
     demo = sub.add_parser("demo", help="the embedded default: local broker, tiny model, three adapters, sample jobs")
     demo.add_argument("--workdir", default=os.environ.get("LORABUS_DEMO_DIR", ".lorabus/demo"))

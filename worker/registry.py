@@ -38,6 +38,16 @@ class AdapterRegistry:
         self.active[name] = version
         return True
 
+    def retire(self, name: str, version: str) -> str | None:
+        """Forget a published version; None when done, else why not (unknown, or the active version:
+        activate another one first, so a name never loses its traffic by accident)."""
+        if version not in self.versions.get(name, {}):
+            return f"retire {name}@{version}: that version is not published"
+        if self.active.get(name) == version:
+            return f"retire {name}@{version}: it is the active version; activate another version first"
+        del self.versions[name][version]
+        return None
+
     def knows_job(self, job: Job) -> bool:
         """Whether this registry can place the job (False: read the control topic further first)."""
         if job.adapter is not None:

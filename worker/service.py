@@ -27,8 +27,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from lorabus.scheduler import AdapterSpec, Completion, Engine, Request
-from lorabus.schemas import (DECODE_ERRORS, AdapterActivate, AdapterPublish, Job, JobError, JobResult, RouteDelete,
-                             RouteSet, decode_control, decode_job, encode, error_result)
+from lorabus.schemas import (DECODE_ERRORS, AdapterActivate, AdapterPublish, AdapterRetire, AdapterWarm, Job, JobError,
+                             JobResult, RouteDelete, RouteSet, decode_control, decode_job, encode, error_result)
 from lorabus.worker import kafka_records
 from lorabus.worker.adapter_paths import AdapterPathError, confine_adapter_path
 from lorabus.worker.client import topic_partitions
@@ -283,6 +283,14 @@ class Worker:
             case AdapterActivate(name=name, version=version):
                 if not self.registry.activate(name, version):
                     raise ControlRejected(f"activate {name}@{version}: that version was never published")
+                self._warm(f"{name}@{version}")
+            case AdapterRetire(name=name, version=version):
+                problem = self.registry.retire(name, version)
+                if problem is not None:
+                    raise ControlRejected(problem)
+            case AdapterWarm(name=name, version=version):
+                if not self.registry.knows(f"{name}@{version}"):
+                    raise ControlRejected(f"warm {name}@{version}: that version is not published")
                 self._warm(f"{name}@{version}")
             case RouteSet():
                 self.registry.routes.set(event)
