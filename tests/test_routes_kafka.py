@@ -3,8 +3,10 @@
 which route and version served them (greedy tokens equal PEFT's for that version), an explicit adapter
 wins over the route, a tenant's own route wins over the task's, and unroute ends the task's traffic."""
 
+import asyncio
 import json
 import math
+import time
 from dataclasses import replace
 
 from lorabus.schemas import AdapterPublish, RouteDelete, RouteSet, RouteTarget
@@ -25,7 +27,12 @@ async def test_canary_split_is_sticky_and_traceable(kafka, tiny_model, peft_adap
     config = worker_config(kafka, tiny_model, topic_partitions=4)
     versions = {"v1": peft_adapters["qv-r4"], "v2": peft_adapters["all-r8-rslora"]}
     oracle = PeftOracle(tiny_model)
-    async with running_worker(replace(config, worker_id="w-1")), running_worker(replace(config, worker_id="w-2")):
+    async with running_worker(replace(config, worker_id="w-1")) as w1, \
+            running_worker(replace(config, worker_id="w-2")) as w2:
+        deadline = time.monotonic() + 60
+        while not (w1.partitions and w2.partitions) and time.monotonic() < deadline:  # both in the group
+            await asyncio.sleep(0.05)
+        assert w1.partitions and w2.partitions, "the two workers did not share the jobs topic"
         await publish_control(kafka, config.control_topic, [
             *(AdapterPublish("fin", v, str(path)) for v, path in versions.items()),
             RouteSet(task="ner", targets=[RouteTarget("fin@v1", 95), RouteTarget("fin@v2", 5)], event_id="canary-1"),
