@@ -119,39 +119,38 @@ MAX_ROUTE_TARGETS = 64
 MAX_ROUTE_WEIGHT = 1_000_000
 
 
-class AdapterPublish(msgspec.Struct, tag="adapter.publish", tag_field="type", forbid_unknown_fields=True):
+class _ControlEventFields(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, kw_only=True):
+    """What every control event may carry besides its own fields (given by keyword)."""
+
+    event_id: EventId | None = None
+    ts_ms: TimestampMs | None = None
+
+
+class AdapterPublish(_ControlEventFields, tag="adapter.publish"):
     name: Name
     version: Name
     path: NonEmpty  # local directory or file:// URI
     sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
     tenants: list[NonEmpty] | None = None  # None = every tenant
-    event_id: EventId | None = None
-    ts_ms: TimestampMs | None = None
 
 
-class AdapterActivate(msgspec.Struct, tag="adapter.activate", tag_field="type", forbid_unknown_fields=True):
+class AdapterActivate(_ControlEventFields, tag="adapter.activate"):
     name: Name
     version: Name
-    event_id: EventId | None = None
-    ts_ms: TimestampMs | None = None
 
 
-class AdapterRetire(msgspec.Struct, tag="adapter.retire", tag_field="type", forbid_unknown_fields=True):
+class AdapterRetire(_ControlEventFields, tag="adapter.retire"):
     """New jobs naming this version get adapter_not_found; sequences already running on it finish."""
 
     name: Name
     version: Name
-    event_id: EventId | None = None
-    ts_ms: TimestampMs | None = None
 
 
-class AdapterWarm(msgspec.Struct, tag="adapter.warm", tag_field="type", forbid_unknown_fields=True):
+class AdapterWarm(_ControlEventFields, tag="adapter.warm"):
     """Load a published version and run one dummy step on every worker, without sending it traffic."""
 
     name: Name
     version: Name
-    event_id: EventId | None = None
-    ts_ms: TimestampMs | None = None
 
 
 class RouteTarget(msgspec.Struct, forbid_unknown_fields=True):
@@ -159,7 +158,7 @@ class RouteTarget(msgspec.Struct, forbid_unknown_fields=True):
     weight: Annotated[int, msgspec.Meta(ge=0, le=MAX_ROUTE_WEIGHT)]
 
 
-class RouteSet(msgspec.Struct, tag="route.set", tag_field="type", forbid_unknown_fields=True, kw_only=True):
+class RouteSet(_ControlEventFields, tag="route.set"):
     """Jobs of `task` (of `tenant`, or of every tenant) without an explicit adapter go to one of the
     targets, chosen by a stable hash of the sticky key in proportion to the weights."""
 
@@ -167,8 +166,6 @@ class RouteSet(msgspec.Struct, tag="route.set", tag_field="type", forbid_unknown
     targets: Annotated[list[RouteTarget], msgspec.Meta(min_length=1, max_length=MAX_ROUTE_TARGETS)]
     tenant: NonEmpty | None = None
     sticky: Literal["user", "id"] = "user"
-    event_id: EventId | None = None
-    ts_ms: TimestampMs | None = None
 
     def __post_init__(self) -> None:
         if sum(t.weight for t in self.targets) <= 0:
@@ -177,11 +174,9 @@ class RouteSet(msgspec.Struct, tag="route.set", tag_field="type", forbid_unknown
             raise ValueError("a route names each adapter version at most once")
 
 
-class RouteDelete(msgspec.Struct, tag="route.delete", tag_field="type", forbid_unknown_fields=True, kw_only=True):
+class RouteDelete(_ControlEventFields, tag="route.delete"):
     task: Name
     tenant: NonEmpty | None = None
-    event_id: EventId | None = None
-    ts_ms: TimestampMs | None = None
 
 
 ControlEvent = Union[AdapterPublish, AdapterActivate, AdapterRetire, AdapterWarm, RouteSet, RouteDelete]

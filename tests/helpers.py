@@ -221,3 +221,22 @@ def submit_all(engine, requests, timeout: float = 120):
         engine.submit(request, on_done)
     assert done.wait(timeout), f"only {len(results)}/{len(requests)} answered: {sorted(results)}"
     return results
+
+
+async def read_topic(bootstrap: str, topic: str, timeout_s: float, until=lambda records: False) -> list:
+    """Every record of `topic` from the beginning, read until `until(records)` holds or `timeout_s` passes."""
+    from aiokafka import AIOKafkaConsumer
+
+    from lorabus.worker.client import topic_partitions
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        consumer.assign(await topic_partitions(bootstrap, topic))
+        records, deadline = [], time.monotonic() + timeout_s
+        while not until(records) and time.monotonic() < deadline:
+            for batch in (await consumer.getmany(timeout_ms=200)).values():
+                records.extend(batch)
+        return records
+    finally:
+        await consumer.stop()

@@ -6,29 +6,13 @@ import asyncio
 import json
 import time
 
-from aiokafka import AIOKafkaConsumer
-
 from lorabus.schemas import AdapterPublish
-from tests.helpers import committed_lag, make_peft_adapter, running_worker, worker_config
-from lorabus.worker.client import publish_control, run_jobs, topic_partitions
+from lorabus.worker.client import publish_control, run_jobs
+from tests.helpers import committed_lag, make_peft_adapter, read_topic, running_worker, worker_config
 
 
 def _job(job_id, **fields):
     return {"id": job_id, "tenant": "acme", "prompt_ids": [5, 6, 7], "max_new_tokens": 4, **fields}
-
-
-async def _read_all(bootstrap, topic, count, timeout_s=30):
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        consumer.assign(await topic_partitions(bootstrap, topic))
-        records, deadline = [], time.monotonic() + timeout_s
-        while len(records) < count and time.monotonic() < deadline:
-            for batch in (await consumer.getmany(timeout_ms=200)).values():
-                records.extend(batch)
-        return records
-    finally:
-        await consumer.stop()
 
 
 async def test_bad_records_are_answered_or_dead_lettered(kafka, tiny_model, peft_adapters, tmp_path):
@@ -95,7 +79,7 @@ async def test_bad_records_are_answered_or_dead_lettered(kafka, tiny_model, peft
     assert "DoRA" in results["dora"][0].error.message or "use_dora" in results["dora"][0].error.message
     assert "adapter_model.bin" in results["pickled"][0].error.message
 
-    letters = await _read_all(kafka, config.dlq_topic, len(dead))
+    letters = await read_topic(kafka, config.dlq_topic, 30, until=lambda r: len(r) >= len(dead))
     assert sorted(r.value for r in letters) == sorted(dead)
     for letter in letters:
         headers = dict(letter.headers)

@@ -11,14 +11,14 @@ import math
 import time
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from safetensors.torch import load_file, save_file
 
 from lorabus.schemas import AdapterPublish, decode_result
-from tests.helpers import (PeftOracle, committed_lag, raw_header_keys, running_worker, unique,
-                           worker_config)
-from lorabus.worker.client import publish_control, run_jobs, topic_partitions
+from lorabus.worker.client import publish_control, run_jobs
 from lorabus.worker.service import ensure_topics
+from tests.helpers import (PeftOracle, committed_lag, raw_header_keys, read_topic, running_worker, unique,
+                           worker_config)
 
 pytestmark = pytest.mark.kafka
 
@@ -43,20 +43,6 @@ def _poisoned_copy(src, dst, weights=None, config=None):
     cfg.update(config or {})
     (dst / "adapter_config.json").write_text(json.dumps(cfg, allow_nan=True))
     return dst
-
-
-async def _read_topic(bootstrap, topic, timeout_s, until=lambda records: False):
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        consumer.assign(await topic_partitions(bootstrap, topic))
-        records, deadline = [], time.monotonic() + timeout_s
-        while not until(records) and time.monotonic() < deadline:
-            for batch in (await consumer.getmany(timeout_ms=200)).values():
-                records.extend(batch)
-        return records
-    finally:
-        await consumer.stop()
 
 
 async def test_poison_records_fail_only_themselves(kafka, tiny_model, peft_adapters, tmp_path):
@@ -129,7 +115,7 @@ async def test_poison_records_fail_only_themselves(kafka, tiny_model, peft_adapt
         results = await run_jobs(kafka, config.jobs_topic, config.results_topic, mixed, 120)
         fresh = await run_jobs(kafka, config.jobs_topic, fresh_topic,
                                [("fresh", _job("fresh", reply_to=fresh_topic))], 60)
-        letters = await _read_topic(kafka, config.dlq_topic, 30, until=lambda r: len(r) >= len(dead))
+        letters = await read_topic(kafka, config.dlq_topic, 30, until=lambda r: len(r) >= len(dead))
         deadline = time.monotonic() + 30
         while await committed_lag(kafka, config.group_id, config.jobs_topic) and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
@@ -139,7 +125,7 @@ async def test_poison_records_fail_only_themselves(kafka, tiny_model, peft_adapt
                    if s.name.endswith("_total")}
 
     # The header-key job was sent before the others: its result is on the results topic already.
-    all_results = [decode_result(r.value) for r in await _read_topic(kafka, config.results_topic, 10)]
+    all_results = [decode_result(r.value) for r in await read_topic(kafka, config.results_topic, 10)]
     by_id = {}
     for result in all_results:
         by_id.setdefault(result.id, []).append(result)
@@ -168,7 +154,7 @@ async def test_poison_records_fail_only_themselves(kafka, tiny_model, peft_adapt
                                [("after-restart", _job("after-restart", adapter="qv-r4"))], 60)
         assert after["after-restart"][0].status == "ok"
         assert not again._stop.is_set()
-    now = collections.Counter(decode_result(r.value).id for r in await _read_topic(kafka, config.results_topic, 5))
+    now = collections.Counter(decode_result(r.value).id for r in await read_topic(kafka, config.results_topic, 5))
     assert now - before == collections.Counter(["after-restart"]), now - before
     print(f"poison jobs answered: {len(poison)}, dead letters: {len(letters)}, control records ignored: {ignored}, "
           f"good jobs equal to PEFT: {len(good)}")

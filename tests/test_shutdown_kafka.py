@@ -8,10 +8,10 @@ import time
 
 from aiokafka import AIOKafkaProducer
 
-from lorabus.schemas import AdapterActivate, AdapterPublish
+from lorabus.schemas import AdapterActivate, AdapterPublish, decode_result
 from lorabus.worker.client import publish_control, run_jobs
 from lorabus.worker.service import ensure_topics
-from tests.helpers import start_worker_process, unique
+from tests.helpers import read_topic, start_worker_process, unique
 
 EXIT_BOUND_S = 60  # drain (held jobs) + engine stop, both bounded by their settings below
 
@@ -53,7 +53,14 @@ async def test_sigterm_after_activate_and_during_a_load(kafka, tiny_model, peft_
     # Whatever the first worker did not answer, its successor in the group does: nothing is lost.
     second = start_worker_process(kafka, tiny_model, topics, group, tmp_path / "second.log", **settings)
     try:
-        results = await _results_for(kafka, topics, [job_id for job_id, _ in jobs])
+        ids = {job_id for job_id, _ in jobs}
+        records = await read_topic(kafka, topics["results"], 120,
+                                   until=lambda rs: ids <= {decode_result(r.value).id for r in rs})
+        results = {}
+        for record in records:
+            result = decode_result(record.value)
+            results.setdefault(result.id, []).append(result)
+        assert ids <= results.keys(), f"never answered: {ids - results.keys()}"
         up = await run_jobs(kafka, topics["jobs"], topics["results"], [("ready-2", json.dumps(
             {"id": "ready-2", "tenant": "t", "prompt_ids": [5, 6], "max_new_tokens": 2}).encode())], 120)
         assert up["ready-2"][0].status == "ok"
@@ -65,25 +72,3 @@ async def test_sigterm_after_activate_and_during_a_load(kafka, tiny_model, peft_
           f"{len(results)}/{len(jobs)} held jobs answered across the two workers")
 
 
-async def _results_for(kafka, topics, ids, timeout_s=120):
-    """Every result on the results topic (from the beginning) until each id has one."""
-    from aiokafka import AIOKafkaConsumer
-
-    from lorabus.schemas import decode_result
-    from lorabus.worker.client import topic_partitions
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, enable_auto_commit=False, auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        consumer.assign(await topic_partitions(kafka, topics["results"]))
-        found, deadline = {}, time.monotonic() + timeout_s
-        while not set(ids) <= found.keys() and time.monotonic() < deadline:
-            for batch in (await consumer.getmany(timeout_ms=200)).values():
-                for record in batch:
-                    result = decode_result(record.value)
-                    found.setdefault(result.id, []).append(result)
-        missing = set(ids) - found.keys()
-        assert not missing, f"never answered: {missing}"
-        return {i: found[i] for i in ids}
-    finally:
-        await consumer.stop()

@@ -186,9 +186,14 @@ def _client_flags(parser: argparse.ArgumentParser, *topics: str) -> None:
         parser.add_argument("--" + topic.replace("_", "-"), default=os.environ.get(env, getattr(defaults, topic)))
 
 
-def _control_key_flag(parser: argparse.ArgumentParser) -> None:
+def _control_command(subparsers, name: str, text: str, func) -> argparse.ArgumentParser:
+    """A command that sends one control event: broker, control topic and signing key flags included."""
+    parser = subparsers.add_parser(name, help=text)
+    _client_flags(parser, "control_topic")
     parser.add_argument("--control-key", default=os.environ.get("LORABUS_CONTROL_KEY", ""),
                         help="sign with the first key of this file (or env:NAME) of 'keyid:secret' lines [env LORABUS_CONTROL_KEY]")
+    parser.set_defaults(func=func)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,47 +212,33 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--timeout", type=float, default=120.0)
     produce.set_defaults(func=cmd_produce)
 
-    publish = sub.add_parser("publish", help="publish an adapter version on the control topic")
-    _client_flags(publish, "control_topic")
+    publish = _control_command(sub, "publish", "publish an adapter version on the control topic", cmd_publish)
     publish.add_argument("name")
     publish.add_argument("version")
     publish.add_argument("path")
     publish.add_argument("--sha256")
     publish.add_argument("--tenants", help="comma-separated tenants allowed (default: all)")
-    _control_key_flag(publish)
-    publish.set_defaults(func=cmd_publish)
-
-    activate = sub.add_parser("activate", help="make a published version the active one (hot swap, rollback)")
-    _client_flags(activate, "control_topic")
-    activate.add_argument("name")
-    activate.add_argument("version")
-    _control_key_flag(activate)
-    activate.set_defaults(func=cmd_activate)
 
     rollout = sub.add_parser("rollout", help="route a task's traffic across adapter versions").add_subparsers(
         dest="rollout", required=True)
-    route = rollout.add_parser("route", help="route.set: split TASK's jobs across versions by weight (sticky)")
-    _client_flags(route, "control_topic")
+    route = _control_command(rollout, "route", "route.set: split TASK's jobs across versions by weight (sticky)",
+                             cmd_route)
     route.add_argument("task")
     route.add_argument("targets", nargs="+", metavar="NAME@VERSION=WEIGHT")
     route.add_argument("--tenant", help="only this tenant's jobs (default: every tenant without its own route)")
     route.add_argument("--sticky", choices=("user", "id"), default="user")
-    _control_key_flag(route)
-    route.set_defaults(func=cmd_route)
-    unroute = rollout.add_parser("unroute", help="route.delete: TASK's jobs without an adapter get adapter_not_found")
-    _client_flags(unroute, "control_topic")
+    unroute = _control_command(rollout, "unroute", "route.delete: TASK's jobs without an adapter get adapter_not_found",
+                               cmd_unroute)
     unroute.add_argument("task")
     unroute.add_argument("--tenant")
-    _control_key_flag(unroute)
-    unroute.set_defaults(func=cmd_unroute)
-    for verb, func, text in (("retire", cmd_retire, "adapter.retire: new jobs naming the version get adapter_not_found"),
-                             ("warm", cmd_warm, "adapter.warm: load the version and run one dummy step, no traffic")):
-        command = rollout.add_parser(verb, help=text)
-        _client_flags(command, "control_topic")
+    for parent, verb, text, func in (
+        (sub, "activate", "make a published version the active one (hot swap, rollback)", cmd_activate),
+        (rollout, "retire", "adapter.retire: new jobs naming the version get adapter_not_found", cmd_retire),
+        (rollout, "warm", "adapter.warm: load the version and run one dummy step, no traffic", cmd_warm),
+    ):
+        command = _control_command(parent, verb, text, func)
         command.add_argument("name")
         command.add_argument("version")
-        _control_key_flag(command)
-        command.set_defaults(func=func)
 
     demo = sub.add_parser("demo", help="the embedded default: local broker, tiny model, three adapters, sample jobs")
     demo.add_argument("--workdir", default=os.environ.get("LORABUS_DEMO_DIR", ".lorabus/demo"))
