@@ -182,6 +182,50 @@ class RouteDelete(_ControlEventFields, tag="route.delete"):
 ControlEvent = Union[AdapterPublish, AdapterActivate, AdapterRetire, AdapterWarm, RouteSet, RouteDelete]
 
 
+
+# ---- the status topic: each worker's view, compacted by worker id ----------------------------------
+
+LoadState = Literal["loading", "ready", "failed"]
+
+
+class VersionStatus(msgspec.Struct, forbid_unknown_fields=False):
+    """One adapter version as a worker sees it: loaded (ready), loading, or failed with the reason."""
+
+    adapter: str  # "name@version"
+    state: LoadState
+    reason: str | None = None
+
+
+class RouteStatus(msgspec.Struct, forbid_unknown_fields=False):
+    """The route serving (task, tenant) on a worker: `event_id` is in force; `pending_event_id` is the
+    newest route, still loading (or failed) when it differs."""
+
+    task: str
+    tenant: str | None
+    event_id: str | None
+    targets: list[RouteTarget]
+    pending_event_id: str | None = None
+
+
+class WorkerStatus(msgspec.Struct, tag="worker.status", tag_field="type", forbid_unknown_fields=False):
+    """What a worker publishes to the status topic (key = worker id) on every change and every few
+    seconds. Readers ignore fields they do not know, so later versions may add some."""
+
+    worker: str
+    ts_ms: int
+    started_ms: int
+    control_offset: int  # control records applied: every offset below this one
+    serving: dict[str, str]  # adapter name → the version its name-only jobs get here
+    activated: dict[str, str]  # adapter name → the version the control log activates (differs while loading or failed)
+    versions: list[VersionStatus]  # every version this worker has loaded, is loading or failed to load
+    resident: list[str]  # "name@version" in device slots
+    host_cached: int  # adapters in the host-memory tier
+    routes: list[RouteStatus]
+    jobs_inflight: int = 0
+    interval_ms: int = 2000  # the next status comes within this (readers call a worker silent after 3x)
+    truncated: bool = False  # the lists were cut to keep the record under Kafka's size limit
+
+
 class AdapterRef(msgspec.Struct, frozen=True):
     name: str
     version: str | None  # None = the name's active version
@@ -191,6 +235,7 @@ _MAX_REASON = 1024  # error messages quote the parser, which may quote the input
 _job_decoder = msgspec.json.Decoder(Job)
 _result_decoder = msgspec.json.Decoder(JobResult)
 _control_decoder = msgspec.json.Decoder(ControlEvent)
+_status_decoder = msgspec.json.Decoder(WorkerStatus)
 _encoder = msgspec.json.Encoder()
 
 
@@ -293,6 +338,11 @@ def parse_adapter_ref(text: str) -> AdapterRef:
 def decode_control(value: bytes) -> ControlEvent:
     """Decode one control-topic record; raises one of DECODE_ERRORS on bad input."""
     return _control_decoder.decode(value)
+
+
+def decode_status(value: bytes) -> WorkerStatus:
+    """Decode one status-topic record; raises one of DECODE_ERRORS on bad input."""
+    return _status_decoder.decode(value)
 
 
 def decode_result(value: bytes) -> JobResult:

@@ -791,7 +791,8 @@ def control_specs(draw, first=None):
         tuple(([draw(first)] if first is not None else [])
               + draw(st.lists(st.one_of(*CONTROL_MUTATIONS.values()), max_size=2 if first is not None else 3))),
         tuple(draw(st.lists(st.integers(0, len(HEADER_MENU) - 1), max_size=3))),
-        draw(st.sampled_from(("name", "none", "bad-utf8", "big"))),
+        # No "none": a compacted topic (the control topic) refuses records without a key.
+        draw(st.sampled_from(("canonical", "canonical", "name", "bad-utf8", "big"))),
     )
 
 
@@ -894,8 +895,9 @@ def build_control(spec, t: Target) -> FuzzRecord:
         headers.append((key if isinstance(key, bytes) else key.encode(), b"fuzz" if value == b"<good>" else value))
     if huge:
         headers = [(k, v) for k, v in headers if len(v or b"") < 100][:8]
-    key = {"name": (name or "x").encode("utf-8", "replace")[:200], "none": None, "bad-utf8": b"\xff\xfe",
-           "big": b"k" * 8000}[key_style]
+    canonical = f"{'activate' if kind == 'adapter.activate' else 'adapter'}:{name}@{version}"
+    key = {"canonical": canonical.encode("utf-8", "replace")[:8000], "name": (name or "x").encode("utf-8", "replace")[:200],
+           "bad-utf8": b"\xff\xfe", "big": b"k" * 8000}[key_style]
     if event is None:
         value = None
         key = b"tombstone" if key is None else key  # aiokafka sends no record without both

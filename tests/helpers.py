@@ -95,18 +95,20 @@ def worker_config(kafka: str, model_dir: Path, **overrides) -> WorkerConfig:
     engine = overrides.pop("engine", EngineConfig(kv_cache_mb=64))
     base = WorkerConfig(bootstrap_servers=kafka, model=str(model_dir), group_id=f"g-{tag}", jobs_topic=f"jobs-{tag}",
                         results_topic=f"results-{tag}", control_topic=f"control-{tag}", dlq_topic=f"dlq-{tag}",
-                        metrics_port=-1, commit_interval_ms=100, engine=engine)
+                        status_topic=f"status-{tag}", metrics_port=-1, commit_interval_ms=100, engine=engine)
     return dataclasses.replace(base, **overrides)
 
 
 @contextlib.asynccontextmanager
 async def running_worker(config: WorkerConfig):
     """A Worker in this event loop; stopped gracefully (and checked to exit cleanly) on the way out."""
-    from lorabus.worker.service import Worker, ensure_topics
+    from lorabus.worker.service import Worker
+    from lorabus.worker.topics import CONTROL_TOPIC_CONFIGS, ensure_topics
 
     await ensure_topics(config.bootstrap_servers, {config.jobs_topic: config.topic_partitions,
                                                    config.results_topic: config.topic_partitions,
-                                                   config.control_topic: 1, config.dlq_topic: 1})
+                                                   config.control_topic: 1, config.dlq_topic: 1},
+                        {config.control_topic: CONTROL_TOPIC_CONFIGS})
     worker = Worker(config)
     task = asyncio.create_task(worker.run())
     try:

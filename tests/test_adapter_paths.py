@@ -135,10 +135,14 @@ def test_multiple_roots(tmp_path, layout):
     assert confine_adapter_path(str(root / "to-other"), roots) == str(second.resolve())
 
 
-def test_empty_roots_allow_any_path_unchanged(layout):
+def test_empty_roots_allow_any_local_path(layout):
     _, outside, _ = layout
-    for path in (str(outside), f"file://{outside}", "relative/dir", f"{outside}/../x"):
+    for path in (str(outside), "relative/dir", f"{outside}/../x"):
         assert confine_adapter_path(path, []) == path
+    # A file:// URI is decoded the same way with or without roots, so the loader reads what was checked.
+    assert confine_adapter_path(f"file://{outside}/a%20b", []) == f"{outside}/a b"
+    with pytest.raises(AdapterPathError, match="host"):
+        confine_adapter_path("file://elsewhere/x", [])
 
 
 def test_empty_string_root_fails_closed(layout):

@@ -19,6 +19,9 @@ def test_dashboard_queries_exported_metrics(tiny_model):
     metrics.consumer_lag.labels("0").set(0)
     metrics.jobs_completed.labels("base").inc()
     metrics.jobs_failed.labels("internal").inc()
+    metrics.count_routed("ner", "fin", "v2", "ok")
+    metrics.adapter_load_failures.inc()
+    metrics.control_ignored.labels("key").inc()
     exported = set()
     for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
         exported.update(sample.name for sample in family.samples)

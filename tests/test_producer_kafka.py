@@ -390,6 +390,7 @@ def test_aiokafka_log_lines_are_rate_limited(caplog):
     wp.install_log_limits()
     wp.install_log_limits()   # idempotent
     noisy = logging.getLogger("aiokafka")
+    caplog.set_level(logging.INFO, logger="aiokafka")  # whatever level an earlier test (e.g. the CLI's main) left
     assert noisy.filters.count(wp._LOG_FILTER) == 1
     wp._LOG_FILTER.limiter.last.clear()
     wp._LOG_FILTER.limiter.held.clear()

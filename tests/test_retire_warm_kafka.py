@@ -1,6 +1,6 @@
 """adapter.retire and adapter.warm through the real broker: retiring a version while a job runs on it
-lets that job finish while new jobs naming it get adapter_not_found; retiring the active version is
-refused and counted; warm loads a version into a device slot without any job asking for it."""
+lets that job finish while new jobs naming it get adapter_not_found; the CLI refuses to retire the
+activated version (nothing is sent); warm loads a version into a device slot without any job asking for it."""
 
 import asyncio
 import json
@@ -20,12 +20,12 @@ def _job(job_id, adapter, max_new_tokens=4):
                                "max_new_tokens": max_new_tokens}).encode()
 
 
-async def _cli(*args):
+async def _cli(*args, expect=0):
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "lorabus.worker.cli", *args,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()[-2000:]
-    return out.decode()
+    assert proc.returncode == expect, err.decode()[-2000:]
+    return out.decode() + err.decode()
 
 
 async def test_retire_lets_running_jobs_finish_and_warm_loads_without_traffic(kafka, tiny_model, peft_adapters):
@@ -48,8 +48,9 @@ async def test_retire_lets_running_jobs_finish_and_warm_loads_without_traffic(ka
         after = await run_jobs(kafka, config.jobs_topic, config.results_topic,
                                [_job("after-retire", "fin@v1"), _job("by-name", "fin")], 60)
         long_result = (await long_job)["long-v1"][0]
-        # Retiring the active version is refused (and counted); it keeps serving.
-        await _cli("rollout", "retire", "fin", "v2", "--bootstrap-servers", kafka, "--control-topic", config.control_topic)
+        # The CLI refuses to retire the activated version: nothing is sent, it keeps serving.
+        refusal = await _cli("rollout", "retire", "fin", "v2", "--bootstrap-servers", kafka,
+                             "--control-topic", config.control_topic, expect=2)
         assert "fin@v3" not in worker.engine.resident()
         await publish_control(kafka, config.control_topic, [AdapterWarm("fin", "v3"), AdapterWarm("fin", "v9")])
         deadline = time.monotonic() + 30
@@ -66,6 +67,7 @@ async def test_retire_lets_running_jobs_finish_and_warm_loads_without_traffic(ka
     assert (after["by-name"][0].status, after["by-name"][0].adapter_version) == ("ok", "v2")
     assert (still["still-v2"][0].status, still["still-v2"][0].adapter_version) == ("ok", "v2")
     assert warmed, "adapter.warm did not load fin@v3 into a device slot"
-    assert ignored.get("rejected") == 2, ignored  # retire of the active version, warm of an unknown one
+    assert "activate another version first" in refusal and "nothing sent" in refusal, refusal
+    assert ignored == {}, ignored  # the warm of an unknown version is a no-op, not a skipped record
     print(f"retire: the job running on v1 finished with {len(long_result.token_ids)} tokens equal to PEFT's; "
-          f"new v1 jobs adapter_not_found; warm loaded fin@v3 with no job; control records rejected: {ignored}")
+          f"new v1 jobs adapter_not_found; warm loaded fin@v3 with no job; control records skipped: {ignored}")

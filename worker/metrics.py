@@ -7,6 +7,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Tasks × versions grow with every rollout: past this many (task, adapter, version) label sets, the
+# routed-jobs counter adds to one "other" series, so a scrape stays small whatever the fleet publishes.
+MAX_ROUTED_SERIES = 500
 
 
 class Metrics:
@@ -31,6 +34,12 @@ class Metrics:
                                     "Job for a non-resident adapter arrives → its first token", buckets=LATENCY_BUCKETS, registry=r)
         self.adapter_load = Histogram("lorabus_adapter_load_seconds", "Adapter load (disk or host cache → device slot)",
                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.adapter_load_failures = Counter("lorabus_adapter_load_failures", "Adapter versions that failed to load here",
+                                             registry=r)
+        self.routed_jobs = Counter("lorabus_routed_jobs", "Jobs routed by task, by the version that served them "
+                                   f"(at most {MAX_ROUTED_SERIES} label sets; later ones are counted as 'other')",
+                                   ["task", "adapter", "version", "status"], registry=r)
+        self._routed_series: set[tuple[str, str, str]] = set()
         self.control_ignored = Counter("lorabus_control_records_ignored", "Control records skipped, by reason",
                                        ["reason"], registry=r)
         self.inflight = Gauge("lorabus_jobs_inflight", "Job records taken from Kafka and not yet answered", registry=r)
@@ -39,6 +48,15 @@ class Metrics:
         self._engine_stats = None
         self._output_counts = None
         r.register(self)
+
+    def count_routed(self, task: str, adapter: str, version: str, status: str) -> None:
+        series = (task, adapter, version)
+        if series not in self._routed_series:
+            if len(self._routed_series) >= MAX_ROUTED_SERIES:
+                series = ("other", "other", "other")
+            else:
+                self._routed_series.add(series)
+        self.routed_jobs.labels(*series, status).inc()
 
     def watch_engine(self, stats_fn) -> None:
         self._engine_stats = stats_fn

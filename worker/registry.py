@@ -1,12 +1,55 @@
-"""What the control topic says: published adapter versions, each name's active version, who may use
-them, and the task routes in force."""
+"""Which adapter version serves a job on this worker: the control log's state (worker/control_log.py)
+read through what has loaded here (`AdapterHealth`).
+
+Safe activation lives here. A version takes traffic by name or by route only once it has loaded on
+this worker: until then the name keeps its previous version and the task its previous route, and a
+version that fails to load never takes that traffic (the failure stays visible in status). A job
+that asks for an exact version gets that version, waiting for its load or answered
+adapter_load_failed.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 from lorabus.schemas import AdapterPublish, Job, JobError, RouteSet, parse_adapter_ref
-from lorabus.worker.routing import RouteTable, pick_target
+from lorabus.worker.control_log import ControlLog
+from lorabus.worker.routing import pick_target
+
+
+class Load(Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class AdapterHealth:
+    """This worker's loads: which versions have loaded, are loading, or failed and why ("name@version" keys)."""
+
+    def __init__(self):
+        self.states: dict[str, Load] = {}
+        self.reasons: dict[str, str] = {}
+
+    def state(self, key: str) -> Load | None:
+        return self.states.get(key)
+
+    def set(self, key: str, state: Load, reason: str | None = None) -> bool:
+        """Record a load state; True when it changed."""
+        changed = self.states.get(key) is not state or self.reasons.get(key) != reason
+        self.states[key] = state
+        if reason is None:
+            self.reasons.pop(key, None)
+        else:
+            self.reasons[key] = reason
+        return changed
+
+    def forget(self, key: str) -> None:
+        self.states.pop(key, None)
+        self.reasons.pop(key, None)
+
+    def failure(self, key: str) -> str | None:
+        return self.reasons.get(key) if self.states.get(key) is Load.FAILED else None
 
 
 @dataclass(frozen=True)
@@ -17,44 +60,85 @@ class ResolvedAdapter:
     route: RouteSet | None = None  # the route that chose it, if one did
 
 
+def adapter_key(name: str, version: str) -> str:
+    return f"{name}@{version}"
+
+
 class AdapterRegistry:
-    def __init__(self):
-        self.versions: dict[str, dict[str, AdapterPublish]] = {}
-        self.active: dict[str, str] = {}
-        self.routes = RouteTable()
+    def __init__(self, log: ControlLog, health: AdapterHealth):
+        self.log, self.health = log, health
 
-    def publish(self, event: AdapterPublish) -> bool:
-        """Record a published version; True when it is the name's first, which makes it active."""
-        self.versions.setdefault(event.name, {})[event.version] = event
-        if event.name in self.active:
-            return False
-        self.active[event.name] = event.version
-        return True
+    # ---- what serves ------------------------------------------------------------------------------
 
-    def activate(self, name: str, version: str) -> bool:
-        """Make a published version the active one; False (nothing changes) when it was never published."""
-        if version not in self.versions.get(name, {}):
-            return False
-        self.active[name] = version
-        return True
+    def serving(self, name: str) -> str | None:
+        """The version a name-only job gets: the first candidate that has loaded here; else the first
+        not known to fail (its jobs wait for the load); else the first (its jobs fail with its reason)."""
+        candidates = self.log.candidates(name)
+        pending = None
+        for version in candidates:
+            state = self.health.state(adapter_key(name, version))
+            if state is Load.READY:
+                return version
+            if state is not Load.FAILED and pending is None:
+                pending = version
+        return pending or (candidates[0] if candidates else None)
 
-    def retire(self, name: str, version: str) -> str | None:
-        """Forget a published version; None when done, else why not (unknown, or the active version:
-        activate another one first, so a name never loses its traffic by accident)."""
-        if version not in self.versions.get(name, {}):
-            return f"retire {name}@{version}: that version is not published"
-        if self.active.get(name) == version:
-            return f"retire {name}@{version}: it is the active version; activate another version first"
-        del self.versions[name][version]
-        return None
+    def route_in_force(self, task: str, tenant: str | None) -> RouteSet | None:
+        """The route for (task, tenant), else for (task, any tenant), chosen by `choose_route` over the
+        tenant's routes followed by the task's: a tenant's new route waits for its loads like any other."""
+        own = self.log.routes(task, tenant) if tenant is not None else []
+        return self.choose_route(own + self.log.routes(task, None))
+
+    def choose_route(self, routes: list[RouteSet]) -> RouteSet | None:
+        """Of routes newest first: the newest whose targets have all loaded here; else the newest none of
+        whose targets is known to fail (its jobs wait for the loads); else the newest."""
+        pending = None
+        for route in routes:
+            states = [self._target_state(t.adapter) for t in route.targets]
+            if all(s is Load.READY for s in states):
+                return route
+            if Load.FAILED not in states and pending is None:
+                pending = route
+        return pending or (routes[0] if routes else None)
+
+    def _target_state(self, ref: str) -> Load | None:
+        name, _, version = ref.partition("@")
+        if self.log.published(name, version) is None:
+            return Load.FAILED  # retired or never published: a route through it cannot serve
+        return self.health.state(ref)
+
+    def to_load(self) -> list[str]:
+        """Versions to warm up now: for each name and each task, the next in serving order that has not
+        been tried here, unless an earlier one has loaded or is loading."""
+        wanted: list[str] = []
+        for name in self.log.names():
+            for version in self.log.candidates(name):
+                state = self.health.state(adapter_key(name, version))
+                if state is Load.FAILED:
+                    continue
+                if state is None:
+                    wanted.append(adapter_key(name, version))
+                break
+        for task, tenant in self.log.route_keys():
+            for route in self.log.routes(task, tenant):
+                states = {t.adapter: self._target_state(t.adapter) for t in route.targets}
+                if Load.FAILED in states.values():
+                    continue
+                wanted += [ref for ref, state in states.items() if state is None]
+                break
+        return list(dict.fromkeys(wanted))
+
+    # ---- jobs -------------------------------------------------------------------------------------
 
     def knows_job(self, job: Job) -> bool:
-        """Whether this registry can place the job (False: read the control topic further first)."""
+        """Whether the control log read so far can place the job (False: read it further first)."""
         if job.adapter is not None:
-            return self.knows(job.adapter)
+            ref = parse_adapter_ref(job.adapter)
+            if ref.version is None:
+                return bool(self.log.candidates(ref.name))
+            return self.log.published(ref.name, ref.version) is not None
         if job.task is not None:
-            route = self.routes.find(job.task, job.tenant)
-            return route is not None and self.knows(pick_target(route, job.user, job.id).adapter)
+            return self.route_in_force(job.task, job.tenant) is not None
         return True
 
     def resolve_job(self, job: Job) -> ResolvedAdapter | None:
@@ -64,7 +148,7 @@ class AdapterRegistry:
             return self.resolve(job.adapter, job.tenant)
         if job.task is None:
             return None
-        route = self.routes.find(job.task, job.tenant)
+        route = self.route_in_force(job.task, job.tenant)
         if route is None:
             raise JobError("adapter_not_found", f"no route for task {job.task}")
         try:
@@ -75,19 +159,14 @@ class AdapterRegistry:
             raise
         return ResolvedAdapter(resolved.name, resolved.version, resolved.key, route)
 
-    def knows(self, ref_text: str) -> bool:
-        ref = parse_adapter_ref(ref_text)
-        versions = self.versions.get(ref.name, {})
-        return (ref.version or self.active.get(ref.name)) in versions
-
     def resolve(self, ref_text: str, tenant: str) -> ResolvedAdapter:
         """Name or name@version → the version to serve; JobError adapter_not_found / forbidden."""
         ref = parse_adapter_ref(ref_text)
-        version = ref.version or self.active.get(ref.name)
-        publish = self.versions.get(ref.name, {}).get(version) if version else None
+        version = ref.version or self.serving(ref.name)
+        publish: AdapterPublish | None = self.log.published(ref.name, version) if version else None
         if publish is None:
             raise JobError("adapter_not_found", f"adapter {ref_text} is not published")
         if publish.tenants is not None and tenant not in publish.tenants:
-            # Name only what the job asked for: the active version is none of this tenant's business.
+            # Name only what the job asked for: the serving version is none of this tenant's business.
             raise JobError("forbidden", f"tenant {tenant} may not use adapter {ref_text}")
-        return ResolvedAdapter(ref.name, version, f"{ref.name}@{version}")
+        return ResolvedAdapter(ref.name, version, adapter_key(ref.name, version))

@@ -30,18 +30,3 @@ def pick_target(route: RouteSet, user: str | None, job_id: str) -> RouteTarget:
         point -= target.weight
     raise AssertionError("unreachable: the point lies below the total weight")
 
-
-class RouteTable:
-    """Routes in force, by (task, tenant); a tenant's own route wins over the task's route for all."""
-
-    def __init__(self):
-        self._routes: dict[tuple[str, str | None], RouteSet] = {}
-
-    def set(self, route: RouteSet) -> None:
-        self._routes[(route.task, route.tenant)] = route
-
-    def delete(self, task: str, tenant: str | None) -> bool:
-        return self._routes.pop((task, tenant), None) is not None
-
-    def find(self, task: str, tenant: str) -> RouteSet | None:
-        return self._routes.get((task, tenant)) or self._routes.get((task, None))

@@ -23,22 +23,25 @@ import time
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
 from lorabus.scheduler import AdapterSpec, Completion, Engine, Request
-from lorabus.schemas import (DECODE_ERRORS, AdapterActivate, AdapterPublish, AdapterRetire, AdapterWarm, Job, JobError,
-                             JobResult, RouteDelete, RouteSet, decode_control, decode_job, encode, error_result)
+from lorabus.schemas import (DECODE_ERRORS, AdapterActivate, AdapterPublish, AdapterWarm, Job, JobError,
+                             JobResult, decode_control, decode_job, encode, error_result)
 from lorabus.worker import kafka_records
 from lorabus.worker.adapter_paths import AdapterPathError, confine_adapter_path
 from lorabus.worker.client import topic_partitions
 from lorabus.worker.config import WorkerConfig
+from lorabus.worker.control_log import ControlLog, control_key, is_control_key, key_text
 from lorabus.worker.metrics import Metrics
 from lorabus.worker.offsets import PartitionOffsets
 from lorabus.worker.output import AtLeastOnceOutput, Outgoing, TransactionalOutbox
 from lorabus.worker.producer import ResultProducer, truncated_copy
-from lorabus.worker.registry import AdapterRegistry, ResolvedAdapter
+from lorabus.worker.registry import AdapterHealth, AdapterRegistry, Load, ResolvedAdapter, adapter_key
 from lorabus.worker.signing import ControlKeys
+from lorabus.worker.status import StatusReporter
+from lorabus.worker.topics import CONTROL_TOPIC_CONFIGS, STATUS_TOPIC_CONFIGS, check_control_topic, ensure_topics
 from lorabus.worker.translate import ok_result, provenance, to_request
 
 log = logging.getLogger(__name__)
@@ -58,22 +61,6 @@ DLQ_REASON_BYTES = 4096
 # After a failed fetch of the control topic (broker away), wait this long before the next one.
 CONTROL_RETRY_S = 1.0
 _LOG_DETAIL = 300  # characters of a bad record's parse error worth a log line
-
-
-async def ensure_topics(bootstrap: str, topics: dict[str, int]) -> None:
-    """Create the topics that are missing (name → partitions)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        missing = [NewTopic(t, n, 1) for t, n in topics.items() if t not in existing]
-        if missing:
-            try:
-                await admin.create_topics(missing)
-            except TopicAlreadyExistsError:
-                pass  # another worker won the race
-    finally:
-        await admin.close()
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -111,14 +98,17 @@ class Worker:
         self.worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.engine = engine or Engine(config.model, config.engine)
         self.metrics = Metrics()
-        self.registry = AdapterRegistry()
+        self.control_log = ControlLog()
+        self.health = AdapterHealth()
+        self.registry = AdapterRegistry(self.control_log, self.health)
         self.control_keys = ControlKeys.load(config.control_key) if config.control_key else None
-        self.refused: dict[str, str] = {}  # adapter key → why its published path may not be read
         self.partitions: dict[TopicPartition, PartitionOffsets] = {}
         self.inflight: set[asyncio.Task] = set()
         self.metrics_port: int | None = None
         self._control_applied: dict[TopicPartition, int] = {}
         self._control_progress = asyncio.Event()
+        self._health_changed = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = asyncio.Event()
         self._known_topics: set[str] = set()
         self._topics_checked_at = float("-inf")
@@ -131,8 +121,10 @@ class Worker:
     async def run(self) -> None:
         cfg = self.config
         kafka_records.install()
+        self._loop = asyncio.get_running_loop()
         await ensure_topics(cfg.bootstrap_servers, {cfg.jobs_topic: cfg.topic_partitions, cfg.results_topic: cfg.topic_partitions,
-                                                    cfg.control_topic: 1, cfg.dlq_topic: 1})
+                                                    cfg.control_topic: 1, cfg.dlq_topic: 1, cfg.status_topic: 1},
+                            {cfg.control_topic: CONTROL_TOPIC_CONFIGS, cfg.status_topic: STATUS_TOPIC_CONFIGS})
         if cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(cfg.metrics_port)
             log.info("metrics on http://127.0.0.1:%d/metrics", self.metrics_port)
@@ -156,10 +148,14 @@ class Worker:
                                      group_instance_id=cfg.group_instance_id or None, max_poll_records=cfg.max_inflight)
         await self.control.start()
         control_parts = await topic_partitions(cfg.bootstrap_servers, cfg.control_topic)
+        await check_control_topic(self.admin, cfg.control_topic, len(control_parts))
         self.control.assign(control_parts)
         await self.control.seek_to_beginning(*control_parts)
+        self.status = StatusReporter(self, cfg.bootstrap_servers, cfg.status_topic, cfg.status_interval_ms)
+        await self.status.start()
         control_task = asyncio.create_task(self._control_loop())
         await self.catch_up_control()  # every published adapter is known before the first job
+        await self.settle_loads()  # ... and what serves has loaded: a restarted worker serves what it served
         self.jobs.subscribe([cfg.jobs_topic], listener=_Rebalance(self))
         await self.jobs.start()
         commit_task = asyncio.create_task(self._commit_loop())
@@ -175,6 +171,7 @@ class Worker:
             await asyncio.gather(commit_task, control_task, return_exceptions=True)
             await self.jobs.stop()
             await self.control.stop()
+            await self.status.stop()
             await (self.outbox or self.producer).stop()
             await self.admin.close()
             await asyncio.to_thread(self.engine.stop)
@@ -214,9 +211,10 @@ class Worker:
             m.step_tokens.observe(tokens)
             m.step_adapters.observe(adapters)
 
-        def on_load(_key, seconds, error):
+        def on_load(key, seconds, error):
             if error is None:
                 m.adapter_load.observe(seconds)
+            self._from_engine(self._loaded, key, Load.READY if error is None else Load.FAILED, error)
 
         self.engine.on_step, self.engine.on_load = on_step, on_load
 
@@ -235,11 +233,26 @@ class Worker:
                 for record in records:
                     self._apply_control(record)
                     self._control_applied[tp] = record.offset + 1
+            if batches:
+                self._load_what_serves()
+                self.status.changed()
             self._control_progress.set()
 
+    @property
+    def control_offset(self) -> int:
+        """Control records read (applied or ignored); the control topic has one partition."""
+        return sum(self._control_applied.values())
+
     def _apply_control(self, record) -> None:
-        if record.value is None:  # a tombstone: normal on a compacted topic, nothing to apply
-            self._ignore_control(record, "tombstone", "a record without a value")
+        key = key_text(record.key)
+        if record.value is None:
+            # A tombstone under a control key deletes it, as compaction will (and may already have: then
+            # it finds nothing). It cannot be signed, so it is refused when events must be: compaction
+            # would still apply it, which is why the control topic needs write ACLs.
+            if self.control_keys is None and key is not None and is_control_key(key):
+                self.control_log.clear(record.offset, key)
+                return
+            self._ignore_control(record, "tombstone", "a record without a value, under no control key")
             return
         if self.control_keys is not None:
             verdict = self.control_keys.verify(record.value, record.headers)
@@ -251,8 +264,11 @@ class Worker:
         except DECODE_ERRORS as exc:
             self._ignore_control(record, "invalid", f"{type(exc).__name__}: {exc}")
             return
+        if key != control_key(event):  # compaction would mix it up with other state
+            self._ignore_control(record, "key", f"record key {key!r} is not the event's key {control_key(event)!r}")
+            return
         try:
-            self._apply_event(event)
+            self._apply_event(record.offset, event)
         except ControlRejected as exc:
             self._ignore_control(record, "rejected", str(exc))
         except Exception as exc:  # a bug here must cost one record, never the control reader
@@ -264,42 +280,93 @@ class Worker:
         log.warning("control record %s-%d@%d ignored (%s): %s", record.topic, record.partition, record.offset,
                     reason, detail[:_LOG_DETAIL])
 
-    def _apply_event(self, event) -> None:
+    def _apply_event(self, offset: int, event) -> None:
+        """Fold an event into the control log and act on it. Events are not judged by what came before
+        them (see worker/control_log.py); ControlRejected only for a publish this worker may not read."""
+        log_ = self.control_log
+        before = log_.published(event.name, event.version) if isinstance(event, AdapterPublish) else None
+        log_.apply(offset, event)
         match event:
             case AdapterPublish(name=name, version=version):
-                key = f"{name}@{version}"
+                key = adapter_key(name, version)
+                if before is None or (before.path, before.sha256) != (event.path, event.sha256):
+                    self.health.forget(key)  # new content: whatever loaded or failed before says nothing
                 try:
                     path = confine_adapter_path(event.path, self.config.adapter_root)
-                except AdapterPathError as exc:  # published, but its jobs are answered adapter_load_failed
-                    self.registry.publish(event)
-                    self.refused[key] = f"{key}: {exc}"
+                except AdapterPathError as exc:  # published, but never loaded: its jobs get adapter_load_failed
+                    self.health.set(key, Load.FAILED, f"{key}: {exc}")
                     raise ControlRejected(str(exc)) from None
-                self.refused.pop(key, None)
-                first = self.registry.publish(event)
                 self.engine.register(AdapterSpec(key, path, event.sha256))
                 self.engine.prefetch(key)
-                if first:
-                    self._warm(key)
-            case AdapterActivate(name=name, version=version):
-                if not self.registry.activate(name, version):
-                    raise ControlRejected(f"activate {name}@{version}: that version was never published")
-                self._warm(f"{name}@{version}")
-            case AdapterRetire(name=name, version=version):
-                problem = self.registry.retire(name, version)
-                if problem is not None:
-                    raise ControlRejected(problem)
+            case AdapterActivate(name=name, version=version) if log_.published(name, version) is None:
+                log.info("activation of %s@%s: that version is not published; it counts once it is", name, version)
             case AdapterWarm(name=name, version=version):
-                if not self.registry.knows(f"{name}@{version}"):
-                    raise ControlRejected(f"warm {name}@{version}: that version is not published")
-                self._warm(f"{name}@{version}")
-            case RouteSet():
-                self.registry.routes.set(event)
-            case RouteDelete(task=task, tenant=tenant):
-                if not self.registry.routes.delete(task, tenant):
-                    raise ControlRejected(f"route.delete {task} (tenant {tenant}): no such route")
+                if log_.published(name, version) is None:
+                    log.info("warm-up of %s@%s skipped: that version is not published", name, version)
+                else:
+                    self._load(adapter_key(name, version))
 
-    def _warm(self, key: str) -> None:
-        self.engine.warm(key, lambda c: c.status == "ok" or log.warning("warm-up of %s: %s", c.id, c.error_message))
+    # ---- loads: safe activation -------------------------------------------------------------------
+
+    def _load_what_serves(self) -> None:
+        """Warm up the next version each name and each route should serve, if it has not been tried here."""
+        for key in self.registry.to_load():
+            self._load(key)
+
+    def _load(self, key: str) -> None:
+        """Load a version and run one dummy step on it; traffic moves to it only once it is ready."""
+        self.health.set(key, Load.LOADING)
+
+        def done(c: Completion) -> None:
+            if c.status == "ok":
+                state, reason = Load.READY, None
+            elif c.error_code in ("adapter_load_failed", "adapter_not_found"):
+                state, reason = Load.FAILED, c.error_message
+            else:  # e.g. the engine is stopping: nothing learned about the adapter
+                state, reason = None, c.error_message
+            self._from_engine(self._loaded, key, state, reason)
+
+        self.engine.warm(key, done)
+
+    def _from_engine(self, fn, *args) -> None:
+        """Run `fn(*args)` on the event loop, called from an engine thread; dropped once the loop has closed."""
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the worker has stopped: nothing left to tell
+            pass
+
+    def _loaded(self, key: str, state: Load | None, reason: str | None) -> None:
+        """A load (warm-up or a job's) finished: record it; a failure moves on to the next version in order."""
+        if self.control_log.published(*key.split("@", 1)) is None:
+            return  # retired meanwhile
+        if state is None:
+            if self.health.state(key) is Load.LOADING:
+                self.health.forget(key)
+            changed = True
+        else:
+            changed = self.health.set(key, state, reason)
+            if state is Load.FAILED and changed:
+                log.warning("adapter %s failed to load: %s", key, reason)
+                self.metrics.adapter_load_failures.inc()
+        if changed:
+            if state is not None:
+                self._load_what_serves()
+            self.status.changed()
+            self._health_changed.set()
+
+    async def settle_loads(self) -> None:
+        """Wait until no version that serves here is still loading (bounded by control_wait_ms)."""
+        deadline = time.monotonic() + self.config.control_wait_ms / 1000
+        while Load.LOADING in self.health.states.values():
+            self._health_changed.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.warning("adapters still loading after %d ms; serving meanwhile", self.config.control_wait_ms)
+                return
+            try:
+                await asyncio.wait_for(self._health_changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
 
     async def catch_up_control(self) -> None:
         """Wait until every control event published before now has been applied (read-your-writes)."""
@@ -370,6 +437,8 @@ class Worker:
         tp = TopicPartition(record.topic, record.partition)
         if not await self.output.deliver(outgoing, tp, record.offset, offsets):
             return  # the worker is stopping: uncommitted, so the partition's next owner answers it
+        if result is not None and result.task is not None:
+            self.metrics.count_routed(result.task, result.adapter, result.adapter_version, result.status)
         if result is None:
             self.metrics.dead_letters.inc()
         elif result.status == "ok":
@@ -402,8 +471,9 @@ class Worker:
             resolved = await self._resolve(job)
         except JobError as err:
             return error_result(job.id, err.code, err.message, self.worker_id), reply_to
-        if resolved is not None and resolved.key in self.refused:
-            return self._error(job, resolved, "adapter_load_failed", self.refused[resolved.key]), reply_to
+        failure = self.health.failure(resolved.key) if resolved is not None else None
+        if failure is not None:
+            return self._error(job, resolved, "adapter_load_failed", failure), reply_to
         if job.deadline_ms is not None and time.time() * 1000 > job.deadline_ms:
             return self._error(job, resolved, "deadline_exceeded", "the job's deadline passed before it ran"), reply_to
         completion = await self._generate(to_request(job, resolved))

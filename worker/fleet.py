@@ -1,0 +1,318 @@
+"""The control plane answering back, without Kafka: what is wrong with a control event before it is
+sent (`validate_event`), what a worker's status says about an event that was sent (`event_outcome`),
+and the fleet as a human reads it (`render_status`) or a program does (`fleet_json`).
+
+Everything here is a pure function of a `ControlLog` (the control topic folded into state, see
+worker/control_log.py) and the `WorkerStatus` records the workers publish on the status topic; the
+`lorabus status` and `lorabus rollout ...` commands (worker/cli.py) read both through worker/client.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Literal
+
+import msgspec
+
+from lorabus.schemas import (AdapterActivate, AdapterPublish, AdapterRetire, AdapterWarm, ControlEvent, RouteDelete,
+                             RouteSet, WorkerStatus)
+from lorabus.worker.adapter_paths import ADAPTER_FILES, AdapterPathError, local_path
+from lorabus.worker.control_log import ControlLog, control_key
+
+DEFAULT_INTERVAL_MS = 2000  # WorkerStatus.interval_ms when a status does not carry it
+SILENT_AFTER_INTERVALS = 3  # a worker is live while its last status is younger than this many intervals
+RECENT_EVENTS = 5  # control events `render_status` shows with the workers that applied them
+
+Outcome = Literal["pending", "ok"] | tuple[Literal["failed"], str]
+
+
+# ---- before sending -------------------------------------------------------------------------------
+
+def check_schema(event: ControlEvent) -> ControlEvent:
+    """The event as a worker will decode it: the same strict rules (patterns, bounds, route weights).
+    Raises ValueError with a one-line message."""
+    try:
+        return msgspec.json.decode(msgspec.json.encode(event), type=type(event))
+    except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+        raise ValueError(" ".join(str(exc).split())) from None
+
+
+def validate_event(event: ControlEvent, log: ControlLog, *, force: bool = False) -> list[str]:
+    """What is wrong with sending `event` onto a control log in state `log` (empty: nothing).
+
+    Checks the state (versions named must be published, a route to delete must exist) and, for a
+    publish, the adapter directory when it is local. `force` allows retiring the version the log
+    activates or a name's only live version."""
+    match event:
+        case AdapterPublish():
+            return _publish_problems(event)
+        case AdapterActivate() | AdapterWarm():
+            return _unpublished(log, event.name, event.version)
+        case AdapterRetire(name=name, version=version):
+            problems = _unpublished(log, name, version)
+            if problems or force:
+                return problems
+            if log.activated(name) == version:
+                return [f"{name}@{version} is the version the control log activates for {name}: "
+                        f"activate another version first (or --force)"]
+            if log.candidates(name) == [version]:
+                return [f"{name}@{version} is the only live version of {name}: publish and activate another "
+                        f"first (or --force)"]
+            return []
+        case RouteSet():
+            problems = []
+            for target in event.targets:
+                name, _, version = target.adapter.partition("@")
+                problems += _unpublished(log, name, version, role="route target ")
+            return problems
+        case RouteDelete(task=task, tenant=tenant):
+            if log.routes(task, tenant):
+                return []
+            others = [_route_label(t, tn) for t, tn in log.route_keys() if t == task]
+            have = f"; routes of task {task}: {', '.join(others)}" if others else ""
+            return [f"there is no route for {_route_label(task, tenant)} to delete{have}"]
+    return [f"not a control event: {type(event).__name__}"]
+
+
+def _unpublished(log: ControlLog, name: str, version: str, role: str = "") -> list[str]:
+    if log.published(name, version) is not None:
+        return []
+    live = log.candidates(name)
+    have = f"published versions of {name}: {', '.join(live)}" if live else f"{name} has no published version"
+    return [f"{role}{name}@{version} is not published ({have})"]
+
+
+def _route_label(task: str, tenant: str | None) -> str:
+    return f"task {task} (" + ("every tenant" if tenant is None else f"tenant {tenant}") + ")"
+
+
+def _publish_problems(event: AdapterPublish) -> list[str]:
+    try:
+        directory = local_path(event.path)
+    except AdapterPathError as exc:
+        return [str(exc)]
+    if not os.path.isabs(directory):
+        return [f"adapter path {event.path} is not absolute (workers do not share this working directory)"]
+    if not os.path.isdir(directory):
+        return [f"adapter path {event.path}: no such directory"]
+    problems = [f"adapter path {event.path} has no {name}" for name in ADAPTER_FILES
+                if not os.path.isfile(os.path.join(directory, name))]
+    weights = os.path.join(directory, ADAPTER_FILES[1])
+    if not problems and event.sha256 is not None:
+        actual = file_sha256(weights)
+        if actual != event.sha256.lower():
+            problems.append(f"sha256 {event.sha256} does not match {weights} (its sha256 is {actual})")
+    return problems
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---- after sending --------------------------------------------------------------------------------
+
+def _version_state(status: WorkerStatus, ref: str):
+    return next((v for v in status.versions if v.adapter == ref), None)
+
+
+def event_outcome(event: ControlEvent, offset: int, status: WorkerStatus) -> Outcome:
+    """What `status` says about `event`, sent at control offset `offset`, on that worker:
+    "pending" (not read yet, or still loading), "ok", or ("failed", reason)."""
+    if status.control_offset <= offset:
+        return "pending"
+    match event:
+        case AdapterPublish(name=name, version=version):
+            state = _version_state(status, f"{name}@{version}")
+            if state is not None and state.state == "failed":
+                return "failed", state.reason or "failed to load"
+            return "pending" if state is not None and state.state == "loading" else "ok"
+        case AdapterActivate(name=name, version=version):
+            state = _version_state(status, f"{name}@{version}")
+            if state is not None and state.state == "failed":
+                return "failed", state.reason or "failed to load"
+            if status.serving.get(name) == version and (state is None or state.state != "loading"):
+                return "ok"
+            return "pending"
+        case AdapterWarm(name=name, version=version):
+            state = _version_state(status, f"{name}@{version}")
+            if state is None or state.state == "loading":
+                return "pending"
+            return "ok" if state.state == "ready" else ("failed", state.reason or "failed to load")
+        case RouteSet():
+            route = next((r for r in status.routes if (r.task, r.tenant) == (event.task, event.tenant)), None)
+            if route is not None and event.event_id is not None and route.event_id == event.event_id:
+                return "ok"
+            failed = [(t.adapter, s.reason) for t in event.targets
+                      if (s := _version_state(status, t.adapter)) is not None and s.state == "failed"]
+            if failed:
+                return "failed", "; ".join(f"{ref}: {reason or 'failed to load'}" for ref, reason in failed)
+            return "pending"
+    return "ok"  # adapter.retire, route.delete: applied once read
+
+
+# ---- the fleet view -------------------------------------------------------------------------------
+
+def interval_ms(status: WorkerStatus) -> int:
+    return getattr(status, "interval_ms", DEFAULT_INTERVAL_MS) or DEFAULT_INTERVAL_MS
+
+
+def is_live(status: WorkerStatus, now_ms: int) -> bool:
+    """Whether the worker's last status is recent enough (3 of its publishing intervals)."""
+    return now_ms - status.ts_ms <= SILENT_AFTER_INTERVALS * interval_ms(status)
+
+
+def live_workers(statuses: dict[str, WorkerStatus], now_ms: int) -> dict[str, WorkerStatus]:
+    return {w: s for w, s in sorted(statuses.items()) if is_live(s, now_ms)}
+
+
+def describe_event(event: ControlEvent) -> str:
+    """A short human description: the event type and what it is about."""
+    tag = event.__struct_config__.tag
+    match event:
+        case RouteSet():
+            targets = " ".join(f"{t.adapter}={t.weight}" for t in event.targets)
+            return f"{tag} {_route_label(event.task, event.tenant)} {targets}"
+        case RouteDelete():
+            return f"{tag} {_route_label(event.task, event.tenant)}"
+    return f"{tag} {event.name}@{event.version}"
+
+
+def _table(rows: list[list[str]], indent: str) -> list[str]:
+    """Rows of cells, each column padded to its widest cell (the last column is not padded)."""
+    if not rows:
+        return []
+    widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(max(map(len, rows)))]
+    return [indent + "  ".join(cell.ljust(widths[i]) if i < len(row) - 1 else cell
+                               for i, cell in enumerate(row)).rstrip() for row in rows]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _names(log: ControlLog, statuses: dict[str, WorkerStatus]) -> list[str]:
+    names = set(log.names())
+    for status in statuses.values():
+        names |= set(status.serving) | set(status.activated)
+    return sorted(names)
+
+
+def _name_of(ref: str) -> str:
+    return ref.partition("@")[0]
+
+
+def _version_of(ref: str) -> str:
+    return ref.partition("@")[2]
+
+
+def render_status(log: ControlLog, statuses: dict[str, WorkerStatus], now_ms: int) -> str:
+    """The fleet for humans: workers (live or silent, how far behind the control log), per adapter name
+    what is activated and what each worker serves, failures with their reasons, routes and whether each
+    worker has the newest one in force, and which workers have applied the latest control events."""
+    workers = sorted(statuses)
+    live = live_workers(statuses, now_ms)
+    out = [f"control log: end offset {log.end_offset}; {_count(len(log.names()), 'adapter name')}, "
+           f"{_count(len(log.route_keys()), 'route')}"]
+
+    out.append(f"workers: {len(workers)} reporting, {len(live)} live")
+    if not workers:
+        out.append("  (no worker has published a status)")
+    rows = [["WORKER", "STATE", "APPLIED", "BEHIND", "JOBS", "RESIDENT"]]
+    for w in workers:
+        s = statuses[w]
+        state = "live" if w in live else f"silent for {max(0, now_ms - s.ts_ms) // 1000} s"
+        if getattr(s, "truncated", False):
+            state += " (truncated)"
+        behind = max(0, log.end_offset - s.control_offset)
+        rows.append([w, state, str(s.control_offset), str(behind) if behind else "0 (up to date)",
+                     str(s.jobs_inflight), " ".join(s.resident) or "-"])
+    if workers:
+        out += _table(rows, "  ")
+
+    names = _names(log, statuses)
+    out.append("adapters:" if names else "adapters: none published")
+    for name in names:
+        live_versions = log.candidates(name)
+        out.append(f"  {name}: activated {log.activated(name) or '-'}; live versions {' '.join(live_versions) or '-'}")
+        rows = []
+        for w in workers:
+            s = statuses[w]
+            mine = [v for v in s.versions if _name_of(v.adapter) == name]
+            loading = [_version_of(v.adapter) for v in mine if v.state == "loading"]
+            resident = [_version_of(r) for r in s.resident if _name_of(r) == name]
+            serves = s.serving.get(name, "-")
+            wanted = log.activated(name)
+            if wanted is not None and serves != wanted:
+                serves += f" (not {wanted})"
+            row = [w, f"serves {serves}", f"resident {' '.join(resident) or '-'}"]
+            if loading:
+                row.append(f"loading {' '.join(loading)}")
+            rows.append(row)
+        out += _table(rows, "    ")
+        failures: dict[tuple[str, str], list[str]] = {}
+        for w in workers:
+            for v in statuses[w].versions:
+                if _name_of(v.adapter) == name and v.state == "failed":
+                    failures.setdefault((v.adapter, v.reason or "failed to load"), []).append(w)
+        for (ref, reason), where in sorted(failures.items()):
+            out.append(f"    FAILED {ref} on {', '.join(where)}: {reason}")
+
+    keys = log.route_keys()
+    out.append("routes:" if keys else "routes: none")
+    for task, tenant in keys:
+        newest = log.routes(task, tenant)[0]
+        offset = log.entries[control_key(newest)].offset
+        targets = " ".join(f"{t.adapter}={t.weight}" for t in newest.targets)
+        out.append(f"  {_route_label(task, tenant)}: newest {newest.event_id or '(no event id)'} @{offset}: "
+                   f"{targets} (sticky {newest.sticky})")
+        rows = []
+        for w in workers:
+            s = statuses[w]
+            here = next((r for r in s.routes if (r.task, r.tenant) == (task, tenant)), None)
+            serving = here.event_id if here is not None and here.event_id else None
+            if here is not None and newest.event_id is not None and here.event_id == newest.event_id:
+                text = "in force"
+            elif s.control_offset <= offset:
+                text = f"not read yet; serving {serving or 'no route'}"
+            elif here is not None and here.pending_event_id == newest.event_id and newest.event_id is not None:
+                text = f"pending (loading or failed); {serving or 'no route'} still serving"
+            else:
+                text = f"serving {serving or 'no route'}"
+            rows.append([w, text])
+        out += _table(rows, "    ")
+
+    recent = sorted(log.entries.values(), key=lambda e: -e.offset)[:RECENT_EVENTS]
+    if recent:
+        out.append("latest control events (applied = read by the worker's last status):")
+        rows = []
+        for entry in recent:
+            applied = [w for w in workers if statuses[w].control_offset > entry.offset]
+            waiting = [w for w in workers if w not in applied]
+            text = "applied by " + (", ".join(applied) or "no worker")
+            if applied and waiting:
+                text += f"; not yet {', '.join(waiting)}"
+            rows.append([f"@{entry.offset}", describe_event(entry.event), entry.event.event_id or "-", text])
+        out += _table(rows, "  ")
+    return "\n".join(out)
+
+
+def fleet_json(log: ControlLog, statuses: dict[str, WorkerStatus], now_ms: int) -> dict:
+    """The same view as plain data: the control log's state and every worker's status as published,
+    with `live` and `behind` added."""
+    adapters = {name: {"activated": log.activated(name), "live_versions": log.candidates(name)}
+                for name in log.names()}
+    routes = [{"task": task, "tenant": tenant,
+               "routes": [{"offset": log.entries[control_key(r)].offset, **msgspec.to_builtins(r)}
+                          for r in log.routes(task, tenant)]} for task, tenant in log.route_keys()]
+    entries = [{"offset": e.offset, "key": key, "event": msgspec.to_builtins(e.event)}
+               for key, e in sorted(log.entries.items(), key=lambda item: item[1].offset)]
+    workers = {w: {**msgspec.to_builtins(s), "live": is_live(s, now_ms),
+                   "behind": max(0, log.end_offset - s.control_offset)} for w, s in sorted(statuses.items())}
+    return {"now_ms": now_ms,
+            "control_log": {"end_offset": log.end_offset, "adapters": adapters, "routes": routes, "entries": entries},
+            "workers": workers}

@@ -1,0 +1,81 @@
+"""The topics a worker creates, and the configs the control log needs to stay whole.
+
+The control topic is the fleet's only memory of what is published, activated and routed. It is
+created compacted with no retention, with one partition (events are ordered), and its record keys
+(worker/control_log.py) make compaction keep exactly the state a restarted worker needs. A control
+topic that already exists is checked at start-up, with a warning for each setting that would lose
+state or order. The status topic is compacted too: one record per worker id.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+log = logging.getLogger(__name__)
+
+# retention.ms=-1: compaction alone decides what goes, even if the policy is later widened to delete.
+CONTROL_TOPIC_CONFIGS = {"cleanup.policy": "compact", "retention.ms": "-1", "retention.bytes": "-1"}
+STATUS_TOPIC_CONFIGS = {"cleanup.policy": "compact"}
+
+
+async def ensure_topics(bootstrap: str, topics: dict[str, int], configs: dict[str, dict[str, str]] | None = None) -> None:
+    """Create the topics that are missing (name → partitions), with `configs[name]` when given."""
+    configs = configs or {}
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [NewTopic(t, n, 1, topic_configs=configs.get(t)) for t, n in topics.items() if t not in existing]
+        if missing:
+            response = await admin.create_topics(missing)
+            # Errors come back per topic, not raised; "already exists" means another worker won the race.
+            errors = [f"{topic}: {message or code}" for topic, code, message, *_ in response.topic_errors
+                      if code not in (0, TopicAlreadyExistsError.errno)]
+            if errors:
+                raise KafkaError(f"could not create topics: {'; '.join(errors)}")
+    finally:
+        await admin.close()
+
+
+async def topic_configs(admin: AIOKafkaAdminClient, topic: str) -> dict[str, str | None]:
+    (response,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    (resource,) = response.resources
+    error_code, _message, _type, _name, entries = resource[:5]
+    if error_code:
+        raise LookupError(f"describe_configs {topic}: error {error_code}")
+    return {entry[0]: entry[1] for entry in entries}
+
+
+def control_topic_problems(configs: dict[str, str | None], partitions: int) -> list[str]:
+    """What about an existing control topic would lose state or order (empty when nothing)."""
+    problems = []
+    policy = {p.strip() for p in (configs.get("cleanup.policy") or "delete").split(",")}
+    if "delete" in policy:
+        if configs.get("retention.ms") not in ("-1", None):
+            problems.append(f"cleanup.policy={','.join(sorted(policy))} with retention.ms={configs.get('retention.ms')}: "
+                            "control events older than that are deleted and a restarted worker forgets them "
+                            "(set cleanup.policy=compact)")
+        if configs.get("retention.bytes") not in ("-1", None):
+            problems.append(f"retention.bytes={configs.get('retention.bytes')}: the oldest control events are deleted "
+                            "once the topic grows past it (set cleanup.policy=compact)")
+    if "compact" not in policy:
+        problems.append("cleanup.policy has no compact: the control log is never compacted and grows without bound")
+    if partitions != 1:
+        problems.append(f"{partitions} partitions: control events on different partitions have no order (use 1)")
+    return problems
+
+
+async def check_control_topic(admin: AIOKafkaAdminClient, topic: str, partitions: int) -> list[str]:
+    """Warn (and return) what about the control topic would lose state; never fails start-up."""
+    try:
+        problems = control_topic_problems(await topic_configs(admin, topic), partitions)
+    except Exception as exc:  # a broker that will not describe configs must not stop the worker
+        log.warning("could not check the configs of control topic %s: %s", topic, exc)
+        return []
+    for problem in problems:
+        log.warning("control topic %s: %s", topic, problem)
+    return problems
