@@ -242,3 +242,18 @@ async def read_topic(bootstrap: str, topic: str, timeout_s: float, until=lambda 
         return records
     finally:
         await consumer.stop()
+
+
+async def end_offset(bootstrap: str, topic: str) -> int:
+    """The end offset of a one-partition topic (the control and status topics)."""
+    from aiokafka import AIOKafkaConsumer
+
+    from lorabus.worker.client import topic_partitions
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        (tp,) = await topic_partitions(bootstrap, topic)
+        return (await consumer.end_offsets([tp]))[tp]
+    finally:
+        await consumer.stop()

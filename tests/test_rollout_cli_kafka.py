@@ -9,12 +9,13 @@ import sys
 import time
 import uuid
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 
 from lorabus.schemas import AdapterActivate, AdapterPublish, RouteStatus, RouteTarget, VersionStatus, WorkerStatus, encode
-from lorabus.worker.client import publish_control, read_control_log, read_statuses, topic_partitions
+from lorabus.worker.client import publish_control, read_control_log, read_statuses
 from lorabus.worker.control_log import control_key
 from lorabus.worker.topics import CONTROL_TOPIC_CONFIGS, STATUS_TOPIC_CONFIGS, ensure_topics
+from tests.helpers import end_offset
 
 
 async def _cli(*args, timeout: float = 120) -> tuple[int, str, str]:
@@ -29,16 +30,6 @@ async def _topics(kafka: str) -> tuple[str, str, list[str]]:
     control, status = f"control-{tag}", f"status-{tag}"
     await ensure_topics(kafka, {control: 1, status: 1}, {control: CONTROL_TOPIC_CONFIGS, status: STATUS_TOPIC_CONFIGS})
     return control, status, ["--bootstrap-servers", kafka, "--control-topic", control, "--status-topic", status]
-
-
-async def _end_offset(kafka: str, topic: str) -> int:
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka)
-    await consumer.start()
-    try:
-        (tp,) = await topic_partitions(kafka, topic)
-        return (await consumer.end_offsets([tp]))[tp]
-    finally:
-        await consumer.stop()
 
 
 async def _write(kafka: str, topic: str, records: list[tuple[str | None, bytes | None]]) -> None:
@@ -70,7 +61,7 @@ async def test_refused_events_send_nothing(kafka, tmp_path):
     control, _, flags = await _topics(kafka)
     v1 = _adapter(tmp_path, "fin-v1")
     await publish_control(kafka, control, [AdapterPublish("fin", "v1", str(v1))])
-    before = await _end_offset(kafka, control)
+    before = await end_offset(kafka, control)
 
     rc, out, err = await _cli("rollout", "activate", "fin", "v2", *flags)
     assert rc == 2 and out == "", err
@@ -81,7 +72,7 @@ async def test_refused_events_send_nothing(kafka, tmp_path):
     assert rc == 2 and out == "" and "no such directory" in err, err
     rc, out, err = await _cli("rollout", "publish", "fin", "v2", str(v1), "--sha256", "0" * 64, *flags)
     assert rc == 2 and "does not match" in err, err
-    assert await _end_offset(kafka, control) == before, "a refused event reached the control topic"
+    assert await end_offset(kafka, control) == before, "a refused event reached the control topic"
 
     rc, out, err = await _cli("rollout", "activate", "fin", "v1", *flags)
     assert rc == 0, err
@@ -137,11 +128,11 @@ async def test_status_command_shows_each_worker_and_failures(kafka, tmp_path):
 async def _wait_run(kafka, control, status, flags, command, status_after):
     """Run `command --wait` in the background; once its event is on the control topic, write the
     worker's status (made by `status_after(offset)`) and return the CLI's result."""
-    before = await _end_offset(kafka, control)
+    before = await end_offset(kafka, control)
     await _write(kafka, status, [("w1", encode(_status("w1", before, serving={"fin": "v1"})))])  # not read yet
     proc = asyncio.create_task(_cli(*command, "--wait", "--timeout", "30", *flags))
     deadline = time.monotonic() + 60
-    while await _end_offset(kafka, control) == before:
+    while await end_offset(kafka, control) == before:
         assert time.monotonic() < deadline and not proc.done(), proc.done() and proc.result()
         await asyncio.sleep(0.1)
     await asyncio.sleep(1.0)  # the CLI sees w1 still pending for a few polls

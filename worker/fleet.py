@@ -9,12 +9,12 @@ worker/control_log.py) and the `WorkerStatus` records the workers publish on the
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Literal
 
 import msgspec
 
+from lorabus.scheduler.adapters import file_sha256
 from lorabus.schemas import (AdapterActivate, AdapterPublish, AdapterRetire, AdapterWarm, ControlEvent, RouteDelete,
                              RouteSet, WorkerStatus)
 from lorabus.worker.adapter_paths import ADAPTER_FILES, AdapterPathError, local_path
@@ -104,14 +104,6 @@ def _publish_problems(event: AdapterPublish) -> list[str]:
         if actual != event.sha256.lower():
             problems.append(f"sha256 {event.sha256} does not match {weights} (its sha256 is {actual})")
     return problems
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---- after sending --------------------------------------------------------------------------------

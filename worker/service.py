@@ -109,6 +109,7 @@ class Worker:
         self._control_progress = asyncio.Event()
         self._health_changed = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = False  # set once the control log read at start-up has been applied and settled
         self._stop = asyncio.Event()
         self._known_topics: set[str] = set()
         self._topics_checked_at = float("-inf")
@@ -156,6 +157,7 @@ class Worker:
         control_task = asyncio.create_task(self._control_loop())
         await self.catch_up_control()  # every published adapter is known before the first job
         await self.settle_loads()  # ... and what serves has loaded: a restarted worker serves what it served
+        self._started = True
         self.jobs.subscribe([cfg.jobs_topic], listener=_Rebalance(self))
         await self.jobs.start()
         commit_task = asyncio.create_task(self._commit_loop())
@@ -297,11 +299,16 @@ class Worker:
                     self.health.set(key, Load.FAILED, f"{key}: {exc}")
                     raise ControlRejected(str(exc)) from None
                 self.engine.register(AdapterSpec(key, path, event.sha256))
-                self.engine.prefetch(key)
+                if self._started and self.health.state(key) is None:
+                    self._load(key)  # a new version is tried at once, so status (and --wait) can tell it loads
+                else:
+                    self.engine.prefetch(key)  # reading the log at start-up: only what serves is loaded
             case AdapterActivate(name=name, version=version) if log_.published(name, version) is None:
                 log.info("activation of %s@%s: that version is not published; it counts once it is", name, version)
             case AdapterWarm(name=name, version=version):
-                if log_.published(name, version) is None:
+                if not self._started:
+                    pass  # a warm-up read at start-up is history: publish already prefetches every version
+                elif log_.published(name, version) is None:
                     log.info("warm-up of %s@%s skipped: that version is not published", name, version)
                 else:
                     self._load(adapter_key(name, version))
@@ -337,8 +344,6 @@ class Worker:
 
     def _loaded(self, key: str, state: Load | None, reason: str | None) -> None:
         """A load (warm-up or a job's) finished: record it; a failure moves on to the next version in order."""
-        if self.control_log.published(*key.split("@", 1)) is None:
-            return  # retired meanwhile
         if state is None:
             if self.health.state(key) is Load.LOADING:
                 self.health.forget(key)

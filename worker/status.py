@@ -87,7 +87,8 @@ class StatusReporter:
         status = WorkerStatus(
             worker=w.worker_id, ts_ms=_ms(), started_ms=self.started_ms, control_offset=w.control_offset,
             serving={n: registry.serving(n) for n in names}, activated=activated,
-            versions=[VersionStatus(key, state.value, health.reasons.get(key)) for key, state in sorted(health.states.items())],
+            versions=[VersionStatus(key, state.value, health.reasons.get(key)) for key, state in sorted(health.states.items())
+                      if clog.published(*key.split("@", 1)) is not None],  # retired versions are no one's concern
             resident=sorted(w.engine.resident()), host_cached=len(w.engine.adapters.host_cache), routes=routes,
             jobs_inflight=len(w.inflight), interval_ms=self.interval_ms)
         if len(encode(status)) > MAX_STATUS_BYTES:  # keep what an operator needs most: failures, then routes
