@@ -15,6 +15,7 @@ answered exactly once, also one submitted while or after the engine stops.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -62,6 +63,21 @@ def _memory_bytes(device: torch.device) -> tuple[int, int]:
     return pages, avail
 
 
+def _eos_ids(eos) -> frozenset[int]:
+    return frozenset(i for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int) and not isinstance(i, bool))
+
+
+def _generation_eos(model_dir: str):
+    """generation_config.json's eos_token_id, which Hugging Face's `generate` stops on: instruct models often
+    list their end-of-turn token(s) there only. None when the file is absent or unreadable."""
+    try:
+        with open(os.path.join(model_dir, "generation_config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return config.get("eos_token_id") if isinstance(config, dict) else None
+
+
 def _has_tokenizer(model_dir: str) -> bool:
     return any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
 
@@ -77,8 +93,8 @@ class Engine:
         self.clock = clock
         self.model = model = CausalLM.from_pretrained(model_dir, self.device, self.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir) if _has_tokenizer(model_dir) else None
-        eos = model.config.eos_token_id
-        eos_ids = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        # What ends a sequence ("stop"): config.json's end-of-sequence id(s) and generation_config.json's.
+        self.eos_ids = eos_ids = _eos_ids(model.config.eos_token_id) | _eos_ids(_generation_eos(model_dir))
         self.max_model_len = config.max_model_len or model.max_context
 
         total, free = _memory_bytes(self.device)  # measured once, before the pool and the cache take theirs

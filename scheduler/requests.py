@@ -1,8 +1,9 @@
 """A job as the engine takes it: the submitted `Request`, its validation, its life as a `Sequence`, its `Completion`.
 
 `Request` is what a caller (the worker, a benchmark, a test) submits. `validate` turns it into prompt
-token ids or raises `RequestError`, which carries the wire error code (`invalid_job`, `prompt_too_long`,
-...) so the caller answers it without parsing text. A valid request becomes a `Sequence`: the one
+token ids (a chat's `messages` rendered with the tokenizer's chat template first) or raises `RequestError`,
+which carries the wire error code (`invalid_job`, `prompt_too_long`, ...) so the caller answers it without
+parsing text. A valid request becomes a `Sequence`: the one
 per-sequence state the scheduling policy, the model runner and the step loop share. `StopRules` decide
 when a sequence is done and what text its `Completion` carries.
 """
@@ -39,6 +40,9 @@ class Request:
     prompt_ids: list[int] | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     deadline: float | None = None  # unix epoch seconds
+    # A chat: [{"role": ..., "content": ...}, ...], rendered with the tokenizer's chat template (generation
+    # prompt added). Exactly one of prompt, prompt_ids and messages.
+    messages: list[dict[str, str]] | None = None
 
 
 class RequestError(Exception):
@@ -74,11 +78,17 @@ def validate(request: Request, tokenizer, limits: RequestLimits) -> list[int]:
 
 
 def _prompt_ids(request: Request, tokenizer, vocab_size: int) -> list[int]:
+    given = [name for name in ("prompt", "prompt_ids", "messages") if getattr(request, name) is not None]
+    if len(given) != 1:
+        raise RequestError("invalid_job", "exactly one of prompt, prompt_ids and messages is required"
+                                          + (f" (got {', '.join(given)})" if given else ""))
     if request.prompt_ids is not None:
         ids = list(request.prompt_ids)
         # A negative id would index the embedding from its end: wrong output, not an error.
         if not all(isinstance(i, int) and 0 <= i < vocab_size for i in ids):
             raise RequestError("invalid_job", f"prompt_ids must be integers in [0, {vocab_size})")
+    elif request.messages is not None:
+        ids = render_chat(request.messages, tokenizer)
     else:
         if tokenizer is None:
             raise RequestError("invalid_job", "the model directory has no tokenizer; send prompt_ids")
@@ -88,6 +98,34 @@ def _prompt_ids(request: Request, tokenizer, vocab_size: int) -> list[int]:
     if not ids:
         raise RequestError("invalid_job", "the prompt encodes to no tokens")
     return ids
+
+
+MAX_TEMPLATE_ERROR = 512  # a template's error may quote the messages
+
+
+def render_chat(messages, tokenizer) -> list[int]:
+    """The prompt ids of a chat: the tokenizer's chat template with the generation prompt added, then the
+    text tokenized as it stands (the template writes every special token it wants, a BOS included)."""
+    if tokenizer is None:
+        raise RequestError("invalid_job", "the model directory has no tokenizer; send prompt_ids")
+    if not getattr(tokenizer, "chat_template", None):
+        raise RequestError("invalid_job", "the model has no chat template; send prompt or prompt_ids")
+    if not (isinstance(messages, (list, tuple)) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages)):
+        raise RequestError("invalid_job", "messages must be a non-empty list of {role, content} strings")
+    # Fresh dicts: a template sees only role and content, and cannot change the caller's.
+    chat = [{"role": m["role"], "content": m["content"]} for m in messages]
+    try:
+        text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # jinja's TemplateError (raise_exception in a template), a template bug, ...
+        reason = f"{type(exc).__name__}: {exc}"
+        if len(reason) > MAX_TEMPLATE_ERROR:
+            reason = reason[:MAX_TEMPLATE_ERROR] + "..."
+        raise RequestError("invalid_job", f"the model's chat template refused the messages: {reason}") from None
+    if not isinstance(text, str):
+        raise RequestError("invalid_job", "the model's chat template did not render to text")
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _check_params(params: SamplingParams) -> None:

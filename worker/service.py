@@ -469,8 +469,9 @@ class Worker:
             problem = await self._reply_topic_problem(reply_to)
             if problem is not None:
                 return error_result(job.id, "invalid_job", problem, self.worker_id), None
-        if job.prompt is not None and len(job.prompt.encode()) > self.config.max_prompt_bytes:
-            return error_result(job.id, "invalid_job", f"the prompt is longer than {self.config.max_prompt_bytes} "
+        if job.prompt_bytes() > self.config.max_prompt_bytes:  # checked before anything is tokenized
+            what = "the prompt is" if job.prompt is not None else "the messages' contents together are"
+            return error_result(job.id, "invalid_job", f"{what} longer than {self.config.max_prompt_bytes} "
                                 "bytes (max_prompt_bytes)", self.worker_id), reply_to
         try:
             resolved = await self._resolve(job)

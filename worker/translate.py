@@ -12,6 +12,7 @@ def to_request(job: Job, adapter: ResolvedAdapter | None) -> Request:
     return Request(
         id=job.id, tenant=job.tenant, adapter=adapter.key if adapter else None,
         prompt=job.prompt, prompt_ids=job.prompt_ids,
+        messages=[{"role": m.role, "content": m.content} for m in job.messages] if job.messages is not None else None,
         params=SamplingParams(job.max_new_tokens, job.temperature, job.top_p, job.top_k, job.seed, tuple(job.stop)),
         deadline=job.deadline_ms / 1000 if job.deadline_ms is not None else None,
     )
