@@ -43,6 +43,13 @@ async def test_canary_split_is_sticky_and_traceable(kafka, tiny_model, peft_adap
                  _job("vip", task="ner", tenant="vip"), _job("no-route", task="summarize")]
         results = {job_id: copies[0] for job_id, copies in
                    (await run_jobs(kafka, config.jobs_topic, config.results_topic, jobs, 300)).items()}
+        routed_counts: dict[tuple, float] = {}
+        for worker in (w1, w2):
+            for metric in worker.metrics.routed_jobs.collect():
+                for sample in metric.samples:
+                    if sample.name.endswith("_total"):
+                        labels = (sample.labels["task"], sample.labels["version"], sample.labels["status"])
+                        routed_counts[labels] = routed_counts.get(labels, 0) + sample.value
         await publish_control(kafka, config.control_topic, [RouteDelete(task="ner", event_id="unroute-1")])
         after = await run_jobs(kafka, config.jobs_topic, config.results_topic,
                                [_job("after-unroute", task="ner", user="user-1")], 60)
@@ -62,6 +69,13 @@ async def test_canary_split_is_sticky_and_traceable(kafka, tiny_model, peft_adap
     for version, path in versions.items():  # every result's tokens are those of the version it names
         for result in [r for r in first.values() if r.adapter_version == version][:3]:
             oracle.assert_matches(path, PROMPT, result.token_ids, 2, f"{result.id} on {version}")
+    # lorabus_routed_jobs_total counts every routed job by the version that served it (the explicit one is not routed).
+    routed = [r for k, r in results.items() if r.task is not None]
+    expected = {}
+    for r in routed:
+        key = (r.task, r.adapter_version, r.status)
+        expected[key] = expected.get(key, 0) + 1
+    assert routed_counts == expected, (routed_counts, expected)
     assert (results["explicit"].adapter_version, results["explicit"].task) == ("v2", None)
     assert (results["base"].adapter, results["base"].task) == (None, None)
     assert (results["vip"].adapter_version, results["vip"].route_event_id) == ("v2", "vip-1")
