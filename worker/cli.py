@@ -85,10 +85,19 @@ def cmd_produce(args) -> int:
 
     source = open(args.file) if args.file != "-" else sys.stdin
     jobs = []
-    for line in source:
-        if line.strip():
-            job_id = json.loads(line).get("id", f"line-{len(jobs)}")
-            jobs.append((str(job_id), line.strip().encode()))
+    for number, line in enumerate(source, 1):
+        if not line.strip():
+            continue
+        try:
+            job = json.loads(line)
+        except ValueError as exc:
+            print(f"lorabus produce: line {number} is not a JSON job (one job per line): {exc}", file=sys.stderr)
+            return 2
+        job_id = job.get("id") if isinstance(job, dict) else None
+        if not isinstance(job_id, str):
+            print(f"lorabus produce: line {number} has no string \"id\" to wait for", file=sys.stderr)
+            return 2
+        jobs.append((job_id, line.strip().encode()))
     results = asyncio.run(run_jobs(args.bootstrap_servers, args.jobs_topic, args.results_topic, jobs, args.timeout,
                            on_result=lambda r: print(json.dumps(_plain(r)), flush=True)))
     missing = [job_id for job_id, _ in jobs if job_id not in results]
@@ -407,9 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("name")
         command.add_argument("version")
 
-    demo = sub.add_parser("demo", help="the embedded default: local broker, tiny model, three adapters, sample jobs")
-    demo.add_argument("--workdir", default=os.environ.get("LORABUS_DEMO_DIR", ".lorabus/demo"))
-    demo.add_argument("--jobs", type=int, default=12)
+    demo = sub.add_parser("demo", help="the embedded default: local broker, SmolLM2, three demo adapters "
+                          "(pirate, French, named entities), the same questions to each, answers side by side")
+    demo.add_argument("--workdir", default=os.environ.get("LORABUS_DEMO_DIR", ".lorabus/demo"),
+                      help="where the demo's Kafka broker keeps its data")
     demo.add_argument("--metrics-port", type=int, default=9400)
     demo.set_defaults(func=cmd_demo)
 

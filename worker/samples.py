@@ -1,8 +1,9 @@
-"""Builds the embedded default: a tiny Llama-architecture base model (or another supported family) with a
-byte-level BPE tokenizer, and sample LoRA adapters in PEFT's on-disk layout (adapter_config.json +
+"""Builds tiny random models for the fast tests: a tiny Llama-architecture base model (or another supported
+family) with a byte-level BPE tokenizer, and sample LoRA adapters in PEFT's on-disk layout (adapter_config.json +
 adapter_model.safetensors) whose targets and shapes come from the model's spec (scheduler/arch.py).
 
-Everything is generated locally from a seed (no model hub): the demo, the tests and the benchmarks use it.
+Everything is generated locally from a seed (no model hub): the tests and the benchmarks use it (the demo runs
+the real SmolLM2 with the trained adapters of deploy/demo-adapters).
 """
 
 from __future__ import annotations
