@@ -12,7 +12,16 @@ prompt and output length, greedy — is served by:
   queued jobs together; batches run one after another (the usual "switching" deployment);
 * merged: the same batching, but switching adapters means unmerging the previous one from the base
   weights and merging the next one (PEFT `unmerge_adapter` / `merge_adapter`), then running plain
-  dense layers.
+  dense layers;
+* peft-mixed: PEFT's own mixed-adapter batches: the same PeftModel (every adapter loaded, none merged)
+  takes up to --max-batch of the oldest queued jobs whatever their adapters and runs one
+  `generate(..., adapter_names=[each row's adapter])` over them (PEFT groups the rows by adapter
+  inside every LoRA layer).
+
+Exactly N distinct adapters per run: the Zipf draw alone leaves the tail unused (96 jobs over 64
+adapters touch ~35), so `job_stream` then gives each unused adapter one job taken from the most
+popular adapter's jobs; every run's "distinct" field says how many it used (always N). A run needs at
+least N jobs: --jobs is raised to N where smaller (N=512 runs 512 jobs).
 
 Two arrival patterns: "saturated" (every job submitted at t=0, i.e. peak throughput) and, unless
 --no-poisson, "poisson" (open loop at --rate jobs/s; default 60% of lorabus's saturated job rate with
@@ -32,7 +41,7 @@ the directory `lorabus model fetch` prints). The benchmark runs on an eos-free v
 to the weights, no tokenizer files, so neither a config eos nor a tokenizer's end-of-turn token can
 stop a job early), with random rank-16 PEFT adapters made for its shapes as for the built-in ones.
 
---repeats R: every (N, system) run R times; per N, each repeat runs the systems back to back in an
+--repeats R (default 5): every (N, system) run R times; per N, each repeat runs the systems back to back in an
 order rotated by one per repeat (lorabus first in repeat 0, where the Poisson rate is taken), and the
 tables give median [min..max] over the repeats, ratios to lorabus paired within a repeat. lorabus gets
 a fresh engine per (N, repeat). --threads T sets torch.set_num_threads (recorded in the report).
@@ -81,7 +90,7 @@ SHAPES = {
 RANK = 16
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 ZIPF_S = 1.1
-SYSTEMS = ("lorabus", "per-adapter", "merged")
+SYSTEMS = ("lorabus", "per-adapter", "merged", "peft-mixed")
 COLD_PROMPT = 4  # tokens in the cold-start job's prompt (it generates one token)
 
 
@@ -173,6 +182,26 @@ def zipf_choice(rng: random.Random, n: int, count: int) -> list[int]:
     return rng.choices(range(n), weights, k=count)
 
 
+def cover_all(rng: random.Random, picks: list[int], n: int) -> list[int]:
+    """`picks` changed so that every adapter 0..n-1 occurs at least once: each unused adapter takes one job
+    of the currently most used adapter (a random one of its jobs). Needs len(picks) >= n."""
+    if len(picks) < n:
+        raise ValueError(f"{len(picks)} jobs cannot use {n} distinct adapters")
+    picks = list(picks)
+    where: dict[int, list[int]] = {}
+    for i, a in enumerate(picks):
+        where.setdefault(a, []).append(i)
+    for missing in range(n):
+        if missing in where:
+            continue
+        donor = max(where, key=lambda a: (len(where[a]), -a))
+        pos = where[donor].pop(rng.randrange(len(where[donor])))
+        picks[pos] = missing
+        where[missing] = [pos]
+    assert len(set(picks)) == n
+    return picks
+
+
 @dataclass
 class Job:
     id: str
@@ -183,7 +212,7 @@ class Job:
 
 def job_stream(seed: int, num_adapters: int, jobs: int, prompt_len: int, vocab: int, rate: float | None) -> list[Job]:
     rng = random.Random(seed)
-    picks = zipf_choice(rng, num_adapters, jobs)
+    picks = cover_all(rng, zipf_choice(rng, num_adapters, jobs), num_adapters)
     t, out = 0.0, []
     for i, a in enumerate(picks):
         if rate:
@@ -348,7 +377,7 @@ class Switching:
     def __init__(self, model_dir: Path, args):
         from transformers import AutoModelForCausalLM
 
-        self.args, self.merged = args, False
+        self.args, self.merged, self.mixed = args, False, False
         self.device = args.device
         dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
         self.base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(args.device)
@@ -371,11 +400,11 @@ class Switching:
         self.load_s += seconds
         return seconds
 
-    def set_mode(self, merged: bool) -> None:
+    def set_mode(self, merged: bool, mixed: bool = False) -> None:
         if self.merged and self.current is not None:
             self.model.unmerge_adapter()
             self.current = None
-        self.merged = merged
+        self.merged, self.mixed = merged, mixed
 
     def close(self) -> None:
         self.set_mode(False)
@@ -394,20 +423,26 @@ class Switching:
         self.current = key
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], max_new: int) -> tuple[torch.Tensor, float | None]:
+    def generate(self, prompts: list[list[int]], max_new: int,
+                 adapter_names: list[str] | None = None) -> tuple[torch.Tensor, float | None]:
         ids = torch.tensor(prompts, device=self.device)
         first = _FirstToken(self.device)
+        extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
         out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                                  min_new_tokens=max_new, do_sample=False, pad_token_id=0, logits_processor=[first])
+                                  min_new_tokens=max_new, do_sample=False, pad_token_id=0, logits_processor=[first],
+                                  **extra)
         sync(self.device)
         return out[:, ids.shape[1]:], first.at
 
     def warm(self, key: str, prompt_len: int, max_new: int) -> None:
+        if self.mixed:
+            self.generate([[5] * prompt_len], max_new, adapter_names=[key])
+            return
         self.switch(key)
         self.generate([[5] * prompt_len], max_new)
 
     def run(self, jobs: list[Job], keys: list[str], max_new: int, mode: str) -> RunResult:
-        name = "merged" if self.merged else "per-adapter"
+        name = "peft-mixed" if self.mixed else "merged" if self.merged else "per-adapter"
         queue: list[Job] = []
         e2e, ttft, tokens, batches, switches = [], [], 0, 0, 0
         pending = sorted(jobs, key=lambda j: j.arrival)
@@ -421,16 +456,21 @@ class Switching:
             if not queue:
                 time.sleep(max(0.0, pending[0].arrival - now))
                 continue
-            key = keys[queue[0].adapter]  # the adapter of the oldest queued job
-            batch = [j for j in queue if keys[j.adapter] == key][: self.args.max_batch]
-            taken = {j.id for j in batch}
-            queue = [j for j in queue if j.id not in taken]
-            s0 = time.perf_counter()
-            switches += key != self.current
-            self.switch(key)
-            sync(self.device)
-            switch_s += time.perf_counter() - s0
-            out, first_at = self.generate([j.prompt for j in batch], max_new)
+            if self.mixed:  # PEFT mixed-adapter batch: the oldest queued jobs, whatever their adapters
+                batch, queue = queue[: self.args.max_batch], queue[self.args.max_batch:]
+                out, first_at = self.generate([j.prompt for j in batch], max_new,
+                                              adapter_names=[keys[j.adapter] for j in batch])
+            else:
+                key = keys[queue[0].adapter]  # the adapter of the oldest queued job
+                batch = [j for j in queue if keys[j.adapter] == key][: self.args.max_batch]
+                taken = {j.id for j in batch}
+                queue = [j for j in queue if j.id not in taken]
+                s0 = time.perf_counter()
+                switches += key != self.current
+                self.switch(key)
+                sync(self.device)
+                switch_s += time.perf_counter() - s0
+                out, first_at = self.generate([j.prompt for j in batch], max_new)
             end = time.perf_counter()
             batches += 1
             tokens += out.numel()
@@ -526,6 +566,8 @@ def bench(args, log=print) -> dict:
 
     def record(result: RunResult, setup_s: float, rep: int) -> None:
         expect = result.jobs * args.max_new
+        if result.extra.get("distinct") != result.adapters:
+            raise RuntimeError(f"{result.system} ran {result.extra.get('distinct')} distinct adapters, expected {result.adapters}")
         if result.tokens != expect:
             raise RuntimeError(f"{result.system} generated {result.tokens} tokens, expected {expect}")
         result.extra["setup_s"] = round(setup_s, 2)
@@ -541,7 +583,9 @@ def bench(args, log=print) -> dict:
             f"load p50 {cold['load_p50_s'] * 1e3:.1f} ms, p99 {cold['load_p99_s'] * 1e3:.1f} ms")
 
     def stream(n: int, r: float | None) -> list[Job]:
-        return job_stream(args.seed + n, n, args.jobs, args.prompt_len, vocab, r)
+        jobs = job_stream(args.seed + n, n, max(args.jobs, n), args.prompt_len, vocab, r)
+        assert len({j.adapter for j in jobs}) == n, "the stream must use exactly N distinct adapters"
+        return jobs
 
     def run_lorabus(n: int, rep: int) -> None:
         nonlocal rate
@@ -570,12 +614,13 @@ def bench(args, log=print) -> dict:
 
     def run_baseline(server: Switching, system: str, n: int, rep: int, setup_s: float) -> None:
         keys = [k for k, _ in stream_adapters[:n]]
-        server.set_mode(system == "merged")
+        server.set_mode(system == "merged", mixed=system == "peft-mixed")
         server.warm(warm_adapter[0], args.prompt_len, args.max_new)
         modes = [("saturated", None)] if args.no_poisson else [("saturated", None), ("poisson", rate)]
         for mode, r in modes:
             record(server.run(stream(n, r), keys, args.max_new, mode), setup_s, rep)
-        if n == counts[0] and rep == 0:  # on the fewest adapters loaded: PEFT's loading is cheapest there
+        if n == counts[0] and rep == 0 and system != "peft-mixed":
+            # on the fewest adapters loaded: PEFT's loading is cheapest there (peft-mixed loads as per-adapter does)
             record_cold(system, server.cold_start(cold_adapters, COLD_PROMPT))
 
     switching = Switching(model_dir, args) if baselines else None
@@ -753,6 +798,20 @@ def goals(report: dict) -> list[str]:
     if ("lorabus", 64) in sat and ("per-adapter", 64) in sat:
         x = sat[("lorabus", 64)] / sat[("per-adapter", 64)]
         out.append(f"lorabus vs per-adapter serving at 64 adapters = {x:.2f}x (goal >= 5x): {'met' if x >= 5 else 'MISSED'}")
+    # issue 11 targets, as ratios paired within a repeat (median [min..max] of the repeats)
+    rows = {(r["system"], r["adapters"]): r for r in aggregate(report["runs"]) if r["mode"] == "saturated"}
+    for n, goal in ((64, 0.85), (512, 0.8)):
+        if one and ("lorabus", n) in sat:
+            x = sat[("lorabus", n)] / one
+            out.append(f"issue 11: lorabus {n} adapters / 1 adapter throughput = {x:.2f}x (target >= {goal}x): "
+                       f"{'met' if x >= goal else 'MISSED'}")
+    for system, goal in (("peft-mixed", 3.0), ("per-adapter", 4.0)):
+        r = rows.get((system, 64))
+        if r and r["x_tok_s"]:
+            inv = [1 / v for v in r["x_tok_s"]]
+            x = statistics.median(inv)
+            out.append(f"issue 11: lorabus vs {system} at 64 adapters, saturated = {_mmm(inv, '.2f')}x "
+                       f"(target >= {goal:g}x): {'met' if x >= goal else 'MISSED'}")
     cold = (report.get("cold_start") or {}).get("lorabus")
     if cold:
         p99 = cold["ttft_p99_s"] * 1e3
@@ -779,7 +838,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", metavar="DIR", help="benchmark on this Hugging Face model directory instead of a built-in "
                    "random shape (e.g. the dir `lorabus model fetch` prints); eos removed in a symlinked view, random "
                    "rank-16 adapters made for its shapes")
-    p.add_argument("--repeats", type=int, default=1, help="repeat every (N, system) run this many times, systems "
+    p.add_argument("--repeats", type=int, default=5, help="repeat every (N, system) run this many times, systems "
                    "interleaved in rotated order; tables give median [min..max]")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default); recorded")
     p.add_argument("--adapters", type=int, nargs="+", help="N values (default 1 8 64 512; --quick: 1 8 64)")

@@ -1,6 +1,6 @@
 """Benchmark lora_shrink / lora_expand on 7B-class shapes against the torch references.
 
-    python -m lorabus.kernels.bench [--json out.json] [--quick] [--dtype bf16] [--phase all] [--threads 1]
+    python -m lorabus.kernels.bench [--op all|lora|paged_attention_decode] [--json out.json] [--quick] [--dtype bf16] [--phase all] [--threads 1]
                             [--peak-bw BYTES_PER_S] [--peak-flops FLOP_PER_S] [--verbose]
 
 On CPU use --quick: the full shape set (16k-token prefills through the
@@ -17,6 +17,14 @@ Backends: on CUDA "triton" (the kernels), "torch" (per-segment matmuls) and
 "gather" (the gather + bmm reference); on CPU only the two torch paths.
 Timing: triton.testing.do_bench (median, warmup, L2 flushed) on CUDA; the
 best of repeated calls on CPU (see time_host).
+
+Entry `paged_attention_decode` (--op): the Triton paged-attention decode
+kernel against the torch reference that copies context (block-level
+index_select of every sequence's blocks into a padded batch, then one masked
+SDPA call), on 7B-class decode shapes (B 64, 32 query / 8 KV heads of 128,
+block 16, contexts 512/1024/2048 and ragged 512..2048); bytes = K and V of
+every context once + q + out. On CPU it runs only a tiny correctness smoke
+(Triton's interpreter against the reference), so the script works anywhere.
 
 Roofline: bytes are the ideal unique traffic (activations once, each active
 adapter's A/B once, t in fp32, y read + written by expand), FLOPs are
@@ -234,6 +242,124 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- paged attention decode
+
+# (B, Hq, Hkv, D, block_size, contexts): a 7B-class decode batch; "ragged" draws 512..2048 per sequence.
+PA_SHAPE = (64, 32, 8, 128, 16)
+PA_CONTEXTS = (512, 1024, 2048, "ragged")
+
+
+def _paged_case(B, Hq, Hkv, D, bs, ctxs, dtype, device, gen):
+    """A cache holding exactly the batch's blocks in shuffled order (+ a null row), and its block tables."""
+    need = [-(-c // bs) for c in ctxs]
+    nb = sum(need)
+    k = torch.randn(nb * bs + 1, Hkv, D, generator=gen).to(device=device, dtype=dtype)
+    v = torch.randn(nb * bs + 1, Hkv, D, generator=gen).to(device=device, dtype=dtype)
+    perm = torch.randperm(nb, generator=gen)
+    bt = torch.full((B, max(need)), nb, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(need):
+        bt[b, :n] = perm[used:used + n].int()
+        used += n
+    q = torch.randn(B, Hq, D, generator=gen).to(device=device, dtype=dtype)
+    return q, k, v, bt.to(device), torch.tensor(ctxs, dtype=torch.int32, device=device)
+
+
+def _gather_sdpa(q, k, v, bt, ctx, scale, bs, max_ctx):
+    """Today's CPU-style reference: copy every context into a padded batch (block index_select), masked SDPA."""
+    B, Hq, D = q.shape
+    Hkv = k.shape[1]
+    nb = (k.shape[0] - 1) // bs
+    kb, vb = k[: nb * bs].view(nb, bs, Hkv, D), v[: nb * bs].view(nb, bs, Hkv, D)
+    ids = bt.long().clamp_max(nb - 1).flatten()
+    kk = kb.index_select(0, ids).view(B, -1, Hkv, D)[:, :max_ctx].transpose(1, 2)
+    vv = vb.index_select(0, ids).view(B, -1, Hkv, D)[:, :max_ctx].transpose(1, 2)
+    mask = (torch.arange(max_ctx, device=q.device)[None, :] < ctx[:, None].long())[:, None, None, :]
+    o = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], kk, vv, attn_mask=mask, scale=scale,
+                                                         enable_gqa=True)
+    return o[:, :, 0]
+
+
+def run_paged_attention_decode(args) -> dict:
+    from .paged_attention import paged_attention_decode, paged_attention_decode_ref
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator().manual_seed(0)
+    if device.type != "cuda":
+        # Smoke only: Triton's interpreter (forced on for this process if triton is not imported yet).
+        import os
+        import sys
+        if "lorabus.kernels.paged_attention_triton" not in sys.modules:
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        from . import paged_attention_triton as pt
+        rows = []
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            ctxs = [1, 37, 80]
+            q, k, v, bt, ctx = _paged_case(3, 8, 2, 64, 16, ctxs, dtype, device, gen)
+            ref = paged_attention_decode_ref(q, k, v, bt, ctx, 64 ** -0.5, block_size=16).float()
+            row = {"dtype": str(dtype).removeprefix("torch."), "B": 3, "Hq": 8, "Hkv": 2, "D": 64, "block": 16,
+                   "contexts": ctxs, "interpreted": pt.INTERPRETED}
+            if pt.INTERPRETED:
+                t0 = time.perf_counter()
+                out = paged_attention_decode(q, k, v, bt, ctx, 64 ** -0.5, block_size=16, backend="triton")
+                row["triton_interpreter_s"] = time.perf_counter() - t0
+                row["err_vs_ref"] = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+            rows.append(row)
+        return {"device": _cpu_name(), "smoke": True, "rows": rows}
+    dtype = DTYPES[args.dtype]
+    esize = torch.finfo(dtype).bits // 8
+    bw = args.peak_bw or H200_BW
+    B, Hq, Hkv, D, bs = PA_SHAPE
+    scale = D ** -0.5
+    rows = []
+    for c in PA_CONTEXTS:
+        ctxs = (torch.randint(512, 2049, (B,), generator=gen).tolist() if c == "ragged" else [c] * B)
+        q, k, v, bt, ctx = _paged_case(B, Hq, Hkv, D, bs, ctxs, dtype, device, gen)
+        out = torch.empty_like(q)
+        max_ctx = max(ctxs)
+        fns = {"triton": lambda: paged_attention_decode(q, k, v, bt, ctx, scale, out, block_size=bs,
+                                                        backend="triton"),
+               "gather_sdpa": lambda: _gather_sdpa(q, k, v, bt, ctx, scale, bs, max_ctx)}
+        ref = paged_attention_decode_ref(q, k, v, bt, ctx, scale, block_size=bs).float()
+        nbytes = 2 * sum(ctxs) * Hkv * D * esize + 2 * B * Hq * D * esize
+        row = {"contexts": c, "B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "block": bs, "bytes": nbytes}
+        for name, fn in fns.items():
+            err = ((fn().float() - ref).abs().max() / ref.abs().max()).item()
+            sec = time_call(fn, device, 0.3)
+            row[name] = {"us": sec * 1e6, "bytes_per_s": nbytes / sec, "frac_bw": nbytes / sec / bw,
+                         "err_vs_ref": err}
+        row["speedup"] = row["gather_sdpa"]["us"] / row["triton"]["us"]
+        rows.append(row)
+        del q, k, v, out
+    return {"device": torch.cuda.get_device_name(device), "smoke": False, "dtype": args.dtype,
+            "peak_bytes_per_s": bw, "rows": rows}
+
+
+def paged_attention_markdown(res: dict) -> str:
+    if res["smoke"]:
+        lines = [f"# paged_attention_decode: CPU correctness smoke ({res['device']}; no timing)", "",
+                 "| dtype | B | Hq/Hkv | D | block | contexts | triton (interpreter) s | err vs torch ref |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for r in res["rows"]:
+            t = f"{r['triton_interpreter_s']:.2f}" if r["interpreted"] else "skipped (triton imported without TRITON_INTERPRET)"
+            e = f"{r['err_vs_ref']:.1e}" if r["interpreted"] else "-"
+            lines.append(f"| {r['dtype']} | {r['B']} | {r['Hq']}/{r['Hkv']} | {r['D']} | {r['block']} | "
+                         f"{r['contexts']} | {t} | {e} |")
+        return "\n".join(lines)
+    lines = [f"# paged_attention_decode, {res['device']}, {res['dtype']}", "",
+             f"GB/s = K/V of every context once + q + out over time, % of {res['peak_bytes_per_s'] / 1e12:.1f} TB/s; "
+             "speedup = gather_sdpa µs / triton µs; err = max |x - torch ref| / max |ref|.", "",
+             "| contexts | B | Hq/Hkv | D | block | triton µs | triton GB/s | gather+SDPA µs | gather+SDPA GB/s "
+             "| speedup | triton err | gather err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        t, g = r["triton"], r["gather_sdpa"]
+        lines.append(f"| {r['contexts']} | {r['B']} | {r['Hq']}/{r['Hkv']} | {r['D']} | {r['block']} | "
+                     f"{t['us']:.1f} | {t['bytes_per_s'] / 1e9:.0f} ({100 * t['frac_bw']:.0f}%) | {g['us']:.1f} | "
+                     f"{g['bytes_per_s'] / 1e9:.0f} ({100 * g['frac_bw']:.0f}%) | {r['speedup']:.2f}x | "
+                     f"{t['err_vs_ref']:.1e} | {g['err_vs_ref']:.1e} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", help="write the results here")
@@ -244,12 +370,19 @@ def main(argv=None) -> None:
     p.add_argument("--peak-bw", type=float, help="memory ceiling in bytes/s")
     p.add_argument("--peak-flops", type=float, help="matrix ceiling in FLOP/s")
     p.add_argument("--verbose", action="store_true", help="print each row as it is measured")
+    p.add_argument("--op", choices=("all", "lora", "paged_attention_decode"), default="all",
+                   help="which entries to run (default all)")
     args = p.parse_args(argv)
-    result = run(args)
+    result = run(args) if args.op in ("all", "lora") else {}
+    if args.op in ("all", "paged_attention_decode"):
+        result["paged_attention_decode"] = run_paged_attention_decode(args)
     if args.json:  # before printing, so a closed stdout cannot lose it
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
-    print(to_markdown(result))
+    parts = [to_markdown(result)] if "rows" in result else []
+    if "paged_attention_decode" in result:
+        parts.append(paged_attention_markdown(result["paged_attention_decode"]))
+    print("\n\n".join(parts))
 
 
 if __name__ == "__main__":

@@ -139,3 +139,35 @@ def make_lora_mapping(idx: torch.Tensor, num_slots: int) -> LoRAMapping:
         block_m=block_m,
         tiles=tiles,
     )
+
+
+def slot_grid(m: LoRAMapping, plan: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
+    """The torch path's padded [slots, longest] grid of sorted tokens, cached on the mapping per plan.
+
+    plan "span": one grid row per slot in active_slots[0]..active_slots[-1] (the weights are then a view of
+    the slot-major pool, no gather); plan "active": one row per active slot (weights via one index_select).
+    Returns (token of each cell, flattened [rows * longest], padding cells point at a real token and are
+    dropped; flat indices of the real cells or None when every cell is real; token of each real cell in
+    cell order; first slot of the grid (span) or -1).
+    """
+    cache = m.__dict__.setdefault("_slot_grids", {})
+    if plan in cache:
+        return cache[plan]
+    longest = m.max_seg_len
+    lo = m.active_slots[0] if plan == "span" else -1
+    row_of = [s - lo for s in m.active_slots] if plan == "span" else list(range(len(m.active_slots)))
+    rows = (m.active_slots[-1] - lo + 1) if plan == "span" else len(m.active_slots)
+    cell_pos = [0] * (rows * longest)  # padding: position 0 in sorted order (a real token, result dropped)
+    real = []
+    for r, start, n in zip(row_of, m.seg_starts, m.seg_lens):
+        base = r * longest
+        cell_pos[base:base + n] = range(start, start + n)
+        real.extend(range(base, base + n))
+    device = m.sorted_tokens.device
+    tok = m.sorted_tokens.long()
+    cell_tok = tok.index_select(0, torch.tensor(cell_pos, dtype=torch.long, device=device))
+    all_real = len(real) == rows * longest
+    real_t = None if all_real else torch.tensor(real, dtype=torch.long, device=device)
+    real_tok = cell_tok if all_real else cell_tok.index_select(0, real_t)
+    cache[plan] = (cell_tok, real_t, real_tok, lo)
+    return cache[plan]

@@ -6,13 +6,20 @@ Both functions work on the normalised sliced layout used inside the package
 t in fp32, y rounded once, rows without an adapter never written (rows with
 one are written back whole; columns outside the slices keep their bits).
 
-Two strategies:
+Three strategies:
   * "segmented" (backend "torch"): tokens grouped by adapter via the mapping;
     each adapter matrix is read once. When segments are many and of similar
     length (decode with many adapters) they are padded to one [segments, len, H]
     batch and done in a single bmm; otherwise (long prefill runs) one fp32 GEMM
     per segment. Per-segment launches cost ~0.1 ms each on CPU, which dominated
     steps that mix a dozen adapters.
+  * `apply_slot_major` (AdapterPool.apply on backend "torch"): shrink and expand
+    fused over the pool's slot-major layout. Segments are batched as strided
+    views of the pool (a run of slots), or one index_select of the active
+    slots when they are far apart, or one GEMM per segment on views (long
+    prefill runs); the scale multiplies the [tokens, R] intermediate; columns
+    past the batch's largest true rank are skipped. No per-call checks: the
+    pool resolved them at construction.
   * "gather" (gather + bmm): every token gathers its own adapter matrix and
     does a batched mat-vec. The textbook baseline; memory grows with
     T * R * H, so it runs in token chunks of at most _GATHER_CHUNK_BYTES.
@@ -22,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .mapping import LoRAMapping
+from .mapping import LoRAMapping, slot_grid
 
 # Bound on the gathered fp32 weights the gather path materialises at once.
 _GATHER_CHUNK_BYTES = 256 << 20
@@ -56,7 +63,8 @@ def shrink_segmented(x: torch.Tensor, a: torch.Tensor, m: LoRAMapping, t: torch.
     padded = _padded(m)
     if padded is not None:
         rows, real, slots = padded
-        w = a[:, slots].transpose(0, 1).reshape(len(m.active_slots), S * R, H).float()
+        # One index_select per call (advanced indexing is several times slower on CPU).
+        w = a.index_select(1, slots).transpose(0, 1).reshape(len(m.active_slots), S * R, H).float()
         xp = torch.cat([xs, xs.new_zeros(1, H)])[rows]  # [segments, longest, H]
         ts = torch.bmm(xp, w.transpose(1, 2))[real]
     else:
@@ -73,7 +81,7 @@ def expand_segmented(y, t, bs, scale, offsets, m: LoRAMapping) -> None:
         slot = m.active_slots[0]
         for s, (b, off) in enumerate(zip(bs, offsets)):
             cols = y[:, off:off + b.shape[1]]
-            cols.copy_(cols.float().addmm_(t[s].float(), (b[slot].float() * scale[s, slot]).T))
+            cols.copy_(cols.float().addmm_(t[s].float() * scale[s, slot], b[slot].float().T))
         return
     tok = m.sorted_tokens.long()
     ts = t.index_select(1, tok).float()
@@ -82,15 +90,15 @@ def expand_segmented(y, t, bs, scale, offsets, m: LoRAMapping) -> None:
     if padded is not None:
         pad_rows, real, slots = padded
         tp = torch.cat([ts, ts.new_zeros(ts.shape[0], 1, ts.shape[2])], dim=1)[:, pad_rows]  # [S, seg, len, R]
+        # Scale the small rank-sized intermediate, not B.
+        tp *= scale[:, slots][:, :, None, None]
     for s, (b, off) in enumerate(zip(bs, offsets)):
         acc = rows[:, off:off + b.shape[1]].float()
         if padded is not None:
-            # Scaling the small [H_out, R] matrices, not the [n, H_out] products.
-            w = b[slots].float() * scale[s, slots][:, None, None]
-            acc += torch.bmm(tp[s], w.transpose(1, 2))[real]
+            acc += torch.bmm(tp[s], b.index_select(0, slots).float().transpose(1, 2))[real]
         else:
             for slot, start, n in zip(m.active_slots, m.seg_starts, m.seg_lens):
-                acc[start:start + n].addmm_(ts[s, start:start + n], (b[slot].float() * scale[s, slot]).T)
+                acc[start:start + n].addmm_(ts[s, start:start + n] * scale[s, slot], b[slot].float().T)
         rows[:, off:off + b.shape[1]] = acc
     # Columns outside the slices go back bit-for-bit as they were read.
     y.index_copy_(0, tok, rows)
@@ -124,3 +132,96 @@ def expand_gather(y, t, bs, scale, offsets, m: LoRAMapping) -> None:
 def _chunks(n: int, bytes_per_token: int):
     step = max(1, _GATHER_CHUNK_BYTES // max(1, bytes_per_token))
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def _grid_plan(m: LoRAMapping) -> str | None:
+    """How apply_slot_major batches the segments: "span" (weights as a view of the pool's slots
+    active[0]..active[-1]), "active" (one index_select of the active slots), or None (one GEMM per segment)."""
+    num_segments, longest, active = len(m.active_slots), m.max_seg_len, m.sorted_tokens.shape[0]
+    if num_segments < 2:
+        return None
+    span = m.active_slots[-1] - m.active_slots[0] + 1
+    if span * longest <= _MAX_PAD_RATIO * active:
+        return "span"
+    if num_segments * longest <= _MAX_PAD_RATIO * active:
+        return "active"
+    return None
+
+
+def apply_slot_major(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs, scale: torch.Tensor,
+                     offsets, m: LoRAMapping, rank: int) -> None:
+    """y[tok, off_s:off_s+H_s] += B_s[slot] (scale[slot, s] * A_s[slot] x[tok]), shrink and expand in one go.
+
+    The adapter pool's CPU layout, read without weight copies: a [L, R, S, H_in] slot-major, rank-major
+    (a[slot, :r] is one contiguous [r*S, H_in] matrix for every r), bs S tensors [L, H_out_s, R], scale
+    [L, S] fp32, `rank` the largest true rank among the batch's slots (columns past it are zero padding
+    and are skipped). Segments are batched as views of the pool (or one index_select of the active
+    slots), the scale multiplies the rank-sized intermediate, and y's rows are updated with one
+    index_add_ (fp32) or one read-add-write (fp16/bf16, rounded once). Rows without an adapter are untouched.
+    """
+    L, R, S, H = a.shape
+    r = rank
+    widths = [b.shape[1] for b in bs]
+    if m.sorted_tokens.shape[0] == 0 or r == 0:
+        return
+    if len(m.seg_lens) == 1 and m.seg_lens[0] == m.num_tokens:
+        slot = m.active_slots[0]
+        t = (x.float() @ a[slot, :r].view(r * S, H).float().T).view(-1, r, S).mul_(scale[slot])
+        rows = y.float()
+        for s, (b, off, w) in enumerate(zip(bs, offsets, widths)):
+            rows[:, off:off + w].addmm_(t[:, :, s], b[slot, :, :r].float().T)
+        if rows is not y:
+            y.copy_(rows)
+        return
+    plan = _grid_plan(m)
+    if plan is None:
+        tok = m.sorted_tokens.long()
+        xs = x.index_select(0, tok).float()
+        t = torch.empty((tok.shape[0], r, S), dtype=torch.float32, device=x.device)
+        deltas = [torch.empty((tok.shape[0], w), dtype=torch.float32, device=x.device) for w in widths]
+        for slot, start, n in zip(m.active_slots, m.seg_starts, m.seg_lens):
+            ts = t[start:start + n]
+            torch.mm(xs[start:start + n], a[slot, :r].view(r * S, H).float().T, out=ts.view(n, r * S))
+            ts.mul_(scale[slot])
+            for s, b in enumerate(bs):
+                torch.mm(ts[:, :, s], b[slot, :, :r].float().T, out=deltas[s][start:start + n])
+        real_tok = tok
+    else:
+        cell_tok, real_cells, real_tok, lo = slot_grid(m, plan)
+        longest = m.max_seg_len
+        if plan == "span":
+            n_rows = m.active_slots[-1] - lo + 1
+            sel = slice(lo, lo + n_rows)
+            w = a[sel, :r]
+            sc = scale[sel]
+            bsel = [b[sel, :, :r] for b in bs]
+        else:
+            n_rows = len(m.active_slots)
+            slots = m.segment_grid[2]
+            w = a[:, :r].index_select(0, slots)
+            sc = scale.index_select(0, slots)
+            bsel = [b[:, :, :r].index_select(0, slots) for b in bs]
+        xp = x.index_select(0, cell_tok).float().view(n_rows, longest, H)
+        t = torch.bmm(xp, w.reshape(n_rows, r * S, H).float().transpose(1, 2)).view(n_rows, longest, r, S)
+        # Scale the small intermediate and lay it out slice-major in the same op: contiguous [rows, longest,
+        # r] operands per slice (a strided one costs bmm a copy per batch entry).
+        ts = torch.empty((S, n_rows, longest, r), dtype=torch.float32, device=x.device)
+        torch.mul(t.permute(3, 0, 1, 2), sc.T[:, :, None, None], out=ts)
+        deltas = []
+        for s, b in enumerate(bsel):
+            d = torch.bmm(ts[s], b.float().transpose(1, 2)).view(n_rows * longest, -1)
+            deltas.append(d if real_cells is None else d.index_select(0, real_cells))
+    _add_rows(y, real_tok, deltas, offsets, widths)
+
+
+def _add_rows(y: torch.Tensor, tok: torch.Tensor, deltas, offsets, widths) -> None:
+    """y[tok, off_s:off_s+w_s] += deltas[s], each y element rounded once."""
+    covers = list(offsets) == [sum(widths[:i]) for i in range(len(widths))] and sum(widths) == y.shape[1]
+    if y.dtype == torch.float32 and covers:
+        # One index_add_ of whole rows (per-slice index_add_ into column views is ~3x slower).
+        y.index_add_(0, tok, deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=1))
+        return
+    rows = y.index_select(0, tok).float()
+    for d, off, w in zip(deltas, offsets, widths):
+        rows[:, off:off + w] += d
+    y.index_copy_(0, tok, rows.to(y.dtype))

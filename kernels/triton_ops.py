@@ -148,7 +148,7 @@ def _expand_kernel(
 INTERPRETED = isinstance(_shrink_kernel, InterpretedFunction)
 
 
-def _check_device(t: torch.Tensor) -> None:
+def check_device(t: torch.Tensor) -> None:
     if t.device.type == "cuda" and t.device.index != torch.cuda.current_device():
         # Triton launches on the current device, not the tensors' one.
         raise RuntimeError(f"tensors are on {t.device} but the current CUDA device is "
@@ -190,7 +190,7 @@ def _dot_dtype(dtype: torch.dtype):
 
 def shrink(x: torch.Tensor, a: torch.Tensor, m: LoRAMapping, t: torch.Tensor) -> None:
     """t [S, T, R] fp32, pre-zeroed; x [T, H_in]; a [S, L, R, H_in]."""
-    _check_device(x)
+    check_device(x)
     S, _, R, K = a.shape
     bm = m.block_m
     bn = min(128, max(16, _next_pow2(R)))
@@ -230,7 +230,7 @@ def _meta_table(bs, offsets, device) -> torch.Tensor:
 
 def expand(y, t, bs, scale, offsets, m: LoRAMapping) -> None:
     """y [T, *] in place; t [S, T, R]; bs S tensors [L, H_out_s, R]; scale [S, L] fp32."""
-    _check_device(y)
+    check_device(y)
     S, _, R = t.shape
     bm = m.block_m
     bn = 64

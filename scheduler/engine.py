@@ -115,7 +115,9 @@ class Engine:
             AdapterSlots(self.adapters.max_loras),
         )
         self.limits = RequestLimits(model.vocab_size, self.max_model_len, num_blocks * config.kv_block_size)
-        self.runner = ModelRunner(model, self.kv, self.adapters.max_loras, self.device)
+        self.runner = ModelRunner(model, self.kv, self.adapters.max_loras, self.device,
+                                  max_step_tokens=self.scheduler.limits.max_step_tokens,
+                                  max_running=config.max_running)
         stops = StopRules(self.tokenizer, eos_ids, self.max_model_len)
         self.loop = StepLoop(self.scheduler, self.runner, self.adapters, stops, clock)
         self.adapters.notify = self.loop.wake.set

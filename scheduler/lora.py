@@ -1,10 +1,15 @@
 """The device pool of adapter weights that the LoRA kernels read, and the LoRA step of each projection.
 
 The pool holds `max_loras` slots. For every decoder layer and projection group (`scheduler.arch.GROUPS`:
-fused q/k/v, o, fused gate/up, down) it keeps one stacked A tensor [S, slots, R, in] and, per slice, a B tensor
-[slots, out, R] plus scales [S, slots]. Adapters of different ranks share the pool by zero padding
-to the pool's max rank R: the padded columns add nothing to the result, and one fixed layout keeps
-every kernel launch a single gather-free read of the slot's tile (see docs/benchmarks.md for the cost).
+fused q/k/v, o, fused gate/up, down) it keeps one A tensor stored slot-major [slots, R, S, in] (`a` exposes
+it as the kernels' [S, slots, R, in] view: strides, no copy) and, per slice, a B tensor [slots, out, R]
+plus scales [S, slots] (and the same scales slot-major [slots, S] for the CPU path). Slot-major storage
+lets the CPU path read a batch's adapters as views of the pool: `a[slot, :r]` is one contiguous
+[r*S, in] matrix and a run of slots is one strided batch, so a step gathers no A or B. Adapters of
+different ranks share the pool by zero padding to the pool's max rank R; the CPU path skips the padding
+past the largest true rank in the batch (recorded per slot at write time), the Triton path reads the
+padded tile (see docs/benchmarks.md for the cost). The backend is resolved once here, at construction;
+on the torch backend `apply` calls the slot-major torch path directly, with no per-call argument checks.
 Which job uses which slot is decided by the scheduler; the pool only stores and applies. An adapter on
 a fused module (Phi-3's qkv_proj) arrives split into slices that share its A (scheduler/adapters.py), so
 the pool keeps a copy of that A per slice and shrinks once per slice: exact, for (slices - 1) extra A
@@ -18,6 +23,7 @@ from contextlib import nullcontext
 import torch
 
 from lorabus import kernels
+from lorabus.kernels import torch_ops
 from lorabus.scheduler.adapters import AdapterWeights
 from lorabus.scheduler.arch import GROUPS
 
@@ -41,24 +47,38 @@ class AdapterPool:
         groups: dict[str, tuple[str, ...]] = GROUPS,
     ):
         self.backend = backend
+        self._backend = kernels.resolve_backend(backend, device)
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"pool dtype must be fp32, fp16 or bf16, got {dtype}")
         self.device = device
         self.groups = groups
+        self.max_rank = max_rank
         self._group_of = {proj: (group, i) for group, projs in groups.items() for i, proj in enumerate(projs)}
-        self.a: list[dict[str, torch.Tensor]] = []
+        self._offsets = {group: [sum(projections[p][1] for p in projs[:i]) for i in range(len(projs))]
+                         for group, projs in groups.items()}
+        self._a_slot_major: list[dict[str, torch.Tensor]] = []  # [slots, R, S, in]
+        self.a: list[dict[str, torch.Tensor]] = []  # the same storage viewed [S, slots, R, in]
         self.b: list[dict[str, list[torch.Tensor]]] = []
-        self.scale: list[dict[str, torch.Tensor]] = []
+        self.scale: list[dict[str, torch.Tensor]] = []  # [S, slots] fp32 (Triton, public API)
+        self._scale_slot_major: list[dict[str, torch.Tensor]] = []  # [slots, S] fp32 (torch path)
         for _ in range(num_layers):
-            a, b, s = {}, {}, {}
+            a_sm, a, b, s, s_sm = {}, {}, {}, {}, {}
             for group, projs in groups.items():
                 d_in = projections[projs[0]][0]
-                a[group] = torch.zeros(len(projs), max_loras, max_rank, d_in, dtype=dtype, device=device)
+                a_sm[group] = torch.zeros(max_loras, max_rank, len(projs), d_in, dtype=dtype, device=device)
+                a[group] = a_sm[group].permute(2, 0, 1, 3)
                 b[group] = [torch.zeros(max_loras, projections[p][1], max_rank, dtype=dtype, device=device) for p in projs]
                 s[group] = torch.zeros(len(projs), max_loras, dtype=torch.float32, device=device)
+                s_sm[group] = torch.zeros(max_loras, len(projs), dtype=torch.float32, device=device)
+            self._a_slot_major.append(a_sm)
             self.a.append(a)
             self.b.append(b)
             self.scale.append(s)
+            self._scale_slot_major.append(s_sm)
         # Slots per group whose adapter targets it: a group no resident adapter targets costs no launch.
         self._targets: dict[str, set[int]] = {group: set() for group in groups}
+        # True rank per group and slot (largest over layers and slices), 0 when the slot does not target it.
+        self._rank: dict[str, list[int]] = {group: [0] * max_loras for group in groups}
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def write(self, slot: int, adapter: AdapterWeights) -> None:
@@ -72,7 +92,9 @@ class AdapterPool:
                 self.a[layer][group][i, slot, :rank].copy_(a, non_blocking=True)
                 self.b[layer][group][i][slot, :, :rank].copy_(b, non_blocking=True)
                 self.scale[layer][group][i, slot] = scale
+                self._scale_slot_major[layer][group][slot, i] = scale
                 self._targets[group].add(slot)
+                self._rank[group][slot] = max(self._rank[group][slot], rank)
         if self._copy_stream is not None:
             self._copy_stream.synchronize()
 
@@ -83,13 +105,35 @@ class AdapterPool:
                 for b in self.b[layer][group]:
                     b[slot].zero_()
                 self.scale[layer][group][:, slot] = 0.0
+                self._scale_slot_major[layer][group][slot] = 0.0
         for slots in self._targets.values():
             slots.discard(slot)
+        for ranks in self._rank.values():
+            ranks[slot] = 0
 
     def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor, mapping: "kernels.LoRAMapping") -> None:
         """y[:, slice] += scale · B(A x) for each token's own adapter slot, all slices in one launch each."""
         if not self._targets[group] or not mapping.has_lora:
             return
-        t = kernels.lora_shrink(x, self.a[layer][group], mapping, backend=self.backend)
-        kernels.lora_expand(y, t, self.b[layer][group], mapping, self.scale[layer][group], backend=self.backend)
+        if self._backend == "torch":
+            torch_ops.apply_slot_major(x, y, self._a_slot_major[layer][group], self.b[layer][group],
+                                       self._scale_slot_major[layer][group], self._offsets[group], mapping,
+                                       self._batch_rank(group, mapping))
+        else:
+            # Triton (and the "gather" baseline) go through the checked public ops: the kernels read the
+            # [S, slots, R, in] view of the slot-major A by its strides. (Calling triton_ops.shrink/expand
+            # directly would drop the per-call checks; tests/test_engine.py spies on kernels.lora_shrink/
+            # lora_expand to prove the Triton path runs, so that switch waits for the spy to move.)
+            t = kernels.lora_shrink(x, self.a[layer][group], mapping, backend=self._backend)
+            kernels.lora_expand(y, t, self.b[layer][group], mapping, self.scale[layer][group], backend=self._backend)
+
+    def _batch_rank(self, group: str, mapping: "kernels.LoRAMapping") -> int:
+        """Largest true rank among the step's slots for this group (cached on the step's mapping)."""
+        cache = mapping.__dict__.setdefault("_pool_ranks", {})
+        key = (id(self), group)
+        r = cache.get(key)
+        if r is None:
+            ranks = self._rank[group]
+            r = cache[key] = max(ranks[s] for s in mapping.active_slots)
+        return r
 

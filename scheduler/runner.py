@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from lorabus import kernels
 from lorabus.scheduler.callbacks import call_hook
 from lorabus.scheduler.kv_cache import PagedKVCache
-from lorabus.scheduler.model import CausalLM, PrefillSpan, StepBatch
+from lorabus.scheduler.model import CausalLM, PrefillGroup, PrefillSpan, StepBatch
 from lorabus.scheduler.requests import Sequence
 
 # A sequence with this many new tokens in a step is decoding (attends over its cached context);
@@ -37,11 +38,31 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv: PagedKVCache, num_slots: int, device: torch.device):
+    """Builds each step's tensors into reused host buffers (pinned on CUDA, one copy to the device per
+    step) and runs the model over them.
+
+    A sequence's `kv_slots` holds, from its first step on, its block table as a CPU int64 tensor (its
+    blocks are zeroed then: attention reads whole blocks, also past the sequence's context in the last)."""
+
+    def __init__(self, model: CausalLM, kv: PagedKVCache, num_slots: int, device: torch.device,
+                 max_step_tokens: int = 512, max_running: int = 64):
         self.model, self.kv, self.num_slots, self.device = model, kv, num_slots, device
         self.steps = 0
         # Optional metrics hook, called from the step thread: on_step(sequences, tokens, distinct_adapters, seconds).
         self.on_step = None
+        self._pin = device.type == "cuda"
+        self._copied: torch.cuda.Event | None = None  # the last step's host → device copy
+        self._host = self._host_np = None
+        self._reserve(7 * max_step_tokens + max_running * (3 + 8))
+
+    def _reserve(self, size: int) -> None:
+        """Host buffer of at least `size` int64 (grown by doubling, so it settles at the largest step)."""
+        if self._host is not None and self._host.numel() >= size:
+            return
+        if self._host is not None:
+            size = max(size, 2 * self._host.numel())
+        self._host = torch.empty(size, dtype=torch.long, pin_memory=self._pin)
+        self._host_np = self._host.numpy()
 
     def run(self, batch: list[tuple[Sequence, int]]) -> StepOutput:
         step, wants_logits = self._step_batch(batch)
@@ -54,41 +75,134 @@ class ModelRunner:
 
     def _step_batch(self, batch: list[tuple[Sequence, int]]) -> tuple[StepBatch, list[Sequence]]:
         """The forward pass's input, and the sequences whose last new token is their newest (they get logits)."""
-        device = self.device
-        tokens, positions, write_slots, lora_idx, logit_rows = [], [], [], [], []
-        decode_rows, decode_ctx, prefills = [], [], []
-        wants_logits: list[Sequence] = []
+        device, kv = self.device, self.kv
+        bs, null_block = kv.block_size, kv.null_block
+        fresh = [seq for seq, _ in batch if seq.kv_slots is None]
+        if fresh:
+            for seq in fresh:
+                seq.kv_slots = torch.tensor(seq.blocks, dtype=torch.long)
+            kv.clear(torch.cat([seq.kv_slots for seq in fresh]).to(device))
+        num_tokens = num_decode = width = 0
         for seq, n in batch:
-            if seq.kv_slots is None:
-                seq.kv_slots = self.kv.token_slots(seq.blocks, device)
-            start, past = len(tokens), seq.num_computed
-            all_ids = seq.prompt_ids + seq.output_ids
-            tokens.extend(all_ids[past : past + n])
-            positions.extend(range(past, past + n))
-            write_slots.append(seq.kv_slots[past : past + n])
-            lora_idx.extend([seq.slot] * n)
+            num_tokens += n
             if n == DECODE_TOKENS:
-                decode_rows.append(start)
-                decode_ctx.append(seq.kv_slots[: past + 1])
+                num_decode += 1
+                width = max(width, seq.num_computed // bs + 1)  # blocks holding positions [0, past]
+        num_rows = len(batch)
+        # One int64 buffer: tokens, positions, write slots, adapter slots [T each]; decode rows, context
+        # lengths [B each]; logit rows [up to one per sequence]; decode block tables [B, width].
+        t, b = num_tokens, num_decode
+        o_dec = 4 * t
+        o_ctx, o_logit, o_tbl = o_dec + b, o_dec + 2 * b, o_dec + 2 * b + num_rows
+        size = o_tbl + b * width
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copy has read the buffer
+        self._reserve(size)
+        buf = self._host_np
+        tokens, positions, write, lora_idx = buf[:t], buf[t:2 * t], buf[2 * t:3 * t], buf[3 * t:4 * t]
+        tables = buf[o_tbl:size].reshape(b, width)
+        tables.fill(null_block)
+        prefill_spans: list[tuple[PrefillSpan, Sequence]] = []
+        wants_logits: list[Sequence] = []
+        row = d = num_logits = 0
+        for seq, n in batch:
+            past = seq.num_computed
+            prompt, out_ids = seq.prompt_ids, seq.output_ids
+            blocks = seq.kv_slots.numpy()
+            if n == DECODE_TOKENS:
+                p = len(prompt)
+                tokens[row] = prompt[past] if past < p else out_ids[past - p]
+                positions[row] = past
+                write[row] = blocks[past // bs] * bs + past % bs
+                lora_idx[row] = seq.slot
+                buf[o_dec + d] = row
+                buf[o_ctx + d] = past + 1
+                nb = past // bs + 1
+                tables[d, :nb] = blocks[:nb]
+                d += 1
             else:
-                prefills.append(PrefillSpan(start, n, past, seq.kv_slots[: past + n]))
+                end, p = past + n, len(prompt)
+                if end <= p:
+                    tokens[row:row + n] = prompt[past:end]
+                elif past >= p:
+                    tokens[row:row + n] = out_ids[past - p:end - p]
+                else:
+                    tokens[row:row + p - past] = prompt[past:]
+                    tokens[row + p - past:row + n] = out_ids[:end - p]
+                pos = positions[row:row + n]
+                pos[:] = range(past, end)
+                write[row:row + n] = blocks[pos // bs] * bs + pos % bs
+                lora_idx[row:row + n] = seq.slot
+                prefill_spans.append((PrefillSpan(row, n, past), seq))
+            row += n
             if past + n == seq.num_tokens:
-                logit_rows.append(start + n - 1)
+                buf[o_logit + num_logits] = row - 1
+                num_logits += 1
                 wants_logits.append(seq)
-        ctx_lens = torch.tensor([c.numel() for c in decode_ctx], device=device)
-        width = int(ctx_lens.max()) if decode_ctx else 0
+        host = self._host[:size]
+        if device.type == "cpu":
+            dev = host  # used before the next step refills the buffer: forward is synchronous
+        else:
+            dev = host.to(device, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        ctx_lens = dev[o_ctx:o_ctx + b]
         step = StepBatch(
-            tokens=torch.tensor(tokens, device=device),
-            positions=torch.tensor(positions, device=device),
-            write_slots=torch.cat(write_slots),
-            lora=kernels.make_lora_mapping(torch.tensor(lora_idx, device=device), self.num_slots),
-            decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
-            # Padding points at the cache's null slot, never at memory a sequence wrote.
-            decode_kv_slots=torch.nn.utils.rnn.pad_sequence(decode_ctx, batch_first=True,
-                                                            padding_value=self.kv.null_slot) if decode_ctx
-            else torch.empty(0, 0, dtype=torch.long, device=device),
-            decode_mask=(torch.arange(width, device=device)[None, :] < ctx_lens[:, None])[:, None, None, :],
-            prefills=prefills,
-            logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=device),
+            tokens=dev[:t],
+            positions=dev[t:2 * t],
+            write_slots=dev[2 * t:3 * t],
+            lora=kernels.make_lora_mapping(dev[3 * t:4 * t], self.num_slots),
+            decode_rows=dev[o_dec:o_dec + b],
+            decode_blocks=dev[o_tbl:size].view(b, width),
+            # Padding points at the null block, never at memory a sequence wrote.
+            decode_mask=(torch.arange(width * bs, device=device)[None, :] < ctx_lens[:, None])[:, None, None, :],
+            prefills=self._prefill_groups(prefill_spans),
+            logit_rows=dev[o_logit:o_logit + num_logits],
         )
         return step, wants_logits
+
+    def _prefill_groups(self, spans: list[tuple[PrefillSpan, Sequence]]) -> list[PrefillGroup]:
+        """Prefill spans bucketed for batched attention: first chunks of equal length together (causal,
+        no padding); the rest by power-of-two query length and context blocks (padded and masked)."""
+        if not spans:
+            return []
+        bs, device = self.kv.block_size, self.device
+        exact: dict[int, list[tuple[PrefillSpan, Sequence]]] = {}
+        for span, seq in spans:
+            if span.past == 0:
+                exact.setdefault(span.length, []).append((span, seq))
+        buckets: dict[tuple, list[tuple[PrefillSpan, Sequence]]] = {
+            (0, length): members for length, members in exact.items() if len(members) > 1}
+        for span, seq in spans:
+            if span.past == 0 and (0, span.length) in buckets:
+                continue
+            nb = -(-(span.past + span.length) // bs)
+            key = (1, (span.length - 1).bit_length(), (nb - 1).bit_length())
+            buckets.setdefault(key, []).append((span, seq))
+        groups = []
+        for key, members in buckets.items():
+            s = len(members)
+            starts = np.fromiter((span.start for span, _ in members), np.int64, s)
+            lengths = np.fromiter((span.length for span, _ in members), np.int64, s)
+            pasts = np.fromiter((span.past for span, _ in members), np.int64, s)
+            counts = -(-(pasts + lengths) // bs)  # blocks each span's context spans
+            n, width = int(lengths.max()), int(counts.max())
+            tables = np.full((s, width), self.kv.null_block, dtype=np.int64)
+            for i, (_, seq) in enumerate(members):
+                tables[i, :counts[i]] = seq.kv_slots.numpy()[:counts[i]]
+            # Padded query rows repeat the span's last row (their output is dropped).
+            clipped = np.minimum(np.arange(n)[None, :], lengths[:, None] - 1)  # [S, n]
+            q_index = (starts[:, None] + clipped).reshape(-1)
+            if key[0] == 0:
+                valid = mask = None
+                rows = q_index
+            else:
+                valid = np.flatnonzero(np.arange(n)[None, :] < lengths[:, None])
+                rows = q_index[valid]
+                # Query i of a span sees keys up to its own position (padded rows: the last real one's).
+                last = pasts[:, None] + clipped  # [S, n]
+                mask = torch.from_numpy(np.arange(width * bs)[None, None, :] <= last[:, :, None])[:, None].to(device)
+                valid = torch.from_numpy(valid).to(device)
+            groups.append(PrefillGroup(n, torch.from_numpy(q_index).to(device), valid, torch.from_numpy(rows).to(device),
+                                       torch.from_numpy(tables).to(device), mask))
+        return groups

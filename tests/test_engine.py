@@ -144,3 +144,39 @@ def test_eos_ends_a_sequence(tiny_model, tmp_path):
     assert ended.status == "ok", ended
     assert ended.finish_reason == "stop"
     assert ended.token_ids == free.token_ids[:eos_at + 1]
+
+
+@pytest.mark.parametrize("max_step_tokens", [64, 1024])  # chunked prefill over cached prefixes; one-step prefill
+def test_long_ragged_contexts_decode_as_alone(tiny_model, peft_adapters, max_step_tokens):
+    """Sequences of 3..300 tokens (block size 16) batched together decode exactly what each does alone, and
+    what PEFT does: block-table reads, padding to the longest table and batched (padded, masked) prefill
+    change nothing."""
+    import random
+
+    rng = random.Random(0)
+    lengths = [3, 17, 30, 150, 300]  # 17 and 30 share a padded prefill bucket
+    prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in lengths]
+    adapter = next(iter(peft_adapters))
+
+    def run(indices):
+        engine = Engine(str(tiny_model), EngineConfig(kv_cache_mb=16, kv_block_size=16,
+                                                      max_step_tokens=max_step_tokens))
+        engine.register(AdapterSpec(adapter, str(peft_adapters[adapter])))
+        engine.start()
+        try:
+            requests = [Request(f"r{i}", "t", adapter if i % 2 else None, prompt_ids=prompts[i],
+                                params=SamplingParams(12)) for i in indices]
+            results = submit_all(engine, requests)
+        finally:
+            engine.stop()
+        assert all(c.status == "ok" for c in results.values()), results
+        return {rid: c.token_ids for rid, c in results.items()}
+
+    together = run(range(len(prompts)))
+    alone = {}
+    for i in range(len(prompts)):
+        alone.update(run([i]))
+    assert together == alone
+    oracle = PeftOracle(tiny_model)
+    for i, prompt in enumerate(prompts):
+        oracle.assert_matches(peft_adapters[adapter] if i % 2 else None, prompt, together[f"r{i}"], 12, f"r{i}")
