@@ -9,7 +9,7 @@ lets the CPU path read a batch's adapters as views of the pool: `a[slot, :r]` is
 different ranks share the pool by zero padding to the pool's max rank R; the CPU path skips the padding
 past the largest true rank in the batch (recorded per slot at write time), the Triton path reads the
 padded tile (see docs/benchmarks.md for the cost). The backend is resolved once here, at construction;
-on the torch backend `apply` calls the slot-major torch path directly, with no per-call argument checks.
+`apply` calls the torch path or the Triton kernels directly, with no per-call argument checks.
 Which job uses which slot is decided by the scheduler; the pool only stores and applies. An adapter on
 a fused module (Phi-3's qkv_proj) arrives split into slices that share its A (scheduler/adapters.py), so
 the pool keeps a copy of that A per slice and shrinks once per slice: exact, for (slices - 1) extra A
@@ -119,11 +119,16 @@ class AdapterPool:
             torch_ops.apply_slot_major(x, y, self._a_slot_major[layer][group], self.b[layer][group],
                                        self._scale_slot_major[layer][group], self._offsets[group], mapping,
                                        self._batch_rank(group, mapping))
-        else:
-            # Triton (and the "gather" baseline) go through the checked public ops: the kernels read the
-            # [S, slots, R, in] view of the slot-major A by its strides. (Calling triton_ops.shrink/expand
-            # directly would drop the per-call checks; tests/test_engine.py spies on kernels.lora_shrink/
-            # lora_expand to prove the Triton path runs, so that switch waits for the spy to move.)
+        elif self._backend == "triton":
+            # The shapes were checked when the pool was built: launch the kernels without the public ops'
+            # per-call checks. They read the [S, slots, R, in] view of the slot-major A by its strides.
+            from lorabus.kernels import triton_ops
+
+            a = self.a[layer][group]
+            t = torch.zeros((a.shape[0], x.shape[0], a.shape[2]), dtype=torch.float32, device=x.device)
+            triton_ops.shrink(x, a, mapping, t)
+            triton_ops.expand(y, t, self.b[layer][group], self.scale[layer][group], self._offsets[group], mapping)
+        else:  # the "gather" baseline, through the checked public ops
             t = kernels.lora_shrink(x, self.a[layer][group], mapping, backend=self._backend)
             kernels.lora_expand(y, t, self.b[layer][group], mapping, self.scale[layer][group], backend=self._backend)
 
