@@ -110,11 +110,16 @@ def build_assets(root: Path, shape: str, num_adapters: int, targets=TARGETS, log
                 config["eos_token_id"] = None
                 path.write_text(json.dumps(config, indent=2))
         log(f"built {shape} model in {time.perf_counter() - started:.1f}s")
-    adapters = []
+    return model_dir, sample_adapters(root / f"adapters-{shape}", model_dir, num_adapters, targets, log)
+
+
+def sample_adapters(prefix: Path, model_dir: Path, num_adapters: int, targets, log) -> list[tuple[str, Path]]:
+    """`num_adapters` random rank-16 PEFT adapters for the model, built once under `<prefix>-<targets>/`."""
     tag = "-".join(p.split("_")[0] for p in targets)
+    adapters = []
     started, built = time.perf_counter(), 0
     for i in range(num_adapters):
-        path = root / f"adapters-{shape}-{tag}" / f"a{i:04d}"
+        path = prefix.parent / f"{prefix.name}-{tag}" / f"a{i:04d}"
         if not (path / "adapter_model.safetensors").exists():
             build_sample_adapter(path, model_dir, rank=RANK, alpha=2 * RANK, target_modules=tuple(targets), seed=1000 + i,
                                  std=0.05)
@@ -122,7 +127,7 @@ def build_assets(root: Path, shape: str, num_adapters: int, targets=TARGETS, log
         adapters.append((f"a{i:04d}@1", path))
     if built:
         log(f"built {built} adapters in {time.perf_counter() - started:.1f}s")
-    return model_dir, adapters
+    return adapters
 
 
 MODEL_FILES_SKIPPED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -162,19 +167,7 @@ def model_assets(root: Path, source: Path, num_adapters: int, targets=TARGETS,
                     (model_dir / path.name).symlink_to(path)
         marker.write_text(str(source))
         log(f"eos-free view of {source} in {model_dir}")
-    adapters = []
-    tag = "-".join(p.split("_")[0] for p in targets)
-    started, built = time.perf_counter(), 0
-    for i in range(num_adapters):
-        path = root / f"adapters-{label}-{tag}" / f"a{i:04d}"
-        if not (path / "adapter_model.safetensors").exists():
-            build_sample_adapter(path, model_dir, rank=RANK, alpha=2 * RANK, target_modules=tuple(targets), seed=1000 + i,
-                                 std=0.05)
-            built += 1
-        adapters.append((f"a{i:04d}@1", path))
-    if built:
-        log(f"built {built} adapters in {time.perf_counter() - started:.1f}s")
-    return model_dir, adapters
+    return model_dir, sample_adapters(root / f"adapters-{label}", model_dir, num_adapters, targets, log)
 
 
 def zipf_choice(rng: random.Random, n: int, count: int) -> list[int]:
