@@ -15,9 +15,12 @@ import pytest  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.helpers import PrivateBroker, make_peft_adapter  # noqa: E402
+from tests.helpers import PrivateBroker, make_peft_adapter, use_python_record_builder  # noqa: E402
 from lorabus.worker.model_store import fetch_model  # noqa: E402
 from lorabus.worker.samples import build_tiny_model  # noqa: E402
+
+# Before any producer exists: test producers may send header keys that are not UTF-8 (see the helper).
+use_python_record_builder()
 
 
 @pytest.fixture(scope="session")

@@ -152,23 +152,24 @@ class RawHeaderKey(str):
         return self.raw
 
 
-@contextlib.contextmanager
-def raw_header_keys():
-    """Within this block, producers build batches in Python, where `RawHeaderKey` is honoured
-    (aiokafka's C builder encodes keys itself). Use `RawHeaderKey(b"...")` as a header key. Keep the
-    block around every send of such a batch: aiokafka asserts a batch's builder class when it is sent."""
+def use_python_record_builder() -> None:
+    """Make every producer in this test process build batches with aiokafka's Python builder, where
+    `RawHeaderKey` is honoured (the C builder encodes keys itself). Called once, before any producer
+    exists (tests/conftest.py): aiokafka asserts a batch's builder class when it sends the batch, so
+    switching classes while producers run (a worker's, in this process) would fail their sends."""
     from aiokafka.producer import message_accumulator, producer
     from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 
-    modules = (message_accumulator, producer)
-    originals = [m.DefaultRecordBatchBuilder for m in modules]
-    for module in modules:
+    for module in (message_accumulator, producer):
         module.DefaultRecordBatchBuilder = _DefaultRecordBatchBuilderPy
-    try:
-        yield RawHeaderKey
-    finally:
-        for module, original in zip(modules, originals):
-            module.DefaultRecordBatchBuilder = original
+
+
+@contextlib.contextmanager
+def raw_header_keys():
+    """`RawHeaderKey`, for a block of sends with header keys that are not UTF-8 (see
+    `use_python_record_builder`, which makes them possible for the whole test session)."""
+    use_python_record_builder()  # idempotent; conftest has done it already
+    yield RawHeaderKey
 
 
 def start_worker_process(kafka: str, model_dir: Path, topics: dict[str, str], group: str, log_path: Path, **env):
