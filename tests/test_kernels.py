@@ -15,23 +15,20 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import subprocess
 import sys
-import time
-import zlib
-from collections import defaultdict
 
 import pytest
 import torch
 
 from lorabus import kernels
 from lorabus.kernels import LoRAMapping, lora_expand, lora_shrink, make_lora_mapping, triton_ops
+from tests.seeded import SEED, ErrorTable, generator_for, ri
 
-SEED = int(os.environ.get("LORABUS_TEST_SEED", time.time_ns() % 2**31))
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("triton", "torch", "gather")
 # Max |out - ref| over max |ref|. bf16 allows a full ulp (2**-7): Triton's
 # interpreter truncates fp32 -> bf16 where the GPU rounds to nearest.
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-MAX_ERR: dict[tuple, float] = defaultdict(float)
+ERRORS = ErrorTable("kernels", per_dtype=True)
 
 # If the environment forced TRITON_INTERPRET off, only the Triton cases skip.
 AVAILABLE = BACKENDS if triton_ops.INTERPRETED else ("torch", "gather")
@@ -39,34 +36,14 @@ BACKEND_PARAMS = [pytest.param(b, marks=pytest.mark.skipif(b not in AVAILABLE, r
                   for b in BACKENDS]
 
 
-class _ErrorSummary:
-    """Pytest plugin (registered below) that prints the seed and the error table at the end."""
-
-    @staticmethod
-    def pytest_terminal_summary(terminalreporter):
-        terminalreporter.write_sep("-", f"kernels: LORABUS_TEST_SEED={SEED}; largest relative error seen")
-        per_dtype = defaultdict(float)
-        for (op, dtype, backend), err in sorted(MAX_ERR.items(), key=str):
-            terminalreporter.write_line(f"  {op:7s} {str(dtype):15s} {backend:7s} {err:.3e}")
-            per_dtype[dtype] = max(per_dtype[dtype], err)
-        terminalreporter.write_line("  max per dtype: " + ", ".join(f"{d}={e:.2e}" for d, e in per_dtype.items()))
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _error_summary(request):
-    if not request.config.pluginmanager.is_registered(_ErrorSummary):
-        request.config.pluginmanager.register(_ErrorSummary)
+    ERRORS.register(request.config)
 
 
 @pytest.fixture
 def gen(request):
-    # Per-test stream, so one test reproduces alone under the same seed.
-    return torch.Generator().manual_seed(SEED + zlib.crc32(request.node.nodeid.encode()))
-
-
-def ri(g, lo, hi):
-    """Random int in [lo, hi]."""
-    return int(torch.randint(lo, hi + 1, (1,), generator=g))
+    return generator_for(request)
 
 
 # ---------------------------------------------------------------- data & reference
@@ -122,7 +99,7 @@ def ref_expand(y, t3, bs, scale2, offsets, idx):
 def check(op, out, ref, dtype, backend, ctx):
     scale = ref.abs().max().item() if ref.numel() else 0.0
     err = (out.double() - ref).abs().max().item() / max(scale, 1e-30) if ref.numel() else 0.0
-    MAX_ERR[(op, dtype, backend)] = max(MAX_ERR[(op, dtype, backend)], err)
+    ERRORS.record(op, dtype, backend, err)
     assert err <= TOL[dtype], f"{op} {backend} {dtype}: rel err {err:.3e} > {TOL[dtype]:.0e} [seed={SEED} {ctx}]"
 
 

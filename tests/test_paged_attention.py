@@ -15,9 +15,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import time
-import zlib
-from collections import defaultdict
 
 import pytest
 import torch
@@ -25,39 +22,26 @@ import torch
 from lorabus.kernels.paged_attention import (paged_attention_decode, paged_attention_decode_ref,
                                              paged_attention_prefill, paged_attention_prefill_ref)
 from lorabus.kernels import paged_attention_triton
+from tests.seeded import SEED, ErrorTable, generator_for, ri
 
-SEED = int(os.environ.get("LORABUS_TEST_SEED", time.time_ns() % 2**31))
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Max |out - ref| over max |V| of the case (the output is a convex combination of V rows).
 # fp16/bf16: probabilities are rounded to the dtype before the P.V product, and the output is rounded.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-MAX_ERR: dict[tuple, float] = defaultdict(float)
+ERRORS = ErrorTable("paged attention")
 BACKENDS = ("triton", "torch")
 BACKEND_PARAMS = [pytest.param(b, marks=pytest.mark.skipif(
     b == "triton" and not paged_attention_triton.INTERPRETED, reason="needs TRITON_INTERPRET=1")) for b in BACKENDS]
 
 
-class _PagedAttentionErrors:
-    @staticmethod
-    def pytest_terminal_summary(terminalreporter):
-        terminalreporter.write_sep("-", f"paged attention: LORABUS_TEST_SEED={SEED}; largest relative error seen")
-        for (op, dtype, backend), err in sorted(MAX_ERR.items(), key=str):
-            terminalreporter.write_line(f"  {op:8s} {str(dtype):15s} {backend:7s} {err:.3e}")
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _error_summary(request):
-    if not request.config.pluginmanager.is_registered(_PagedAttentionErrors):
-        request.config.pluginmanager.register(_PagedAttentionErrors)
+    ERRORS.register(request.config)
 
 
 @pytest.fixture
 def gen(request):
-    return torch.Generator().manual_seed(SEED + zlib.crc32(request.node.nodeid.encode()))
-
-
-def ri(g, lo, hi):
-    return int(torch.randint(lo, hi + 1, (1,), generator=g))
+    return generator_for(request)
 
 
 def pick(g, seq):
@@ -154,7 +138,7 @@ def check(op, out, case: Case, backend):
     ref = case.reference()
     assert torch.isfinite(out).all(), f"{op} {backend}: non-finite output (read padding?) [seed={SEED} {case.describe()}]"
     err = ((out.double() - ref).abs().max() / case.vmax).item() if out.numel() else 0.0
-    MAX_ERR[(op, case.dtype, backend)] = max(MAX_ERR[(op, case.dtype, backend)], err)
+    ERRORS.record(op, case.dtype, backend, err)
     tol = TOL[case.dtype]
     assert err <= tol, f"{op} {backend}: rel err {err:.3e} > {tol:.0e} [seed={SEED} {case.describe()}]"
 
