@@ -6,7 +6,7 @@ of sequence b is slot block_tables[b, p // block_size] * block_size +
 p % block_size. A 4-D [num_blocks, block_size, Hkv, D] cache is accepted
 too (block_size is then its dim 1). Entries of block_tables at or past
 cdiv(context_lens[b], block_size) are padding and never read, whatever they
-hold (the engine pads with the null row).
+hold (the engine pads with its null block).
 
 GQA: query head i uses KV head i // G, G = Hq // Hkv (the `repeat_kv` /
 SDPA enable_gqa convention).

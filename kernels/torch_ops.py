@@ -159,7 +159,7 @@ def apply_slot_major(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs, scal
     slots), the scale multiplies the rank-sized intermediate, and y's rows are updated with one
     index_add_ (fp32) or one read-add-write (fp16/bf16, rounded once). Rows without an adapter are untouched.
     """
-    L, R, S, H = a.shape
+    S, H = a.shape[2:]
     r = rank
     widths = [b.shape[1] for b in bs]
     if m.sorted_tokens.shape[0] == 0 or r == 0:

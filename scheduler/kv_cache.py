@@ -42,14 +42,13 @@ class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
         # One block past the allocatable ones is the null block: no sequence holds it, so nothing ever
-        # writes it and it stays zero. Block tables are padded with it and padded context positions point
-        # at its first row (`null_slot`). Masked attention weights are 0, but 0 times a NaN is NaN, so a
-        # padding index into real memory (another sequence's, or a freed block's stale K/V) would let that
-        # memory poison every padded row; `clear` zeroes a sequence's blocks when it first runs for the
-        # same reason (attention reads whole blocks, past the sequence's context in its last one).
+        # writes it and it stays zero. Block tables are padded with it. Masked attention weights are 0,
+        # but 0 times a NaN is NaN, so a padding index into real memory (another sequence's, or a freed
+        # block's stale K/V) would let that memory poison every padded row; `clear` zeroes a sequence's
+        # blocks when it first runs for the same reason (attention reads whole blocks, past the
+        # sequence's context in its last one).
         self.num_blocks, self.block_size = num_blocks, block_size
         self.null_block = num_blocks
-        self.null_slot = num_blocks * block_size
         shape = (num_layers, (num_blocks + 1) * block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -60,11 +59,6 @@ class PagedKVCache:
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
-
-    def token_slots(self, blocks: list[int], device: torch.device) -> torch.Tensor:
-        """Flat cache index of every position a sequence may use, in position order."""
-        ids = torch.tensor(blocks, dtype=torch.long, device=device)
-        return (ids[:, None] * self.block_size + torch.arange(self.block_size, device=device)).flatten()
 
     def clear(self, blocks: torch.Tensor) -> None:
         """Zero these blocks in every layer (stale K/V of a previous holder, maybe NaN)."""

@@ -3,7 +3,7 @@
 The pool holds `max_loras` slots. For every decoder layer and projection group (`scheduler.arch.GROUPS`:
 fused q/k/v, o, fused gate/up, down) it keeps one A tensor stored slot-major [slots, R, S, in] (`a` exposes
 it as the kernels' [S, slots, R, in] view: strides, no copy) and, per slice, a B tensor [slots, out, R]
-plus scales [S, slots] (and the same scales slot-major [slots, S] for the CPU path). Slot-major storage
+plus scales [S, slots] (the CPU path reads them transposed, as a view). Slot-major storage
 lets the CPU path read a batch's adapters as views of the pool: `a[slot, :r]` is one contiguous
 [r*S, in] matrix and a run of slots is one strided batch, so a step gathers no A or B. Adapters of
 different ranks share the pool by zero padding to the pool's max rank R; the CPU path skips the padding
@@ -59,22 +59,19 @@ class AdapterPool:
         self._a_slot_major: list[dict[str, torch.Tensor]] = []  # [slots, R, S, in]
         self.a: list[dict[str, torch.Tensor]] = []  # the same storage viewed [S, slots, R, in]
         self.b: list[dict[str, list[torch.Tensor]]] = []
-        self.scale: list[dict[str, torch.Tensor]] = []  # [S, slots] fp32 (Triton, public API)
-        self._scale_slot_major: list[dict[str, torch.Tensor]] = []  # [slots, S] fp32 (torch path)
+        self.scale: list[dict[str, torch.Tensor]] = []  # [S, slots] fp32
         for _ in range(num_layers):
-            a_sm, a, b, s, s_sm = {}, {}, {}, {}, {}
+            a_sm, a, b, s = {}, {}, {}, {}
             for group, projs in groups.items():
                 d_in = projections[projs[0]][0]
                 a_sm[group] = torch.zeros(max_loras, max_rank, len(projs), d_in, dtype=dtype, device=device)
                 a[group] = a_sm[group].permute(2, 0, 1, 3)
                 b[group] = [torch.zeros(max_loras, projections[p][1], max_rank, dtype=dtype, device=device) for p in projs]
                 s[group] = torch.zeros(len(projs), max_loras, dtype=torch.float32, device=device)
-                s_sm[group] = torch.zeros(max_loras, len(projs), dtype=torch.float32, device=device)
             self._a_slot_major.append(a_sm)
             self.a.append(a)
             self.b.append(b)
             self.scale.append(s)
-            self._scale_slot_major.append(s_sm)
         # Slots per group whose adapter targets it: a group no resident adapter targets costs no launch.
         self._targets: dict[str, set[int]] = {group: set() for group in groups}
         # True rank per group and slot (largest over layers and slices), 0 when the slot does not target it.
@@ -92,7 +89,6 @@ class AdapterPool:
                 self.a[layer][group][i, slot, :rank].copy_(a, non_blocking=True)
                 self.b[layer][group][i][slot, :, :rank].copy_(b, non_blocking=True)
                 self.scale[layer][group][i, slot] = scale
-                self._scale_slot_major[layer][group][slot, i] = scale
                 self._targets[group].add(slot)
                 self._rank[group][slot] = max(self._rank[group][slot], rank)
         if self._copy_stream is not None:
@@ -105,7 +101,6 @@ class AdapterPool:
                 for b in self.b[layer][group]:
                     b[slot].zero_()
                 self.scale[layer][group][:, slot] = 0.0
-                self._scale_slot_major[layer][group][slot] = 0.0
         for slots in self._targets.values():
             slots.discard(slot)
         for ranks in self._rank.values():
@@ -117,7 +112,7 @@ class AdapterPool:
             return
         if self._backend == "torch":
             torch_ops.apply_slot_major(x, y, self._a_slot_major[layer][group], self.b[layer][group],
-                                       self._scale_slot_major[layer][group], self._offsets[group], mapping,
+                                       self.scale[layer][group].T, self._offsets[group], mapping,
                                        self._batch_rank(group, mapping))
         elif self._backend == "triton":
             # The shapes were checked when the pool was built: launch the kernels without the public ops'

@@ -281,7 +281,8 @@ def test_importing_kernels_does_not_import_triton():
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_reads_the_engines_paged_kv_cache_in_place(gen, backend):
-    """scheduler.kv_cache.PagedKVCache as the engine fills it: write by token_slots, pad tables with the null block."""
+    """scheduler.kv_cache.PagedKVCache as the engine fills it: position p of a sequence at flat row
+    block[p // bs] * bs + p % bs, tables padded with the null block."""
     from lorabus.scheduler.kv_cache import BlockAllocator, PagedKVCache
     bs, Hkv, G, D = 16, 2, 3, 64
     kv = PagedKVCache(2, 12, bs, Hkv, D, torch.float16, torch.device("cpu"))
@@ -289,12 +290,12 @@ def test_reads_the_engines_paged_kv_cache_in_place(gen, backend):
     alloc.allocate(ri(gen, 1, 20))  # someone else's blocks first: tables do not start at block 0
     ctxs = [1, ri(gen, 17, 31), ri(gen, 33, 60)]
     blocks = [alloc.allocate(c) for c in ctxs]
-    null_block = kv.null_slot // bs
-    tables = torch.full((3, max(map(len, blocks)) + 1), null_block, dtype=torch.int32)
+    tables = torch.full((3, max(map(len, blocks)) + 1), kv.null_block, dtype=torch.int32)
     case = Case(gen, torch.float16, G=G, Hkv=Hkv, D=D, bs=bs, ctxs=ctxs)  # the dense data and reference
     for b, (blk, ctx) in enumerate(zip(blocks, ctxs)):
         tables[b, : len(blk)] = torch.tensor(blk, dtype=torch.int32)
-        kv.write(1, kv.token_slots(blk, torch.device("cpu"))[:ctx], case.k[b], case.v[b])
+        rows = (torch.tensor(blk)[:, None] * bs + torch.arange(bs)).flatten()
+        kv.write(1, rows[:ctx], case.k[b], case.v[b])
     out = paged_attention_decode(case.q, kv.k[1], kv.v[1], tables, case.context_lens, case.scale,
                                  block_size=bs, backend=backend)
     check("decode", out, case, backend)
