@@ -30,7 +30,8 @@ from lorabus.scheduler import EngineConfig
 from lorabus.worker.client import run_jobs
 from lorabus.worker.config import WorkerConfig
 from lorabus.worker.samples import build_tiny_model
-from lorabus.worker.service import Worker, ensure_topics
+from lorabus.worker.service import Worker
+from lorabus.worker.topics import ensure_topics
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("at-least-once", "exactly-once")

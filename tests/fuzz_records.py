@@ -1212,7 +1212,7 @@ async def run_fuzz(kafka: str, model_dir: Path, adapters: dict[str, Path], workd
     from lorabus.schemas import AdapterPublish
     from tests.helpers import committed_lag, running_worker, worker_config
     from lorabus.worker.client import publish_control
-    from lorabus.worker.service import ensure_topics
+    from lorabus.worker.topics import ensure_topics
 
     config = worker_config(kafka, model_dir, worker_id="fuzz-1")
     reply_topic = config.results_topic.replace("results-", "replies-")

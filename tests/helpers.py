@@ -103,12 +103,9 @@ def worker_config(kafka: str, model_dir: Path, **overrides) -> WorkerConfig:
 async def running_worker(config: WorkerConfig):
     """A Worker in this event loop; stopped gracefully (and checked to exit cleanly) on the way out."""
     from lorabus.worker.service import Worker
-    from lorabus.worker.topics import CONTROL_TOPIC_CONFIGS, ensure_topics
+    from lorabus.worker.topics import ensure_worker_topics
 
-    await ensure_topics(config.bootstrap_servers, {config.jobs_topic: config.topic_partitions,
-                                                   config.results_topic: config.topic_partitions,
-                                                   config.control_topic: 1, config.dlq_topic: 1},
-                        {config.control_topic: CONTROL_TOPIC_CONFIGS})
+    await ensure_worker_topics(config)
     worker = Worker(config)
     task = asyncio.create_task(worker.run())
     try:

@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from lorabus.schemas import AdapterPublish, decode_result
 from tests.helpers import start_worker_process, unique
 from lorabus.worker.client import publish_control, topic_partitions
-from lorabus.worker.service import ensure_topics
+from lorabus.worker.topics import ensure_topics
 
 pytestmark = pytest.mark.kafka
 

@@ -31,7 +31,7 @@ from tests.fuzz_records import run_task_of
 from tests.helpers import (PeftOracle, PrivateBroker, committed_lag, running_worker, start_worker_process, unique,
                            worker_config)
 from lorabus.worker.client import publish_control, topic_partitions
-from lorabus.worker.service import ensure_topics
+from lorabus.worker.topics import ensure_topics
 
 pytestmark = pytest.mark.kafka
 

@@ -21,6 +21,8 @@ import msgspec
 from lorabus.scheduler import EngineConfig
 from lorabus.worker.config import WorkerConfig
 
+WAIT_POLL_S = 0.5  # how often --wait reads the status topic
+
 
 def _add_config_flags(parser: argparse.ArgumentParser, cls, skip=("engine",)) -> None:
     for f in dataclasses.fields(cls):
@@ -319,17 +321,10 @@ def cmd_model_fetch(args) -> int:
     return 0
 
 
-WAIT_POLL_S = 0.5  # how often --wait reads the status topic
-
-
 def _plain(result) -> dict:
     import msgspec
 
     return msgspec.to_builtins(result)
-
-
-def _status_topic_default() -> str:
-    return os.environ.get("LORABUS_STATUS_TOPIC", getattr(WorkerConfig(), "status_topic", "lorabus.status"))
 
 
 def _client_flags(parser: argparse.ArgumentParser, *topics: str) -> None:
@@ -337,8 +332,8 @@ def _client_flags(parser: argparse.ArgumentParser, *topics: str) -> None:
     parser.add_argument("--bootstrap-servers", default=os.environ.get("LORABUS_BOOTSTRAP_SERVERS", defaults.bootstrap_servers))
     for topic in topics:
         env = "LORABUS_" + topic.upper()
-        default = _status_topic_default() if topic == "status_topic" else os.environ.get(env, getattr(defaults, topic))
-        parser.add_argument("--" + topic.replace("_", "-"), default=default, help=f"[env {env}]")
+        parser.add_argument("--" + topic.replace("_", "-"), default=os.environ.get(env, getattr(defaults, topic)),
+                            help=f"[env {env}]")
 
 
 def _control_command(subparsers, name: str, text: str, func) -> argparse.ArgumentParser:

@@ -10,10 +10,9 @@ from collections.abc import Callable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from lorabus.schemas import (DECODE_ERRORS, ControlEvent, JobResult, WorkerStatus, decode_control, decode_result,
-                             decode_status, encode)
+from lorabus.schemas import DECODE_ERRORS, ControlEvent, JobResult, WorkerStatus, decode_result, decode_status, encode
 from lorabus.worker import kafka_records
-from lorabus.worker.control_log import ControlLog, control_key, key_text
+from lorabus.worker.control_log import ControlLog, SkippedRecord, control_key, key_text, read_record
 
 
 async def publish_control(bootstrap: str, topic: str, events: list[ControlEvent],
@@ -78,11 +77,9 @@ async def read_control_log(bootstrap: str, topic: str, timeout_s: float = 30.0) 
                 log.clear(record.offset, key)
             continue
         try:
-            event = decode_control(record.value)
-        except DECODE_ERRORS:
+            log.apply(record.offset, read_record(key, record.value))
+        except SkippedRecord:
             continue
-        if key == control_key(event):
-            log.apply(record.offset, event)
     log.end_offset = max(log.end_offset, end)
     return log
 

@@ -37,8 +37,8 @@ from urllib.parse import quote
 
 import msgspec
 
-from lorabus.schemas import (AdapterActivate, AdapterPublish, AdapterRetire, AdapterWarm, ControlEvent, RouteDelete,
-                             RouteSet)
+from lorabus.schemas import (DECODE_ERRORS, AdapterActivate, AdapterPublish, AdapterRetire, AdapterWarm, ControlEvent,
+                             RouteDelete, RouteSet, decode_control)
 
 _DIGEST_HEX = 16
 ALL_TENANTS = "*"
@@ -86,6 +86,26 @@ def key_text(raw: bytes | None) -> str | None:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return None
+
+
+class SkippedRecord(Exception):
+    """A control record no reader may apply: `reason` "invalid" (not a valid event) or "key" (not under
+    its event's canonical key, where compaction would mix it up with other state)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def read_record(key: str | None, value: bytes) -> ControlEvent:
+    """The event of a control record (not a tombstone); SkippedRecord when it must be skipped."""
+    try:
+        event = decode_control(value)
+    except DECODE_ERRORS as exc:
+        raise SkippedRecord("invalid", f"{type(exc).__name__}: {exc}") from None
+    if key != control_key(event):
+        raise SkippedRecord("key", f"record key {key!r} is not the event's key {control_key(event)!r}")
+    return event
 
 
 @dataclass(frozen=True)

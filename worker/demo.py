@@ -100,13 +100,9 @@ def render_table(rows: list[tuple[str, str, str]], columns: int | None = None) -
 
 async def _demo(config: WorkerConfig, adapters: dict[str, Path]) -> None:
     from lorabus.worker.service import Worker
-    from lorabus.worker.topics import CONTROL_TOPIC_CONFIGS, STATUS_TOPIC_CONFIGS, ensure_topics
+    from lorabus.worker.topics import ensure_worker_topics
 
-    # Created here (as the worker would) so that the adapters can be published before the worker is up.
-    await ensure_topics(config.bootstrap_servers, {config.jobs_topic: config.topic_partitions,
-                                                   config.results_topic: config.topic_partitions,
-                                                   config.control_topic: 1, config.dlq_topic: 1, config.status_topic: 1},
-                        {config.control_topic: CONTROL_TOPIC_CONFIGS, config.status_topic: STATUS_TOPIC_CONFIGS})
+    await ensure_worker_topics(config)  # here, so that the adapters can be published before the worker is up
     worker = Worker(config)
     serving = asyncio.create_task(worker.run())
     events = [AdapterPublish(name=name, version=VERSION, path=str(path.resolve())) for name, path in adapters.items()]

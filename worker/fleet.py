@@ -20,7 +20,7 @@ from lorabus.schemas import (AdapterActivate, AdapterPublish, AdapterRetire, Ada
 from lorabus.worker.adapter_paths import ADAPTER_FILES, AdapterPathError, local_path
 from lorabus.worker.control_log import ControlLog, control_key
 
-DEFAULT_INTERVAL_MS = 2000  # WorkerStatus.interval_ms when a status does not carry it
+DEFAULT_INTERVAL_MS = 2000  # taken for a status whose interval_ms is 0
 SILENT_AFTER_INTERVALS = 3  # a worker is live while its last status is younger than this many intervals
 RECENT_EVENTS = 5  # control events `render_status` shows with the workers that applied them
 
@@ -149,13 +149,9 @@ def event_outcome(event: ControlEvent, offset: int, status: WorkerStatus) -> Out
 
 # ---- the fleet view -------------------------------------------------------------------------------
 
-def interval_ms(status: WorkerStatus) -> int:
-    return getattr(status, "interval_ms", DEFAULT_INTERVAL_MS) or DEFAULT_INTERVAL_MS
-
-
 def is_live(status: WorkerStatus, now_ms: int) -> bool:
     """Whether the worker's last status is recent enough (3 of its publishing intervals)."""
-    return now_ms - status.ts_ms <= SILENT_AFTER_INTERVALS * interval_ms(status)
+    return now_ms - status.ts_ms <= SILENT_AFTER_INTERVALS * (status.interval_ms or DEFAULT_INTERVAL_MS)
 
 
 def live_workers(statuses: dict[str, WorkerStatus], now_ms: int) -> dict[str, WorkerStatus]:
@@ -218,7 +214,7 @@ def render_status(log: ControlLog, statuses: dict[str, WorkerStatus], now_ms: in
     for w in workers:
         s = statuses[w]
         state = "live" if w in live else f"silent for {max(0, now_ms - s.ts_ms) // 1000} s"
-        if getattr(s, "truncated", False):
+        if s.truncated:
             state += " (truncated)"
         behind = max(0, log.end_offset - s.control_offset)
         rows.append([w, state, str(s.control_offset), str(behind) if behind else "0 (up to date)",
@@ -229,8 +225,8 @@ def render_status(log: ControlLog, statuses: dict[str, WorkerStatus], now_ms: in
     names = _names(log, statuses)
     out.append("adapters:" if names else "adapters: none published")
     for name in names:
-        live_versions = log.candidates(name)
-        out.append(f"  {name}: activated {log.activated(name) or '-'}; live versions {' '.join(live_versions) or '-'}")
+        live_versions, wanted = log.candidates(name), log.activated(name)
+        out.append(f"  {name}: activated {wanted or '-'}; live versions {' '.join(live_versions) or '-'}")
         rows = []
         for w in workers:
             s = statuses[w]
@@ -238,7 +234,6 @@ def render_status(log: ControlLog, statuses: dict[str, WorkerStatus], now_ms: in
             loading = [_version_of(v.adapter) for v in mine if v.state == "loading"]
             resident = [_version_of(r) for r in s.resident if _name_of(r) == name]
             serves = s.serving.get(name, "-")
-            wanted = log.activated(name)
             if wanted is not None and serves != wanted:
                 serves += f" (not {wanted})"
             row = [w, f"serves {serves}", f"resident {' '.join(resident) or '-'}"]

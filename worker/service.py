@@ -27,13 +27,13 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from lorabus.scheduler import AdapterSpec, Completion, Engine, Request
-from lorabus.schemas import (DECODE_ERRORS, AdapterActivate, AdapterPublish, AdapterWarm, Job, JobError,
-                             JobResult, decode_control, decode_job, encode, error_result)
+from lorabus.schemas import (AdapterActivate, AdapterPublish, AdapterWarm, Job, JobError, JobResult, decode_job,
+                             encode, error_result)
 from lorabus.worker import kafka_records
 from lorabus.worker.adapter_paths import AdapterPathError, confine_adapter_path
 from lorabus.worker.client import topic_partitions
 from lorabus.worker.config import WorkerConfig
-from lorabus.worker.control_log import ControlLog, control_key, is_control_key, key_text
+from lorabus.worker.control_log import ControlLog, SkippedRecord, is_control_key, key_text, read_record
 from lorabus.worker.metrics import Metrics
 from lorabus.worker.offsets import PartitionOffsets
 from lorabus.worker.output import AtLeastOnceOutput, Outgoing, TransactionalOutbox
@@ -41,7 +41,7 @@ from lorabus.worker.producer import ResultProducer, truncated_copy
 from lorabus.worker.registry import AdapterHealth, AdapterRegistry, Load, ResolvedAdapter, adapter_key
 from lorabus.worker.signing import ControlKeys
 from lorabus.worker.status import StatusReporter
-from lorabus.worker.topics import CONTROL_TOPIC_CONFIGS, STATUS_TOPIC_CONFIGS, check_control_topic, ensure_topics
+from lorabus.worker.topics import check_control_topic, ensure_worker_topics
 from lorabus.worker.translate import ok_result, provenance, to_request
 
 log = logging.getLogger(__name__)
@@ -123,9 +123,7 @@ class Worker:
         cfg = self.config
         kafka_records.install()
         self._loop = asyncio.get_running_loop()
-        await ensure_topics(cfg.bootstrap_servers, {cfg.jobs_topic: cfg.topic_partitions, cfg.results_topic: cfg.topic_partitions,
-                                                    cfg.control_topic: 1, cfg.dlq_topic: 1, cfg.status_topic: 1},
-                            {cfg.control_topic: CONTROL_TOPIC_CONFIGS, cfg.status_topic: STATUS_TOPIC_CONFIGS})
+        await ensure_worker_topics(cfg)
         if cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(cfg.metrics_port)
             log.info("metrics on http://127.0.0.1:%d/metrics", self.metrics_port)
@@ -262,12 +260,9 @@ class Worker:
                 self._ignore_control(record, verdict.code, verdict.reason)
                 return
         try:
-            event = decode_control(record.value)
-        except DECODE_ERRORS as exc:
-            self._ignore_control(record, "invalid", f"{type(exc).__name__}: {exc}")
-            return
-        if key != control_key(event):  # compaction would mix it up with other state
-            self._ignore_control(record, "key", f"record key {key!r} is not the event's key {control_key(event)!r}")
+            event = read_record(key, record.value)
+        except SkippedRecord as skip:
+            self._ignore_control(record, skip.reason, skip.detail)
             return
         try:
             self._apply_event(record.offset, event)

@@ -15,6 +15,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+from lorabus.worker.config import WorkerConfig
+
 log = logging.getLogger(__name__)
 
 # retention.ms=-1: compaction alone decides what goes, even if the policy is later widened to delete.
@@ -39,6 +41,14 @@ async def ensure_topics(bootstrap: str, topics: dict[str, int], configs: dict[st
                 raise KafkaError(f"could not create topics: {'; '.join(errors)}")
     finally:
         await admin.close()
+
+
+async def ensure_worker_topics(config: WorkerConfig) -> None:
+    """Every topic a worker uses, created (when missing) as a worker creates them."""
+    await ensure_topics(config.bootstrap_servers,
+                        {config.jobs_topic: config.topic_partitions, config.results_topic: config.topic_partitions,
+                         config.control_topic: 1, config.dlq_topic: 1, config.status_topic: 1},
+                        {config.control_topic: CONTROL_TOPIC_CONFIGS, config.status_topic: STATUS_TOPIC_CONFIGS})
 
 
 async def topic_configs(admin: AIOKafkaAdminClient, topic: str) -> dict[str, str | None]:
