@@ -3,6 +3,7 @@
     python -m benchmarks.step [--model DIR] [--model-shape small] [--batch 64] [--prompt-len 128]
                               [--repeats 5] [--steps 4] [--threads 1] [--prefill-prompts 32]
                               [--prefill-len 16] [--json out.json]
+                              [--device cuda] [--attention-backend auto] [--no-cuda-graphs]
 
 Three engine variants, each an `Engine` (not started: this script calls its step loop's `iterate()`
 itself, on the main thread) holding --batch running sequences that decode together:
@@ -28,6 +29,13 @@ edited): `F.linear` / `F.scaled_dot_product_attention` as the model module sees 
 scheduler's `schedule`. A hook whose target no longer exists (the engine changes) reports "n/a";
 phases that are differences (KV gather = `_attention` minus SDPA; "residual, embed, rest" = forward
 minus the hooked phases; host = step minus forward) are n/a when a term is.
+
+--device cuda runs the engines and the plain loops on the GPU (in the engine's dtype, bf16 by default):
+phase hooks then synchronize the device around each hooked call (the breakdown serializes the GPU, the
+unhooked totals do not), and with CUDA graphs on (the default there) the hooks are not installed at all
+(Python hooks cannot run inside a replayed graph): only the totals are measured, so run once more with
+--no-cuda-graphs for the breakdown. --attention-backend picks the engine's attention (auto: triton on
+CUDA, torch on CPU).
 
 --prefill-*: batched prefill of --prefill-prompts prompts of ~--prefill-len tokens (lengths
 len-4..len+4) to their first token, the engine (base model, fresh sequences, one `iterate()` per
@@ -73,8 +81,9 @@ def mmm(values, fmt=".2f") -> str:
 class Timers:
     """Accumulates seconds per phase while `on`; wrappers installed once, transparent while off."""
 
-    def __init__(self):
+    def __init__(self, sync=None):
         self.on = False
+        self.sync = sync or (lambda: None)  # the device's synchronize on CUDA: a phase's time is its work
         self.acc: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self.found: set[str] = set()
@@ -86,10 +95,12 @@ class Timers:
         def timed(*args, **kwargs):
             if not timers.on:
                 return fn(*args, **kwargs)
+            timers.sync()
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
+                timers.sync()
                 timers.acc[name] += time.perf_counter() - t0
                 timers.calls[name] += 1
 
@@ -180,10 +191,11 @@ def phases(acc: dict[str, float], found: set[str], step_s: float, calls: dict[st
 # ---- the engine variants ------------------------------------------------------------------------
 
 
-def make_engine(model_dir: Path, adapters, batch: int, kv_mb: int) -> Engine:
-    engine = Engine(str(model_dir), EngineConfig(device="cpu", max_lora_rank=RANK, max_running=batch,
+def make_engine(model_dir: Path, adapters, batch: int, kv_mb: int, args) -> Engine:
+    engine = Engine(str(model_dir), EngineConfig(device=args.device, max_lora_rank=RANK, max_running=batch,
                                                  max_loras=max(1, min(64, len(adapters))), kv_cache_mb=kv_mb,
-                                                 max_step_tokens=512))
+                                                 max_step_tokens=512, attention_backend=args.attention_backend,
+                                                 cuda_graphs=args.cuda_graphs))
     for key, path in adapters:
         engine.register(AdapterSpec(key, str(path)))
     engine.adapters.start()  # the loader thread; the step loop runs here, on the main thread
@@ -218,9 +230,10 @@ class Plain:
     def __init__(self, model, batch: int, ctx: int, capacity: int, lora: str | None, adapter_files: list[Path]):
         self.m, self.B, self.ctx = model, batch, ctx
         m = model
-        self.k = [torch.randn(batch, m.num_kv_heads, capacity, m.head_dim) * 0.1 for _ in m.layers]
-        self.v = [torch.randn(batch, m.num_kv_heads, capacity, m.head_dim) * 0.1 for _ in m.layers]
-        self.tokens = torch.randint(3, min(500, m.vocab_size), (batch,))
+        on = dict(device=m.device, dtype=m.dtype)
+        self.k = [torch.randn(batch, m.num_kv_heads, capacity, m.head_dim, **on) * 0.1 for _ in m.layers]
+        self.v = [torch.randn(batch, m.num_kv_heads, capacity, m.head_dim, **on) * 0.1 for _ in m.layers]
+        self.tokens = torch.randint(3, min(500, m.vocab_size), (batch,), device=m.device)
         self.q_dim, self.kv_dim = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
         self.lora = lora
         self.w = []  # per layer: {"qkv": (A, B per slice), "o": ...}
@@ -246,7 +259,7 @@ class Plain:
                     else:  # each token's own A / scale*B, pre-gathered: [T, in, S*R], [T, R, out_s]
                         a = torch.stack([torch.cat([per_file[f][key(p, "A")] for p in projs]).t() for f in files])
                         bs = [torch.stack([(per_file[f][key(p, "B")] * scale).t() for f in files]) for p in projs]
-                    layer[group] = (a.contiguous(), [b.contiguous() for b in bs])
+                    layer[group] = (a.to(**on).contiguous(), [b.to(**on).contiguous() for b in bs])
                 self.w.append(layer)
 
     def _lora(self, group: str, i: int, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -273,9 +286,10 @@ class Plain:
     def step(self) -> None:
         m, B, pos = self.m, self.B, self.ctx
         h = m.embed[self.tokens]
-        freqs = torch.full((B, 1), float(pos)) * m.inv_freq
+        freqs = torch.full((B, 1), float(pos), device=m.device) * m.inv_freq
         ang = torch.cat((freqs, freqs), -1)
-        cos, sin = (ang.cos() * m.rope_scaling)[:, None, :], (ang.sin() * m.rope_scaling)[:, None, :]
+        cos = (ang.cos() * m.rope_scaling).to(m.dtype)[:, None, :]
+        sin = (ang.sin() * m.rope_scaling).to(m.dtype)[:, None, :]
 
         def rope(x):
             x1, x2 = x.chunk(2, -1)
@@ -302,6 +316,7 @@ class Plain:
             h = h + F.linear(m.act(gate) * up, layer.down, layer.down_bias)
         logits = F.linear(self._norm(h, m.norm, m.eps), m.lm_head)
         self.tokens = logits.argmax(-1)
+        self.tokens[:1].tolist()  # wait for the step, as the engine's token copy does
         self.ctx += 1
 
 
@@ -320,8 +335,9 @@ def prefill_bench(model_dir: Path, args, log) -> dict:
     width = max(lens)
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    engine = make_engine(model_dir, [], len(prompts), 64)
+    engine = make_engine(model_dir, [], len(prompts), 64, args)
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=engine.dtype).eval().to(engine.device)
+    ids, mask = ids.to(engine.device), mask.to(engine.device)
 
     def run_engine() -> float:
         done = []
@@ -340,6 +356,7 @@ def prefill_bench(model_dir: Path, args, log) -> dict:
         t0 = time.perf_counter()
         out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, min_new_tokens=1, do_sample=False,
                           pad_token_id=0)
+        out[:, -1].tolist()  # on CUDA: wait for the batch, as the engine's token copy does
         seconds = time.perf_counter() - t0
         assert out.shape == (len(prompts), width + 1)
         return seconds
@@ -380,6 +397,10 @@ def main(argv=None) -> None:
     p.add_argument("--no-prefill", action="store_true")
     p.add_argument("--workdir", default="/tmp/lorabus-bench-serving")
     p.add_argument("--json")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton"))
+    p.add_argument("--cuda-graphs", default=True, action=argparse.BooleanOptionalAction,
+                   help="on cuda: decode steps replayed from CUDA graphs (the phase breakdown then is n/a)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -412,9 +433,9 @@ def main(argv=None) -> None:
         f"{torch.get_num_threads()} torch thread(s), {args.repeats} repeats x {args.steps} rounds, KV {kv_mb} MiB/engine")
 
     engines = {
-        "base": make_engine(model_dir, [], args.batch, kv_mb),
-        "1 adapter": make_engine(model_dir, adapters[:1], args.batch, kv_mb),
-        "64 adapters": make_engine(model_dir, adapters, args.batch, kv_mb),
+        "base": make_engine(model_dir, [], args.batch, kv_mb, args),
+        "1 adapter": make_engine(model_dir, adapters[:1], args.batch, kv_mb, args),
+        "64 adapters": make_engine(model_dir, adapters, args.batch, kv_mb, args),
     }
     per_seq_keys = {"base": [None] * args.batch, "1 adapter": [keys[0]] * args.batch,
                     "64 adapters": [keys[i % n_adapters] for i in range(args.batch)]}
@@ -429,8 +450,10 @@ def main(argv=None) -> None:
     plains = {"plain": Plain(model, args.batch, ctx0, ctx_cap, None, adapter_dirs),
               "plain + 1 LoRA": Plain(model, args.batch, ctx0, ctx_cap, "one", adapter_dirs),
               "plain + stacked LoRA": Plain(model, args.batch, ctx0, ctx_cap, "stacked", adapter_dirs)}
-    timers = Timers()
-    missing = install_hooks(timers, list(engines.values()))
+    cuda = args.device == "cuda"
+    timers = Timers(torch.cuda.synchronize if cuda else None)
+    graphs = any(e.runner.decode.mode == "graphs" for e in engines.values())
+    missing = ["all: CUDA graphs replay the decode step"] if graphs else install_hooks(timers, list(engines.values()))
     if missing:
         log(f"phase hooks not found (n/a): {missing}")
 

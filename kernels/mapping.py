@@ -33,6 +33,10 @@ class LoRAMapping:
                    exactly num_tiles token tiles, so a long prefill segment
                    gets many tiles and a decode token gets one, with no
                    empty programs.
+    static:        a per-token mapping of fixed shape (`per_token_mapping`, for
+                   CUDA graphs): one tile per token, whatever the batch holds;
+                   the segment fields are empty and only the Triton kernels
+                   read it.
     """
 
     idx: torch.Tensor
@@ -44,6 +48,7 @@ class LoRAMapping:
     max_seg_len: int
     block_m: int
     tiles: torch.Tensor
+    static: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -79,6 +84,17 @@ def _pick_block_m(max_seg_len: int) -> int:
         if max_seg_len <= bm:
             return bm
     return 64
+
+
+def _tiles(slots, seg_starts, seg_lens, block_m: int, device: torch.device) -> torch.Tensor:
+    """[3, num_tiles] int32: each segment cut into tiles of at most block_m tokens (start, rows, slot)."""
+    tile_rows = [[], [], []]
+    for slot, start, n in zip(slots, seg_starts, seg_lens):
+        for r in range(0, n, block_m):
+            tile_rows[0].append(start + r)
+            tile_rows[1].append(min(block_m, n - r))
+            tile_rows[2].append(slot)
+    return torch.tensor(tile_rows, dtype=torch.int32).reshape(3, -1).to(device)
 
 
 def make_lora_mapping(idx: torch.Tensor, num_slots: int) -> LoRAMapping:
@@ -120,13 +136,7 @@ def make_lora_mapping(idx: torch.Tensor, num_slots: int) -> LoRAMapping:
     # adapter's tokens in their original order.
     order = torch.sort(idx, stable=True).indices[counts[0]:].to(torch.int32)
 
-    tile_rows = [[], [], []]
-    for slot, start, n in zip(active, seg_starts, seg_lens):
-        for r in range(0, n, block_m):
-            tile_rows[0].append(start + r)
-            tile_rows[1].append(min(block_m, n - r))
-            tile_rows[2].append(slot)
-    tiles = torch.tensor(tile_rows, dtype=torch.int32).reshape(3, -1).to(device)
+    tiles = _tiles(active, seg_starts, seg_lens, block_m, device)
 
     return LoRAMapping(
         idx=idx,
@@ -171,3 +181,41 @@ def slot_grid(m: LoRAMapping, plan: str) -> tuple[torch.Tensor, torch.Tensor | N
     real_tok = cell_tok if all_real else cell_tok.index_select(0, real_t)
     cache[plan] = (cell_tok, real_t, real_tok, lo)
     return cache[plan]
+
+
+def per_token_mapping(idx: torch.Tensor, num_slots: int, tiles: torch.Tensor) -> LoRAMapping:
+    """A mapping whose shapes depend only on the token count, for a step captured in a CUDA graph: token i
+    is tile i (one row, or none when idx[i] is -1), so the kernels' grids are fixed and a replay reads the
+    slots from `tiles` [3, T] int32, which the caller refreshes in place before each replay with
+    `fill_per_token_tiles`. No host sync; the Triton kernels only (a per-token gather, S-LoRA style)."""
+    if tiles.shape != (3, idx.shape[0]) or tiles.dtype != torch.int32:
+        raise ValueError(f"tiles must be int32 [3, {idx.shape[0]}], got {tiles.dtype} {tuple(tiles.shape)}")
+    return LoRAMapping(idx=idx, num_slots=num_slots, sorted_tokens=tiles[0], active_slots=tuple(range(num_slots)),
+                       seg_starts=(), seg_lens=(), max_seg_len=1, block_m=_pick_block_m(1), tiles=tiles,
+                       static=True)
+
+
+def fill_per_token_tiles(idx: torch.Tensor, tiles: torch.Tensor) -> None:
+    """tiles [3, T] int32 for `per_token_mapping`: (start = the token itself, rows = 1 if it has an
+    adapter else 0, its slot or 0); in place, device ops only."""
+    tiles[0].copy_(torch.arange(idx.shape[0], device=idx.device))
+    tiles[1].copy_(idx >= 0)
+    tiles[2].copy_(idx.clamp(min=0))
+
+
+def restrict_mapping(m: LoRAMapping, slots: tuple[int, ...]) -> LoRAMapping:
+    """`m` cut down to the tokens of `slots` (a subset of m.active_slots, ascending); the other tokens count
+    as having no adapter. Built from m's segments with device ops only (no host sync)."""
+    keep = [i for i, s in enumerate(m.active_slots) if s in slots]
+    seg_lens = tuple(m.seg_lens[i] for i in keep)
+    seg_starts = tuple(sum(seg_lens[:j]) for j in range(len(keep)))
+    device = m.sorted_tokens.device
+    positions = [p for i in keep for p in range(m.seg_starts[i], m.seg_starts[i] + m.seg_lens[i])]
+    sorted_tokens = m.sorted_tokens.index_select(0, torch.tensor(positions, dtype=torch.long, device=device))
+    kept = torch.tensor(slots, dtype=m.idx.dtype, device=device)
+    idx = torch.where(torch.isin(m.idx, kept), m.idx, -1)
+    max_seg_len = max(seg_lens, default=0)
+    block_m = _pick_block_m(max_seg_len)
+    return LoRAMapping(idx=idx, num_slots=m.num_slots, sorted_tokens=sorted_tokens, active_slots=tuple(slots),
+                       seg_starts=seg_starts, seg_lens=seg_lens, max_seg_len=max_seg_len, block_m=block_m,
+                       tiles=_tiles(slots, seg_starts, seg_lens, block_m, device))

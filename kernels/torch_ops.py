@@ -134,30 +134,38 @@ def _chunks(n: int, bytes_per_token: int):
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
-def _grid_plan(m: LoRAMapping) -> str | None:
+def grid_plan(m: LoRAMapping) -> str | None:
     """How apply_slot_major batches the segments: "span" (weights as a view of the pool's slots
     active[0]..active[-1]), "active" (one index_select of the active slots), or None (one GEMM per segment)."""
-    num_segments, longest, active = len(m.active_slots), m.max_seg_len, m.sorted_tokens.shape[0]
+    return plan_segments(m.active_slots, m.max_seg_len, m.sorted_tokens.shape[0])
+
+
+def plan_segments(active_slots, longest: int, num_tokens: int) -> str | None:
+    """`grid_plan` from the numbers alone: segments of `active_slots` (ascending), the longest of them
+    `longest` tokens, `num_tokens` in all."""
+    num_segments = len(active_slots)
     if num_segments < 2:
         return None
-    span = m.active_slots[-1] - m.active_slots[0] + 1
-    if span * longest <= _MAX_PAD_RATIO * active:
+    span = active_slots[-1] - active_slots[0] + 1
+    if span * longest <= _MAX_PAD_RATIO * num_tokens:
         return "span"
-    if num_segments * longest <= _MAX_PAD_RATIO * active:
+    if num_segments * longest <= _MAX_PAD_RATIO * num_tokens:
         return "active"
     return None
 
 
 def apply_slot_major(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs, scale: torch.Tensor,
-                     offsets, m: LoRAMapping, rank: int) -> None:
+                     offsets, m: LoRAMapping, rank: int, slot_ranks=None) -> None:
     """y[tok, off_s:off_s+H_s] += B_s[slot] (scale[slot, s] * A_s[slot] x[tok]), shrink and expand in one go.
 
     The adapter pool's CPU layout, read without weight copies: a [L, R, S, H_in] slot-major, rank-major
     (a[slot, :r] is one contiguous [r*S, H_in] matrix for every r), bs S tensors [L, H_out_s, R], scale
     [L, S] fp32, `rank` the largest true rank among the batch's slots (columns past it are zero padding
-    and are skipped). Segments are batched as views of the pool (or one index_select of the active
-    slots), the scale multiplies the rank-sized intermediate, and y's rows are updated with one
-    index_add_ (fp32) or one read-add-write (fp16/bf16, rounded once). Rows without an adapter are untouched.
+    and are skipped; with `slot_ranks`, each slot's own true rank, a segment done on its own runs at
+    its slot's rank). Segments are batched as views of the pool (or one index_select of the active
+    slots), or done one GEMM each on views (long prefill runs); the scale multiplies the rank-sized
+    intermediate, and y's rows are updated with one index_add_ (fp32) or one read-add-write (fp16/bf16,
+    rounded once). Rows without an adapter are untouched.
     """
     S, H = a.shape[2:]
     r = rank
@@ -173,18 +181,23 @@ def apply_slot_major(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs, scal
         if rows is not y:
             y.copy_(rows)
         return
-    plan = _grid_plan(m)
+    plan = grid_plan(m)
     if plan is None:
         tok = m.sorted_tokens.long()
         xs = x.index_select(0, tok).float()
-        t = torch.empty((tok.shape[0], r, S), dtype=torch.float32, device=x.device)
+        t = torch.empty(tok.shape[0] * r * S, dtype=torch.float32, device=x.device)
         deltas = [torch.empty((tok.shape[0], w), dtype=torch.float32, device=x.device) for w in widths]
         for slot, start, n in zip(m.active_slots, m.seg_starts, m.seg_lens):
-            ts = t[start:start + n]
-            torch.mm(xs[start:start + n], a[slot, :r].view(r * S, H).float().T, out=ts.view(n, r * S))
+            rs = r if slot_ranks is None else slot_ranks[slot]
+            if rs == 0:  # the slot's adapter does not target these projections
+                for d in deltas:
+                    d[start:start + n].zero_()
+                continue
+            ts = t[start * r * S:(start + n) * r * S][:n * rs * S].view(n, rs, S)
+            torch.mm(xs[start:start + n], a[slot, :rs].view(rs * S, H).float().T, out=ts.view(n, rs * S))
             ts.mul_(scale[slot])
             for s, b in enumerate(bs):
-                torch.mm(ts[:, :, s], b[slot, :, :r].float().T, out=deltas[s][start:start + n])
+                torch.mm(ts[:, :, s], b[slot, :, :rs].float().T, out=deltas[s][start:start + n])
         real_tok = tok
     else:
         cell_tok, real_cells, real_tok, lo = slot_grid(m, plan)

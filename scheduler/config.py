@@ -23,4 +23,6 @@ class EngineConfig:
     max_wait_ms: int = field(default=250, metadata=_doc("bound on the extra wait adapter-aware reordering may add to a job"))
     max_model_len: int = field(default=0, metadata=_doc("prompt + output tokens per job (0 = the model's context)"))
     lora_backend: str = field(default="auto", metadata=_doc("LoRA kernels: triton, torch, or auto (triton on cuda)"))
+    attention_backend: str = field(default="auto", metadata=_doc("attention over the paged KV cache: triton (reads the cache in place), torch (block-table gather + SDPA), or auto (triton on cuda, torch on cpu)"))
+    cuda_graphs: bool = field(default=True, metadata=_doc("on cuda, replay decode-only steps from CUDA graphs captured per batch-size bucket (1, 2, 4, ... max-running); ignored on cpu"))
     stop_timeout_s: float = field(default=10.0, metadata=_doc("on stop, how long the engine may take to finish the jobs it holds (warm-ups included); the rest are answered internal"))

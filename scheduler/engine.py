@@ -27,6 +27,7 @@ import torch
 from lorabus.scheduler.adapter_manager import AdapterManager, AdapterSpec, warmup_request
 from lorabus.scheduler.callbacks import deliver
 from lorabus.scheduler.config import EngineConfig
+from lorabus.scheduler.decode_graphs import choose_mode
 from lorabus.scheduler.kv_cache import BlockAllocator, PagedKVCache
 from lorabus.scheduler.model import CausalLM
 from lorabus.scheduler.policy import AdapterSlots, Scheduler, SchedulerLimits
@@ -107,7 +108,7 @@ class Engine:
         num_blocks = max(MIN_KV_BLOCKS, kv_budget // per_block)
         self.kv = PagedKVCache(model.shapes.num_layers, num_blocks, config.kv_block_size, model.num_kv_heads,
                                model.head_dim, self.dtype, self.device)
-        model.attach(self.adapters.pool, self.kv)
+        model.attach(self.adapters.pool, self.kv, config.attention_backend)  # the backend is fixed from here on
         max_step_tokens = config.max_step_tokens or STEP_TOKENS.get(self.device.type, STEP_TOKENS["cpu"])
         self.scheduler = Scheduler(
             SchedulerLimits(config.max_running, max(max_step_tokens, config.max_running), config.max_wait_ms / 1000),
@@ -117,7 +118,9 @@ class Engine:
         self.limits = RequestLimits(model.vocab_size, self.max_model_len, num_blocks * config.kv_block_size)
         self.runner = ModelRunner(model, self.kv, self.adapters.max_loras, self.device,
                                   max_step_tokens=self.scheduler.limits.max_step_tokens,
-                                  max_running=config.max_running)
+                                  max_running=config.max_running,
+                                  decode_mode=choose_mode(config.cuda_graphs, model),
+                                  max_blocks=min(num_blocks, -(-self.max_model_len // config.kv_block_size)))
         stops = StopRules(self.tokenizer, eos_ids, self.max_model_len)
         self.loop = StepLoop(self.scheduler, self.runner, self.adapters, stops, clock)
         self.adapters.notify = self.loop.wake.set
@@ -127,9 +130,10 @@ class Engine:
         self._closed = False  # stop() is done with the step thread: submissions are answered at once
         self._intake_lock = threading.Lock()
         log.info(
-            "engine: %s %s, %d adapter slots (rank %d), %d host adapters, KV %d tokens, %d step tokens",
+            "engine: %s %s, %d adapter slots (rank %d), %d host adapters, KV %d tokens, %d step tokens, "
+            "%s attention, %s decode",
             self.device, self.dtype, self.adapters.max_loras, config.max_lora_rank, self.adapters.max_cpu_loras,
-            self.limits.kv_tokens, self.scheduler.limits.max_step_tokens,
+            self.limits.kv_tokens, self.scheduler.limits.max_step_tokens, model.attention.name, self.runner.decode.mode,
         )
 
     # ---- metrics hooks, called from the engine's threads ------------------------------------------
@@ -155,6 +159,11 @@ class Engine:
     @property
     def steps(self) -> int:
         return self.runner.steps
+
+    @property
+    def alive(self) -> bool:
+        """The step thread is running: started and not yet stopped (a health check reads this)."""
+        return self._step_thread is not None and self._step_thread.is_alive()
 
     # ---- called from any thread -------------------------------------------------------------------
 
@@ -193,6 +202,12 @@ class Engine:
     def prefetch(self, key: str) -> None:
         """Load an adapter into the host tier ahead of traffic (and into a device slot if one is free)."""
         self.loop.put(Prefetch(key))
+
+    def set_adapter_affinity(self, scores: dict[str, float]) -> None:
+        """Which adapters this engine's share of the traffic brings, and how much (e.g. recent job counts):
+        idle device slots of lower-scored adapters are evicted first, unknown keys score 0. Replaces the
+        previous hint; one reference swap, so any thread may call it."""
+        self.scheduler.slots.affinity = dict(scores)
 
     def submit(self, request: Request, on_done: Callable[[Completion], None]) -> None:
         """Queue a request; `on_done` is called exactly once, from the step thread (or here on bad input)."""

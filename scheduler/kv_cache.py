@@ -47,14 +47,17 @@ class PagedKVCache:
         # block's stale K/V) would let that memory poison every padded row; `clear` zeroes a sequence's
         # blocks when it first runs for the same reason (attention reads whole blocks, past the
         # sequence's context in its last one).
+        # The block after it is the pad block: the padding rows of a decode step padded to a CUDA-graph
+        # bucket (scheduler/decode_graphs.py) write their K/V there and read only that, so the null block
+        # stays zero and no sequence's block is touched.
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.null_block = num_blocks
-        shape = (num_layers, (num_blocks + 1) * block_size, num_kv_heads, head_dim)
+        self.null_block, self.pad_block = num_blocks, num_blocks + 1
+        shape = (num_layers, (num_blocks + 2) * block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         # The same memory as [layer][block, offset in block, kv head, dim], read a block at a time.
-        self.k_blocks = self.k.view(num_layers, num_blocks + 1, block_size, num_kv_heads, head_dim)
-        self.v_blocks = self.v.view(num_layers, num_blocks + 1, block_size, num_kv_heads, head_dim)
+        self.k_blocks = self.k.view(num_layers, num_blocks + 2, block_size, num_kv_heads, head_dim)
+        self.v_blocks = self.v.view(num_layers, num_blocks + 2, block_size, num_kv_heads, head_dim)
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

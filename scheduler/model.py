@@ -6,6 +6,14 @@ from the safetensors checkpoint (`model.safetensors`, or the shards `model.safet
 with no transformers model in between. The forward pass is our own so that a step can mix prefill chunks
 and decode tokens of many sequences without padding, read and write the paged KV cache, and apply each
 token's own LoRA adapter through `AdapterPool.apply` (the Triton/torch kernels) on the fused projections.
+
+Attention over the paged cache goes through one interface, `CausalLM._attention`, with a backend chosen
+once when the engine attaches the cache (`EngineConfig.attention_backend`, auto = triton on CUDA, torch
+elsewhere): `BlockTableAttention` (torch: each sequence's K/V read a whole block at a time into reused
+buffers, then SDPA; decode rows in one call, prefill spans batched by `PrefillGroup`) and
+`TritonPagedAttention` (kernels/paged_attention_triton.py reads the cache in place: one launch per layer
+for the whole step, decode rows being chunks of one query, prefill chunks attending their cached prefix
+and causally to themselves). Triton is imported only by the triton backend.
 """
 
 from __future__ import annotations
@@ -105,6 +113,19 @@ class StepBatch:
     decode_mask: torch.Tensor  # [B, 1, 1, NB * block_size] True where a real context position
     prefills: list[PrefillGroup]
     logit_rows: torch.Tensor  # [N] rows whose next-token logits are wanted
+    paged: "PagedBatch | None" = None  # the in-place backend's layout (then the decode/prefill fields are empty)
+
+
+@dataclass
+class PagedBatch:
+    """Every sequence of a step for attention that reads the cache in place: sequence i's rows are
+    [cu_seqlens[i], cu_seqlens[i+1]) of the step, its context (cached prefix + new rows) is
+    context_lens[i] positions, read through its block table blocks[i] (padded with the null block)."""
+
+    blocks: torch.Tensor  # [N, NB]
+    context_lens: torch.Tensor  # [N]
+    cu_seqlens: torch.Tensor  # [N + 1]
+    max_q_len: int  # longest run of new rows (1: a decode-only step)
 
 
 def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
@@ -120,6 +141,99 @@ def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, scratch: torch.Tens
     else:
         out = torch.index_select(rows, 0, blocks.reshape(-1), out=scratch[: s * nb * rows.shape[1]].view(s * nb, -1))
     return out.view(s, nb * block_size, heads, dim).transpose(1, 2)
+
+
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    """The attention backend `name` means on `device`: auto is triton on CUDA, torch elsewhere."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return name
+
+
+class BlockTableAttention:
+    """The torch backend: K/V gathered a block at a time by block table into reused buffers, then SDPA."""
+
+    name, in_place = "torch", False
+
+    def __init__(self, kv: PagedKVCache, dtype: torch.dtype, device: torch.device):
+        self.kv, self.dtype, self.device = kv, dtype, device
+        _, _, block_size, heads, dim = kv.k_blocks.shape
+        self._block_numel = block_size * heads * dim
+        # Reused K and V gather buffers (one layer's reads at a time): no fresh allocation per layer.
+        self._scratch: list[torch.Tensor] = []
+
+    def _gather_scratch(self, step: StepBatch) -> list[torch.Tensor]:
+        """K and V buffers big enough for the largest block-table read of this step."""
+        need = max([step.decode_blocks.numel()] + [g.blocks.numel() for g in step.prefills]) * self._block_numel
+        if not self._scratch or self._scratch[0].numel() < need:
+            self._scratch = [torch.empty(need, dtype=self.dtype, device=self.device) for _ in range(2)]
+        return self._scratch
+
+    def __call__(self, layer: int, q: torch.Tensor, step: StepBatch) -> torch.Tensor:
+        k_cache, v_cache = self.kv.k_blocks[layer], self.kv.v_blocks[layer]
+        k_buf, v_buf = self._gather_scratch(step)
+        num_tokens = q.shape[0]
+        if not step.prefills:  # decode only: every row is a decode row, in order
+            return self._decode(q, k_cache, v_cache, step, k_buf, v_buf).reshape(num_tokens, -1)
+        out = torch.empty_like(q)
+        if step.decode_rows.numel():
+            out.index_copy_(0, step.decode_rows, self._decode(q[step.decode_rows], k_cache, v_cache, step,
+                                                                   k_buf, v_buf))
+        for group in step.prefills:
+            s, n = group.blocks.shape[0], group.length
+            qp = q.index_select(0, group.q_index).view(s, n, *q.shape[1:]).transpose(1, 2)  # [S, H, n, D]
+            kp = gather_blocks(k_cache, group.blocks, k_buf)  # [S, Hkv, C, D]
+            vp = gather_blocks(v_cache, group.blocks, v_buf)
+            if group.mask is None:  # every span starts at 0 with n rows: causal over the first n keys
+                op = F.scaled_dot_product_attention(qp, kp[:, :, :n], vp[:, :, :n], is_causal=True,
+                                                    enable_gqa=True)
+            else:
+                op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=group.mask, enable_gqa=True)
+            op = op.transpose(1, 2).reshape(s * n, *q.shape[1:])
+            out.index_copy_(0, group.rows, op if group.valid is None else op.index_select(0, group.valid))
+        return out.reshape(num_tokens, -1)
+
+    @staticmethod
+    def _decode(qd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step: StepBatch,
+                k_buf: torch.Tensor, v_buf: torch.Tensor) -> torch.Tensor:
+        """[B, H, D] attention of each decode row's query over its sequence's cached context."""
+        kd = gather_blocks(k_cache, step.decode_blocks, k_buf)  # [B, Hkv, C, D]
+        vd = gather_blocks(v_cache, step.decode_blocks, v_buf)
+        od = F.scaled_dot_product_attention(qd.unsqueeze(2), kd, vd, attn_mask=step.decode_mask, enable_gqa=True)
+        return od.squeeze(2)
+
+
+class TritonPagedAttention:
+    """The triton backend: the paged-attention kernel reads K/V where they lie, one launch per layer for
+    every sequence of the step (the cache's layout was fixed when it was built: no per-call checks)."""
+
+    name, in_place = "triton", True
+
+    def __init__(self, kv: PagedKVCache, head_dim: int):
+        from lorabus.kernels import paged_attention_triton  # imports triton: only on this backend
+
+        self._launch = paged_attention_triton.paged_attention
+        self.kv, self.block_size = kv, kv.block_size
+        self.scale = head_dim ** -0.5  # SDPA's default, as the torch backend uses
+
+    def __call__(self, layer: int, q: torch.Tensor, step: StepBatch) -> torch.Tensor:
+        p = step.paged
+        out = torch.empty_like(q)
+        self._launch(q, self.kv.k[layer], self.kv.v[layer], p.blocks, p.context_lens, p.cu_seqlens,
+                     p.max_q_len, self.scale, self.block_size, out)
+        return out.view(q.shape[0], -1)
+
+
+def make_attention(backend: str, kv: PagedKVCache, head_dim: int, dtype: torch.dtype, device: torch.device):
+    """The attention backend `backend` (auto, torch or triton) over `kv`."""
+    if resolve_attention_backend(backend, device) == "triton":
+        return TritonPagedAttention(kv, head_dim)
+    return BlockTableAttention(kv, dtype, device)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -182,8 +296,7 @@ class CausalLM:
         self._qkv_split = spec.widths("qkv")
         self.pool: AdapterPool | None = None
         self.kv: PagedKVCache | None = None
-        # Reused K and V gather buffers (one layer's reads at a time): no fresh allocation per layer.
-        self._scratch: list[torch.Tensor] = []
+        self.attention: BlockTableAttention | TritonPagedAttention | None = None
 
     def _load_group(self, checkpoint: Checkpoint, layer: int, group: str):
         """A group's weight [out, in] with its modules fused along out, and its bias (None if no module has one)."""
@@ -204,8 +317,10 @@ class CausalLM:
     def from_pretrained(cls, model_dir: str, device: torch.device, dtype: torch.dtype) -> "CausalLM":
         return cls(ModelSpec.from_dir(model_dir), Checkpoint(model_dir), device, dtype)
 
-    def attach(self, pool: AdapterPool, kv: PagedKVCache) -> None:
+    def attach(self, pool: AdapterPool, kv: PagedKVCache, attention_backend: str = "torch") -> None:
+        """Use this adapter pool and KV cache, with attention by `attention_backend` (auto, torch, triton)."""
         self.pool, self.kv = pool, kv
+        self.attention = make_attention(attention_backend, kv, self.head_dim, self.dtype, self.device)
 
     @torch.inference_mode()
     def forward(self, step: StepBatch) -> torch.Tensor:
@@ -241,43 +356,6 @@ class CausalLM:
         h = _rms_norm(h[step.logit_rows], self.norm, self.eps)
         return F.linear(h, self.lm_head).float()
 
-    def _gather_scratch(self, step: StepBatch) -> list[torch.Tensor]:
-        """K and V buffers big enough for the largest block-table read of this step."""
-        block = self.kv.block_size * self.num_kv_heads * self.head_dim
-        need = max([step.decode_blocks.numel()] + [g.blocks.numel() for g in step.prefills]) * block
-        if not self._scratch or self._scratch[0].numel() < need:
-            self._scratch = [torch.empty(need, dtype=self.dtype, device=self.device) for _ in range(2)]
-        return self._scratch
-
     def _attention(self, layer: int, q: torch.Tensor, step: StepBatch) -> torch.Tensor:
-        k_cache, v_cache = self.kv.k_blocks[layer], self.kv.v_blocks[layer]
-        k_buf, v_buf = self._gather_scratch(step)
-        num_tokens = q.shape[0]
-        if not step.prefills:  # decode only: every row is a decode row, in order
-            return self._decode(q, k_cache, v_cache, step, k_buf, v_buf).reshape(num_tokens, -1)
-        out = torch.empty_like(q)
-        if step.decode_rows.numel():
-            out.index_copy_(0, step.decode_rows, self._decode(q[step.decode_rows], k_cache, v_cache, step,
-                                                                   k_buf, v_buf))
-        for group in step.prefills:
-            s, n = group.blocks.shape[0], group.length
-            qp = q.index_select(0, group.q_index).view(s, n, *q.shape[1:]).transpose(1, 2)  # [S, H, n, D]
-            kp = gather_blocks(k_cache, group.blocks, k_buf)  # [S, Hkv, C, D]
-            vp = gather_blocks(v_cache, group.blocks, v_buf)
-            if group.mask is None:  # every span starts at 0 with n rows: causal over the first n keys
-                op = F.scaled_dot_product_attention(qp, kp[:, :, :n], vp[:, :, :n], is_causal=True,
-                                                    enable_gqa=True)
-            else:
-                op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=group.mask, enable_gqa=True)
-            op = op.transpose(1, 2).reshape(s * n, *q.shape[1:])
-            out.index_copy_(0, group.rows, op if group.valid is None else op.index_select(0, group.valid))
-        return out.reshape(num_tokens, -1)
-
-    @staticmethod
-    def _decode(qd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step: StepBatch,
-                k_buf: torch.Tensor, v_buf: torch.Tensor) -> torch.Tensor:
-        """[B, H, D] attention of each decode row's query over its sequence's cached context."""
-        kd = gather_blocks(k_cache, step.decode_blocks, k_buf)  # [B, Hkv, C, D]
-        vd = gather_blocks(v_cache, step.decode_blocks, v_buf)
-        od = F.scaled_dot_product_attention(qd.unsqueeze(2), kd, vd, attn_mask=step.decode_mask, enable_gqa=True)
-        return od.squeeze(2)
+        """[T, H * D] attention of each row's query over its sequence's context (the chosen backend)."""
+        return self.attention(layer, q, step)

@@ -15,8 +15,9 @@ import torch
 
 from lorabus import kernels
 from lorabus.scheduler.callbacks import call_hook
+from lorabus.scheduler.decode_graphs import DecodeGraphs
 from lorabus.scheduler.kv_cache import PagedKVCache
-from lorabus.scheduler.model import CausalLM, PrefillGroup, PrefillSpan, StepBatch
+from lorabus.scheduler.model import CausalLM, PagedBatch, PrefillGroup, PrefillSpan, StepBatch
 from lorabus.scheduler.requests import Sequence
 
 # A sequence with this many new tokens in a step is decoding (attends over its cached context);
@@ -42,15 +43,22 @@ class ModelRunner:
     step) and runs the model over them.
 
     A sequence's `kv_slots` holds, from its first step on, its block table as a CPU int64 tensor (its
-    blocks are zeroed then: attention reads whole blocks, also past the sequence's context in the last)."""
+    blocks are zeroed then: attention reads whole blocks, also past the sequence's context in the last).
+    The layout follows the model's attention backend: decode tables, masks and prefill groups for the
+    torch backend; one block table, context length and row range per sequence (`PagedBatch`) for a
+    backend that reads the cache in place."""
 
     def __init__(self, model: CausalLM, kv: PagedKVCache, num_slots: int, device: torch.device,
-                 max_step_tokens: int = 512, max_running: int = 64):
+                 max_step_tokens: int = 512, max_running: int = 64, decode_mode: str = "eager", max_blocks: int = 0):
         self.model, self.kv, self.num_slots, self.device = model, kv, num_slots, device
+        # Decode-only steps through CUDA graphs per batch-size bucket (decode_mode "graphs"), block tables
+        # padded to `max_blocks` (0: the whole cache); "eager" runs every step as built.
+        self.decode = DecodeGraphs(model, kv, num_slots, max_running, max_blocks or kv.num_blocks, decode_mode)
         self.steps = 0
         # Optional metrics hook, called from the step thread: on_step(sequences, tokens, distinct_adapters, seconds).
         self.on_step = None
         self._pin = device.type == "cuda"
+        self._in_place = model.attention.in_place
         self._copied: torch.cuda.Event | None = None  # the last step's host → device copy
         self._host = self._host_np = None
         self._reserve(7 * max_step_tokens + max_running * (3 + 8))
@@ -67,7 +75,7 @@ class ModelRunner:
     def run(self, batch: list[tuple[Sequence, int]]) -> StepOutput:
         step, wants_logits = self._step_batch(batch)
         started = time.perf_counter()
-        logits = self.model.forward(step)
+        logits = self.decode.forward(step)
         self.steps += 1
         call_hook(self.on_step, len(batch), step.tokens.numel(), len(step.lora.active_slots),
                   time.perf_counter() - started)
@@ -82,18 +90,24 @@ class ModelRunner:
             for seq in fresh:
                 seq.kv_slots = torch.tensor(seq.blocks, dtype=torch.long)
             kv.clear(torch.cat([seq.kv_slots for seq in fresh]).to(device))
-        num_tokens = num_decode = width = 0
+        in_place = self._in_place
+        num_tokens = num_decode = width = max_new = 0
         for seq, n in batch:
             num_tokens += n
-            if n == DECODE_TOKENS:
+            max_new = max(max_new, n)
+            if in_place:
+                width = max(width, (seq.num_computed + n - 1) // bs + 1)  # blocks holding [0, past + n)
+            elif n == DECODE_TOKENS:
                 num_decode += 1
                 width = max(width, seq.num_computed // bs + 1)  # blocks holding positions [0, past]
         num_rows = len(batch)
-        # One int64 buffer: tokens, positions, write slots, adapter slots [T each]; decode rows, context
-        # lengths [B each]; logit rows [up to one per sequence]; decode block tables [B, width].
-        t, b = num_tokens, num_decode
+        # One int64 buffer: tokens, positions, write slots, adapter slots [T each]; the B attention
+        # sequences' first rows (+ the end, in place) and context lengths; logit rows [up to one per
+        # sequence]; block tables [B, width]. B: the decode rows (torch), or every sequence (in place).
+        t, b = num_tokens, (num_rows if in_place else num_decode)
         o_dec = 4 * t
-        o_ctx, o_logit, o_tbl = o_dec + b, o_dec + 2 * b, o_dec + 2 * b + num_rows
+        o_ctx = o_dec + b + 1
+        o_logit, o_tbl = o_ctx + b, o_ctx + b + num_rows
         size = o_tbl + b * width
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's copy has read the buffer
@@ -109,17 +123,24 @@ class ModelRunner:
             past = seq.num_computed
             prompt, out_ids = seq.prompt_ids, seq.output_ids
             blocks = seq.kv_slots.numpy()
+            if in_place:
+                buf[o_dec + d] = row
+                buf[o_ctx + d] = past + n
+                nb = (past + n - 1) // bs + 1
+                tables[d, :nb] = blocks[:nb]
+                d += 1
             if n == DECODE_TOKENS:
                 p = len(prompt)
                 tokens[row] = prompt[past] if past < p else out_ids[past - p]
                 positions[row] = past
                 write[row] = blocks[past // bs] * bs + past % bs
                 lora_idx[row] = seq.slot
-                buf[o_dec + d] = row
-                buf[o_ctx + d] = past + 1
-                nb = past // bs + 1
-                tables[d, :nb] = blocks[:nb]
-                d += 1
+                if not in_place:
+                    buf[o_dec + d] = row
+                    buf[o_ctx + d] = past + 1
+                    nb = past // bs + 1
+                    tables[d, :nb] = blocks[:nb]
+                    d += 1
             else:
                 end, p = past + n, len(prompt)
                 if end <= p:
@@ -133,12 +154,14 @@ class ModelRunner:
                 pos[:] = range(past, end)
                 write[row:row + n] = blocks[pos // bs] * bs + pos % bs
                 lora_idx[row:row + n] = seq.slot
-                prefill_spans.append((PrefillSpan(row, n, past), seq))
+                if not in_place:
+                    prefill_spans.append((PrefillSpan(row, n, past), seq))
             row += n
             if past + n == seq.num_tokens:
                 buf[o_logit + num_logits] = row - 1
                 num_logits += 1
                 wants_logits.append(seq)
+        buf[o_dec + b] = row  # in place: the end of the last sequence's rows
         host = self._host[:size]
         if device.type == "cpu":
             dev = host  # used before the next step refills the buffer: forward is synchronous
@@ -147,13 +170,23 @@ class ModelRunner:
             self._copied = torch.cuda.Event()
             self._copied.record()
         ctx_lens = dev[o_ctx:o_ctx + b]
+        tables_dev = dev[o_tbl:size].view(b, width)
+        if in_place:
+            no_rows = dev[o_dec:o_dec]
+            step = StepBatch(
+                tokens=dev[:t], positions=dev[t:2 * t], write_slots=dev[2 * t:3 * t],
+                lora=kernels.make_lora_mapping(dev[3 * t:4 * t], self.num_slots),
+                decode_rows=no_rows, decode_blocks=no_rows.view(0, 0), decode_mask=no_rows.view(0, 1, 1, 0),
+                prefills=[], logit_rows=dev[o_logit:o_logit + num_logits],
+                paged=PagedBatch(tables_dev, ctx_lens, dev[o_dec:o_dec + b + 1], max_new))
+            return step, wants_logits
         step = StepBatch(
             tokens=dev[:t],
             positions=dev[t:2 * t],
             write_slots=dev[2 * t:3 * t],
             lora=kernels.make_lora_mapping(dev[3 * t:4 * t], self.num_slots),
             decode_rows=dev[o_dec:o_dec + b],
-            decode_blocks=dev[o_tbl:size].view(b, width),
+            decode_blocks=tables_dev,
             # Padding points at the null block, never at memory a sequence wrote.
             decode_mask=(torch.arange(width * bs, device=device)[None, :] < ctx_lens[:, None])[:, None, None, :],
             prefills=self._prefill_groups(prefill_spans),

@@ -497,3 +497,52 @@ def test_adapter_pool_slot_major_views_share_storage():
     assert pool._rank["qk"] == [0, 2, 0]
     pool.clear(1)
     assert pool._rank["qk"] == [0, 0, 0] and not storage.any()
+
+
+def test_adapter_pool_groups_slots_by_rank_bucket(gen, monkeypatch):
+    """With a pool of max rank 32, a step mixing ranks 4, 8, 16 and 32 runs the CPU path once per rank
+    bucket at that bucket's rank (4 and 8 share the bucket of 8) when that saves most of the work; a slot
+    not targeting the group costs nothing; the result is still y + scale * B(A x) per token."""
+    from types import SimpleNamespace
+
+    from lorabus.kernels import torch_ops
+    from lorabus.scheduler.lora import AdapterPool, rank_bucket
+
+    assert [rank_bucket(r) for r in (1, 4, 8, 9, 16, 17, 32)] == [8, 8, 8, 16, 16, 32, 32]
+    H = 24
+    pool = AdapterPool({"p": (H, H), "u": (H, H)}, 1, 6, 32, torch.float32, torch.device("cpu"), backend="torch",
+                       groups={"g": ("p",), "other": ("u",)})
+    ranks = {0: 4, 1: 16, 2: 8, 3: 32, 4: 16}
+    weights = {}
+    for slot, r in ranks.items():
+        a, b = torch.randn(r, H, generator=gen), torch.randn(H, r, generator=gen)
+        weights[slot] = (a, b, 0.5 + slot)
+        pool.write(slot, SimpleNamespace(modules={(0, "p"): weights[slot]}))
+    pool.write(5, SimpleNamespace(modules={(0, "u"): (torch.randn(2, H), torch.randn(H, 2), 1.0)}))  # not on "p"
+    idx = torch.tensor([0, 2, 0, 2, -1, 1, 4, 0, 2, 3, 5, 0, 2])  # most tokens on the low ranks
+    calls = []
+    original = torch_ops.apply_slot_major
+    monkeypatch.setattr(torch_ops, "apply_slot_major",
+                        lambda *args: calls.append((args[7], args[6].active_slots)) or original(*args))
+    x = torch.randn(len(idx), H, generator=gen)
+    y0 = torch.randn(len(idx), H, generator=gen)
+    y = y0.clone()
+    pool.apply(0, "g", x, y, make_lora_mapping(idx, 6))
+    assert sorted(calls) == [(8, (0, 2)), (16, (1, 4)), (32, (3,))]
+    _check_pool_rows(y, y0, x, idx, weights)
+    # Interleaved ranks, one token each: the rank-16 bucket's view of the pool would span the rank-8 slot
+    # anyway, so splitting saves nothing and the step runs in one call (at its largest rank, 16).
+    idx, calls[:] = torch.tensor([4, 2, 1]), []
+    y = y0[:3].clone()
+    pool.apply(0, "g", x[:3], y, make_lora_mapping(idx, 6))
+    assert calls == [(16, (1, 2, 4))]
+    _check_pool_rows(y, y0[:3], x[:3], idx, weights)
+
+
+def _check_pool_rows(y, y0, x, idx, weights):
+    ref = y0.double().clone()
+    for i, slot in enumerate(idx.tolist()):
+        if slot in weights:
+            a, b, sc = weights[slot]
+            ref[i] += sc * (b.double() @ (a.double() @ x[i].double()))
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
