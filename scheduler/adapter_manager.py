@@ -5,7 +5,10 @@ the LoRA kernels read) and the host cache (`HostAdapterCache`, parsed adapters i
 adapters are registered (`AdapterSpec`), runs the loader thread that reads adapters from disk and writes
 them into slots while steps run, reports finished loads to the step loop (`LoadDone`), remembers the
 adapters that failed to load (their later jobs are answered at once), drops what it cached of an adapter
-re-published with new content, and builds the dummy job that warms an adapter up. Which adapter a slot
+re-published with new content, and builds the dummy job that warms an adapter up. A weighted mix of
+adapters (`mix_spec`) is an adapter like any other, keyed by its canonical mix key: the loader builds it
+from its members' weights (through the host cache) with `combine_adapters`, and re-publishing a member
+drops whatever was cached or loaded of every mix that contains it. Which adapter a slot
 holds is the scheduling policy's call (`AdapterSlots` in scheduler/policy.py); the manager loads what it
 is handed.
 
@@ -24,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from lorabus.scheduler.adapters import AdapterLoadError, AdapterWeights, ModelShapes, read_adapter
+from lorabus.scheduler.adapters import AdapterLoadError, AdapterWeights, ModelShapes, combine_adapters, read_adapter
 from lorabus.scheduler.callbacks import call_hook
 from lorabus.scheduler.config import EngineConfig
 from lorabus.scheduler.lora import AdapterPool, slot_bytes
@@ -40,13 +43,30 @@ SLOT_MEMORY_SHARE = 0.05
 MAX_AUTO_SLOTS = 64
 HOST_ADAPTERS_PER_SLOT = 4
 WARMUP_TENANT = "__warmup__"
+# Mixes are registered by the jobs that ask for them, so any weights a producer sends make a new one: the
+# manager remembers at most this many, least recently asked forgotten first (its next job registers it again).
+MAX_MIX_SPECS = 4096
+MIX_PREFIX = "mix:"  # a mix's key: no adapter name can start so (names have no ':')
 
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    key: str  # unique per content: "name@version"
-    path: str
+    key: str  # unique per content: "name@version", or a mix's canonical key
+    path: str  # "" for a mix
     sha256: str | None = None
+    members: tuple[tuple["AdapterSpec", float], ...] = ()  # a mix: (member, weight), in canonical order
+
+
+def mix_key(members: list[tuple[str, float]]) -> str:
+    """The canonical key of a weighted mix of adapter keys: members sorted, weights as Python's shortest
+    float repr, so the same mix asked in any order shares one cache entry and one slot."""
+    return MIX_PREFIX + "+".join(f"{key}*{float(weight)!r}" for key, weight in sorted(members))
+
+
+def mix_spec(members: list[tuple[AdapterSpec, float]]) -> AdapterSpec:
+    """The spec of a weighted mix of registered adapters (see `combine_adapters` for the math)."""
+    ordered = tuple(sorted(((spec, float(weight)) for spec, weight in members), key=lambda m: (m[0].key, m[1])))
+    return AdapterSpec(mix_key([(spec.key, weight) for spec, weight in ordered]), "", members=ordered)
 
 
 def warmup_request(key: str) -> Request:
@@ -96,7 +116,9 @@ class AdapterManager:
                                 device, backend=config.lora_backend)
         self.host_cache = HostAdapterCache(self.max_cpu_loras)
         self._specs: dict[str, AdapterSpec] = {}
+        self._mix_keys: OrderedDict[str, None] = OrderedDict()  # registered mixes, least recently asked first
         self._errors: dict[str, str] = {}  # key → why it failed to load
+        self._mix_lock = threading.Lock()  # register runs on the caller's threads
         self._queue: queue.SimpleQueue = queue.SimpleQueue()  # (spec, slot) to load; None stops the loader
         self._done: queue.SimpleQueue = queue.SimpleQueue()  # (spec, slot, error, seconds)
         self._thread: threading.Thread | None = None
@@ -111,10 +133,25 @@ class AdapterManager:
         """Make an adapter known (published); returns the spec it replaces if the content changed."""
         old = self._specs.get(spec.key)
         self._specs[spec.key] = spec
+        if spec.members:
+            self._remember_mix(spec.key)
         return old if old is not None and old != spec else None
+
+    def _remember_mix(self, key: str) -> None:
+        with self._mix_lock:
+            self._mix_keys[key] = None
+            self._mix_keys.move_to_end(key)
+            while len(self._mix_keys) > MAX_MIX_SPECS:
+                forgotten, _ = self._mix_keys.popitem(last=False)
+                self._specs.pop(forgotten, None)
+                self._errors.pop(forgotten, None)
 
     def knows(self, key: str) -> bool:
         return key in self._specs
+
+    def spec(self, key: str) -> AdapterSpec | None:
+        """The registered spec of `key` (what a mix of it is built from)."""
+        return self._specs.get(key)
 
     # ---- the loader thread ------------------------------------------------------------------------
 
@@ -146,14 +183,23 @@ class AdapterManager:
             self.notify()
 
     def _load(self, spec: AdapterSpec, slot: int | None) -> None:
+        weights = self._host_weights(spec)
+        if slot is not None:
+            self.pool.write(slot, weights)
+
+    def _host_weights(self, spec: AdapterSpec) -> AdapterWeights:
+        """The adapter's weights from the host cache, else read from disk (a mix: built from its members')."""
         weights = self.host_cache.get(spec)
         if weights is None:
-            weights = read_adapter(spec.key, spec.path, self.shapes, self.max_rank, self.dtype, spec.sha256)
+            if spec.members:
+                members = [(self._host_weights(member), weight) for member, weight in spec.members]
+                weights = combine_adapters(spec.key, members, self.max_rank, self.dtype)
+            else:
+                weights = read_adapter(spec.key, spec.path, self.shapes, self.max_rank, self.dtype, spec.sha256)
             if self.device.type == "cuda":  # pinned pages let the host → device copy run async
                 weights.modules = {k: (a.pin_memory(), b.pin_memory(), s) for k, (a, b, s) in weights.modules.items()}
             self.host_cache.put(spec, weights)
-        if slot is not None:
-            self.pool.write(slot, weights)
+        return weights
 
     # ---- the step thread --------------------------------------------------------------------------
 
@@ -192,9 +238,12 @@ class AdapterManager:
             self._queue.put((spec, slots.reserve(key, now, wanted)))
 
     def invalidate(self, old: AdapterSpec, slots: AdapterSlots) -> None:
-        """`old` was re-published with new content: forget its weights, its load error and its ready slot."""
-        self.host_cache.drop(old)
-        self._errors.pop(old.key, None)
-        # A slot still loading is reported stale when its load finishes (see `finished`).
-        if slots.is_ready(old.key):
-            slots.retire(old.key)
+        """`old` was re-published with new content: forget its weights, its load error and its ready slot,
+        and the same of every registered mix built from it (the next job of such a mix registers it anew)."""
+        mixes = [spec for spec in list(self._specs.values()) if any(m == old for m, _ in spec.members)]
+        for spec in [old, *mixes]:
+            self.host_cache.drop(spec)
+            self._errors.pop(spec.key, None)
+            # A slot still loading is reported stale when its load finishes (see `finished`).
+            if slots.is_ready(spec.key):
+                slots.retire(spec.key)

@@ -11,6 +11,9 @@ Every number that reaches the device pool is finite: weights with NaN or inf (in
 to the pool's dtype), a non-numeric or non-finite alpha, a rank that is not a positive integer (or
 differs from what the config declares), and a scale that is not finite in float32 (the pool's scale
 dtype) are refused, because a NaN in a pool slot reaches every token of every job on that adapter.
+
+`combine_adapters` builds a weighted mix of adapters as one adapter of concatenated rank, whose update
+is exactly the weighted sum of the members' updates (no merge into the base, no SVD truncation).
 """
 
 from __future__ import annotations
@@ -211,4 +214,30 @@ def read_adapter(
             row += width
     if not modules:
         raise AdapterLoadError(f"{key}: adapter holds no LoRA weights")
+    return AdapterWeights(key=key, modules=modules)
+
+
+def combine_adapters(key: str, members: list[tuple[AdapterWeights, float]], max_rank: int,
+                     dtype: torch.dtype) -> AdapterWeights:
+    """The mix Σ wᵢ·scaleᵢ·Bᵢ·Aᵢ·x as one adapter: per (layer, slice) A = cat(wᵢ·scaleᵢ·Aᵢ) [Σr, in],
+    B = cat(Bᵢ) [out, Σr], scale 1; B·A·x splits by rank into exactly the members' weighted updates
+    (PEFT's `add_weighted_adapter(..., combination_type="cat")`). A member without a module adds nothing
+    there. Refused when some module's Σr exceeds the pool's max rank, or a folded weight is not finite."""
+    parts: dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
+    for adapter, weight in members:
+        for module, (a, b, scale) in adapter.modules.items():
+            parts.setdefault(module, []).append((a, b, weight * scale))
+    if not parts:
+        raise AdapterLoadError(f"{key}: mix holds no LoRA weights")
+    ranks = {module: sum(a.shape[0] for a, _, _ in group) for module, group in parts.items()}
+    (layer, slice_), rank = max(ranks.items(), key=lambda item: item[1])
+    if rank > max_rank:
+        raise AdapterLoadError(f"{key}: mix rank {rank} (layer {layer} {slice_}) exceeds the pool's max rank {max_rank}")
+    modules = {}
+    for (layer, slice_), group in sorted(parts.items()):
+        # The factor folds into A in float32, so the pool's dtype rounds the product once.
+        a = torch.cat([a.float() * factor for a, _, factor in group])
+        b = torch.cat([b for _, b, _ in group], dim=1)
+        modules[(layer, slice_)] = (_check_weights(key, f"layer {layer} {slice_} mixed lora_A", a, dtype),
+                                    b.to(dtype).contiguous(), 1.0)
     return AdapterWeights(key=key, modules=modules)

@@ -65,10 +65,26 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     content: str
 
 
+# A job's weighted adapter mix: at most MAX_MIX_MEMBERS members, each weight finite, nonzero and within
+# ±MAX_MIX_WEIGHT (negative subtracts a task vector). The worker serves the exact sum of the weighted deltas.
+MAX_MIX_MEMBERS = 8
+MAX_MIX_WEIGHT = 100.0
+
+
+class MixMember(msgspec.Struct, forbid_unknown_fields=True):
+    adapter: NonEmpty  # "name" (its serving version) or "name@version"
+    weight: Annotated[float, msgspec.Meta(ge=-MAX_MIX_WEIGHT, le=MAX_MIX_WEIGHT)]
+
+    def __post_init__(self) -> None:
+        if self.weight == 0.0:  # it would change nothing and still take rank in the pool; NaN/inf fail the bounds
+            raise ValueError("a mix member's `weight` must not be 0")
+
+
 class Job(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     id: NonEmpty
     tenant: NonEmpty | None = None  # required, but a header may supply it
     adapter: NonEmpty | None = None  # "name" (active version) or "name@version"; None = base model
+    mix: Annotated[list[MixMember], msgspec.Meta(min_length=1, max_length=MAX_MIX_MEMBERS)] | None = None
     task: NonEmpty | None = None  # routing key (reserved in v1)
     user: NonEmpty | None = None  # stickiness key (reserved in v1)
     prompt: str | None = None
@@ -89,6 +105,8 @@ class Job(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if len(given) != 1:
             raise ValueError("exactly one of `prompt`, `prompt_ids` and `messages` is required"
                              + (f" (got {', '.join(given)})" if given else ""))
+        if self.adapter is not None and self.mix is not None:
+            raise ValueError("a job names either `adapter` or `mix`, not both")
         if 0.0 < self.temperature < MIN_TEMPERATURE:
             raise ValueError(f"`temperature` must be 0 (greedy) or at least {MIN_TEMPERATURE}")
         if self.prompt_ids is not None and not self.prompt_ids:
@@ -118,11 +136,20 @@ class ErrorInfo(msgspec.Struct):
     message: str
 
 
+class MixUsed(msgspec.Struct):
+    """One member of the mix that served a job: the version it resolved to and its weight."""
+
+    adapter: str
+    version: str
+    weight: float
+
+
 class JobResult(msgspec.Struct, kw_only=True):
     id: str
     status: Literal["ok", "error"]
     adapter: str | None = None
     adapter_version: str | None = None
+    mix: list[MixUsed] | None = None  # a mix job: every member's resolved version, in the job's order
     task: str | None = None  # set when a route chose the adapter: the job's task ...
     route_event_id: str | None = None  # ... and the route.set event that was in force
     text: str = ""
@@ -334,6 +361,8 @@ def decode_job(value: bytes | None, headers: list[tuple[str, bytes]] | None = No
         if not _is_utf8(key):
             raise JobError("invalid_job", "a header key is not UTF-8", job.id)
         field = HEADER_FIELDS.get(key.lower())
+        if field == "adapter" and job.mix is not None:
+            continue  # the body chose a mix: an adapter header does not add a second choice
         if field is not None and getattr(job, field) is None:
             try:
                 setattr(job, field, _header_text(raw))
@@ -341,9 +370,10 @@ def decode_job(value: bytes | None, headers: list[tuple[str, bytes]] | None = No
                 raise JobError("invalid_job", f"header {key} is not UTF-8", job.id) from None
     if job.tenant is None:
         raise JobError("invalid_job", "`tenant` is required (body or x-tenant-id header)", job.id)
-    if job.adapter is not None:
+    refs = [job.adapter] if job.adapter is not None else [m.adapter for m in job.mix or ()]
+    for ref in refs:
         try:
-            parse_adapter_ref(job.adapter)
+            parse_adapter_ref(ref)
         except ValueError as exc:
             raise JobError("invalid_job", str(exc), job.id) from None
     return job

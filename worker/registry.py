@@ -6,6 +6,10 @@ this worker: until then the name keeps its previous version and the task its pre
 version that fails to load never takes that traffic (the failure stays visible in status). A job
 that asks for an exact version gets that version, waiting for its load or answered
 adapter_load_failed.
+
+A job may ask for a weighted mix of adapters instead of one: each member resolves as a job naming it
+would (its serving version, or the exact version asked), the tenant must be allowed every member, and
+the mix is served under its canonical key (scheduler `mix_key`), built by the engine from the members.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from lorabus.schemas import AdapterPublish, Job, JobError, RouteSet, parse_adapter_ref
+from lorabus.scheduler.adapter_manager import MIX_PREFIX, mix_key
+from lorabus.schemas import AdapterPublish, Job, JobError, MixMember, RouteSet, parse_adapter_ref
 from lorabus.worker.control_log import ControlLog
 from lorabus.worker.routing import pick_target
 
@@ -56,8 +61,13 @@ class AdapterHealth:
 class ResolvedAdapter:
     name: str
     version: str
-    key: str  # the engine's adapter key, "name@version"
+    key: str  # the engine's adapter key, "name@version" (a mix: its canonical mix key)
     route: RouteSet | None = None  # the route that chose it, if one did
+    mix: tuple[tuple["ResolvedAdapter", float], ...] = ()  # a mix: each member and its weight, in the job's order
+
+
+def is_mix_key(key: str) -> bool:
+    return key.startswith(MIX_PREFIX)
 
 
 def adapter_key(name: str, version: str) -> str:
@@ -133,10 +143,9 @@ class AdapterRegistry:
     def knows_job(self, job: Job) -> bool:
         """Whether the control log read so far can place the job (False: read it further first)."""
         if job.adapter is not None:
-            ref = parse_adapter_ref(job.adapter)
-            if ref.version is None:
-                return bool(self.log.candidates(ref.name))
-            return self.log.published(ref.name, ref.version) is not None
+            return self._knows(job.adapter)
+        if job.mix is not None:
+            return all(self._knows(member.adapter) for member in job.mix)
         if job.task is not None:
             return self.route_in_force(job.task, job.tenant) is not None
         return True
@@ -146,6 +155,8 @@ class AdapterRegistry:
         (None). JobError adapter_not_found (no such version, no route for the task) / forbidden."""
         if job.adapter is not None:
             return self.resolve(job.adapter, job.tenant)
+        if job.mix is not None:
+            return self.resolve_mix(job.mix, job.tenant)
         if job.task is None:
             return None
         route = self.route_in_force(job.task, job.tenant)
@@ -158,6 +169,26 @@ class AdapterRegistry:
                 raise JobError("forbidden", f"tenant {job.tenant} may not use the adapter routed for task {job.task}")
             raise
         return ResolvedAdapter(resolved.name, resolved.version, resolved.key, route)
+
+    def resolve_mix(self, members: list[MixMember], tenant: str) -> ResolvedAdapter:
+        """Every member → its version (JobError adapter_not_found / forbidden naming that member)."""
+        resolved = tuple((self.resolve(member.adapter, tenant), member.weight) for member in members)
+        key = mix_key([(adapter.key, weight) for adapter, weight in resolved])
+        return ResolvedAdapter("mix", "", key, mix=resolved)
+
+    def load_failure(self, resolved: ResolvedAdapter) -> str | None:
+        """Why the job's adapter (a mix: its first member that did) failed to load here, if it did."""
+        for adapter in [member for member, _ in resolved.mix] or [resolved]:
+            failure = self.health.failure(adapter.key)
+            if failure is not None:
+                return failure
+        return None
+
+    def _knows(self, ref_text: str) -> bool:
+        ref = parse_adapter_ref(ref_text)
+        if ref.version is None:
+            return bool(self.log.candidates(ref.name))
+        return self.log.published(ref.name, ref.version) is not None
 
     def resolve(self, ref_text: str, tenant: str) -> ResolvedAdapter:
         """Name or name@version → the version to serve; JobError adapter_not_found / forbidden."""

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from lorabus.scheduler import Completion, Request, SamplingParams
-from lorabus.schemas import Job, JobResult, Usage
+from lorabus.schemas import Job, JobResult, MixUsed, Usage
 from lorabus.worker.registry import ResolvedAdapter
 
 
@@ -19,12 +19,15 @@ def to_request(job: Job, adapter: ResolvedAdapter | None) -> Request:
 
 
 def provenance(adapter: ResolvedAdapter | None) -> dict:
-    """The result fields that say what served a job: adapter and version, and the route that chose them."""
+    """The result fields that say what served a job: adapter and version (a mix: every member's), and the
+    route that chose them."""
     if adapter is None:
         return {}
     route = adapter.route
-    return {"adapter": adapter.name, "adapter_version": adapter.version,
-            "task": route.task if route else None, "route_event_id": route.event_id if route else None}
+    routed = {"task": route.task if route else None, "route_event_id": route.event_id if route else None}
+    if adapter.mix:
+        return {"mix": [MixUsed(m.name, m.version, weight) for m, weight in adapter.mix], **routed}
+    return {"adapter": adapter.name, "adapter_version": adapter.version, **routed}
 
 
 def ok_result(job: Job, adapter: ResolvedAdapter | None, completion: Completion, worker: str) -> JobResult:
