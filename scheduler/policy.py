@@ -43,7 +43,9 @@ Policy, in order of precedence:
 Device slots are otherwise evicted least-recently-used among those no running sequence holds and no
 waiting job needs: LRU keeps the hot set of a Zipf-like workload resident, and protecting wanted
 adapters prevents the load-evict-reload thrash that plain LRU shows when there are more distinct
-adapters in the queue than slots.
+adapters in the queue than slots. When the caller gives an affinity hint (`AdapterSlots.affinity`, the
+adapters this worker's share of the traffic brings and how often), idle slots of adapters it scores
+lower are evicted first, LRU among equals: a worker in a fleet keeps its own partitions' adapters.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ class AdapterSlots:
         self.ready = [False] * num_slots
         self.last_used = [0.0] * num_slots
         self.slot_of: dict[str, int] = {}
+        # Adapter key → how much of this worker's own traffic it gets (Engine.set_adapter_affinity);
+        # replaced whole by the caller's thread, read here: unknown keys score 0.
+        self.affinity: dict[str, float] = {}
 
     def __len__(self) -> int:
         return len(self.key_of)
@@ -79,14 +84,16 @@ class AdapterSlots:
         return slot is not None and self.ready[slot]
 
     def reserve(self, key: str, now: float, wanted: set[str]) -> int | None:
-        """A slot to load `key` into: a free one, else the LRU idle one not in `wanted`; None if none."""
+        """A slot to load `key` into: a free one, else an idle one not in `wanted` (the lowest affinity
+        score first, least recently used among equals); None if none."""
         free = [s for s, k in enumerate(self.key_of) if k is None]
         if free:
             return self.take(free[0], key, now)
         idle = [s for s, k in enumerate(self.key_of) if self.ready[s] and self.refs[s] == 0 and k not in wanted]
         if not idle:
             return None
-        return self.take(min(idle, key=lambda s: self.last_used[s]), key, now)
+        affinity = self.affinity
+        return self.take(min(idle, key=lambda s: (affinity.get(self.key_of[s], 0), self.last_used[s])), key, now)
 
     def take(self, slot: int, key: str, now: float) -> int:
         """Give a free or idle slot to `key` (evicting what it held); the caller loads it."""
