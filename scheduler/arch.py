@@ -284,7 +284,8 @@ class ModelSpec:
         model_type = raw.get("model_type")
         family = FAMILIES.get(model_type)
         if family is None:
-            raise UnsupportedModel(f"model_type {model_type!r} is not supported (supported: {sorted(FAMILIES)})")
+            raise UnsupportedModel(f"config.json model_type {model_type!r} is not supported; serve a model of "
+                                   f"one of: {', '.join(sorted(FAMILIES))}")
         config = {**COMMON_DEFAULTS, **family.defaults, **raw}
         num_heads = config["num_attention_heads"]
         head_dim = config.get("head_dim") or config["hidden_size"] // num_heads

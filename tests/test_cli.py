@@ -29,7 +29,8 @@ async def test_publish_and_produce_commands(kafka, tiny_model, peft_adapters, tm
         source.write_text("".join(json.dumps(j) + "\n" for j in jobs))
         rc, out, err = await _lorabus("produce", "--jobs-topic", config.jobs_topic, "--results-topic",
                                       config.results_topic, str(source), env=env)
-    assert rc == 0, err
+    assert rc == 1, err  # p-2's answer is an error: produce says so in its exit code and one summary line
+    assert err.strip().splitlines()[-1] == "lorabus produce: 1 of 3 jobs answered with errors: forbidden ×1", err
     results = {r["id"]: r for r in map(json.loads, out.splitlines())}
     assert results["p-0"]["status"] == "ok" and results["p-0"]["adapter_version"] == "v1"
     assert len(results["p-0"]["token_ids"]) == 3

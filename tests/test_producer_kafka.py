@@ -19,6 +19,7 @@ from aiokafka import errors as E
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from lorabus.worker import producer as wp
+from lorabus.worker.logs import AIOKAFKA_LOGGERS, limit_aiokafka_logs
 from tests.helpers import PrivateBroker
 from lorabus.worker.producer import (DEAD_LETTER_VALUE_BYTES, ORIGINAL_SIZE_HEADER, TRUNCATED_HEADER,
                              PermanentSendError, ResultProducer, truncated_copy)
@@ -100,7 +101,7 @@ def warnings_between(caplog, t0: float, t1: float):
 async def test_outage_every_send_acknowledged(up, caplog, monkeypatch):
     # The log filter is process-wide and reports what it held back on the next line it lets through:
     # a fresh limiter keeps earlier tests' suppressed counts out of this test's figures.
-    monkeypatch.setattr(wp._LOG_FILTER, "limiter", wp._Limiter())
+    limit_aiokafka_logs(wp.LOG_EVERY_S)
     topic = await make_topic(up.bootstrap)
     stopping = asyncio.Event()
     rp = ResultProducer(up.bootstrap, stopping)
@@ -387,13 +388,12 @@ def test_truncated_copy_rules():
 
 
 def test_aiokafka_log_lines_are_rate_limited(caplog):
-    wp.install_log_limits()
-    wp.install_log_limits()   # idempotent
+    """What a started producer installs: one shared limit on each of aiokafka's loggers, idempotent."""
+    limit = limit_aiokafka_logs(10.0)
+    assert limit_aiokafka_logs() is limit  # a producer starting later keeps it
+    assert all(logging.getLogger(name).filters.count(limit) == 1 for name in AIOKAFKA_LOGGERS)
     noisy = logging.getLogger("aiokafka")
     caplog.set_level(logging.INFO, logger="aiokafka")  # whatever level an earlier test (e.g. the CLI's main) left
-    assert noisy.filters.count(wp._LOG_FILTER) == 1
-    wp._LOG_FILTER.limiter.last.clear()
-    wp._LOG_FILTER.limiter.held.clear()
     for i in range(500):
         noisy.error("Unable connect to node with id %s: %s", 1, f"refused {i}")
         logging.getLogger("aiokafka.producer.sender").warning("Got error produce response: %s", i)
@@ -401,6 +401,3 @@ def test_aiokafka_log_lines_are_rate_limited(caplog):
     noisy.info("not limited %s", 2)
     lines = [r for r in caplog.records if r.name.startswith("aiokafka")]
     assert [r.levelname for r in lines] == ["ERROR", "WARNING", "INFO", "INFO"]
-    wp._LOG_FILTER.limiter.last.clear()   # as if LOG_EVERY_S had passed
-    noisy.error("Unable connect to node with id %s: %s", 1, "again")
-    assert "499 similar lines suppressed" in caplog.records[-1].getMessage()

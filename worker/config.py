@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lorabus.scheduler import EngineConfig
+from lorabus.worker.kafka_security import KafkaSecurity
 
 
 def _doc(text: str):
@@ -25,7 +26,9 @@ class WorkerConfig:
     status_topic: str = field(default="lorabus.status", metadata=_doc("each worker's state, compacted by worker id (lorabus status reads it)"))
     status_interval_ms: int = field(default=2000, metadata=_doc("how often a worker republishes its status when nothing changed"))
     topic_partitions: int = field(default=3, metadata=_doc("partitions of the jobs topic when the worker creates it"))
-    metrics_port: int = field(default=9400, metadata=_doc("Prometheus endpoint port (0 = any free port, -1 = off)"))
+    metrics_port: int = field(default=9400, metadata=_doc("port of /metrics, /healthz and /readyz (0 = any free port, -1 = off)"))
+    metrics_host: str = field(default="127.0.0.1", metadata=_doc("address the metrics port binds (0.0.0.0 = every interface, as in containers)"))
+    metrics_max_adapters: int = field(default=50, metadata=_doc("adapters with their own lorabus_jobs_completed_total series (the busiest); the rest count under adapter=\"other\""))
     max_inflight: int = field(default=256, metadata=_doc("jobs taken from Kafka before fetching pauses"))
     commit_interval_ms: int = field(default=200, metadata=_doc("how often answered offsets are committed (exactly-once: one transaction each)"))
     drain_timeout_ms: int = field(default=60000, metadata=_doc("on SIGTERM, how long held jobs may take to be answered; the rest stay uncommitted for the next owner"))
@@ -36,4 +39,8 @@ class WorkerConfig:
     exactly_once: bool = field(default=False, metadata=_doc("commit results and offsets in one Kafka transaction per batch; readers use read_committed"))
     control_key: str = field(default="", metadata=_doc("file (or env:NAME) of 'keyid:secret' lines; when set, control events must be signed with one of them"))
     adapter_root: list[str] = field(default_factory=list, metadata=_doc("directory adapter paths must lie under (repeatable; env: os.pathsep-separated); empty = any path"))
+    auto_offset_reset: str = field(default="earliest", metadata=_doc("where a jobs group without committed offsets starts: earliest (every job still on the topic) or latest (only jobs sent after it joined)"))
+    log_format: str = field(default="text", metadata=_doc("log lines as text (job context as key=value) or json (one object per line, job context as fields)"))
+    log_payloads: bool = field(default=False, metadata=_doc("also log prompts and generated text in job-level lines (off: they never reach the log)"))
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)  # TLS/SASL of every Kafka client (worker/kafka_security.py)
     engine: EngineConfig = field(default_factory=EngineConfig)

@@ -399,15 +399,21 @@ def resolve_model_path(path_or_name: str, cache_dir: str | Path | None = None,
     if not text:
         raise ModelStoreError("no model given (a model directory, a .gguf file or one of: "
                               f"{', '.join(sorted(KNOWN_MODELS))})")
+    known = ", ".join(sorted(KNOWN_MODELS))
     path = Path(os.path.expanduser(text))
     if path.is_dir():
         return text
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelStoreError(f"{text}: a file that is not .gguf (give a model directory, a .gguf file or "
-                                  f"one of: {', '.join(sorted(KNOWN_MODELS))})")
+                                  f"one of: {known})")
         return str(convert_gguf_cached(path, cache_dir, progress))
     if text in KNOWN_MODELS:
         return str(fetch_model(text, cache_dir, progress))
-    raise ModelStoreError(f"{text}: no such model directory or .gguf file, and not a known model name "
-                          f"(known: {', '.join(sorted(KNOWN_MODELS))})")
+    if _looks_like_path(text):  # refused at once: a path is never looked up as a name anywhere
+        raise ModelStoreError(f"{text}: no such directory or .gguf file")
+    raise ModelStoreError(f"{text}: not a known model name (known: {known}) and no such directory or .gguf file here")
+
+
+def _looks_like_path(text: str) -> bool:
+    return "/" in text or os.sep in text or text.startswith((".", "~"))

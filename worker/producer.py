@@ -19,8 +19,8 @@ producer/message_accumulator.py, reproduced against Kafka 4.4):
   aiokafka's sender refreshes metadata in a loop without any pause; with the broker down each
   refresh fails at once: measured ~8,000 refreshes/s, a busy CPU core and an ERROR line each.
   `_throttle_metadata` spaces refreshes after a failed one.
-* aiokafka logs a WARNING/ERROR per reconnect and metadata attempt; `install_log_limits()`
-  rate-limits those by message template.
+* aiokafka logs a WARNING/ERROR per reconnect and metadata attempt; starting a producer installs
+  `logs.limit_aiokafka_logs()`, which rate-limits those by message template.
 
 Dead letters too large for the broker: `send_dead_letter()` falls back to `truncated_copy()`.
 """
@@ -39,6 +39,8 @@ from typing import Callable, NamedTuple
 from aiokafka import AIOKafkaProducer
 from aiokafka import errors as E
 
+from lorabus.worker.logs import limit_aiokafka_logs
+
 log = logging.getLogger(__name__)
 
 # Retry pacing for one send: doubles from the first delay up to the cap, with jitter so that many
@@ -46,7 +48,7 @@ log = logging.getLogger(__name__)
 # notices that the broker is back.
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 2.0
-# At most one WARNING per kind of trouble per this many seconds (ours, and aiokafka's per template).
+# At most one WARNING per kind of trouble per this many seconds.
 LOG_EVERY_S = 10.0
 # A delivery not acknowledged after this long is reported as stalled (rate-limited); aiokafka
 # keeps retrying it, so it is not resent.
@@ -84,12 +86,6 @@ BROKEN_ERRORS = (
 TRANSIENT_ERRORS = (E.KafkaTimeoutError, OSError, asyncio.TimeoutError)
 # Kafka's legal topic names (org.apache.kafka.common.internals.Topic).
 TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
-# aiokafka's loggers that write one line per failed attempt (client.py logs as plain "aiokafka").
-AIOKAFKA_LOGGERS = (
-    "aiokafka", "aiokafka.conn", "aiokafka.cluster", "aiokafka.producer.producer",
-    "aiokafka.producer.sender", "aiokafka.consumer.consumer", "aiokafka.consumer.fetcher",
-    "aiokafka.consumer.group_coordinator",
-)
 
 
 class PermanentSendError(Exception):
@@ -155,36 +151,6 @@ class _Limiter:
             return None
         self.last[key] = now
         return self.held.pop(key, 0)
-
-
-class _AiokafkaLogFilter(logging.Filter):
-    """Rate-limits aiokafka's WARNING and ERROR records per (logger, message template)."""
-
-    def __init__(self):
-        super().__init__()
-        self.limiter = _Limiter()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
-            return True
-        held = self.limiter.allow((record.name, str(record.msg)))
-        if held is None:
-            return False
-        if held:
-            record.msg = f"{record.msg} [{held} similar lines suppressed in the last {LOG_EVERY_S:g} s]"
-        return True
-
-
-_LOG_FILTER = _AiokafkaLogFilter()
-
-
-def install_log_limits() -> None:
-    """Rate-limit aiokafka's per-attempt log lines process-wide (idempotent). It also quiets the
-    consumers' lines, which repeat the same way during an outage."""
-    for name in AIOKAFKA_LOGGERS:
-        logger = logging.getLogger(name)
-        if _LOG_FILTER not in logger.filters:
-            logger.addFilter(_LOG_FILTER)
 
 
 def _valid_topic(topic: str) -> bool:
@@ -278,7 +244,7 @@ class ResultProducer:
 
     async def start(self) -> None:
         """Connect once; errors propagate (a worker should not start without its broker)."""
-        install_log_limits()
+        limit_aiokafka_logs()
         producer = _throttle_metadata(self.factory(**self.options))
         try:
             await producer.start()

@@ -22,23 +22,28 @@ import socket
 import time
 from dataclasses import dataclass
 
+import msgspec
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from lorabus.scheduler import AdapterSpec, Completion, Engine, Request
+from lorabus.scheduler.adapter_manager import mix_spec
 from lorabus.schemas import (AdapterActivate, AdapterPublish, AdapterWarm, Job, JobError, JobResult, decode_job,
                              encode, error_result)
-from lorabus.worker import kafka_records
+from lorabus.worker import kafka_records, logs
 from lorabus.worker.adapter_paths import AdapterPathError, confine_adapter_path
+from lorabus.worker.affinity import HomeAdapters, adapter_hint
 from lorabus.worker.client import topic_partitions
 from lorabus.worker.config import WorkerConfig
+from lorabus.worker.kafka_security import client_options
 from lorabus.worker.control_log import ControlLog, SkippedRecord, is_control_key, key_text, read_record
+from lorabus.worker.health import HealthChecks
 from lorabus.worker.metrics import Metrics
 from lorabus.worker.offsets import PartitionOffsets
 from lorabus.worker.output import AtLeastOnceOutput, Outgoing, TransactionalOutbox
 from lorabus.worker.producer import ResultProducer, truncated_copy
-from lorabus.worker.registry import AdapterHealth, AdapterRegistry, Load, ResolvedAdapter, adapter_key
+from lorabus.worker.registry import AdapterHealth, AdapterRegistry, Load, ResolvedAdapter, adapter_key, is_mix_key
 from lorabus.worker.signing import ControlKeys
 from lorabus.worker.status import StatusReporter
 from lorabus.worker.topics import check_control_topic, ensure_worker_topics
@@ -60,6 +65,11 @@ MAX_OUTGOING_BYTES = 1_000_000
 DLQ_REASON_BYTES = 4096
 # After a failed fetch of the control topic (broker away), wait this long before the next one.
 CONTROL_RETRY_S = 1.0
+# How often at most the worker tells the engine which adapters its partitions bring (a dict copy each time).
+AFFINITY_PUSH_S = 0.5
+# On SIGTERM, how long the last commit and each client's close may take (they run side by side): a broker
+# that is away makes aiokafka wait for it forever.
+CLOSE_TIMEOUT_S = 5.0
 _LOG_DETAIL = 300  # characters of a bad record's parse error worth a log line
 
 
@@ -74,6 +84,8 @@ class _Rebalance(ConsumerRebalanceListener):
             state = self.worker.partitions.pop(tp, None)
             if state is not None:
                 state.revoked = True
+            self.worker.home.drop(tp)
+            self.worker.metrics.drop_lag(tp.topic, tp.partition)
 
     async def on_partitions_assigned(self, assigned):
         for tp in assigned:
@@ -92,12 +104,24 @@ class ControlRejected(Exception):
     """A well-formed control event that cannot be applied (e.g. activating a version never published)."""
 
 
+class StartupError(Exception):
+    """A setting the worker cannot start with (e.g. a taken metrics port): one line naming the flag."""
+
+
+def metrics_port_error(port: int, exc: OSError) -> StartupError:
+    return StartupError(f"--metrics-port {port}: cannot listen ({exc.strerror or exc}); stop what holds it or "
+                        "pick another port (0 = any free port, -1 = off)")
+
+
 class Worker:
     def __init__(self, config: WorkerConfig, engine: Engine | None = None):
         self.config = config
         self.worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        # Every Kafka client below connects with these; bad TLS/SASL settings fail here, before the model loads.
+        self.kafka_options = client_options(config.security)
         self.engine = engine or Engine(config.model, config.engine)
-        self.metrics = Metrics()
+        self.metrics = Metrics(config.metrics_max_adapters)
+        self.checks = HealthChecks(self)  # /healthz and /readyz
         self.control_log = ControlLog()
         self.health = AdapterHealth()
         self.registry = AdapterRegistry(self.control_log, self.health)
@@ -105,6 +129,8 @@ class Worker:
         self.partitions: dict[TopicPartition, PartitionOffsets] = {}
         self.inflight: set[asyncio.Task] = set()
         self.metrics_port: int | None = None
+        self.metrics_server = None
+        self.consuming = False  # the jobs consumer has started
         self._control_applied: dict[TopicPartition, int] = {}
         self._control_progress = asyncio.Event()
         self._health_changed = asyncio.Event()
@@ -116,6 +142,8 @@ class Worker:
         self._topics_lock = asyncio.Lock()
         self._give_up = asyncio.Event()  # set when a stopping worker stops waiting for the broker
         self.outbox: TransactionalOutbox | None = None
+        self.home = HomeAdapters()  # adapters this worker's partitions bring: the engine's eviction hint
+        self._home_pushed = (-1, float("-inf"))  # (HomeAdapters.version, monotonic time) last handed over
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
@@ -123,34 +151,44 @@ class Worker:
         cfg = self.config
         kafka_records.install()
         self._loop = asyncio.get_running_loop()
-        await ensure_worker_topics(cfg)
         if cfg.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(cfg.metrics_port)
-            log.info("metrics on http://127.0.0.1:%d/metrics", self.metrics_port)
+            try:
+                self.metrics_server = self.metrics.serve(cfg.metrics_host, cfg.metrics_port, self.checks.pages())
+                self.metrics_port = self.metrics_server.server_address[1]
+            except OSError as exc:  # taken by another process, or a port this user may not bind
+                raise metrics_port_error(cfg.metrics_port, exc) from None
+            log.info("metrics on http://%s:%d/metrics (and /healthz, /readyz)", cfg.metrics_host, self.metrics_port)
         self.engine.start()
+        # After the health pages are up: while the broker is away, /readyz says so.
+        await ensure_worker_topics(cfg)
         if cfg.exactly_once:
             # Stable across restarts with a group instance id, so a restarted worker fences its predecessor.
             txn_id = f"lorabus-{cfg.group_id}-{cfg.group_instance_id or self.worker_id}"
-            self.outbox = self.output = TransactionalOutbox(cfg.bootstrap_servers, txn_id, cfg.group_id, linger_ms=2)
+            self.outbox = self.output = TransactionalOutbox(cfg.bootstrap_servers, txn_id, cfg.group_id, linger_ms=2,
+                                                            **self.kafka_options)
             await self.outbox.start()
         else:
-            self.producer = ResultProducer(cfg.bootstrap_servers, self._give_up)
+            self.producer = ResultProducer(cfg.bootstrap_servers, self._give_up, **self.kafka_options)
             self.output = AtLeastOnceOutput(self.producer, self._give_up)
             await self.producer.start()
         self._hook_metrics()
-        self.admin = AIOKafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers)
+        self.admin = AIOKafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers, **self.kafka_options)
         await self.admin.start()
+        broker_task = asyncio.create_task(self.checks.watch_broker(self.admin))
+        # The control topic is the fleet's state, not a queue: always read whole, whatever auto_offset_reset says.
         self.control = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap_servers, enable_auto_commit=False,
-                                        auto_offset_reset="earliest")
+                                        auto_offset_reset="earliest", **self.kafka_options)
         self.jobs = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap_servers, group_id=cfg.group_id,
-                                     enable_auto_commit=False, auto_offset_reset="earliest",
-                                     group_instance_id=cfg.group_instance_id or None, max_poll_records=cfg.max_inflight)
+                                     enable_auto_commit=False, auto_offset_reset=cfg.auto_offset_reset,
+                                     group_instance_id=cfg.group_instance_id or None, max_poll_records=cfg.max_inflight,
+                                     **self.kafka_options)
         await self.control.start()
-        control_parts = await topic_partitions(cfg.bootstrap_servers, cfg.control_topic)
+        control_parts = await topic_partitions(cfg.bootstrap_servers, cfg.control_topic, security=cfg.security)
         await check_control_topic(self.admin, cfg.control_topic, len(control_parts))
         self.control.assign(control_parts)
         await self.control.seek_to_beginning(*control_parts)
-        self.status = StatusReporter(self, cfg.bootstrap_servers, cfg.status_topic, cfg.status_interval_ms)
+        self.status = StatusReporter(self, cfg.bootstrap_servers, cfg.status_topic, cfg.status_interval_ms,
+                                     cfg.security)
         await self.status.start()
         control_task = asyncio.create_task(self._control_loop())
         await self.catch_up_control()  # every published adapter is known before the first job
@@ -158,6 +196,7 @@ class Worker:
         self._started = True
         self.jobs.subscribe([cfg.jobs_topic], listener=_Rebalance(self))
         await self.jobs.start()
+        self.consuming = True
         commit_task = asyncio.create_task(self._commit_loop())
         log.info("worker %s consuming %s as group %s", self.worker_id, cfg.jobs_topic, cfg.group_id)
         try:
@@ -165,16 +204,21 @@ class Worker:
         finally:
             # Graceful stop: no new records, finish and answer what is held (within the drain timeout), commit, leave.
             await self._drain()
-            await self.commit()
+            await _bounded("the last commit", self.commit())  # a broker away: left to the next owner
             commit_task.cancel()
             control_task.cancel()
-            await asyncio.gather(commit_task, control_task, return_exceptions=True)
-            await self.jobs.stop()
-            await self.control.stop()
-            await self.status.stop()
-            await (self.outbox or self.producer).stop()
-            await self.admin.close()
+            broker_task.cancel()
+            await asyncio.gather(commit_task, control_task, broker_task, return_exceptions=True)
+            # Every client closes, each bounded, whatever the others do: a broker away cannot say goodbye.
+            await asyncio.gather(_bounded("the jobs consumer", _stop_consumer(self.jobs)),
+                                 _bounded("the control consumer", _stop_consumer(self.control)),
+                                 _bounded("the status reporter", self.status.stop()),
+                                 _bounded("the result producer", (self.outbox or self.producer).stop()),
+                                 _bounded("the admin client", self.admin.close()))
             await asyncio.to_thread(self.engine.stop)
+            if self.metrics_server is not None:
+                await asyncio.to_thread(self.metrics_server.shutdown)
+                self.metrics_server.server_close()
             log.info("worker %s stopped", self.worker_id)
 
     async def _drain(self) -> None:
@@ -193,6 +237,19 @@ class Worker:
 
     def stop(self) -> None:
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def caught_up(self) -> bool:
+        """The control log read at start-up has been applied (and the loads it asked for settled)."""
+        return self._started
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
 
     def _hook_metrics(self) -> None:
         m = self.metrics
@@ -214,7 +271,8 @@ class Worker:
         def on_load(key, seconds, error):
             if error is None:
                 m.adapter_load.observe(seconds)
-            self._from_engine(self._loaded, key, Load.READY if error is None else Load.FAILED, error)
+            if not is_mix_key(key):  # a mix is no published version: its members' loads are what health tracks
+                self._from_engine(self._loaded, key, Load.READY if error is None else Load.FAILED, error)
 
         self.engine.on_step, self.engine.on_load = on_step, on_load
 
@@ -419,6 +477,36 @@ class Worker:
                     task = asyncio.create_task(self._handle(record, offsets))
                     self.inflight.add(task)
                     task.add_done_callback(self.inflight.discard)
+                    self._look_ahead(record)
+            self._push_affinity()
+
+    def _look_ahead(self, record) -> None:
+        """Start loading a fetched record's adapter into a free device slot now, from its header or affinity
+        key, before its body is decoded, resolved and tokenized. Only into a free slot: with every slot
+        taken, a prefetch would evict an adapter that the records just fetched with it need, or load into
+        the host tier only and then again into a slot (measured: twice the loads under affinity keys);
+        the engine then loads queued jobs' adapters in admission order itself. Records aiokafka has fetched
+        but not yet returned cannot be read (its buffer is private, and pausing a partition drops it)."""
+        hint = adapter_hint(record.key, record.headers)
+        if hint is None:
+            return
+        stats = self.engine.stats()
+        if stats["adapter_slots_used"] >= stats["adapter_slots"]:
+            return
+        try:
+            key = self.registry.resolve(hint, "").key
+        except (JobError, ValueError):  # malformed, unknown yet, or tenant-restricted: the job itself will tell
+            return
+        if self.health.failure(key) is None:
+            self.engine.prefetch(key)
+
+    def _push_affinity(self) -> None:
+        """Hand the engine the adapters of this worker's partitions, at most every AFFINITY_PUSH_S."""
+        version, pushed_at = self._home_pushed
+        now = time.monotonic()
+        if self.home.version != version and now - pushed_at >= AFFINITY_PUSH_S:
+            self.engine.set_adapter_affinity(self.home.scores())
+            self._home_pushed = (self.home.version, now)
 
     async def _handle(self, record, offsets: PartitionOffsets) -> None:
         """Answer one record (result or dead letter); only an answered record's offset may commit."""
@@ -437,16 +525,33 @@ class Worker:
         tp = TopicPartition(record.topic, record.partition)
         if not await self.output.deliver(outgoing, tp, record.offset, offsets):
             return  # the worker is stopping: uncommitted, so the partition's next owner answers it
+        if result is not None:
+            self._log_answer(result, time.monotonic() - started)
         if result is not None and result.task is not None:
             self.metrics.count_routed(result.task, result.adapter, result.adapter_version, result.status)
         if result is None:
             self.metrics.dead_letters.inc()
         elif result.status == "ok":
-            self.metrics.jobs_completed.labels(result.adapter or "base").inc()
+            self.metrics.job_results.labels("ok").inc()
+            # adapter None: the base model
+            self.metrics.jobs_completed.inc(result.adapter or ("mix" if result.mix else None), result.adapter_version)
             self.metrics.tokens_generated.inc(result.usage.completion_tokens)
+            self.metrics.prompt_tokens.inc(result.usage.prompt_tokens)
         else:
+            self.metrics.job_results.labels(result.error.code).inc()
             self.metrics.jobs_failed.labels(result.error.code).inc()
         self.metrics.latency.observe(time.monotonic() - started)
+
+    def _log_answer(self, result: JobResult, seconds: float) -> None:
+        """One line per answered job (its context bound in _answer): errors at INFO, ok at DEBUG; the
+        generated text only with --log-payloads."""
+        extra = {"text": result.text} if self.config.log_payloads else {}
+        if result.status == "ok":
+            log.debug("job answered ok in %.3f s: %d tokens, finish %s", seconds, result.usage.completion_tokens,
+                      result.finish_reason, extra=extra)
+        else:
+            log.info("job answered %s in %.3f s: %s", result.error.code, seconds, result.error.message[:_LOG_DETAIL],
+                     extra=extra)
 
     async def _answer(self, record) -> "tuple[JobResult, str | None] | _DeadLetter":
         """The result for a record and its reply topic, or why it must be dead-lettered instead."""
@@ -458,7 +563,11 @@ class Worker:
         except JobError as err:
             if err.job_id is None:
                 return _DeadLetter(err.code, err.message)
+            logs.bind_job(err.job_id)
             return error_result(err.job_id, err.code, err.message, self.worker_id), None
+        # From here every line this task logs names the job (and its prompt only with --log-payloads).
+        logs.bind_job(job.id, job.tenant, job.adapter if isinstance(job.adapter, str) else None,
+                      prompt=_prompt_text(job) if self.config.log_payloads else None)
         reply_to = job.reply_to
         if reply_to is not None:
             problem = await self._reply_topic_problem(reply_to)
@@ -470,9 +579,14 @@ class Worker:
                                 "bytes (max_prompt_bytes)", self.worker_id), reply_to
         try:
             resolved = await self._resolve(job)
+            tp = TopicPartition(record.topic, record.partition)
+            if resolved is not None and tp in self.partitions:  # not a partition revoked meanwhile
+                self.home.seen(tp, resolved.key)
         except JobError as err:
             return error_result(job.id, err.code, err.message, self.worker_id), reply_to
-        failure = self.health.failure(resolved.key) if resolved is not None else None
+        logs.bind_job(job.id, job.tenant, resolved.key if resolved is not None else None,
+                      prompt=_prompt_text(job) if self.config.log_payloads else None)
+        failure = self.registry.load_failure(resolved) if resolved is not None else None
         if failure is not None:
             return self._error(job, resolved, "adapter_load_failed", failure), reply_to
         if job.deadline_ms is not None and time.time() * 1000 > job.deadline_ms:
@@ -489,7 +603,21 @@ class Worker:
                 await self.catch_up_control()
             except TimeoutError:
                 log.warning("control topic not caught up within %d ms", self.config.control_wait_ms)
-        return self.registry.resolve_job(job)
+        resolved = self.registry.resolve_job(job)
+        if resolved is not None and resolved.mix:
+            self._register_mix(resolved)
+        return resolved
+
+    def _register_mix(self, resolved: ResolvedAdapter) -> None:
+        """Register a job's mix with the engine, built from its members' current specs: after a member is
+        re-published with new content the mix's spec differs, and registering it drops what was cached."""
+        members = []
+        for member, weight in resolved.mix:
+            spec = self.engine.adapters.spec(member.key)
+            if spec is None:  # published with a path this worker refuses: nothing to mix
+                raise JobError("adapter_load_failed", f"adapter {member.key} cannot be loaded on this worker")
+            members.append((spec, weight))
+        self.engine.register(mix_spec(members))
 
     async def _generate(self, request: Request) -> Completion:
         """The hand-off to the engine: submit from a thread, await the completion on this loop."""
@@ -506,6 +634,8 @@ class Worker:
             self.metrics.ttft.observe(c.ttft_s)
             if c.cold:
                 self.metrics.cold_start.observe(c.ttft_s)
+            if len(c.token_ids) >= 2:  # the first token's time is TTFT's; the rest share what followed it
+                self.metrics.tpot.observe((c.total_s - c.ttft_s) / (len(c.token_ids) - 1))
 
     def _error(self, job: Job, resolved: ResolvedAdapter | None, code: str, message: str) -> JobResult:
         return error_result(job.id, code, message, self.worker_id, **provenance(resolved))
@@ -544,7 +674,7 @@ class Worker:
 
     def _error_like(self, result: JobResult, code: str, message: str) -> JobResult:
         return error_result(result.id, code, message, self.worker_id, adapter=result.adapter,
-                            adapter_version=result.adapter_version, task=result.task,
+                            adapter_version=result.adapter_version, mix=result.mix, task=result.task,
                             route_event_id=result.route_event_id)
 
     def _dead_letter(self, record, code: str, reason: str) -> Outgoing:
@@ -598,11 +728,56 @@ class Worker:
                 await self.commit()
             except Exception:  # the next round retries; this loop must outlive any one failure
                 log.exception("commit failed")
-            for tp in self.jobs.assignment():
-                end = self.jobs.highwater(tp)
-                position = self.partitions.get(tp, PartitionOffsets()).committed
-                if end is not None and position is not None:
-                    self.metrics.consumer_lag.labels(str(tp.partition)).set(max(0, end - position))
+            self.metrics.set_lag(self._lags())
+
+    def _lags(self) -> dict[tuple[str, int], int]:
+        """Records behind the end of each jobs partition owned now, from the committed offset (before
+        the first commit: from the first record taken). Only owned partitions: a revoked one's lag is
+        its new owner's to report, and a stale number here would say work is waiting that is not."""
+        lags = {}
+        assigned = self.jobs.assignment()
+        for tp, state in list(self.partitions.items()):
+            if tp not in assigned:
+                continue
+            end = self.jobs.highwater(tp)
+            position = state.committed
+            if position is None and state.next_offset is not None:
+                position = min(state.pending, default=state.next_offset)
+            if end is not None and position is not None:
+                lags[(tp.topic, tp.partition)] = max(0, end - position)
+        return lags
+
+
+async def _bounded(what: str, closing, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+    """Await one step of the shutdown for at most `timeout_s`; its failure is logged as one line, never
+    raised, so the steps after it still run."""
+    try:
+        await asyncio.wait_for(closing, timeout_s)
+    except Exception as exc:  # TimeoutError included
+        log.warning("closing %s: %s; going on", what, f"{type(exc).__name__}: {exc}".rstrip(": "))
+
+
+async def _stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """consumer.stop(), finished by hand when aiokafka 0.14 aborts it halfway: while the broker is away its
+    fetcher's close re-raises the CancelledError of a fetch task it cancelled itself, before the other
+    tasks and the client are closed. Our own cancellation is passed on."""
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        if asyncio.current_task().cancelling():
+            raise
+        pending = list(getattr(consumer._fetcher, "_pending_tasks", ()))
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await consumer._client.close()
+
+
+def _prompt_text(job: Job) -> str | None:
+    """What the job asks, as text for a --log-payloads line: the prompt, or the chat messages as JSON."""
+    if job.prompt is not None:
+        return job.prompt
+    return msgspec.json.encode(job.messages).decode() if job.messages is not None else None
 
 
 def _resolve_future(future: asyncio.Future, completion: Completion) -> None:

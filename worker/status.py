@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 from aiokafka import AIOKafkaProducer
 
 from lorabus.schemas import RouteStatus, VersionStatus, WorkerStatus, encode
+from lorabus.worker.kafka_security import KafkaSecurity, client_options
+from lorabus.worker.producer import _close_producer
 
 if TYPE_CHECKING:
     from lorabus.worker.service import Worker
@@ -24,7 +26,9 @@ log = logging.getLogger(__name__)
 MIN_GAP_S = 0.1  # changes within this are reported together
 # Kafka's default record limit is 1 MiB: past this, the per-version lists are cut (`truncated`).
 MAX_STATUS_BYTES = 900_000
-STOP_TIMEOUT_S = 5.0
+# On stop, the tombstone and then the producer's close wait at most this long each: the worker's whole
+# shutdown step for the reporter is bounded (service.CLOSE_TIMEOUT_S), and a broker away never answers.
+STOP_TIMEOUT_S = 2.0
 
 
 def _ms() -> int:
@@ -32,10 +36,11 @@ def _ms() -> int:
 
 
 class StatusReporter:
-    def __init__(self, worker: "Worker", bootstrap: str, topic: str, interval_ms: int):
+    def __init__(self, worker: "Worker", bootstrap: str, topic: str, interval_ms: int,
+                 security: KafkaSecurity | None = None):
         self.worker, self.topic, self.interval_ms = worker, topic, interval_ms
         self.started_ms = _ms()
-        self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+        self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, **client_options(security))
         self._changed = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.sent = 0
@@ -56,8 +61,8 @@ class StatusReporter:
             await asyncio.wait_for(self.producer.send_and_wait(self.topic, None, key=self.worker.worker_id.encode()),
                                    STOP_TIMEOUT_S)
         except Exception as exc:  # the broker may be gone; the status then just goes silent
-            log.warning("status tombstone not sent: %s", exc)
-        await self.producer.stop()
+            log.warning("status tombstone not sent: %s", f"{type(exc).__name__}: {exc}".rstrip(": "))
+        await _close_producer(self.producer, STOP_TIMEOUT_S)  # bounded, unsent records dropped
 
     async def _run(self) -> None:
         while True:

@@ -16,6 +16,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from lorabus.worker.config import WorkerConfig
+from lorabus.worker.kafka_security import KafkaSecurity, client_options
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +25,11 @@ CONTROL_TOPIC_CONFIGS = {"cleanup.policy": "compact", "retention.ms": "-1", "ret
 STATUS_TOPIC_CONFIGS = {"cleanup.policy": "compact"}
 
 
-async def ensure_topics(bootstrap: str, topics: dict[str, int], configs: dict[str, dict[str, str]] | None = None) -> None:
+async def ensure_topics(bootstrap: str, topics: dict[str, int], configs: dict[str, dict[str, str]] | None = None,
+                        security: KafkaSecurity | None = None) -> None:
     """Create the topics that are missing (name → partitions), with `configs[name]` when given."""
     configs = configs or {}
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_options(security))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -48,7 +50,8 @@ async def ensure_worker_topics(config: WorkerConfig) -> None:
     await ensure_topics(config.bootstrap_servers,
                         {config.jobs_topic: config.topic_partitions, config.results_topic: config.topic_partitions,
                          config.control_topic: 1, config.dlq_topic: 1, config.status_topic: 1},
-                        {config.control_topic: CONTROL_TOPIC_CONFIGS, config.status_topic: STATUS_TOPIC_CONFIGS})
+                        {config.control_topic: CONTROL_TOPIC_CONFIGS, config.status_topic: STATUS_TOPIC_CONFIGS},
+                        config.security)
 
 
 async def topic_configs(admin: AIOKafkaAdminClient, topic: str) -> dict[str, str | None]:
