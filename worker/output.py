@@ -7,7 +7,9 @@ offsets on its own schedule, up to the first record not yet delivered.
 
 `TransactionalOutbox` (`--exactly-once`): the worker hands every answer to `deliver`, which waits
 until the answer is committed. Every `commit_interval_ms` the outbox opens one transaction, writes the
-answers queued since the last one, adds the group offsets that they make committable, and commits.
+queued answers that lie below the offset they make committable in their partition, adds those offsets,
+and commits. An answer past a record still running waits for it (written earlier, it would be answered
+a second time by whoever re-reads the partition from its committed offset after a crash).
 A reader with `isolation_level="read_committed"` then sees each result exactly once: a worker killed
 mid-transaction leaves it aborted, and the next owner of the partition answers those records again.
 
@@ -130,7 +132,17 @@ class TransactionalOutbox:
         """Write the queued answers (of `only`'s partitions, if given) and their offsets in one transaction."""
         async with self._lock:
             self._drop_revoked()
-            batch = [q for q in self._queue if only is None or q.tp in only]
+            queued = [q for q in self._queue if only is None or q.tp in only]
+            answered: dict[TopicPartition, set[int]] = {}
+            for q in queued:
+                answered.setdefault(q.tp, set()).add(q.offset)
+            states = {q.tp: q.offsets for q in queued}
+            commit = {tp: states[tp].committable(answered=answered[tp]) for tp in states}
+            commit = {tp: offset for tp, offset in commit.items() if offset is not None}
+            # Only answers below their partition's new committed offset go out: an answer written past a
+            # record still running would be answered again by whoever re-reads from that offset after a
+            # crash, a second result visible to read_committed readers. The rest wait for the gap to close.
+            batch = [q for q in queued if q.tp in commit and q.offset < commit[q.tp]]
             if not batch:
                 return
             if self.producer is None:
@@ -140,12 +152,6 @@ class TransactionalOutbox:
                     self._failed(exc)
                     await asyncio.sleep(RETRY_S)
                     return
-            answered: dict[TopicPartition, set[int]] = {}
-            for q in batch:
-                answered.setdefault(q.tp, set()).add(q.offset)
-            states = {q.tp: q.offsets for q in batch}
-            commit = {tp: states[tp].committable(answered=answered[tp]) for tp in states}
-            commit = {tp: offset for tp, offset in commit.items() if offset is not None}
             try:
                 async with self.producer.transaction():
                     for q in batch:
