@@ -206,6 +206,20 @@ class PrivateBroker:
         return time.monotonic() - started
 
 
+def record_logits(engine) -> dict:
+    """Wrap the engine's model runner: every logits row it computes, keyed by (request id, output position)."""
+    logits, run = {}, engine.runner.run
+
+    def recording_run(batch):
+        out = run(batch)
+        for row, seq in enumerate(out.sequences):
+            logits[(seq.request.id, len(seq.output_ids))] = out.logits[row].clone()
+        return out
+
+    engine.runner.run = recording_run
+    return logits
+
+
 def submit_all(engine, requests, timeout: float = 120):
     """Submit together (so they share steps) and wait until every one is answered exactly once."""
     done, results, lock = threading.Event(), {}, threading.Lock()

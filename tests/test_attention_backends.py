@@ -12,7 +12,7 @@ import torch
 
 from lorabus.scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
 from lorabus.scheduler.model import TritonPagedAttention, resolve_attention_backend
-from tests.helpers import submit_all
+from tests.helpers import record_logits, submit_all
 
 MAX_NEW = 6
 
@@ -23,16 +23,7 @@ def _run(model_dir, adapter_dir, backend, prompts):
     # their cached prefix, and steps mix decode rows with prefill chunks.
     engine = Engine(str(model_dir), EngineConfig(kv_cache_mb=4, kv_block_size=8, max_step_tokens=16,
                                                  max_running=4, attention_backend=backend))
-    logits = {}
-    run = engine.runner.run
-
-    def recording_run(batch):
-        out = run(batch)
-        for row, seq in enumerate(out.sequences):
-            logits[(seq.request.id, len(seq.output_ids))] = out.logits[row].clone()
-        return out
-
-    engine.runner.run = recording_run
+    logits = record_logits(engine)
     engine.launches = []
     if backend == "triton":  # what the kernel was asked: max new rows, and each sequence's (new rows, context)
         launch = engine.model.attention._launch

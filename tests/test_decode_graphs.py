@@ -10,7 +10,7 @@ import torch
 
 from lorabus.scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
 from lorabus.scheduler.decode_graphs import DecodeGraphs, batch_buckets, bucket_for
-from tests.helpers import submit_all
+from tests.helpers import record_logits, submit_all
 
 MAX_NEW = 5
 
@@ -35,16 +35,7 @@ def _run(model_dir, adapter_dir, mode, prompts, **config):
         forward = decode._forward
         decode._forward = lambda n: padded.append(n) or forward(n)
     engine.runner.decode = decode
-    logits = {}
-    run = engine.runner.run
-
-    def recording_run(batch):
-        out = run(batch)
-        for row, seq in enumerate(out.sequences):
-            logits[(seq.request.id, len(seq.output_ids))] = out.logits[row].clone()
-        return out
-
-    engine.runner.run = recording_run
+    logits = record_logits(engine)
     engine.register(AdapterSpec("a", str(adapter_dir)))
     engine.start()
     try:
