@@ -37,6 +37,7 @@ from lorabus.worker.affinity import HomeAdapters, adapter_hint
 from lorabus.worker.client import topic_partitions
 from lorabus.worker.config import WorkerConfig
 from lorabus.worker.kafka_security import client_options
+from lorabus.worker.lag import ConsumerLag
 from lorabus.worker.control_log import ControlLog, SkippedRecord, is_control_key, key_text, read_record
 from lorabus.worker.health import HealthChecks
 from lorabus.worker.metrics import Metrics
@@ -182,6 +183,7 @@ class Worker:
                                      enable_auto_commit=False, auto_offset_reset=cfg.auto_offset_reset,
                                      group_instance_id=cfg.group_instance_id or None, max_poll_records=cfg.max_inflight,
                                      **self.kafka_options)
+        self.lag = ConsumerLag(self.jobs, cfg.auto_offset_reset)
         await self.control.start()
         control_parts = await topic_partitions(cfg.bootstrap_servers, cfg.control_topic, security=cfg.security)
         await check_control_topic(self.admin, cfg.control_topic, len(control_parts))
@@ -528,7 +530,10 @@ class Worker:
         if result is not None:
             self._log_answer(result, time.monotonic() - started)
         if result is not None and result.task is not None:
-            self.metrics.count_routed(result.task, result.adapter, result.adapter_version, result.status)
+            if result.mix:  # a route's mix target: counted like a mix job's completion
+                self.metrics.count_routed(result.task, "mix", "", result.status)
+            else:
+                self.metrics.count_routed(result.task, result.adapter, result.adapter_version, result.status)
         if result is None:
             self.metrics.dead_letters.inc()
         elif result.status == "ok":
@@ -728,24 +733,10 @@ class Worker:
                 await self.commit()
             except Exception:  # the next round retries; this loop must outlive any one failure
                 log.exception("commit failed")
-            self.metrics.set_lag(self._lags())
-
-    def _lags(self) -> dict[tuple[str, int], int]:
-        """Records behind the end of each jobs partition owned now, from the committed offset (before
-        the first commit: from the first record taken). Only owned partitions: a revoked one's lag is
-        its new owner's to report, and a stale number here would say work is waiting that is not."""
-        lags = {}
-        assigned = self.jobs.assignment()
-        for tp, state in list(self.partitions.items()):
-            if tp not in assigned:
-                continue
-            end = self.jobs.highwater(tp)
-            position = state.committed
-            if position is None and state.next_offset is not None:
-                position = min(state.pending, default=state.next_offset)
-            if end is not None and position is not None:
-                lags[(tp.topic, tp.partition)] = max(0, end - position)
-        return lags
+            try:
+                self.metrics.set_lag(await self.lag.lags(self.partitions))
+            except Exception:
+                log.exception("consumer lag not measured")
 
 
 async def _bounded(what: str, closing, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
