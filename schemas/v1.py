@@ -202,9 +202,40 @@ class AdapterWarm(_ControlEventFields, tag="adapter.warm"):
     version: Name
 
 
-class RouteTarget(msgspec.Struct, forbid_unknown_fields=True):
-    adapter: AdapterVersionRef
+_VERSION_REF = re.compile(_NAME[:-1] + "@" + _NAME[1:])
+
+
+# omit_defaults keeps a plain target's JSON `{"adapter": ..., "weight": ...}` as before: old records still
+# decode and route.set keys (a digest over the targets' JSON, worker/control_log.py) do not move.
+class RouteTarget(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """Where a route sends its share of a task's jobs: one exact adapter version, or a weighted mix of exact
+    versions (served like a job's `mix`). A route pins versions, so a mix member must be "name@version"."""
+
+    adapter: AdapterVersionRef | None = None
     weight: Annotated[int, msgspec.Meta(ge=0, le=MAX_ROUTE_WEIGHT)]
+    mix: Annotated[list[MixMember], msgspec.Meta(min_length=1, max_length=MAX_MIX_MEMBERS)] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.adapter is None) == (self.mix is None):
+            raise ValueError("a route target names exactly one of `adapter` and `mix`")
+        for member in self.mix or ():
+            if not _VERSION_REF.match(member.adapter):
+                raise ValueError("a route's mix member names an exact version ('name@version'), "
+                                 f"not {member.adapter!r}")
+
+    def versions(self) -> list[str]:
+        """Every "name@version" the target serves from (a mix: its members, in its order)."""
+        return [self.adapter] if self.adapter is not None else [member.adapter for member in self.mix]
+
+    def label(self) -> str:
+        """The target as text: "name@version", or "mix:a@v1*0.7+b@v2*0.3" (the CLI's syntax, README "Control")."""
+        if self.adapter is not None:
+            return self.adapter
+        return "mix:" + "+".join(f"{member.adapter}*{member.weight!r}" for member in self.mix)
+
+    def identity(self) -> tuple:
+        """What makes two targets the same: the version, or the mix's members in any order."""
+        return (self.adapter,) if self.adapter is not None else tuple(sorted((m.adapter, m.weight) for m in self.mix))
 
 
 class RouteSet(_ControlEventFields, tag="route.set"):
@@ -219,8 +250,8 @@ class RouteSet(_ControlEventFields, tag="route.set"):
     def __post_init__(self) -> None:
         if sum(t.weight for t in self.targets) <= 0:
             raise ValueError("the weights of a route's targets must sum to more than 0")
-        if len({t.adapter for t in self.targets}) != len(self.targets):
-            raise ValueError("a route names each adapter version at most once")
+        if len({t.identity() for t in self.targets}) != len(self.targets):
+            raise ValueError("a route names each adapter version (and each mix) at most once")
 
 
 class RouteDelete(_ControlEventFields, tag="route.delete"):

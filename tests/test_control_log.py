@@ -49,7 +49,8 @@ def warm(name, version, *, eid=None) -> AdapterWarm:
 def route(*targets, task="ner", tenant=None, sticky="user", eid=None) -> RouteSet:
     """targets: "name@version" (weight 1) or ("name@version", weight)."""
     pairs = [(t, 1) if isinstance(t, str) else t for t in targets]
-    return RouteSet(task=task, targets=[RouteTarget(a, w) for a, w in pairs], tenant=tenant, sticky=sticky,
+    return RouteSet(task=task, targets=[RouteTarget(adapter=a, weight=w) for a, w in pairs], tenant=tenant,
+                    sticky=sticky,
                     event_id=_eid(eid))
 
 

@@ -193,7 +193,7 @@ def test_dashboard_against_real_prometheus(kafka, tiny_model, peft_adapters, tmp
         async with running_worker(config) as worker:
             await publish_control(kafka, config.control_topic, [
                 AdapterPublish("fin", "v1", str(peft_adapters["qv-r4"])),
-                RouteSet(task="ner", targets=[RouteTarget("fin@v1", 100)])])
+                RouteSet(task="ner", targets=[RouteTarget(adapter="fin@v1", weight=100)])])
             producer = AIOKafkaProducer(bootstrap_servers=kafka)
             await producer.start()
             try:  # a control record no worker may apply: counted under lorabus_control_records_ignored_total

@@ -32,7 +32,8 @@ def _status(worker: str, control_offset: int, *, ts_ms: int = NOW, versions=(), 
 
 
 def _route(task, *targets, event_id, tenant=None) -> RouteSet:
-    return RouteSet(task=task, tenant=tenant, targets=[RouteTarget(a, w) for a, w in targets], event_id=event_id)
+    return RouteSet(task=task, tenant=tenant, targets=[RouteTarget(adapter=a, weight=w) for a, w in targets],
+                    event_id=event_id)
 
 
 @pytest.fixture
@@ -129,7 +130,7 @@ def test_check_schema_applies_the_workers_rules_in_one_line():
 def _unchecked_route():
     """A route that __post_init__ would refuse, built around it (as a careless caller might)."""
     route = _route("ner", ("fin@v1", 1), event_id="e")
-    route.targets = [RouteTarget("fin@v1", 1), RouteTarget("fin@v1", 2)]
+    route.targets = [RouteTarget(adapter="fin@v1", weight=1), RouteTarget(adapter="fin@v1", weight=2)]
     return route
 
 
@@ -171,10 +172,11 @@ def test_warm_outcome():
 
 def test_route_outcome_follows_the_route_in_force():
     event = _route("ner", ("fin@v1", 95), ("fin@v3", 5), event_id="e-17", tenant="acme")
-    old = RouteStatus("ner", "acme", "e-12", [RouteTarget("fin@v1", 1)], pending_event_id="e-17")
-    other_tenant = RouteStatus("ner", None, "e-17", [RouteTarget("fin@v1", 1)])
+    old = RouteStatus("ner", "acme", "e-12", [RouteTarget(adapter="fin@v1", weight=1)], pending_event_id="e-17")
+    other_tenant = RouteStatus("ner", None, "e-17", [RouteTarget(adapter="fin@v1", weight=1)])
     assert event_outcome(event, 3, _status("w1", 4, routes=[old, other_tenant])) == "pending"
-    new = RouteStatus("ner", "acme", "e-17", [RouteTarget("fin@v1", 95), RouteTarget("fin@v3", 5)])
+    new = RouteStatus("ner", "acme", "e-17", [RouteTarget(adapter="fin@v1", weight=95),
+                                              RouteTarget(adapter="fin@v3", weight=5)])
     assert event_outcome(event, 3, _status("w1", 4, routes=[new])) == "ok"
     failed = _status("w1", 4, routes=[old], versions=[("fin@v1", "ready", None), ("fin@v3", "failed", "bad shapes")])
     assert event_outcome(event, 3, failed) == ("failed", "fin@v3: bad shapes")
@@ -192,8 +194,10 @@ def _fleet():
                AdapterPublish("fin", "v3", "/a/v3"), AdapterActivate("fin", "v3", event_id="act-3"),
                _route("ner", ("fin@v1", 90), ("fin@v2", 10), event_id="e-12"),
                _route("ner", ("fin@v1", 50), ("fin@v2", 50), event_id="e-17"))
-    in_force = RouteStatus("ner", None, "e-17", [RouteTarget("fin@v1", 50), RouteTarget("fin@v2", 50)])
-    behind = RouteStatus("ner", None, "e-12", [RouteTarget("fin@v1", 90), RouteTarget("fin@v2", 10)])
+    in_force = RouteStatus("ner", None, "e-17", [RouteTarget(adapter="fin@v1", weight=50),
+                                                 RouteTarget(adapter="fin@v2", weight=50)])
+    behind = RouteStatus("ner", None, "e-12", [RouteTarget(adapter="fin@v1", weight=90),
+                                               RouteTarget(adapter="fin@v2", weight=10)])
     statuses = {
         "w1": _status("w1", 6, serving={"fin": "v3"}, activated={"fin": "v3"}, resident=["fin@v3", "fin@v1"],
                       versions=[("fin@v1", "ready", None), ("fin@v2", "ready", None), ("fin@v3", "ready", None)],

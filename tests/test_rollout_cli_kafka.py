@@ -102,7 +102,7 @@ async def test_status_command_shows_each_worker_and_failures(kafka, tmp_path):
     await publish_control(kafka, control, [AdapterPublish("fin", "v1", "/a/v1"), AdapterPublish("fin", "v2", "/a/v2"),
                                            AdapterActivate("fin", "v2")])
     reason = "fin@v2: sha256 of adapter_model.safetensors does not match the published one"
-    route = RouteStatus("ner", None, None, [RouteTarget("fin@v1", 1)])
+    route = RouteStatus("ner", None, None, [RouteTarget(adapter="fin@v1", weight=1)])
     await _write(kafka, status, [
         ("w-gone", encode(_status("w-gone", 1))), ("w-gone", None),  # stopped cleanly: its tombstone
         ("w1", encode(_status("w1", 3, serving={"fin": "v2"}, versions=[("fin@v2", "ready", None)]))),

@@ -219,7 +219,8 @@ async def test_hot_swap_under_load(kafka, tiny_model, peft_adapters):
     jobs_total, flips = 600, []
 
     def route(a: int, b: int) -> RouteSet:
-        return RouteSet(task="ner", targets=[RouteTarget("fin@v1", a), RouteTarget("fin@v2", b)],
+        return RouteSet(task="ner", targets=[RouteTarget(adapter="fin@v1", weight=a),
+                                             RouteTarget(adapter="fin@v2", weight=b)],
                         event_id=f"ner-{a}-{b}")
 
     routes = {r.event_id: r for r in (route(100, 0), route(50, 50), route(0, 100))}
@@ -290,8 +291,8 @@ async def test_broken_versions_never_take_traffic(kafka, tiny_model, peft_adapte
     flags = ["--bootstrap-servers", kafka, "--control-topic", config.control_topic,
              "--status-topic", config.status_topic]
     broken = {"v2": "sha256", "v3": "no adapter_model.safetensors", "v4": "use_dora"}  # version -> its reason says
-    route_v1 = RouteSet(task="ner", targets=[RouteTarget("fin@v1", 100)], event_id="route-v1")
-    route_v2 = RouteSet(task="ner", targets=[RouteTarget("fin@v2", 100)], event_id="route-v2")
+    route_v1 = RouteSet(task="ner", targets=[RouteTarget(adapter="fin@v1", weight=100)], event_id="route-v1")
+    route_v2 = RouteSet(task="ner", targets=[RouteTarget(adapter="fin@v2", weight=100)], event_id="route-v2")
 
     started = time.monotonic()
     async with running_worker(config) as worker, \
@@ -415,7 +416,7 @@ async def test_restart_after_compaction_serves_the_same(kafka, tiny_model, peft_
 
     def ner(event_id, *targets, tenant=None):
         return RouteSet(task="ner", tenant=tenant, event_id=event_id,
-                        targets=[RouteTarget(f"fin@{v}", w) for v, w in targets])
+                        targets=[RouteTarget(adapter=f"fin@{v}", weight=w) for v, w in targets])
 
     final_ner, final_acme = ner("ner-5", ("v1", 70), ("v2", 30)), ner("acme-2", ("v1", 20), ("v2", 80), tenant="acme")
     history = [
@@ -519,7 +520,7 @@ async def test_every_invalid_control_record_is_skipped_and_counted(kafka, tiny_m
     v1, v2 = peft_adapters["qv-r4"], peft_adapters["all-r8-rslora"]
     config = worker_config(kafka, tiny_model, worker_id="w-skip")
     control = config.control_topic
-    route = RouteSet(task="ner", targets=[RouteTarget("fin@v1", 1)], event_id="route-1")
+    route = RouteSet(task="ner", targets=[RouteTarget(adapter="fin@v1", weight=1)], event_id="route-1")
     publish_v2 = AdapterPublish("fin", "v2", str(v2))
 
     def key(event) -> bytes:

@@ -35,8 +35,9 @@ async def test_canary_split_is_sticky_and_traceable(kafka, tiny_model, peft_adap
         assert w1.partitions and w2.partitions, "the two workers did not share the jobs topic"
         await publish_control(kafka, config.control_topic, [
             *(AdapterPublish("fin", v, str(path)) for v, path in versions.items()),
-            RouteSet(task="ner", targets=[RouteTarget("fin@v1", 95), RouteTarget("fin@v2", 5)], event_id="canary-1"),
-            RouteSet(task="ner", tenant="vip", targets=[RouteTarget("fin@v2", 1)], event_id="vip-1"),
+            RouteSet(task="ner", targets=[RouteTarget(adapter="fin@v1", weight=95),
+                                          RouteTarget(adapter="fin@v2", weight=5)], event_id="canary-1"),
+            RouteSet(task="ner", tenant="vip", targets=[RouteTarget(adapter="fin@v2", weight=1)], event_id="vip-1"),
         ])
         jobs = [_job(f"{rnd}-{i}", task="ner", user=f"user-{i}") for rnd in ("a", "b") for i in range(USERS)]
         jobs += [_job("explicit", task="ner", adapter="fin@v2"), _job("base"),

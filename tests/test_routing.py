@@ -16,7 +16,7 @@ Z_999 = 3.2905  # two-sided 99.9% normal quantile
 
 
 def _route(*weights, task="ner", tenant=None, sticky="user", event_id="e-1"):
-    targets = [RouteTarget(f"fin@v{i + 1}", w) for i, w in enumerate(weights)]
+    targets = [RouteTarget(adapter=f"fin@v{i + 1}", weight=w) for i, w in enumerate(weights)]
     return RouteSet(task=task, targets=targets, tenant=tenant, sticky=sticky, event_id=event_id)
 
 
@@ -115,13 +115,13 @@ def test_registry_resolves_by_adapter_then_route_then_base():
     assert err.value.code == "adapter_not_found" and "summarize" in err.value.message
     assert not registry.knows_job(_job(task="summarize"))
     log = registry.log
-    log.apply(log.end_offset, RouteSet(task="secret", targets=[RouteTarget("private@v1", 1)]))
+    log.apply(log.end_offset, RouteSet(task="secret", targets=[RouteTarget(adapter="private@v1", weight=1)]))
     with pytest.raises(JobError) as err:
         registry.resolve_job(_job(task="secret"))
     assert err.value.code == "forbidden" and "v1" not in err.value.message
     assert registry.resolve_job(_job(task="secret", tenant="owner")).key == "private@v1"
     # A route through a version that is not published never serves: its jobs get adapter_not_found.
-    log.apply(log.end_offset, RouteSet(task="ghost", targets=[RouteTarget("fin@v9", 1)]))
+    log.apply(log.end_offset, RouteSet(task="ghost", targets=[RouteTarget(adapter="fin@v9", weight=1)]))
     with pytest.raises(JobError) as err:
         registry.resolve_job(_job(task="ghost"))
     assert err.value.code == "adapter_not_found"

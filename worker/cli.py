@@ -431,16 +431,35 @@ def cmd_activate(args) -> int:
     return _send_control(args, AdapterActivate(args.name, args.version))
 
 
+_MIX_TARGET = "mix:"  # the route target syntax of a mix: mix:NAME@VERSION*W+NAME@VERSION*W=WEIGHT
+
+
+def _route_target(spec: str):
+    """`name@version=weight` or `mix:a@v1*0.7+b@v2*0.3=weight` → RouteTarget; ValueError when malformed."""
+    from lorabus.schemas import MixMember, RouteTarget
+
+    target, _, weight = spec.rpartition("=")
+    if not target.startswith(_MIX_TARGET):
+        return RouteTarget(adapter=target, weight=int(weight))
+    members = []
+    for member in target[len(_MIX_TARGET):].split("+"):
+        adapter, star, share = member.rpartition("*")
+        if not star:
+            raise ValueError(f"mix member {member!r} has no *weight")
+        members.append(MixMember(adapter, float(share)))
+    return RouteTarget(mix=members, weight=int(weight))
+
+
 def cmd_route(args) -> int:
-    from lorabus.schemas import RouteSet, RouteTarget
+    from lorabus.schemas import RouteSet
 
     targets = []
     for spec in args.targets:
-        adapter, _, weight = spec.rpartition("=")
         try:
-            targets.append(RouteTarget(adapter, int(weight)))
-        except ValueError:
-            print(f"lorabus rollout route: bad target {spec!r}: expected name@version=weight", file=sys.stderr)
+            targets.append(_route_target(spec))
+        except ValueError as exc:
+            print(f"lorabus rollout route: bad target {spec!r}: expected name@version=weight or "
+                  f"mix:name@version*w+name@version*w=weight ({exc})", file=sys.stderr)
             return 2
     try:
         event = RouteSet(task=args.task, targets=targets, tenant=args.tenant, sticky=args.sticky)
@@ -601,7 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
                              cmd_route)
     route.add_argument("task", help="the task whose jobs (those without an adapter) are routed")
     route.add_argument("targets", nargs="+", metavar="NAME@VERSION=WEIGHT",
-                       help="versions and their integer weights, e.g. ner@v1=95 ner@v2=5")
+                       help="versions (or mixes of versions, mix:A@V*W+B@V*W) and their integer weights, "
+                            "e.g. ner@v1=95 ner@v2=5, or ner@v1=90 mix:ner@v2*0.7+legal@v1*0.3=10")
     route.add_argument("--tenant", help="only this tenant's jobs (default: every tenant without its own route)")
     route.add_argument("--sticky", choices=("user", "id"), default="user",
                        help="keep each job's user (or, with id, each job id) on one version (default user)")

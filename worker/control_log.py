@@ -13,7 +13,8 @@ Compaction keeps exactly that, so a worker restarted after compaction derives th
                                       moves to its new offset
 
 `<tenant>` is the tenant percent-encoded, or `*` for a route of every tenant; `<digest>` is the first
-16 hex digits of SHA-256 over the route's JSON targets and sticky key. A tombstone (a record without
+16 hex digits of SHA-256 over the route's JSON targets (a mix target's members and weights included) and
+sticky key. A tombstone (a record without
 a value) clears its key, as compaction eventually does.
 
 Because compaction reorders history (a version's publish may end up after its activation, a retire

@@ -63,8 +63,10 @@ def validate_event(event: ControlEvent, log: ControlLog, *, force: bool = False)
         case RouteSet():
             problems = []
             for target in event.targets:
-                name, _, version = target.adapter.partition("@")
-                problems += _unpublished(log, name, version, role="route target ")
+                role = "route target " if target.mix is None else f"member of route target {target.label()}: "
+                for ref in target.versions():
+                    name, _, version = ref.partition("@")
+                    problems += _unpublished(log, name, version, role=role)
             return problems
         case RouteDelete(task=task, tenant=tenant):
             if log.routes(task, tenant):
@@ -139,8 +141,9 @@ def event_outcome(event: ControlEvent, offset: int, status: WorkerStatus) -> Out
             route = next((r for r in status.routes if (r.task, r.tenant) == (event.task, event.tenant)), None)
             if route is not None and event.event_id is not None and route.event_id == event.event_id:
                 return "ok"
-            failed = [(t.adapter, s.reason) for t in event.targets
-                      if (s := _version_state(status, t.adapter)) is not None and s.state == "failed"]
+            refs = dict.fromkeys(ref for t in event.targets for ref in t.versions())  # a mix: every member
+            failed = [(ref, s.reason) for ref in refs
+                      if (s := _version_state(status, ref)) is not None and s.state == "failed"]
             if failed:
                 return "failed", "; ".join(f"{ref}: {reason or 'failed to load'}" for ref, reason in failed)
             return "pending"
@@ -163,7 +166,7 @@ def describe_event(event: ControlEvent) -> str:
     tag = event.__struct_config__.tag
     match event:
         case RouteSet():
-            targets = " ".join(f"{t.adapter}={t.weight}" for t in event.targets)
+            targets = " ".join(f"{t.label()}={t.weight}" for t in event.targets)
             return f"{tag} {_route_label(event.task, event.tenant)} {targets}"
         case RouteDelete():
             return f"{tag} {_route_label(event.task, event.tenant)}"
@@ -254,7 +257,7 @@ def render_status(log: ControlLog, statuses: dict[str, WorkerStatus], now_ms: in
     for task, tenant in keys:
         newest = log.routes(task, tenant)[0]
         offset = log.entries[control_key(newest)].offset
-        targets = " ".join(f"{t.adapter}={t.weight}" for t in newest.targets)
+        targets = " ".join(f"{t.label()}={t.weight}" for t in newest.targets)
         out.append(f"  {_route_label(task, tenant)}: newest {newest.event_id or '(no event id)'} @{offset}: "
                    f"{targets} (sticky {newest.sticky})")
         rows = []

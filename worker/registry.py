@@ -10,15 +10,17 @@ adapter_load_failed.
 A job may ask for a weighted mix of adapters instead of one: each member resolves as a job naming it
 would (its serving version, or the exact version asked), the tenant must be allowed every member, and
 the mix is served under its canonical key (scheduler `mix_key`), built by the engine from the members.
+A route's target may be such a mix of exact versions: it counts as loaded once every member has loaded,
+and its jobs are served as that mix.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from lorabus.scheduler.adapter_manager import MIX_PREFIX, mix_key
-from lorabus.schemas import AdapterPublish, Job, JobError, MixMember, RouteSet, parse_adapter_ref
+from lorabus.schemas import AdapterPublish, Job, JobError, MixMember, RouteSet, RouteTarget, parse_adapter_ref
 from lorabus.worker.control_log import ControlLog
 from lorabus.worker.routing import pick_target
 
@@ -100,16 +102,21 @@ class AdapterRegistry:
         return self.choose_route(own + self.log.routes(task, None))
 
     def choose_route(self, routes: list[RouteSet]) -> RouteSet | None:
-        """Of routes newest first: the newest whose targets have all loaded here; else the newest none of
-        whose targets is known to fail (its jobs wait for the loads); else the newest."""
+        """Of routes newest first: the newest whose targets have all loaded here (a mix target: all its
+        members); else the newest none of whose versions is known to fail (its jobs wait for the loads);
+        else the newest."""
         pending = None
         for route in routes:
-            states = [self._target_state(t.adapter) for t in route.targets]
+            states = list(self._route_states(route).values())
             if all(s is Load.READY for s in states):
                 return route
             if Load.FAILED not in states and pending is None:
                 pending = route
         return pending or (routes[0] if routes else None)
+
+    def _route_states(self, route: RouteSet) -> dict[str, Load | None]:
+        """The load state of every version the route's targets serve from ("name@version" keys)."""
+        return {ref: self._target_state(ref) for target in route.targets for ref in target.versions()}
 
     def _target_state(self, ref: str) -> Load | None:
         name, _, version = ref.partition("@")
@@ -131,7 +138,7 @@ class AdapterRegistry:
                 break
         for task, tenant in self.log.route_keys():
             for route in self.log.routes(task, tenant):
-                states = {t.adapter: self._target_state(t.adapter) for t in route.targets}
+                states = self._route_states(route)
                 if Load.FAILED in states.values():
                     continue
                 wanted += [ref for ref, state in states.items() if state is None]
@@ -163,12 +170,17 @@ class AdapterRegistry:
         if route is None:
             raise JobError("adapter_not_found", f"no route for task {job.task}")
         try:
-            resolved = self.resolve(pick_target(route, job.user, job.id).adapter, job.tenant)
+            resolved = self._resolve_target(pick_target(route, job.user, job.id), job.tenant)
         except JobError as err:
             if err.code == "forbidden":  # name the task, not the version the route chose
                 raise JobError("forbidden", f"tenant {job.tenant} may not use the adapter routed for task {job.task}")
             raise
-        return ResolvedAdapter(resolved.name, resolved.version, resolved.key, route)
+        return replace(resolved, route=route)
+
+    def _resolve_target(self, target: RouteTarget, tenant: str) -> ResolvedAdapter:
+        if target.mix is not None:
+            return self.resolve_mix(target.mix, tenant)  # the tenant must be allowed every member
+        return self.resolve(target.adapter, tenant)
 
     def resolve_mix(self, members: list[MixMember], tenant: str) -> ResolvedAdapter:
         """Every member → its version (JobError adapter_not_found / forbidden naming that member)."""
