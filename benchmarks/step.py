@@ -18,6 +18,9 @@ greedy argmax) — alone ("plain"), with one adapter's LoRA as two dense matmuls
 1 LoRA") and with ideally pre-stacked per-token LoRA ("plain + stacked LoRA": each token's A and
 scale*B gathered into [T, in, R] / [T, R, out] tensors before timing, so only the two bmm's per
 projection are timed). Every engine variant's "x ceiling" is its step time over the matching ceiling's.
+Under the tables, "goals" gives the issue-11 step targets and the ceiling for the serving target "64-adapter
+throughput >= 0.85x of one adapter": "plain + 1 LoRA" step time over "plain + stacked LoRA" step time,
+paired per repeat, next to the engine's own 1-adapter / 64-adapter step time ratio.
 
 All six run interleaved step by step (the order rotated every round) at the same context length.
 Each repeat runs --steps rounds with no phase hooks (the totals) and then --steps rounds with the
@@ -511,6 +514,11 @@ def main(argv=None) -> None:
                             for n, ds in hooked.items()}}
     report["x_ceiling"] = {v: [e / c for e, c in zip(totals[v], totals[CEILINGS[v]])] for v in VARIANTS}
     report["x_plain"] = {v: [e / c for e, c in zip(totals[v], totals["plain"])] for v in VARIANTS}
+    # throughput with 64 adapters over throughput with one, paired per repeat: the engine's, and the ceiling's
+    # (the fastest loop for one adapter, dense LoRA, over the ideal loop for 64: pre-stacked per-token LoRA)
+    report["x_64_vs_1"] = {
+        "engine": [one / many for one, many in zip(totals["1 adapter"], totals["64 adapters"])],
+        "ceiling": [one / many for one, many in zip(totals["plain + 1 LoRA"], totals["plain + stacked LoRA"])]}
     if not args.no_prefill:
         report["prefill"] = prefill_bench(model_dir, args, log)
     report["wall_s"] = round(time.perf_counter() - started, 1)
@@ -552,8 +560,33 @@ def markdown(report: dict) -> str:
         lines.append("|---:|---:|---:|")
         lines.append(f"| {mmm(pf['lorabus_ms'], '.1f')} | {mmm(pf['hf_ms'], '.1f')} | {mmm(pf['x_hf'])}x |")
         lines.append("")
+    lines.append("**goals** (issue 11; medians of the paired repeats)")
+    lines.append("")
+    for line in goals(report):
+        lines.append(f"- {line}")
+    lines.append("")
     lines.append(f"wall time {report['wall_s']} s")
     return "\n".join(lines)
+
+
+def goals(report: dict) -> list[str]:
+    """The issue-11 step targets, and the ceiling for the serving target "64 adapters >= 0.85x of one"."""
+    def verdict(values, ok) -> str:
+        return "met" if ok(statistics.median(values)) else "MISSED"
+
+    x64, xbase, x = report["x_ceiling"]["64 adapters"], report["x_ceiling"]["base"], report["x_64_vs_1"]
+    out = [f"64-adapter step / plain loop with stacked LoRA = {mmm(x64)}x (target <= 1.25x): "
+           f"{verdict(x64, lambda v: v <= 1.25)}",
+           f"base-only step / plain loop = {mmm(xbase)}x (target <= 1.15x): {verdict(xbase, lambda v: v <= 1.15)}",
+           f"engine: step throughput, 64 adapters / 1 adapter = {mmm(x['engine'])}x (target >= 0.85x): "
+           f"{verdict(x['engine'], lambda v: v >= 0.85)}",
+           f"ceiling: ideal-LoRA loop, 64 adapters / 1 adapter = {mmm(x['ceiling'])}x (plain + 1 LoRA step over "
+           f"plain + stacked LoRA step: no engine can beat this ratio on this machine at this batch)"]
+    pf = report.get("prefill")
+    if pf:
+        out.append(f"batched prefill / HF generate = {mmm(pf['x_hf'])}x (target >= 1.0x): "
+                   f"{verdict(pf['x_hf'], lambda v: v >= 1.0)}")
+    return out
 
 
 if __name__ == "__main__":
