@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 
 from lorabus.scheduler import EngineConfig
 from lorabus.schemas import AdapterPublish, decode_result
@@ -186,6 +187,22 @@ async def sample_inflight(workers: dict, peaks: dict, stop: asyncio.Event, every
         samples += 1
         await asyncio.sleep(every_s)
     return samples
+
+
+async def wait_group_stable(bootstrap: str, group: str, members: int, timeout_s: float) -> bool:
+    """Until the consumer group is Stable with `members` members (a rebalance among them done)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            (_, _, state, _, _, joined), = (await admin.describe_consumer_groups([group]))[0].groups
+            if state == "Stable" and len(joined) == members:
+                return True
+            await asyncio.sleep(0.2)
+        return False
+    finally:
+        await admin.close()
 
 
 async def wait_lag_zero(bootstrap: str, group: str, topic: str, timeout_s: float = 60) -> int:
@@ -367,7 +384,6 @@ async def test_kill_9_one_of_two_workers_loses_nothing(kafka, tiny_model, peft_a
     await publish_control(kafka, topics["control"],
                           [AdapterPublish(name, "v1", str(path)) for name, path in peft_adapters.items()])
     jobs, expected = make_jobs(300, names, "k", max_new_tokens=24)
-    await send(kafka, topics["jobs"], jobs)
     progress = Progress(kafka, topics["results"])
     await progress.start()
     logs = [tmp_path / "w1.log", tmp_path / "w2.log"]
@@ -375,6 +391,10 @@ async def test_kill_9_one_of_two_workers_loses_nothing(kafka, tiny_model, peft_a
                                   worker_id=f"kw-{i + 1}") for i, log in enumerate(logs)]
     t0 = time.monotonic()
     try:
+        # The jobs go out once both workers share the partitions: sent earlier, the first worker to join
+        # can answer all of them before the second's rebalance lands, and nothing is mid-run at the kill.
+        assert await wait_group_stable(kafka, group, 2, 120), f"the two workers never formed one group: {logs}"
+        await send(kafka, topics["jobs"], jobs)
         both = await progress.wait(lambda: min(progress.by_worker[f"kw-{i + 1}"] for i in range(2)) >= 5
                                    or len(progress.results) >= len(jobs) // 2, 240)
         assert both, f"no progress: {dict(progress.by_worker)}"
