@@ -228,11 +228,15 @@ class AdapterManager:
     def load_error(self, key: str) -> str | None:
         return self._errors.get(key)
 
-    def prefetch(self, key: str, slots: AdapterSlots, wanted: set[str], now: float) -> None:
-        """Load `key` into the host tier ahead of traffic, and into a device slot no `wanted` adapter needs."""
+    def prefetch(self, key: str, slots: AdapterSlots, wanted: set[str], now: float,
+                 free_slot_only: bool = False) -> None:
+        """Load `key` into the host tier ahead of traffic, and into a device slot no `wanted` adapter needs;
+        with `free_slot_only`, only if a slot is free (nothing evicted, no host-only load)."""
         spec = self._specs.get(key)
         if spec is None:
             log.warning("prefetch of %s ignored: it is not registered", key)
+            return
+        if free_slot_only and not slots.has_free():
             return
         if key not in slots.slot_of and self.host_cache.get(spec) is None:
             self._queue.put((spec, slots.reserve(key, now, wanted)))

@@ -199,9 +199,10 @@ class Engine:
         if old is not None:
             self.loop.put(Invalidate(old))
 
-    def prefetch(self, key: str) -> None:
-        """Load an adapter into the host tier ahead of traffic (and into a device slot if one is free)."""
-        self.loop.put(Prefetch(key))
+    def prefetch(self, key: str, free_slot_only: bool = False) -> None:
+        """Load an adapter into the host tier ahead of traffic (and into a device slot if one is free);
+        with `free_slot_only`, only when a device slot is free: then neither an eviction nor a host-only load."""
+        self.loop.put(Prefetch(key, free_slot_only))
 
     def set_adapter_affinity(self, scores: dict[str, float]) -> None:
         """Which adapters this engine's share of the traffic brings, and how much (e.g. recent job counts):

@@ -83,6 +83,9 @@ class AdapterSlots:
         slot = self.slot_of.get(key)
         return slot is not None and self.ready[slot]
 
+    def has_free(self) -> bool:
+        return None in self.key_of
+
     def reserve(self, key: str, now: float, wanted: set[str]) -> int | None:
         """A slot to load `key` into: a free one, else an idle one not in `wanted` (the lowest affinity
         score first, least recently used among equals); None if none."""

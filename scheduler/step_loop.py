@@ -51,6 +51,7 @@ class Submit:
 @dataclass(frozen=True)
 class Prefetch:
     key: str
+    free_slot_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,8 @@ class Loader(Protocol):
 
     def load_error(self, key: str) -> str | None: ...
 
-    def prefetch(self, key: str, slots: AdapterSlots, wanted: set[str], now: float) -> None: ...
+    def prefetch(self, key: str, slots: AdapterSlots, wanted: set[str], now: float,
+                 free_slot_only: bool = False) -> None: ...
 
     def invalidate(self, old: AdapterSpec, slots: AdapterSlots) -> None: ...
 
@@ -180,9 +182,9 @@ class StepLoop:
                     self._answer_error(seq, "prompt_too_long", "the job needs more KV cache than there is")
                 else:
                     self.scheduler.add(seq)
-            case Prefetch(key):
+            case Prefetch(key, free_slot_only):
                 wanted = {s.request.adapter for s in self.scheduler.waiting}
-                self.loader.prefetch(key, slots, wanted, self.clock())
+                self.loader.prefetch(key, slots, wanted, self.clock(), free_slot_only)
             case Invalidate(old):
                 self.loader.invalidate(old, slots)
 

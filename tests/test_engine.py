@@ -2,6 +2,7 @@
 seeded sampling independent of the batch, stop strings, EOS, and more adapters than device slots."""
 
 import json
+import time
 import shutil
 from pathlib import Path
 
@@ -179,3 +180,29 @@ def test_long_ragged_contexts_decode_as_alone(tiny_model, peft_adapters, max_ste
     oracle = PeftOracle(tiny_model)
     for i, prompt in enumerate(prompts):
         oracle.assert_matches(peft_adapters[adapter] if i % 2 else None, prompt, together[f"r{i}"], 12, f"r{i}")
+
+
+def test_prefetch_into_a_free_slot_only_never_evicts(tiny_model, peft_adapters):
+    """The worker's look-ahead prefetch: loaded when a device slot is free, ignored (no eviction, no
+    host-only load) when every slot is taken, where a plain prefetch evicts an idle adapter."""
+    first, second, third = peft_adapters
+    engine = Engine(str(tiny_model), EngineConfig(kv_cache_mb=16, max_loras=1))
+    for name, path in peft_adapters.items():
+        engine.register(AdapterSpec(name, str(path)))
+    engine.start()
+
+    def until(condition):
+        deadline = time.monotonic() + 30
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return condition()
+
+    try:
+        engine.prefetch(first, free_slot_only=True)
+        assert until(lambda: engine.resident() == [first])  # the slot was free
+        engine.prefetch(second, free_slot_only=True)  # every slot taken: ignored
+        engine.prefetch(third)  # a plain prefetch evicts the idle adapter; one loader thread, loads in order
+        assert until(lambda: engine.resident() == [third])
+        assert engine.stats()["host_adapters"] == 2  # first and third: second was never loaded
+    finally:
+        engine.stop()

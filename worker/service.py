@@ -487,20 +487,18 @@ class Worker:
         key, before its body is decoded, resolved and tokenized. Only into a free slot: with every slot
         taken, a prefetch would evict an adapter that the records just fetched with it need, or load into
         the host tier only and then again into a slot (measured: twice the loads under affinity keys);
-        the engine then loads queued jobs' adapters in admission order itself. Records aiokafka has fetched
+        the engine then loads queued jobs' adapters in admission order itself. The engine checks for a free slot
+        on its own thread, where the slot table lives. Records aiokafka has fetched
         but not yet returned cannot be read (its buffer is private, and pausing a partition drops it)."""
         hint = adapter_hint(record.key, record.headers)
         if hint is None:
-            return
-        stats = self.engine.stats()
-        if stats["adapter_slots_used"] >= stats["adapter_slots"]:
             return
         try:
             key = self.registry.resolve(hint, "").key
         except (JobError, ValueError):  # malformed, unknown yet, or tenant-restricted: the job itself will tell
             return
         if self.health.failure(key) is None:
-            self.engine.prefetch(key)
+            self.engine.prefetch(key, free_slot_only=True)
 
     def _push_affinity(self) -> None:
         """Hand the engine the adapters of this worker's partitions, at most every AFFINITY_PUSH_S."""
