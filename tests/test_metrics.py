@@ -14,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lorabus.worker import health
 from lorabus.worker.health import Check, HealthChecks, page
-from lorabus.worker.metrics import HALF_LIFE_S, Metrics, TopAdapterCounter, package_version
+from lorabus.worker import package_version
+from lorabus.worker.metrics import HALF_LIFE_S, Metrics, TopAdapterCounter
 
 
 def _completed(counter: TopAdapterCounter) -> dict[tuple[str, str], float]:

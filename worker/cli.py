@@ -21,6 +21,7 @@ import uuid
 import msgspec
 
 from lorabus.scheduler import EngineConfig
+from lorabus.worker import package_version
 from lorabus.worker.config import WorkerConfig
 from lorabus.worker.kafka_security import ConnectFailures, KafkaSecurity, KafkaSecurityError, client_options
 
@@ -273,15 +274,6 @@ def cmd_produce(args) -> int:
     if errors:
         print(f"lorabus produce: {errors}", file=sys.stderr)
     return 1 if missing or errors else 0
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lorabus")
-    except PackageNotFoundError:  # running from a checkout that was never installed
-        return "unknown (not installed)"
 
 
 def _prog(args) -> str:
@@ -581,7 +573,7 @@ def _publish_command(parent, name: str = "publish") -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorabus", description="Serve many LoRA adapters on one base model, fed by Kafka")
-    parser.add_argument("--version", action="version", version=f"lorabus {_version()}")
+    parser.add_argument("--version", action="version", version=f"lorabus {package_version()}")
     parser.add_argument("--log-level", default=os.environ.get("LORABUS_LOG_LEVEL", "INFO"),
                         help="DEBUG, INFO, WARNING or ERROR [env LORABUS_LOG_LEVEL, default INFO]")
     parser.add_argument("--log-format", dest="cli_log_format", choices=("text", "json"),

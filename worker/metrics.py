@@ -14,7 +14,6 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from importlib import metadata
 from typing import Callable
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
@@ -23,6 +22,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+
+from lorabus.worker import package_version
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,6 @@ MAX_ROUTED_SERIES = 500
 HALF_LIFE_S = 600.0
 SWAP_FACTOR = 2.0
 FORGET_BELOW = 0.01  # a decayed count this small is dropped (with its adapter's series total)
-
-
-def package_version() -> str:
-    try:
-        return metadata.version("lorabus")
-    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
-        return "unknown"
 
 
 class TopAdapterCounter:

@@ -190,7 +190,7 @@ def _throttle_metadata(producer: AIOKafkaProducer) -> AIOKafkaProducer:
     return producer
 
 
-async def _close_producer(producer: AIOKafkaProducer, timeout: float | None) -> None:
+async def close_producer(producer: AIOKafkaProducer, timeout: float | None) -> None:
     """Flush and close; after `timeout` (or if cancelled) drop what is left unsent (aiokafka has
     no close-without-flush, so its last steps are done here: sender task cancelled, client closed)."""
     flushed = False
@@ -249,7 +249,7 @@ class ResultProducer:
         try:
             await producer.start()
         except BaseException:
-            await _close_producer(producer, STOP_TIMEOUT_S)
+            await close_producer(producer, STOP_TIMEOUT_S)
             raise
         self._producer = producer
         self._halt = asyncio.get_running_loop().create_future()
@@ -266,7 +266,7 @@ class ResultProducer:
             self._swap.cancel()
             await asyncio.gather(self._swap, return_exceptions=True)
         if self._producer is not None:
-            await _close_producer(self._producer, timeout)
+            await close_producer(self._producer, timeout)
             self._producer = None
         if self._retiring:
             await asyncio.wait(self._retiring, timeout=timeout)
@@ -448,7 +448,7 @@ class ResultProducer:
         self._warn("recreate", "Kafka producer unusable after %r; replacing it", cause)
         # The old one flushes what it holds (sends waiting on it get their answer or an error and
         # come back here), then closes; it is never reused.
-        retiring = asyncio.create_task(_close_producer(broken, None))
+        retiring = asyncio.create_task(close_producer(broken, None))
         self._retiring.add(retiring)
         retiring.add_done_callback(self._retiring.discard)
         delay = BACKOFF_FIRST_S
@@ -459,15 +459,15 @@ class ResultProducer:
                 if not await self._until(starting):
                     starting.cancel()
                     await asyncio.gather(starting, return_exceptions=True)
-                    await _close_producer(producer, STOP_TIMEOUT_S)
+                    await close_producer(producer, STOP_TIMEOUT_S)
                     break
                 starting.result()
             except asyncio.CancelledError:   # stop() while starting
                 starting.cancel()
-                await _close_producer(producer, STOP_TIMEOUT_S)
+                await close_producer(producer, STOP_TIMEOUT_S)
                 raise
             except Exception as exc:   # the broker is still away: try again later
-                await _close_producer(producer, STOP_TIMEOUT_S)
+                await close_producer(producer, STOP_TIMEOUT_S)
                 self._trouble(type(exc).__name__, "new Kafka producer cannot start yet: %r", exc)
                 await self._sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, BACKOFF_MAX_S)

@@ -487,9 +487,9 @@ class Worker:
         key, before its body is decoded, resolved and tokenized. Only into a free slot: with every slot
         taken, a prefetch would evict an adapter that the records just fetched with it need, or load into
         the host tier only and then again into a slot (measured: twice the loads under affinity keys);
-        the engine then loads queued jobs' adapters in admission order itself. The engine checks for a free slot
-        on its own thread, where the slot table lives. Records aiokafka has fetched
-        but not yet returned cannot be read (its buffer is private, and pausing a partition drops it)."""
+        the engine then loads queued jobs' adapters in admission order itself. The engine checks for a free
+        slot on its own thread, where the slot table lives. Records aiokafka has fetched but not yet
+        returned cannot be read (its buffer is private, and pausing a partition drops it)."""
         hint = adapter_hint(record.key, record.headers)
         if hint is None:
             return

@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaProducer
 
 from lorabus.schemas import RouteStatus, VersionStatus, WorkerStatus, encode
 from lorabus.worker.kafka_security import KafkaSecurity, client_options
-from lorabus.worker.producer import _close_producer
+from lorabus.worker.producer import close_producer
 
 if TYPE_CHECKING:
     from lorabus.worker.service import Worker
@@ -62,7 +62,7 @@ class StatusReporter:
                                    STOP_TIMEOUT_S)
         except Exception as exc:  # the broker may be gone; the status then just goes silent
             log.warning("status tombstone not sent: %s", f"{type(exc).__name__}: {exc}".rstrip(": "))
-        await _close_producer(self.producer, STOP_TIMEOUT_S)  # bounded, unsent records dropped
+        await close_producer(self.producer, STOP_TIMEOUT_S)  # bounded, unsent records dropped
 
     async def _run(self) -> None:
         while True:
