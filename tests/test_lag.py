@@ -1,11 +1,14 @@
 """Consumer lag per owned partition: from the worker's own fetches, and from the broker for a partition it
-owns but has not read (assigned while backpressure paused fetching). The broker side runs in
-tests/test_health_kafka.py; here a stand-in consumer answers the few calls ConsumerLag makes."""
+owns but has not read (assigned while backpressure paused fetching). A stand-in consumer answers the
+few calls ConsumerLag makes for the policy; the last test asks a real broker."""
 
-from aiokafka import TopicPartition
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from lorabus.worker.lag import BROKER_QUERY_S, ConsumerLag
 from lorabus.worker.offsets import PartitionOffsets
+from lorabus.worker.topics import ensure_topics
+from tests.helpers import unique
 
 READ, UNREAD, NEVER_COMMITTED, REVOKED = (TopicPartition("jobs", p) for p in range(4))
 
@@ -62,3 +65,29 @@ async def test_a_never_committed_partition_starts_where_the_reset_policy_says():
     consumer = StandInConsumer()
     lags = await ConsumerLag(consumer, "latest").lags(_partitions())
     assert lags[("jobs", 2)] == 0 and lags[("jobs", 1)] == 20
+
+
+@pytest.mark.kafka
+async def test_unread_partitions_ask_the_real_broker(kafka):
+    """The broker path end to end: the group's committed offset where there is one, the log start where
+    there is none (earliest), to the log end."""
+    topic, group = unique("lag"), unique("lag-g")
+    await ensure_topics(kafka, {topic: 2})
+    producer = AIOKafkaProducer(bootstrap_servers=kafka, acks="all")
+    await producer.start()
+    try:
+        for partition, count in ((0, 5), (1, 3)):
+            for i in range(count):
+                await producer.send_and_wait(topic, b"x", partition=partition)
+    finally:
+        await producer.stop()
+    committed, unread = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign([committed, unread])
+        await consumer.commit({committed: 2})
+        lags = await ConsumerLag(consumer, "earliest").lags({committed: PartitionOffsets(), unread: PartitionOffsets()})
+    finally:
+        await consumer.stop()
+    assert lags == {(topic, 0): 5 - 2, (topic, 1): 3}
