@@ -151,17 +151,32 @@ def make_lora_mapping(idx: torch.Tensor, num_slots: int) -> LoRAMapping:
     )
 
 
+def token_slots(m: LoRAMapping) -> torch.Tensor:
+    """The slot of each token in sorted order (int64, on the mapping's device), cached on the mapping."""
+    cache = m.__dict__
+    if "_token_slots" not in cache:
+        device = m.sorted_tokens.device
+        cache["_token_slots"] = torch.repeat_interleave(torch.tensor(m.active_slots, device=device),
+                                                        torch.tensor(m.seg_lens, device=device))
+    return cache["_token_slots"]
+
+
 def slot_grid(m: LoRAMapping, plan: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
     """The torch path's padded [slots, longest] grid of sorted tokens, cached on the mapping per plan.
 
     plan "span": one grid row per slot in active_slots[0]..active_slots[-1] (the weights are then a view of
-    the slot-major pool, no gather); plan "active": one row per active slot (weights via one index_select).
+    the slot-major pool, no gather); plan "active": one row per active slot (weights via one index_select);
+    plan "token": one row of one cell per token (its weights gathered per token, see `token_slots`).
     Returns (token of each cell, flattened [rows * longest], padding cells point at a real token and are
     dropped; flat indices of the real cells or None when every cell is real; token of each real cell in
     cell order; first slot of the grid (span) or -1).
     """
     cache = m.__dict__.setdefault("_slot_grids", {})
     if plan in cache:
+        return cache[plan]
+    if plan == "token":
+        tok = m.sorted_tokens.long()
+        cache[plan] = (tok, None, tok, -1)
         return cache[plan]
     longest = m.max_seg_len
     lo = m.active_slots[0] if plan == "span" else -1

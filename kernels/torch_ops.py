@@ -17,7 +17,11 @@ Three strategies:
     fused over the pool's slot-major layout. Segments are batched as strided
     views of the pool (a run of slots), or one index_select of the active
     slots when they are far apart, or one GEMM per segment on views (long
-    prefill runs); the scale multiplies the [tokens, R] intermediate; columns
+    prefill runs); a step mixing both is cut in two, the short segments
+    batched and the long ones one GEMM each, unless every segment is
+    decode-sized and one row per token (its weights gathered per token) is
+    cheaper than the second pass; the scale multiplies the
+    [tokens, R] intermediate; columns
     past the batch's largest true rank are skipped. No per-call checks: the
     pool resolved them at construction.
   * "gather" (gather + bmm): every token gathers its own adapter matrix and
@@ -29,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from .mapping import LoRAMapping, slot_grid
+from .mapping import LoRAMapping, restrict_mapping, slot_grid, token_slots
 
 # Bound on the gathered fp32 weights the gather path materialises at once.
 _GATHER_CHUNK_BYTES = 256 << 20
@@ -154,6 +158,60 @@ def plan_segments(active_slots, longest: int, num_tokens: int) -> str | None:
     return None
 
 
+# Per-token rows ("token" plan: every token gathers its own adapter's weights, one bmm for the step) replace
+# the short/long split of a step without a grid when its segments are all decode-sized and the duplicate
+# weight rows they gather stay under this many bytes: the split's second pass costs about a dozen small ops,
+# the duplicates a copy each. Measured on replayed serving steps (64 adapters, Zipf, batch 32, 1 thread):
+# per-token rows 1.3x faster at hidden 256 (~1.2 MB of duplicates) and 576 (~2.8 MB), 1.4x slower at 2048 (~10 MB).
+TOKEN_ROWS_MAX_SEGMENT = 16
+TOKEN_ROWS_MAX_DUPLICATE_BYTES = 4 << 20
+
+
+# Gathering a step's adapter weights into one batch (the "active" and "token" grids, the short half of a
+# split) pays while one slot's A and B at the step's rank take at most this many bytes; above it a GEMM per
+# segment on views of the pool is cheaper than the copies. Measured on replayed serving steps (qkv group, 1
+# thread): hidden 2048 (655 KB per rank-16 slot) 1.1-1.4x faster without gathers at 64 and 512 adapters,
+# hidden 1024 (327 KB) mixed (decode 1.2x slower, prefill steps 1.2x faster), hidden 256-576 gathers win.
+GATHER_MAX_ROW_BYTES = 256 << 10
+
+
+def _plan(m: LoRAMapping, row_bytes: int) -> tuple[str | None, bool]:
+    """apply_slot_major's grid for `m` (None: per segment, or split), and whether gathering weights pays
+    for rows of `row_bytes` (one slot's A and B at the step's rank)."""
+    gather = row_bytes <= GATHER_MAX_ROW_BYTES
+    plan = grid_plan(m)
+    if plan == "active" and not gather:
+        return None, gather
+    if (plan is None and gather and len(m.active_slots) > 1 and m.max_seg_len <= TOKEN_ROWS_MAX_SEGMENT
+            and (m.sorted_tokens.shape[0] - len(m.active_slots)) * row_bytes <= TOKEN_ROWS_MAX_DUPLICATE_BYTES):
+        return "token", gather
+    return plan, gather
+
+
+def _length_split(m: LoRAMapping, gather: bool = True) -> tuple[LoRAMapping, LoRAMapping] | None:
+    """`m` cut into its short segments, batched in one grid (a view of the pool's slots, or gathered when
+    `gather`), and its long ones, one GEMM each; or None when `m` has a grid as a whole or no grid of at least
+    two segments exists. A step where one sequence prefills beside many decoding ones has no grid as a whole
+    (the long segment would pad every row), and without the split pays a GEMM per segment (measured 2-3x
+    slower per projection group at 13-28 segments, hidden 256-576, 1 thread). Cached on the mapping: every
+    layer of the step reuses it."""
+    cache = m.__dict__.setdefault("_length_split", {})
+    if gather not in cache:
+        if grid_plan(m) is not None:
+            cache[gather] = None
+            return None
+        by_len = sorted(zip(m.seg_lens, m.active_slots))
+        parts, tokens = None, 0
+        for k, (n, _) in enumerate(by_len, 1):
+            tokens += n
+            short = sorted(s for _, s in by_len[:k])
+            plan = plan_segments(short, n, tokens)
+            if 2 <= k < len(by_len) and (plan == "span" or (plan == "active" and gather)):
+                parts = (short, sorted(s for _, s in by_len[k:]))
+        cache[gather] = None if parts is None else tuple(restrict_mapping(m, tuple(p)) for p in parts)
+    return cache[gather]
+
+
 def apply_slot_major(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs, scale: torch.Tensor,
                      offsets, m: LoRAMapping, rank: int, slot_ranks=None) -> None:
     """y[tok, off_s:off_s+H_s] += B_s[slot] (scale[slot, s] * A_s[slot] x[tok]), shrink and expand in one go.
@@ -163,8 +221,8 @@ def apply_slot_major(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs, scal
     [L, S] fp32, `rank` the largest true rank among the batch's slots (columns past it are zero padding
     and are skipped; with `slot_ranks`, each slot's own true rank, a segment done on its own runs at
     its slot's rank). Segments are batched as views of the pool (or one index_select of the active
-    slots), or done one GEMM each on views (long prefill runs); the scale multiplies the rank-sized
-    intermediate, and y's rows are updated with one index_add_ (fp32) or one read-add-write (fp16/bf16,
+    slots, or of each token's slot: `_token_rows_pay`), or done one GEMM each on views (long prefill runs), or
+    both (`_length_split`); the scale multiplies the rank-sized intermediate, and y's rows are updated with one index_add_ (fp32) or one read-add-write (fp16/bf16,
     rounded once). Rows without an adapter are untouched.
     """
     S, H = a.shape[2:]
@@ -181,8 +239,13 @@ def apply_slot_major(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs, scal
         if rows is not y:
             y.copy_(rows)
         return
-    plan = grid_plan(m)
+    plan, gather = _plan(m, r * (S * H + sum(widths)) * a.element_size())
     if plan is None:
+        parts = _length_split(m, gather)
+        if parts is not None:
+            for part in parts:
+                apply_slot_major(x, y, a, bs, scale, offsets, part, rank, slot_ranks)
+            return
         tok = m.sorted_tokens.long()
         xs = x.index_select(0, tok).float()
         t = torch.empty(tok.shape[0] * r * S, dtype=torch.float32, device=x.device)
@@ -201,7 +264,7 @@ def apply_slot_major(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs, scal
         real_tok = tok
     else:
         cell_tok, real_cells, real_tok, lo = slot_grid(m, plan)
-        longest = m.max_seg_len
+        longest = 1 if plan == "token" else m.max_seg_len
         if plan == "span":
             n_rows = m.active_slots[-1] - lo + 1
             sel = slice(lo, lo + n_rows)
@@ -209,8 +272,8 @@ def apply_slot_major(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs, scal
             sc = scale[sel]
             bsel = [b[sel, :, :r] for b in bs]
         else:
-            n_rows = len(m.active_slots)
-            slots = m.segment_grid[2]
+            n_rows = len(m.active_slots) if plan == "active" else m.sorted_tokens.shape[0]
+            slots = m.segment_grid[2] if plan == "active" else token_slots(m)
             w = a[:, :r].index_select(0, slots)
             sc = scale.index_select(0, slots)
             bsel = [b[:, :, :r].index_select(0, slots) for b in bs]

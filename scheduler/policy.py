@@ -242,21 +242,41 @@ class Scheduler:
                 del queues[tenant]
         return fair
 
-    def _claim_slot(self, key: str, now: float, overdue: set[str]) -> int | None:
-        """An overdue job's adapter gets a slot now, or a draining one that frees soon."""
-        drained = [s for s, (_, k) in self.draining.items() if k == key and self.slots.refs[s] == 0]
-        slot = self.slots.take(drained[0], key, now) if drained else self.slots.reserve(key, now, wanted=overdue)
-        if slot is not None:
-            self.draining = {s: d for s, d in self.draining.items() if d[1] != key and s != slot}
-            return slot
-        if key not in self._drain_targets():
-            # Only a slot in use is worth draining: an idle one's queued jobs get admitted this very step.
-            busy = [s for s in range(len(self.slots))
-                    if self.slots.ready[s] and self.slots.refs[s] > 0 and s not in self.draining]
-            if busy:
-                victim = min(busy, key=lambda s: (self.slots.refs[s], self.slots.last_used[s]))
-                self.draining[victim] = (self.slots.key_of[victim], key)
-        return None
+    def _claim_slots(self, keys: list[str], now: float, overdue: set[str]) -> list[tuple[str, int]]:
+        """Overdue jobs' adapters without a slot (in order) each get one now, a draining one that freed for
+        them, else a free or idle one; when none is left, a busy slot starts draining for the adapter.
+        Slots are only taken here, never freed, so once no slot can be reserved (or none is left to drain)
+        the later keys skip that search: with hundreds of overdue adapters the step does not pay it each."""
+        loads = []
+        can_reserve = can_drain = True
+        targets = self._drain_targets()
+        for key in keys:
+            if key in self.slots.slot_of:
+                continue
+            slot = None
+            drained = [s for s, (_, k) in self.draining.items() if k == key and self.slots.refs[s] == 0] \
+                if key in targets else []
+            if drained:
+                slot = self.slots.take(drained[0], key, now)
+            elif can_reserve:
+                slot = self.slots.reserve(key, now, wanted=overdue)
+                can_reserve = slot is not None
+            if slot is not None:
+                self.draining = {s: d for s, d in self.draining.items() if d[1] != key and s != slot}
+                targets = self._drain_targets()
+                can_drain = True  # a drain that ended may have made its slot busy-and-drainable again
+                loads.append((key, slot))
+            elif can_drain and key not in targets:
+                # Only a slot in use is worth draining: an idle one's queued jobs get admitted this very step.
+                busy = [s for s in range(len(self.slots))
+                        if self.slots.ready[s] and self.slots.refs[s] > 0 and s not in self.draining]
+                if busy:
+                    victim = min(busy, key=lambda s: (self.slots.refs[s], self.slots.last_used[s]))
+                    self.draining[victim] = (self.slots.key_of[victim], key)
+                    targets.add(key)
+                else:
+                    can_drain = False
+        return loads
 
     def _drain_targets(self) -> set[str]:
         return {waiting for _, waiting in self.draining.values()}
@@ -291,11 +311,7 @@ class Scheduler:
         # It also ends when the slot changed hands meanwhile (evicted for another adapter).
         self.draining = {s: (held, k) for s, (held, k) in self.draining.items()
                          if k in overdue_set and k not in self.slots.slot_of and self.slots.key_of[s] == held}
-        for key in dict.fromkeys(overdue_keys):
-            if key not in self.slots.slot_of:
-                slot = self._claim_slot(key, now, overdue_set)
-                if slot is not None:
-                    step.loads.append((key, slot))
+        step.loads.extend(self._claim_slots(list(dict.fromkeys(overdue_keys)), now, overdue_set))
         wanted = [s.request.adapter for s in order if s.request.adapter is not None]
         wanted_set = set(wanted)
         drain_targets = self._drain_targets()
