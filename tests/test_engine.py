@@ -67,6 +67,42 @@ def test_more_adapters_than_device_slots(tiny_model, peft_adapters):
     assert {key for key, _ in loads} == set(peft_adapters) and all(error is None for _, error in loads), loads
 
 
+def test_hot_adapter_and_staggered_prefills_match_peft(tiny_model, peft_adapters, monkeypatch):
+    """Steps without a padded grid on the CPU LoRA path still match PEFT: a hot adapter decoding several
+    sequences beside single ones (each token gathers its own weights) and long prompts prefilling beside
+    decoding sequences (short segments batched, long ones alone)."""
+    from lorabus.kernels import torch_ops
+
+    plans, splits = [], []
+    plan, length_split = torch_ops._plan, torch_ops._length_split
+    monkeypatch.setattr(torch_ops, "_plan", lambda *a: plans.append(plan(*a)[0]) or plan(*a))
+    monkeypatch.setattr(torch_ops, "_length_split", lambda *a: splits.append(length_split(*a)) or length_split(*a))
+    oracle = PeftOracle(tiny_model)
+    engine = Engine(str(tiny_model), EngineConfig(kv_cache_mb=16, max_running=6, max_lora_rank=16))
+    for name, path in peft_adapters.items():
+        engine.register(AdapterSpec(name, str(path)))
+    engine.start()
+    hot, *others = peft_adapters
+    long_prompt = "jobs arrive on the bus and every adapter answers its own tenant in the same forward pass"
+    specs = [(hot, "hello world", 9), (hot, "the quick brown fox", 7), (hot, "lazy dog", 11), (hot, "0123", 5),
+             (others[0], "summarize: the meeting", 4), (others[1], "hello", 3),
+             (others[0], long_prompt, 6), (hot, long_prompt + " twice", 5), (others[1], long_prompt, 4),
+             (None, long_prompt, 3), (hot, "again", 6), (others[1], "more", 5)]
+    try:
+        requests = [Request(f"r{i}", "t", name, prompt_ids=oracle.prompt_ids(prompt), params=SamplingParams(n))
+                    for i, (name, prompt, n) in enumerate(specs)]
+        results = submit_all(engine, requests)
+    finally:
+        engine.stop()
+    assert "token" in plans, f"no decode step gathered per token: {plans}"
+    assert any(s is not None for s in splits), "no step split a long prefill segment from short ones"
+    for request in requests:
+        c = results[request.id]
+        assert c.status == "ok", c
+        oracle.assert_matches(peft_adapters.get(request.adapter), request.prompt_ids, c.token_ids,
+                              request.params.max_new_tokens, request.id)
+
+
 def test_triton_backend_on_the_hot_path(tiny_model, peft_adapters, monkeypatch):
     """The model's LoRA layers run the Triton kernels (interpreted on CPU) and still match PEFT."""
     from lorabus.kernels import torch_ops, triton_ops
