@@ -273,7 +273,6 @@ class Scheduler:
                 if busy:
                     victim = min(busy, key=lambda s: (self.slots.refs[s], self.slots.last_used[s]))
                     self.draining[victim] = (self.slots.key_of[victim], key)
-                    targets.add(key)
                 else:
                     can_drain = False
         return loads

@@ -807,3 +807,54 @@ def test_burst_of_more_adapters_than_slots_does_not_thrash(seed):
     distinct = len({r.seq.request.adapter for r in sim.records.values()})
     assert len(sim.loads_issued) <= 2 * distinct, f"{len(sim.loads_issued)} loads for {distinct} adapters"
     assert all(r.seq.state.value == "finished" for r in sim.records.values())
+
+
+def _claim_one_by_one(sched: Scheduler, keys: list[str], now: float, overdue: set[str]) -> list[tuple[str, int]]:
+    """The reference for `Scheduler._claim_slots`: every key searched on its own, with no skipping."""
+    slots, loads = sched.slots, []
+    for key in keys:
+        if key in slots.slot_of:
+            continue
+        drained = [s for s, (_, k) in sched.draining.items() if k == key and slots.refs[s] == 0]
+        slot = slots.take(drained[0], key, now) if drained else slots.reserve(key, now, wanted=overdue)
+        if slot is not None:
+            sched.draining = {s: d for s, d in sched.draining.items() if d[1] != key and s != slot}
+            loads.append((key, slot))
+        elif key not in sched._drain_targets():
+            busy = [s for s in range(len(slots)) if slots.ready[s] and slots.refs[s] > 0 and s not in sched.draining]
+            if busy:
+                victim = min(busy, key=lambda s: (slots.refs[s], slots.last_used[s]))
+                sched.draining[victim] = (slots.key_of[victim], key)
+    return loads
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_claiming_slots_for_many_overdue_adapters_skips_only_futile_searches(seed):
+    """`_claim_slots` stops searching for free, idle or drainable slots once a search has failed in this step
+    (slots are only taken there, never freed); on random slot tables, drains and overdue lists it ends
+    exactly where claiming each key on its own does: same loads, same slot table, same drains."""
+    import copy
+
+    rng = random.Random(seed)
+    slots = AdapterSlots(rng.randint(1, 8))
+    for s in range(len(slots)):
+        if rng.random() < 0.85:
+            key = f"held{s}"
+            slots.key_of[s], slots.slot_of[key] = key, s
+            slots.ready[s] = rng.random() < 0.9
+            slots.refs[s] = rng.choice([0, 0, 1, 2, 3])
+            slots.last_used[s] = rng.random()
+    sched = Scheduler(SchedulerLimits(), BlockAllocator(16, 4), slots)
+    keys = [f"a{i}" for i in range(rng.randint(1, 30))] + rng.sample([f"held{s}" for s in range(len(slots))], k=1)
+    rng.shuffle(keys)
+    for s in range(len(slots)):
+        if slots.key_of[s] is not None and rng.random() < 0.3:
+            sched.draining[s] = (slots.key_of[s], rng.choice(keys))
+    overdue = set(keys) | ({"held0"} if rng.random() < 0.5 else set())
+    reference = copy.deepcopy(sched)
+    got = sched._claim_slots(keys, 1.0, overdue)
+    want = _claim_one_by_one(reference, keys, 1.0, overdue)
+    assert got == want
+    assert sched.draining == reference.draining
+    assert (slots.key_of, slots.slot_of, slots.ready) == (reference.slots.key_of, reference.slots.slot_of,
+                                                          reference.slots.ready)
