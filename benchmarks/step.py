@@ -4,13 +4,16 @@
                               [--repeats 5] [--steps 4] [--threads 1] [--prefill-prompts 32]
                               [--prefill-len 16] [--json out.json]
                               [--device cuda] [--attention-backend auto] [--no-cuda-graphs]
+                              [--adapter-mix distinct|zipf]
 
 Three engine variants, each an `Engine` (not started: this script calls its step loop's `iterate()`
 itself, on the main thread) holding --batch running sequences that decode together:
 
 * base: every sequence on the base model (no adapter);
 * 1 adapter: every sequence on the same rank-16 adapter (q, k, v, o);
-* 64 adapters: sequence i on adapter i mod 64 (exactly min(batch, 64) distinct adapters, all resident).
+* 64 adapters: sequence i on adapter i mod 64 (exactly min(batch, 64) distinct adapters, all resident);
+  with --adapter-mix zipf, each sequence's adapter drawn from the 64 with Zipf popularity (s = 1.1, fixed
+  seed) instead: hot adapters decode several sequences beside single ones, as in serving.
 
 Next to them, three ceilings over the same weights with no engine: a minimal hand-written decode loop
 (batch x 1 token, a contiguous KV tensor [B, Hkv, C, D] per layer, SDPA, no paging, no scheduler,
@@ -51,6 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import statistics
 import sys
 import time
@@ -61,7 +65,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.serving import RANK, build_assets, machine, model_assets
+from benchmarks.serving import RANK, build_assets, machine, model_assets, zipf_choice
 from lorabus.scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
 
 VARIANTS = ("base", "1 adapter", "64 adapters")
@@ -244,7 +248,7 @@ class Plain:
             from safetensors import safe_open
 
             cfg = json.loads((adapter_files[0] / "adapter_config.json").read_text())
-            files = adapter_files[:1] if lora == "one" else [adapter_files[i % len(adapter_files)] for i in range(batch)]
+            files = adapter_files[:1] if lora == "one" else adapter_files  # one per sequence
             per_file = {}
             for path in dict.fromkeys(files):
                 with safe_open(path / "adapter_model.safetensors", framework="pt") as f:
@@ -402,6 +406,8 @@ def main(argv=None) -> None:
     p.add_argument("--json")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton"))
+    p.add_argument("--adapter-mix", default="distinct", choices=("distinct", "zipf"),
+                   help="the 64-adapter variant: sequence i on adapter i mod 64, or adapters drawn Zipf(1.1)")
     p.add_argument("--cuda-graphs", default=True, action=argparse.BooleanOptionalAction,
                    help="on cuda: decode steps replayed from CUDA graphs (the phase breakdown then is n/a)")
     args = p.parse_args(argv)
@@ -440,8 +446,12 @@ def main(argv=None) -> None:
         "1 adapter": make_engine(model_dir, adapters[:1], args.batch, kv_mb, args),
         "64 adapters": make_engine(model_dir, adapters, args.batch, kv_mb, args),
     }
+    if args.adapter_mix == "zipf":
+        assignment = zipf_choice(random.Random(0), n_adapters, args.batch)
+    else:
+        assignment = [i % n_adapters for i in range(args.batch)]
     per_seq_keys = {"base": [None] * args.batch, "1 adapter": [keys[0]] * args.batch,
-                    "64 adapters": [keys[i % n_adapters] for i in range(args.batch)]}
+                    "64 adapters": [keys[j] for j in assignment]}
     for name, engine in engines.items():
         t0 = time.perf_counter()
         seqs = fill(engine, per_seq_keys[name], prompts, max_new, log)
@@ -450,9 +460,10 @@ def main(argv=None) -> None:
     model = engines["base"].model
     # the plain loops start at the engine sequences' mean context (they differ by the prefill steps they decoded in)
     ctx0 = round(statistics.fmean(s.num_tokens for s in engines["base"].scheduler.running))
-    plains = {"plain": Plain(model, args.batch, ctx0, ctx_cap, None, adapter_dirs),
-              "plain + 1 LoRA": Plain(model, args.batch, ctx0, ctx_cap, "one", adapter_dirs),
-              "plain + stacked LoRA": Plain(model, args.batch, ctx0, ctx_cap, "stacked", adapter_dirs)}
+    per_seq_dirs = [adapter_dirs[j] for j in assignment]
+    plains = {"plain": Plain(model, args.batch, ctx0, ctx_cap, None, per_seq_dirs),
+              "plain + 1 LoRA": Plain(model, args.batch, ctx0, ctx_cap, "one", per_seq_dirs),
+              "plain + stacked LoRA": Plain(model, args.batch, ctx0, ctx_cap, "stacked", per_seq_dirs)}
     cuda = args.device == "cuda"
     timers = Timers(torch.cuda.synchronize if cuda else None)
     graphs = any(e.runner.decode.mode == "graphs" for e in engines.values())
@@ -531,7 +542,8 @@ def markdown(report: dict) -> str:
     lines = []
     cfg = report["config"]
     reps = cfg["repeats"]
-    lines.append(f"**decode step, {cfg['batch']} running sequences, context {report['context'][0]}→{report['context'][1]}**, "
+    mix = ", 64-adapter variant's adapters drawn Zipf(1.1)" if cfg.get("adapter_mix") == "zipf" else ""
+    lines.append(f"**decode step, {cfg['batch']} running sequences{mix}, context {report['context'][0]}→{report['context'][1]}**, "
                  f"{cfg['threads']} torch thread(s); ms per step, median [min..max] of {reps} repeats "
                  f"(each the mean of {cfg['steps']} interleaved steps); phases from hooked steps")
     lines.append("")
