@@ -503,40 +503,48 @@ def test_adapter_pool_slot_major_views_share_storage():
     assert pool._rank["qk"] == [0, 0, 0] and not storage.any()
 
 
-def test_slot_major_batches_short_segments_beside_a_long_one(gen):
-    """A prefill run (or a hot adapter's many decode tokens) beside single decode tokens has no padded grid
-    as a whole; apply_slot_major then batches the short segments in one grid and runs the long one alone,
-    and the result is still y + scale * B(A x) per token in float64."""
+def _check_slot_major(gen, idx, L, R, S, H, mapping=None):
+    """apply_slot_major on random slot-major weights (L slots, rank R, S slices of width H) equals
+    y + scale * B(A x) per token in float64; rows without an adapter keep their bits."""
     from lorabus.kernels import torch_ops
 
-    L, R, S, H = 12, 8, 2, 20
-    a = torch.randn(L, R, S, H, generator=gen)
-    bs = [torch.randn(L, H, R, generator=gen) for _ in range(S)]
+    a = torch.randn(L, R, S, H, generator=gen) / H ** 0.5
+    bs = [torch.randn(L, H, R, generator=gen) / R ** 0.5 for _ in range(S)]
     scale = torch.rand(L, S, generator=gen) + 0.5
-    idx = torch.tensor([3, 7, 7, 1, 9] + [5] * 20 + [10, -1, 2])
-    m = make_lora_mapping(idx, L)
-    assert torch_ops.grid_plan(m) is None
-    short, long = torch_ops._length_split(m)
-    assert (short.active_slots, long.active_slots) == ((1, 2, 3, 7, 9, 10), (5,))
-    assert torch_ops.grid_plan(short) is not None
     x = torch.randn(len(idx), H, generator=gen)
     y0 = torch.randn(len(idx), S * H, generator=gen)
     y = y0.clone()
-    torch_ops.apply_slot_major(x, y, a, bs, scale, [0, H], m, R)
+    torch_ops.apply_slot_major(x, y, a, bs, scale, [s * H for s in range(S)], mapping or make_lora_mapping(idx, L), R)
     ref = y0.double().clone()
     for i, slot in enumerate(idx.tolist()):
         for s in range(S):
             if slot >= 0:
-                ref[i, s * H:(s + 1) * H] += scale[slot, s].double() * (bs[s][slot].double() @ (a[slot, :, s].double() @ x[i].double()))
+                delta = bs[s][slot].double() @ (a[slot, :, s].double() @ x[i].double())
+                ref[i, s * H:(s + 1) * H] += scale[slot, s].double() * delta
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=2e-6 * float(ref.abs().max()))
+    assert torch.equal(y[idx < 0], y0[idx < 0])
+
+
+def test_slot_major_batches_short_segments_beside_a_long_one(gen):
+    """A prefill run beside single decode tokens has no padded grid as a whole; apply_slot_major then
+    batches the short segments in one grid and runs the long one alone, with the float64 result."""
+    from lorabus.kernels import torch_ops
+
+    idx = torch.tensor([3, 7, 7, 1, 9] + [5] * 20 + [10, -1, 2])
+    m = make_lora_mapping(idx, 12)
+    assert torch_ops.grid_plan(m) is None
+    short, long = torch_ops._length_split(m)
+    assert (short.active_slots, long.active_slots) == ((1, 2, 3, 7, 9, 10), (5,))
+    assert torch_ops.grid_plan(short) is not None
+    _check_slot_major(gen, idx, L=12, R=8, S=2, H=20, mapping=m)
     # Segments of one length throughout have a grid already: nothing to split.
-    assert torch_ops._length_split(make_lora_mapping(torch.tensor([0, 0, 1, 1, 2, 2]), L)) is None
+    assert torch_ops._length_split(make_lora_mapping(torch.tensor([0, 0, 1, 1, 2, 2]), 12)) is None
 
 
 def test_slot_major_plans_decode_steps_by_weight_bytes(gen):
     """A decode step where a hot adapter holds several tokens has no grid: with small adapter rows every token
     gathers its own weights (one "token" grid); with rows above GATHER_MAX_ROW_BYTES nothing is gathered (one
-    GEMM per segment on views). Both equal y + scale * B(A x) per token in float64."""
+    GEMM per segment on views). Both give the float64 result."""
     from lorabus.kernels import torch_ops
 
     idx = torch.tensor([6, 2, 6, 9, 6, 0, 6, 4, 6, 11, 6, 2])  # a hot slot (6 tokens) beside singles
@@ -544,20 +552,9 @@ def test_slot_major_plans_decode_steps_by_weight_bytes(gen):
     assert torch_ops.grid_plan(m) is None
     assert torch_ops._plan(m, 1024) == ("token", True)
     assert torch_ops._plan(m, torch_ops.GATHER_MAX_ROW_BYTES + 1) == (None, False)
-    for H in (16, 2048):  # one slot's A and B: 2 KB (per-token gather) and 512 KB (one GEMM per segment)
-        L, R, S = 12, 16 if H == 2048 else 8, 2
-        a = torch.randn(L, R, S, H, generator=gen) / H ** 0.5
-        bs = [torch.randn(L, H, R, generator=gen) / R ** 0.5 for _ in range(S)]
-        scale = torch.rand(L, S, generator=gen) + 0.5
-        x = torch.randn(len(idx), H, generator=gen)
-        y0 = torch.randn(len(idx), S * H, generator=gen)
-        y = y0.clone()
-        torch_ops.apply_slot_major(x, y, a, bs, scale, [0, H], make_lora_mapping(idx, L), R)
-        ref = y0.double().clone()
-        for i, slot in enumerate(idx.tolist()):
-            for s in range(S):
-                ref[i, s * H:(s + 1) * H] += scale[slot, s].double() * (bs[s][slot].double() @ (a[slot, :, s].double() @ x[i].double()))
-        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=2e-6 * float(ref.abs().max()))
+    # One slot's A and B: 2 KB (per-token gather), then 512 KB (one GEMM per segment).
+    _check_slot_major(gen, idx, L=12, R=8, S=2, H=16)
+    _check_slot_major(gen, idx, L=12, R=16, S=2, H=2048)
 
 
 def test_adapter_pool_groups_slots_by_rank_bucket(gen, monkeypatch):
