@@ -13,7 +13,7 @@ from .ops import BACKENDS, lora_expand, lora_shrink, resolve_backend
 __all__ = ["BACKENDS", "LoRAMapping", "lora_expand", "lora_shrink", "make_lora_mapping", "resolve_backend"]
 
 from .paged_attention import (paged_attention_decode, paged_attention_decode_ref,  # noqa: E402
-                              paged_attention_prefill, paged_attention_prefill_ref)
+                              paged_attention_prefill, paged_attention_prefill_ref, resolve_attention_backend)
 
 __all__ += ["paged_attention_decode", "paged_attention_decode_ref", "paged_attention_prefill",
-            "paged_attention_prefill_ref"]
+            "paged_attention_prefill_ref", "resolve_attention_backend"]

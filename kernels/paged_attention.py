@@ -60,10 +60,17 @@ def _check(q, k_cache, v_cache, block_tables, context_lens, out, T):
         raise ValueError(f"out must be a {q.dtype} tensor of shape {(T, Hq, D)} on {q.device}")
 
 
-def _use_triton(backend: str, q: torch.Tensor) -> bool:
+def resolve_attention_backend(backend: str, device: torch.device) -> str:
+    """The backend `backend` means on `device`: auto is triton on CUDA, torch elsewhere."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend == "triton" or (backend == "auto" and q.device.type == "cuda")
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
+
+
+def _use_triton(backend: str, q: torch.Tensor) -> bool:
+    return resolve_attention_backend(backend, q.device) == "triton"
 
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -143,18 +143,6 @@ def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, scratch: torch.Tens
     return out.view(s, nb * block_size, heads, dim).transpose(1, 2)
 
 
-ATTENTION_BACKENDS = ("auto", "torch", "triton")
-
-
-def resolve_attention_backend(name: str, device: torch.device) -> str:
-    """The attention backend `name` means on `device`: auto is triton on CUDA, torch elsewhere."""
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
-    if name == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    return name
-
-
 class BlockTableAttention:
     """The torch backend: K/V gathered a block at a time by block table into reused buffers, then SDPA."""
 
@@ -231,7 +219,7 @@ class TritonPagedAttention:
 
 def make_attention(backend: str, kv: PagedKVCache, head_dim: int, dtype: torch.dtype, device: torch.device):
     """The attention backend `backend` (auto, torch or triton) over `kv`."""
-    if resolve_attention_backend(backend, device) == "triton":
+    if kernels.resolve_attention_backend(backend, device) == "triton":
         return TritonPagedAttention(kv, head_dim)
     return BlockTableAttention(kv, dtype, device)
 

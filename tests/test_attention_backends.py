@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
+from lorabus.kernels import resolve_attention_backend
 from lorabus.scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
-from lorabus.scheduler.model import TritonPagedAttention, resolve_attention_backend
+from lorabus.scheduler.model import TritonPagedAttention
 from tests.helpers import record_logits, submit_all
 
 MAX_NEW = 6
