@@ -7,15 +7,15 @@ import os
 # The Triton interpreter must be chosen before anything imports triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import sys  # noqa: E402
+# Child Pythons (`python -m lorabus.worker.cli`, `python -c ...`) run from the repository root; without this
+# they would put it first on sys.path, where our kernels/ shadows Hugging Face's `kernels` package.
+os.environ["PYTHONSAFEPATH"] = "1"
+
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.helpers import PrivateBroker, make_peft_adapter, use_python_record_builder  # noqa: E402
+from helpers import PrivateBroker, make_peft_adapter, use_python_record_builder  # noqa: E402
 from lorabus.worker.model_store import fetch_model  # noqa: E402
 from lorabus.worker.samples import build_tiny_model  # noqa: E402
 

@@ -51,7 +51,7 @@ from hypothesis import HealthCheck, Phase, given, reject, settings
 from hypothesis import strategies as st
 
 from lorabus.schemas import ERROR_CODES
-from tests.helpers import RawHeaderKey, raw_header_keys
+from helpers import RawHeaderKey, raw_header_keys
 
 # ---- what the generators know about the deployment ------------------------------------------------
 
@@ -1210,7 +1210,7 @@ async def run_fuzz(kafka: str, model_dir: Path, adapters: dict[str, Path], workd
     from transformers import AutoConfig
 
     from lorabus.schemas import AdapterPublish
-    from tests.helpers import committed_lag, running_worker, worker_config
+    from helpers import committed_lag, running_worker, worker_config
     from lorabus.worker.client import publish_control
     from lorabus.worker.topics import ensure_topics
 

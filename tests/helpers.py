@@ -85,6 +85,44 @@ class PeftOracle:
         print(f"{label}: accepted divergence at token {split}: PEFT's top-2 logit margin there is {margin:.2e} < 1e-4")
 
 
+# Shared by the mix tests through the broker (plain mixes and routes to mixes).
+MIX_MAX_RANK = 32
+MIX_PROMPTS = ["the quick brown fox", "hello world", "summarize: the meeting moved to thursday",
+               "classify sentiment: i loved this film"]
+
+
+class MixOracle(PeftOracle):
+    """PEFT with every adapter loaded in one model: a mix is `add_weighted_adapter(..., "cat")` of them."""
+
+    def __init__(self, model_dir, paths: dict[str, object]):
+        super().__init__(model_dir)
+        self.paths, self._mixes = paths, {}
+
+    def model(self, which):
+        if not isinstance(which, tuple):  # a plain adapter (a path) or the base model (None)
+            return super().model(which)
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        if "all" not in self._models:
+            names = list(self.paths)
+            # A model of its own: PEFT injects its layers into the model it wraps.
+            base = AutoModelForCausalLM.from_pretrained(self.model_dir)
+            peft = PeftModel.from_pretrained(base, self.paths[names[0]], adapter_name=names[0])
+            for name in names[1:]:
+                peft.load_adapter(self.paths[name], adapter_name=name)
+            self._models["all"] = peft.eval()
+        peft = self._models["all"]
+        if which not in self._mixes:
+            # PEFT gives the mix the first member's use_rslora (scale sqrt(Σr) instead of 1): lead with one without.
+            ordered = sorted(which, key=lambda member: peft.peft_config[member[0]].use_rslora)
+            self._mixes[which] = f"mix{len(self._mixes)}"
+            peft.add_weighted_adapter([n for n, _ in ordered], [w for _, w in ordered], self._mixes[which],
+                                      combination_type="cat")
+        peft.set_adapter(self._mixes[which])
+        return peft
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 

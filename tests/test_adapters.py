@@ -9,7 +9,7 @@ import torch
 from lorabus.scheduler.adapters import AdapterLoadError, file_sha256, read_adapter
 from lorabus.scheduler.engine import Engine
 from lorabus.scheduler.config import EngineConfig
-from tests.helpers import make_peft_adapter
+from helpers import make_peft_adapter
 
 
 @pytest.fixture(scope="module")

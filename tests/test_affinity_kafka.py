@@ -14,7 +14,7 @@ from lorabus.worker import cli
 from lorabus.worker.affinity import AffinityKeyer
 from lorabus.worker.client import publish_control, run_jobs
 from lorabus.worker.registry import Load
-from tests.helpers import read_topic, running_worker, worker_config
+from helpers import read_topic, running_worker, worker_config
 
 PARTITIONS = 6
 ADAPTERS = ("qv-r4", "all-r8-rslora", "mlp-r16-patterns")

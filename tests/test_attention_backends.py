@@ -13,7 +13,7 @@ import torch
 from lorabus.kernels import resolve_attention_backend
 from lorabus.scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
 from lorabus.scheduler.model import TritonPagedAttention
-from tests.helpers import record_logits, submit_all
+from helpers import record_logits, submit_all
 
 MAX_NEW = 6
 

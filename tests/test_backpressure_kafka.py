@@ -5,7 +5,7 @@ import json
 
 from aiokafka import AIOKafkaConsumer
 
-from tests.helpers import running_worker, worker_config
+from helpers import running_worker, worker_config
 from lorabus.worker.client import run_jobs
 
 

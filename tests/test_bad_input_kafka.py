@@ -8,7 +8,7 @@ import time
 
 from lorabus.schemas import AdapterPublish
 from lorabus.worker.client import publish_control, run_jobs
-from tests.helpers import committed_lag, make_peft_adapter, read_topic, running_worker, worker_config
+from helpers import committed_lag, make_peft_adapter, read_topic, running_worker, worker_config
 
 
 def _job(job_id, **fields):

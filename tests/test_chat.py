@@ -20,7 +20,7 @@ from lorabus.scheduler import Engine, EngineConfig, Request, SamplingParams
 from lorabus.scheduler.requests import RequestError, validate
 from lorabus.schemas import ChatMessage, JobError, decode_job
 from lorabus.schemas.v1 import MAX_MESSAGES
-from tests.helpers import submit_all
+from helpers import submit_all
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 POEM = [{"role": "system", "content": "You are a poet."},

@@ -5,7 +5,7 @@ import json
 import os
 import sys
 
-from tests.helpers import running_worker, worker_config
+from helpers import running_worker, worker_config
 
 
 async def _lorabus(*args, stdin: bytes | None = None, env=None) -> tuple[int, str, str]:

@@ -20,7 +20,7 @@ import pytest
 from lorabus.schemas import error_result
 from lorabus.worker.cli import _error_summary, build_parser, main
 from lorabus.worker.service import StartupError, Worker
-from tests.helpers import running_worker, worker_config
+from helpers import running_worker, worker_config
 
 UNREACHABLE = "127.0.0.1:1"  # nothing listens there: any test reaching Kafka fails fast instead of passing
 

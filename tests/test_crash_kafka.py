@@ -11,7 +11,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from lorabus.schemas import AdapterPublish, decode_result
-from tests.helpers import start_worker_process, unique
+from helpers import start_worker_process, unique
 from lorabus.worker.client import publish_control, topic_partitions
 from lorabus.worker.topics import ensure_topics
 

@@ -10,7 +10,7 @@ import torch
 
 from lorabus.scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
 from lorabus.scheduler.decode_graphs import DecodeGraphs, batch_buckets, bucket_for
-from tests.helpers import record_logits, submit_all
+from helpers import record_logits, submit_all
 
 MAX_NEW = 5
 

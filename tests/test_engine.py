@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lorabus.scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
-from tests.helpers import PeftOracle, make_peft_adapter, submit_all
+from helpers import PeftOracle, make_peft_adapter, submit_all
 from lorabus.worker.samples import build_tiny_model
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

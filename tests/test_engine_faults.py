@@ -11,7 +11,7 @@ import torch
 from lorabus.scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
 from lorabus.scheduler.adapters import read_adapter
 from lorabus.scheduler.sampling import Sampler
-from tests.helpers import PeftOracle, submit_all
+from helpers import PeftOracle, submit_all
 
 PROMPTS = ["the quick brown fox", "hello world", "summarize: the meeting moved to thursday",
            "jobs arrive on kafka", "0123456789", "lazy dog"]

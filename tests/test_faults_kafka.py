@@ -28,8 +28,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from lorabus.scheduler import EngineConfig
 from lorabus.schemas import AdapterPublish, decode_result
-from tests.fuzz_records import run_task_of
-from tests.helpers import (PeftOracle, PrivateBroker, committed_lag, running_worker, start_worker_process, unique,
+from fuzz_records import run_task_of
+from helpers import (PeftOracle, PrivateBroker, committed_lag, running_worker, start_worker_process, unique,
                            worker_config)
 from lorabus.worker.client import publish_control, topic_partitions
 from lorabus.worker.topics import ensure_topics

@@ -22,8 +22,8 @@ from collections import Counter
 
 import pytest
 
-from tests.fuzz_records import ADAPTER_FORMS, ID_STYLES, Target, _is_utf8, draw_records, run_fuzz, summary
-from tests.helpers import PeftOracle
+from fuzz_records import ADAPTER_FORMS, ID_STYLES, Target, _is_utf8, draw_records, run_fuzz, summary
+from helpers import PeftOracle
 
 JOBS, CONTROL, GOOD, HUGE_CAP = 240, 60, 40, 12
 

@@ -15,7 +15,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client.parser import text_string_to_metric_families
 
 from lorabus.worker.client import run_jobs
-from tests.helpers import running_worker, worker_config
+from helpers import running_worker, worker_config
 
 pytestmark = pytest.mark.kafka
 

@@ -21,7 +21,7 @@ import torch
 
 from lorabus import kernels
 from lorabus.kernels import LoRAMapping, lora_expand, lora_shrink, make_lora_mapping, triton_ops
-from tests.seeded import SEED, ErrorTable, generator_for, ri
+from seeded import SEED, ErrorTable, generator_for, ri
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("triton", "torch", "gather")

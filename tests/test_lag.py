@@ -8,7 +8,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from lorabus.worker.lag import BROKER_QUERY_S, ConsumerLag
 from lorabus.worker.offsets import PartitionOffsets
 from lorabus.worker.topics import ensure_topics
-from tests.helpers import unique
+from helpers import unique
 
 READ, UNREAD, NEVER_COMMITTED, REVOKED = (TopicPartition("jobs", p) for p in range(4))
 

@@ -20,7 +20,7 @@ from lorabus.schemas import JobError, JobResult, MixUsed, decode_job, decode_res
 from lorabus.schemas.v1 import MAX_MIX_MEMBERS, MAX_MIX_WEIGHT
 from lorabus.scheduler.requests import Request, SamplingParams
 from lorabus.worker.samples import build_tiny_model
-from tests.helpers import PeftOracle, make_peft_adapter, submit_all
+from helpers import MixOracle, make_peft_adapter, submit_all
 
 
 def _job(**fields) -> bytes:
@@ -226,38 +226,6 @@ def test_result_mix_members_need_a_weight():
 
 
 # ---- the engine against PEFT ---------------------------------------------------------------------
-
-
-class MixOracle(PeftOracle):
-    """PEFT with every adapter loaded in one model: a mix is `add_weighted_adapter(..., "cat")` of them."""
-
-    def __init__(self, model_dir, paths: dict[str, object]):
-        super().__init__(model_dir)
-        self.paths, self._mixes = paths, {}
-
-    def model(self, which):
-        if not isinstance(which, tuple):  # a plain adapter (a path) or the base model (None)
-            return super().model(which)
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-
-        if "all" not in self._models:
-            names = list(self.paths)
-            # A model of its own: PEFT injects its layers into the model it wraps.
-            base = AutoModelForCausalLM.from_pretrained(self.model_dir)
-            peft = PeftModel.from_pretrained(base, self.paths[names[0]], adapter_name=names[0])
-            for name in names[1:]:
-                peft.load_adapter(self.paths[name], adapter_name=name)
-            self._models["all"] = peft.eval()
-        peft = self._models["all"]
-        if which not in self._mixes:
-            # PEFT gives the mix the first member's use_rslora (scale sqrt(Σr) instead of 1): lead with one without.
-            ordered = sorted(which, key=lambda member: peft.peft_config[member[0]].use_rslora)
-            self._mixes[which] = f"mix{len(self._mixes)}"
-            peft.add_weighted_adapter([n for n, _ in ordered], [w for _, w in ordered], self._mixes[which],
-                                      combination_type="cat")
-        peft.set_adapter(self._mixes[which])
-        return peft
 
 
 def _engine_matches_peft(model_dir, adapters: dict, mixes: list, config: EngineConfig, max_new: int = 5) -> None:

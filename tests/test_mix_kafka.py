@@ -13,12 +13,8 @@ from lorabus.scheduler import EngineConfig
 from lorabus.schemas import AdapterPublish
 from lorabus.schemas.v1 import MAX_MIX_MEMBERS
 from lorabus.worker.client import publish_control, run_jobs
-from tests.helpers import running_worker, worker_config
-from tests.test_mix import MixOracle
+from helpers import MIX_MAX_RANK, MIX_PROMPTS, MixOracle, running_worker, worker_config
 
-MAX_RANK = 32
-PROMPTS = ["the quick brown fox", "hello world", "summarize: the meeting moved to thursday",
-           "classify sentiment: i loved this film"]
 COPIES = [f"qv-copy{i}" for i in range(1, MAX_MIX_MEMBERS)]  # qv-r4's content under other names
 
 
@@ -32,14 +28,14 @@ async def test_mixes_match_peft_cat_in_shared_batches(kafka, tiny_model, peft_ad
         [("qv-r4", 0.75), *[(name, (-1) ** i * 0.25 * i) for i, name in enumerate(COPIES, 1)]],  # 8 members, Σr 32
     ]
     plain = [None, "qv-r4", "all-r8-rslora", "mlp-r16-patterns"]
-    config = worker_config(kafka, tiny_model, engine=EngineConfig(kv_cache_mb=64, max_lora_rank=MAX_RANK))
+    config = worker_config(kafka, tiny_model, engine=EngineConfig(kv_cache_mb=64, max_lora_rank=MIX_MAX_RANK))
     async with running_worker(config) as worker:
         await publish_control(kafka, config.control_topic,
                               [AdapterPublish(name, "v1", str(path)) for name, path in paths.items()]
                               + [AdapterPublish("private", "v1", str(peft_adapters["qv-r4"]), tenants=["vip"])])
         jobs, expected = [], {}
         for i in range(21):
-            prompt = PROMPTS[i % len(PROMPTS)]
+            prompt = MIX_PROMPTS[i % len(MIX_PROMPTS)]
             job = {"id": f"job-{i}", "tenant": f"t{i % 2}", "prompt": prompt, "max_new_tokens": 6 + i % 4}
             if i % 3 == 2:
                 adapter = plain[i // 3 % len(plain)]
@@ -71,7 +67,7 @@ async def test_mixes_match_peft_cat_in_shared_batches(kafka, tiny_model, peft_ad
 
     (too_big,) = results["too-big"]
     assert too_big.status == "error" and too_big.error.code == "adapter_load_failed"
-    assert f"mix rank 40 (layer 0 gate_proj) exceeds the pool's max rank {MAX_RANK}" in too_big.error.message
+    assert f"mix rank 40 (layer 0 gate_proj) exceeds the pool's max rank {MIX_MAX_RANK}" in too_big.error.message
     assert [(m.adapter, m.version) for m in too_big.mix] == [("mlp-r16-patterns", "v1"), ("mlp-copy", "v1"),
                                                              ("all-r8-rslora", "v1")]
     (forbidden,) = results["forbidden"]
@@ -83,7 +79,7 @@ async def test_mixes_match_peft_cat_in_shared_batches(kafka, tiny_model, peft_ad
     for job_id, (adapter, mix, max_new) in expected.items():
         (result,) = results[job_id]
         assert result.status == "ok", msgspec.json.encode(result)
-        prompt_ids = oracle.prompt_ids(PROMPTS[int(job_id.split("-")[1]) % len(PROMPTS)])
+        prompt_ids = oracle.prompt_ids(MIX_PROMPTS[int(job_id.split("-")[1]) % len(MIX_PROMPTS)])
         if mix is None:
             assert result.adapter == adapter and result.mix is None
             oracle.assert_matches(peft_adapters.get(adapter), prompt_ids, result.token_ids, max_new, label=job_id)
@@ -101,9 +97,9 @@ async def test_republished_member_changes_the_mix(kafka, tiny_model, peft_adapte
     """A member re-published with new content (same name and version): the next job of the same mix runs
     the new content, not a mix cached from the old one."""
     oracle = MixOracle(tiny_model, dict(peft_adapters))
-    config = worker_config(kafka, tiny_model, engine=EngineConfig(kv_cache_mb=64, max_lora_rank=MAX_RANK))
+    config = worker_config(kafka, tiny_model, engine=EngineConfig(kv_cache_mb=64, max_lora_rank=MIX_MAX_RANK))
     mix = [{"adapter": "swap@v1", "weight": 1.0}, {"adapter": "mlp", "weight": 0.5}]
-    prompt_ids = oracle.prompt_ids(PROMPTS[0])
+    prompt_ids = oracle.prompt_ids(MIX_PROMPTS[0])
 
     async def run_mix(job_id: str):
         job = {"id": job_id, "tenant": "t", "prompt_ids": prompt_ids, "max_new_tokens": 8, "mix": mix}

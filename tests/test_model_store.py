@@ -26,7 +26,7 @@ from lorabus.scheduler import Engine, EngineConfig, Request, SamplingParams
 from lorabus.worker import model_store
 from lorabus.worker.cli import main as cli_main
 from lorabus.worker.model_store import KNOWN_MODELS, MARKER, ModelStoreError, fetch_model, resolve_model_path
-from tests.helpers import PeftOracle, submit_all
+from helpers import PeftOracle, submit_all
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaProducer
 from lorabus.schemas import decode_result
 from lorabus.worker.client import run_jobs
 from lorabus.worker.topics import ensure_worker_topics
-from tests.helpers import read_topic, running_worker, worker_config
+from helpers import read_topic, running_worker, worker_config
 
 
 def job(job_id: str) -> bytes:

@@ -11,7 +11,7 @@ import pytest
 
 from lorabus.scheduler import EngineConfig
 from lorabus.schemas import AdapterPublish
-from tests.helpers import PeftOracle, running_worker, worker_config
+from helpers import PeftOracle, running_worker, worker_config
 from lorabus.worker.client import publish_control, run_jobs
 
 PROMPTS = ["the quick brown fox", "hello world", "summarize: the meeting moved to thursday",

@@ -12,7 +12,7 @@ import pytest
 
 from lorabus.worker.client import run_jobs
 from lorabus.worker.topics import ensure_topics
-from tests.helpers import PrivateBroker, start_worker_process, unique
+from helpers import PrivateBroker, start_worker_process, unique
 
 SECRET = "my card number is 4111-1111-1111-1111"
 DRAIN_TIMEOUT_MS = 5000

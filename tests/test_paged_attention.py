@@ -22,7 +22,7 @@ import torch
 from lorabus.kernels.paged_attention import (paged_attention_decode, paged_attention_decode_ref,
                                              paged_attention_prefill, paged_attention_prefill_ref)
 from lorabus.kernels import paged_attention_triton
-from tests.seeded import SEED, ErrorTable, generator_for, ri
+from seeded import SEED, ErrorTable, generator_for, ri
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Max |out - ref| over max |V| of the case (the output is a convex combination of V rows).

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from lorabus.schemas import AdapterPublish, decode_result
 from lorabus.worker.client import publish_control, run_jobs
 from lorabus.worker.topics import ensure_topics
-from tests.helpers import (PeftOracle, committed_lag, raw_header_keys, read_topic, running_worker, unique,
+from helpers import (PeftOracle, committed_lag, raw_header_keys, read_topic, running_worker, unique,
                            worker_config)
 
 pytestmark = pytest.mark.kafka

@@ -20,7 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from lorabus.worker import producer as wp
 from lorabus.worker.logs import AIOKAFKA_LOGGERS, limit_aiokafka_logs
-from tests.helpers import PrivateBroker
+from helpers import PrivateBroker
 from lorabus.worker.producer import (DEAD_LETTER_VALUE_BYTES, ORIGINAL_SIZE_HEADER, TRUNCATED_HEADER,
                              PermanentSendError, ResultProducer, truncated_copy)
 

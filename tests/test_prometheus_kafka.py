@@ -42,7 +42,7 @@ from aiokafka import AIOKafkaProducer
 
 from lorabus.schemas import AdapterPublish, RouteSet, RouteTarget
 from lorabus.worker.client import publish_control, run_jobs
-from tests.helpers import running_worker, worker_config
+from helpers import running_worker, worker_config
 
 pytestmark = pytest.mark.kafka
 

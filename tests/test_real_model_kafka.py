@@ -21,7 +21,7 @@ import torch
 from lorabus.scheduler import EngineConfig
 from lorabus.schemas import AdapterPublish
 from lorabus.worker.client import publish_control, run_jobs
-from tests.helpers import PeftOracle, make_peft_adapter, running_worker, worker_config
+from helpers import PeftOracle, make_peft_adapter, running_worker, worker_config
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]

@@ -10,7 +10,7 @@ import time
 from lorabus.scheduler import EngineConfig
 from lorabus.schemas import AdapterActivate, AdapterPublish, AdapterWarm
 from lorabus.worker.client import publish_control, run_jobs
-from tests.helpers import PeftOracle, running_worker, worker_config
+from helpers import PeftOracle, running_worker, worker_config
 
 PROMPT = [5, 6, 7]
 

@@ -12,23 +12,13 @@ from lorabus.schemas import (AdapterActivate, AdapterPublish, AdapterRetire, Ada
 from lorabus.worker import cli, client, fleet
 from lorabus.worker.control_log import ControlLog
 from lorabus.worker.fleet import event_outcome, render_status, validate_event
-
-NOW = 1_800_000_000_000
-
+from cli_fakes import NOW, FakeBroker, fake_status, run_cli
 
 def _log(*events) -> ControlLog:
     log = ControlLog()
     for offset, event in enumerate(events):
         log.apply(offset, event)
     return log
-
-
-def _status(worker: str, control_offset: int, *, ts_ms: int = NOW, versions=(), serving=None, activated=None,
-            routes=(), resident=(), **fields) -> WorkerStatus:
-    return WorkerStatus(worker=worker, ts_ms=ts_ms, started_ms=NOW - 60_000, control_offset=control_offset,
-                        serving=serving or {}, activated=activated or {},
-                        versions=[VersionStatus(*v) for v in versions], resident=list(resident), host_cached=0,
-                        routes=list(routes), **fields)
 
 
 def _route(task, *targets, event_id, tenant=None) -> RouteSet:
@@ -139,52 +129,52 @@ def _unchecked_route():
 def test_nothing_is_decided_before_the_worker_has_read_the_event():
     failed = [("fin@v3", "failed", "sha256 mismatch")]
     for event in (AdapterPublish("fin", "v3", "/a"), AdapterRetire("fin", "v1"), RouteDelete(task="ner")):
-        assert event_outcome(event, 7, _status("w1", 7, versions=failed)) == "pending"
-        assert event_outcome(event, 7, _status("w1", 3, versions=failed)) == "pending"
+        assert event_outcome(event, 7, fake_status("w1", 7, versions=failed)) == "pending"
+        assert event_outcome(event, 7, fake_status("w1", 3, versions=failed)) == "pending"
 
 
 def test_publish_outcome_follows_the_load():
     event = AdapterPublish("fin", "v3", "/a")
-    assert event_outcome(event, 7, _status("w1", 8)) == "ok"  # not loaded there (not needed yet): fine
-    assert event_outcome(event, 7, _status("w1", 8, versions=[("fin@v3", "loading", None)])) == "pending"
-    assert event_outcome(event, 7, _status("w1", 8, versions=[("fin@v3", "ready", None)])) == "ok"
-    assert event_outcome(event, 7, _status("w1", 9, versions=[("fin@v3", "failed", "fin@v3: no adapter_config.json")])) \
+    assert event_outcome(event, 7, fake_status("w1", 8)) == "ok"  # not loaded there (not needed yet): fine
+    assert event_outcome(event, 7, fake_status("w1", 8, versions=[("fin@v3", "loading", None)])) == "pending"
+    assert event_outcome(event, 7, fake_status("w1", 8, versions=[("fin@v3", "ready", None)])) == "ok"
+    assert event_outcome(event, 7, fake_status("w1", 9, versions=[("fin@v3", "failed", "fin@v3: no adapter_config.json")])) \
         == ("failed", "fin@v3: no adapter_config.json")
 
 
 def test_activate_is_ok_once_the_version_serves_and_failed_when_it_cannot_load():
     event = AdapterActivate("fin", "v2")
-    loading = _status("w1", 5, serving={"fin": "v1"}, versions=[("fin@v1", "ready", None), ("fin@v2", "loading", None)])
+    loading = fake_status("w1", 5, serving={"fin": "v1"}, versions=[("fin@v1", "ready", None), ("fin@v2", "loading", None)])
     assert event_outcome(event, 4, loading) == "pending"
-    assert event_outcome(event, 4, _status("w1", 5, serving={"fin": "v2"}, versions=[("fin@v2", "loading", None)])) \
+    assert event_outcome(event, 4, fake_status("w1", 5, serving={"fin": "v2"}, versions=[("fin@v2", "loading", None)])) \
         == "pending"  # serving by name, but its jobs still wait for the load
-    assert event_outcome(event, 4, _status("w1", 5, serving={"fin": "v2"}, versions=[("fin@v2", "ready", None)])) == "ok"
-    broken = _status("w1", 5, serving={"fin": "v1"}, versions=[("fin@v2", "failed", "rank 64 above --max-lora-rank 16")])
+    assert event_outcome(event, 4, fake_status("w1", 5, serving={"fin": "v2"}, versions=[("fin@v2", "ready", None)])) == "ok"
+    broken = fake_status("w1", 5, serving={"fin": "v1"}, versions=[("fin@v2", "failed", "rank 64 above --max-lora-rank 16")])
     assert event_outcome(event, 4, broken) == ("failed", "rank 64 above --max-lora-rank 16")
 
 
 def test_warm_outcome():
     event = AdapterWarm("fin", "v3")
-    assert event_outcome(event, 0, _status("w1", 1)) == "pending"
-    assert event_outcome(event, 0, _status("w1", 1, versions=[("fin@v3", "ready", None)])) == "ok"
-    assert event_outcome(event, 0, _status("w1", 1, versions=[("fin@v3", "failed", None)])) == ("failed", "failed to load")
+    assert event_outcome(event, 0, fake_status("w1", 1)) == "pending"
+    assert event_outcome(event, 0, fake_status("w1", 1, versions=[("fin@v3", "ready", None)])) == "ok"
+    assert event_outcome(event, 0, fake_status("w1", 1, versions=[("fin@v3", "failed", None)])) == ("failed", "failed to load")
 
 
 def test_route_outcome_follows_the_route_in_force():
     event = _route("ner", ("fin@v1", 95), ("fin@v3", 5), event_id="e-17", tenant="acme")
     old = RouteStatus("ner", "acme", "e-12", [RouteTarget(adapter="fin@v1", weight=1)], pending_event_id="e-17")
     other_tenant = RouteStatus("ner", None, "e-17", [RouteTarget(adapter="fin@v1", weight=1)])
-    assert event_outcome(event, 3, _status("w1", 4, routes=[old, other_tenant])) == "pending"
+    assert event_outcome(event, 3, fake_status("w1", 4, routes=[old, other_tenant])) == "pending"
     new = RouteStatus("ner", "acme", "e-17", [RouteTarget(adapter="fin@v1", weight=95),
                                               RouteTarget(adapter="fin@v3", weight=5)])
-    assert event_outcome(event, 3, _status("w1", 4, routes=[new])) == "ok"
-    failed = _status("w1", 4, routes=[old], versions=[("fin@v1", "ready", None), ("fin@v3", "failed", "bad shapes")])
+    assert event_outcome(event, 3, fake_status("w1", 4, routes=[new])) == "ok"
+    failed = fake_status("w1", 4, routes=[old], versions=[("fin@v1", "ready", None), ("fin@v3", "failed", "bad shapes")])
     assert event_outcome(event, 3, failed) == ("failed", "fin@v3: bad shapes")
 
 
 def test_retire_and_route_delete_are_ok_once_read():
-    assert event_outcome(AdapterRetire("fin", "v1"), 2, _status("w1", 3)) == "ok"
-    assert event_outcome(RouteDelete(task="ner"), 2, _status("w1", 3)) == "ok"
+    assert event_outcome(AdapterRetire("fin", "v1"), 2, fake_status("w1", 3)) == "ok"
+    assert event_outcome(RouteDelete(task="ner"), 2, fake_status("w1", 3)) == "ok"
 
 
 # ---- render_status / fleet_json --------------------------------------------------------------------
@@ -199,14 +189,14 @@ def _fleet():
     behind = RouteStatus("ner", None, "e-12", [RouteTarget(adapter="fin@v1", weight=90),
                                                RouteTarget(adapter="fin@v2", weight=10)])
     statuses = {
-        "w1": _status("w1", 6, serving={"fin": "v3"}, activated={"fin": "v3"}, resident=["fin@v3", "fin@v1"],
+        "w1": fake_status("w1", 6, serving={"fin": "v3"}, activated={"fin": "v3"}, resident=["fin@v3", "fin@v1"],
                       versions=[("fin@v1", "ready", None), ("fin@v2", "ready", None), ("fin@v3", "ready", None)],
                       routes=[in_force], jobs_inflight=3),
-        "w2": _status("w2", 6, serving={"fin": "v2"}, activated={"fin": "v3"}, resident=["fin@v2"],
+        "w2": fake_status("w2", 6, serving={"fin": "v2"}, activated={"fin": "v3"}, resident=["fin@v2"],
                       versions=[("fin@v2", "ready", None), ("fin@v3", "failed", "fin@v3: sha256 mismatch"),
                                 ("fin@v1", "loading", None)],
                       routes=[RouteStatus("ner", None, "e-12", behind.targets, pending_event_id="e-17")]),
-        "w3": _status("w3", 4, ts_ms=NOW - 45_000, serving={"fin": "v3"}, routes=[behind]),
+        "w3": fake_status("w3", 4, ts_ms=NOW - 45_000, serving={"fin": "v3"}, routes=[behind]),
     }
     return log, statuses
 
@@ -264,58 +254,25 @@ def test_fleet_json_has_the_log_state_and_each_status():
 
 
 def test_a_worker_is_silent_after_three_of_its_intervals():
-    assert fleet.is_live(_status("w", 0, ts_ms=NOW - 6000), NOW)
-    assert not fleet.is_live(_status("w", 0, ts_ms=NOW - 6001), NOW)
-    assert fleet.is_live(_status("w", 0, ts_ms=NOW - 25_000, interval_ms=10_000), NOW)
+    assert fleet.is_live(fake_status("w", 0, ts_ms=NOW - 6000), NOW)
+    assert not fleet.is_live(fake_status("w", 0, ts_ms=NOW - 6001), NOW)
+    assert fleet.is_live(fake_status("w", 0, ts_ms=NOW - 25_000, interval_ms=10_000), NOW)
 
 
 # ---- the CLI, with the broker stubbed --------------------------------------------------------------
 
-class FakeBroker:
-    """Stands in for worker/client.py's Kafka calls: a control log to read, statuses that appear after
-    the send, and a record of what was sent."""
-
-    def __init__(self, monkeypatch, log: ControlLog, statuses_after_send=None):
-        self.log, self.sent, self.statuses = log, [], statuses_after_send or (lambda offset: {})
-
-        async def read_control_log(bootstrap, topic, timeout_s=30.0, security=None):
-            return self.log
-
-        async def publish_control(bootstrap, topic, events, signer=None, security=None):
-            self.sent += events
-            return [self.log.end_offset + i for i in range(len(events))]
-
-        async def read_statuses(bootstrap, topic, timeout_s=30.0, security=None):
-            return self.statuses(self.log.end_offset) if self.sent else {}
-
-        async def ensure_topics(bootstrap, topics, configs=None, security=None):
-            return None
-
-        monkeypatch.setattr(client, "read_control_log", read_control_log)
-        monkeypatch.setattr(client, "publish_control", publish_control)
-        monkeypatch.setattr(client, "read_statuses", read_statuses)
-        monkeypatch.setattr("lorabus.worker.topics.ensure_topics", ensure_topics)
-        monkeypatch.setattr(cli, "WAIT_POLL_S", 0.01)
-        monkeypatch.setattr(cli, "_now_ms", lambda: NOW)
-
-
-def _cli(*argv):
-    return cli.main([*argv[:2], "--bootstrap-servers", "127.0.0.1:1", *argv[2:]]
-                    if argv[0] == "rollout" else [argv[0], "--bootstrap-servers", "127.0.0.1:1", *argv[1:]])
-
-
 def test_cli_refuses_before_sending_and_force_skips_only_state_checks(monkeypatch, capsys):
     broker = FakeBroker(monkeypatch, _log(AdapterPublish("fin", "v1", "/a")))
-    assert _cli("activate", "fin", "v2") == 2
+    assert run_cli("activate", "fin", "v2") == 2
     err = capsys.readouterr().err
     assert err == ("lorabus activate: fin@v2 is not published (published versions of fin: v1)\n"
                    "lorabus activate: nothing sent (--force sends it anyway)\n")
-    assert _cli("rollout", "retire", "fin", "v1") == 2
+    assert run_cli("rollout", "retire", "fin", "v1") == 2
     assert "only live version of fin" in capsys.readouterr().err
-    assert _cli("rollout", "activate", "bad name", "v1", "--force") == 2
+    assert run_cli("rollout", "activate", "bad name", "v1", "--force") == 2
     assert capsys.readouterr().err.startswith("lorabus rollout activate: invalid event: Expected `str` matching regex")
     assert broker.sent == []
-    assert _cli("rollout", "activate", "fin", "v2", "--force") == 0
+    assert run_cli("rollout", "activate", "fin", "v2", "--force") == 0
     out = capsys.readouterr().out
     (event,) = broker.sent
     assert (event.name, event.version) == ("fin", "v2") and out == f"sent adapter.activate {event.event_id}\n"
@@ -324,10 +281,10 @@ def test_cli_refuses_before_sending_and_force_skips_only_state_checks(monkeypatc
 def test_cli_publish_sends_an_absolute_path_and_keeps_uris(monkeypatch, capsys, adapter_dir):
     broker = FakeBroker(monkeypatch, ControlLog())
     monkeypatch.chdir(adapter_dir.parent)
-    assert _cli("rollout", "publish", "fin", "v1", adapter_dir.name, "--tenants", "a,b") == 0
-    assert _cli("publish", "fin", "v2", f"file://{adapter_dir}") == 0
+    assert run_cli("rollout", "publish", "fin", "v1", adapter_dir.name, "--tenants", "a,b") == 0
+    assert run_cli("publish", "fin", "v2", f"file://{adapter_dir}") == 0
     assert [(e.path, e.tenants) for e in broker.sent] == [(str(adapter_dir), ["a", "b"]), (f"file://{adapter_dir}", None)]
-    assert _cli("publish", "fin", "v3", str(adapter_dir.parent / "missing")) == 2
+    assert run_cli("publish", "fin", "v3", str(adapter_dir.parent / "missing")) == 2
     assert "no such directory" in capsys.readouterr().err and len(broker.sent) == 2
 
 
@@ -340,14 +297,14 @@ def test_cli_publish_sends_an_absolute_path_and_keeps_uris(monkeypatch, capsys, 
 def test_cli_wait_exit_codes(monkeypatch, capsys, states, rc, lines):
     def statuses(offset):
         serving = {w: ("v2" if state == "ready" else "v1") for w, (state, _) in states.items()}
-        fleet_now = {w: _status(w, offset + 1, serving={"fin": serving[w]}, versions=[("fin@v2", state, reason)])
+        fleet_now = {w: fake_status(w, offset + 1, serving={"fin": serving[w]}, versions=[("fin@v2", state, reason)])
                      for w, (state, reason) in states.items()}
-        fleet_now["gone"] = _status("gone", 0, ts_ms=NOW - 600_000)  # silent: not waited for
+        fleet_now["gone"] = fake_status("gone", 0, ts_ms=NOW - 600_000)  # silent: not waited for
         return fleet_now
 
     broker = FakeBroker(monkeypatch, _log(AdapterPublish("fin", "v1", "/a"), AdapterPublish("fin", "v2", "/b")),
                         statuses)
-    assert _cli("rollout", "activate", "fin", "v2", "--wait", "--timeout", "0.2") == rc
+    assert run_cli("rollout", "activate", "fin", "v2", "--wait", "--timeout", "0.2") == rc
     out, err = capsys.readouterr()
     assert out.splitlines() == [f"sent adapter.activate {broker.sent[0].event_id}", *lines]
     if rc == 3:

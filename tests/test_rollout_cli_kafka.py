@@ -15,7 +15,7 @@ from lorabus.schemas import AdapterActivate, AdapterPublish, RouteStatus, RouteT
 from lorabus.worker.client import publish_control, read_control_log, read_statuses
 from lorabus.worker.control_log import control_key
 from lorabus.worker.topics import CONTROL_TOPIC_CONFIGS, STATUS_TOPIC_CONFIGS, ensure_topics
-from tests.helpers import end_offset
+from helpers import end_offset
 
 
 async def _cli(*args, timeout: float = 120) -> tuple[int, str, str]:

@@ -36,7 +36,7 @@ from lorabus.worker.control_log import control_key
 from lorabus.worker.fleet import file_sha256
 from lorabus.worker.routing import pick_target
 from lorabus.worker.topics import CONTROL_TOPIC_CONFIGS, ensure_topics, topic_configs
-from tests.helpers import PeftOracle, end_offset, make_peft_adapter, running_worker, worker_config
+from helpers import PeftOracle, end_offset, make_peft_adapter, running_worker, worker_config
 
 pytestmark = pytest.mark.kafka
 

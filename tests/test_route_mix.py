@@ -16,7 +16,7 @@ from lorabus.worker.control_log import ControlLog, control_key
 from lorabus.worker.fleet import event_outcome, render_status, validate_event
 from lorabus.worker.registry import AdapterHealth, AdapterRegistry, Load
 from lorabus.worker.translate import provenance
-from tests.test_rollout_cli import NOW, FakeBroker, _cli, _status
+from cli_fakes import NOW, FakeBroker, fake_status, run_cli
 
 READY, FAILED, LOADING = Load.READY, Load.FAILED, Load.LOADING
 
@@ -147,15 +147,15 @@ def test_a_mix_target_through_a_retired_member_never_takes_effect():
 
 def test_cli_sends_a_mix_target_and_checks_every_member(monkeypatch, capsys):
     broker = FakeBroker(monkeypatch, fold(*PUBLISHED))
-    assert _cli("rollout", "route", "ner", "fin@v1=90", "mix:fin@v2*0.7+sum@v1*-0.3=10") == 0
+    assert run_cli("rollout", "route", "ner", "fin@v1=90", "mix:fin@v2*0.7+sum@v1*-0.3=10") == 0
     (event,) = broker.sent
     assert event.targets == [plain("fin@v1", 90), MIXED]
     capsys.readouterr()
-    assert _cli("rollout", "route", "ner", "mix:fin@v2*0.7+sum@v9*1=10") == 2
+    assert run_cli("rollout", "route", "ner", "mix:fin@v2*0.7+sum@v9*1=10") == 2
     assert "member of route target mix:fin@v2*0.7+sum@v9*1.0: sum@v9 is not published" in capsys.readouterr().err
-    assert _cli("rollout", "route", "ner", "mix:fin*0.7=10") == 2  # a route pins versions
+    assert run_cli("rollout", "route", "ner", "mix:fin*0.7=10") == 2  # a route pins versions
     assert "exact version" in capsys.readouterr().err
-    assert _cli("rollout", "route", "ner", "mix:fin@v2=10") == 2
+    assert run_cli("rollout", "route", "ner", "mix:fin@v2=10") == 2
     assert "no *weight" in capsys.readouterr().err
     assert len(broker.sent) == 1
 
@@ -164,11 +164,11 @@ def test_fleet_view_and_outcome_name_a_mix_target_and_its_members():
     event = route(plain("fin@v1", 90), MIXED, eid="e-2")
     log = fold(*PUBLISHED, event)
     assert validate_event(event, log) == []
-    in_force = _status("w1", 4, routes=[RouteStatus("ner", None, "e-2", event.targets)])
+    in_force = fake_status("w1", 4, routes=[RouteStatus("ner", None, "e-2", event.targets)])
     text = render_status(log, {"w1": in_force}, NOW)
     assert "  task ner (every tenant): newest e-2 @3: fin@v1=90 mix:fin@v2*0.7+sum@v1*-0.3=10 (sticky user)" \
         in text.splitlines()
     assert event_outcome(event, 3, in_force) == "ok"
-    failing = _status("w1", 4, versions=[("sum@v1", "failed", "bad sha256")])
+    failing = fake_status("w1", 4, versions=[("sum@v1", "failed", "bad sha256")])
     assert event_outcome(event, 3, failing) == ("failed", "sum@v1: bad sha256")
     assert msgspec.json.decode(encode(in_force)).get("routes")[0]["targets"][1]["mix"][1]["weight"] == -0.3

@@ -14,11 +14,10 @@ from lorabus.scheduler import EngineConfig
 from lorabus.schemas import AdapterPublish, MixMember, RouteSet, RouteTarget
 from lorabus.worker.client import publish_control, run_jobs
 from lorabus.worker.routing import pick_target
-from tests.helpers import running_worker, worker_config
-from tests.test_mix import MixOracle
-from tests.test_mix_kafka import MAX_RANK, PROMPTS
+from helpers import MIX_MAX_RANK, MIX_PROMPTS, MixOracle, running_worker, worker_config
 
-MIX = (("mlp", 0.6), ("rs", -0.5))  # Σr 24 at o_proj and gate/up: within MAX_RANK
+
+MIX = (("mlp", 0.6), ("rs", -0.5))  # Σr 24 at o_proj and gate/up: within MIX_MAX_RANK
 USERS_PER_TARGET = 2
 
 
@@ -42,11 +41,11 @@ async def test_a_route_splits_a_task_between_a_version_and_a_mix(kafka, tiny_mod
     jobs, asked = [], {}
     for round_ in range(2):  # each user twice: the second job must land on the same target
         for i, user in enumerate(users):
-            job_id, prompt = f"{round_}-{user}", PROMPTS[i % len(PROMPTS)]
+            job_id, prompt = f"{round_}-{user}", MIX_PROMPTS[i % len(MIX_PROMPTS)]
             asked[job_id] = (user, prompt)
             jobs.append((job_id, json.dumps({"id": job_id, "tenant": "acme", "task": "ner", "user": user,
                                              "prompt": prompt, "max_new_tokens": 6}).encode()))
-    config = worker_config(kafka, tiny_model, engine=EngineConfig(kv_cache_mb=64, max_lora_rank=MAX_RANK))
+    config = worker_config(kafka, tiny_model, engine=EngineConfig(kv_cache_mb=64, max_lora_rank=MIX_MAX_RANK))
     async with running_worker(config) as worker:
         await publish_control(kafka, config.control_topic,
                               [AdapterPublish(name, "v1", str(path)) for name, path in paths.items()] + [route])

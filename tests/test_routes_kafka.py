@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from lorabus.schemas import AdapterPublish, RouteDelete, RouteSet, RouteTarget
 from lorabus.worker.client import publish_control, run_jobs
-from tests.helpers import PeftOracle, running_worker, worker_config
+from helpers import PeftOracle, running_worker, worker_config
 
 USERS = 2000
 Z_999 = 3.2905

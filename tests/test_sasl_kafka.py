@@ -16,7 +16,7 @@ import pytest
 
 from lorabus.worker.client import run_jobs
 from lorabus.worker.kafka_security import KafkaSecurity
-from tests.helpers import committed_lag, running_worker, worker_config
+from helpers import committed_lag, running_worker, worker_config
 
 pytestmark = pytest.mark.kafka  # starts a broker of its own
 

@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaProducer
 from lorabus.schemas import AdapterActivate, AdapterPublish, decode_result
 from lorabus.worker.client import publish_control, run_jobs
 from lorabus.worker.topics import ensure_topics
-from tests.helpers import read_topic, start_worker_process, unique
+from helpers import read_topic, start_worker_process, unique
 
 EXIT_BOUND_S = 60  # drain (held jobs) + engine stop, both bounded by their settings below
 

@@ -13,7 +13,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from lorabus.schemas import AdapterActivate, AdapterPublish, encode
-from tests.helpers import PeftOracle, raw_header_keys, running_worker, worker_config
+from helpers import PeftOracle, raw_header_keys, running_worker, worker_config
 from lorabus.worker.client import publish_control, run_jobs
 from lorabus.worker.signing import SIGNATURE_HEADER, ControlKeys
 

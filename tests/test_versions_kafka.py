@@ -4,7 +4,7 @@ new content; every result names the version that served it and matches PEFT runn
 import json
 
 from lorabus.schemas import AdapterActivate, AdapterPublish
-from tests.helpers import PeftOracle, running_worker, worker_config
+from helpers import PeftOracle, running_worker, worker_config
 from lorabus.worker.client import publish_control, run_jobs
 
 
