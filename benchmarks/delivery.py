@@ -1,7 +1,7 @@
 """What exactly-once delivery costs: the same job stream through one worker in at-least-once and in
 --exactly-once mode, interleaved and repeated, through a real broker.
 
-    python -m benchmarks.delivery [--jobs 300] [--repeats 5] [--new-tokens 1]
+    .venv/bin/python benchmarks/delivery.py [--jobs 300] [--repeats 5] [--new-tokens 1]
 
 Each run starts a worker on fresh topics, sends --jobs greedy base-model jobs (one token each by
 default, so the Kafka path dominates rather than the model), and times first send → last result seen

@@ -1,6 +1,6 @@
 """Fleet benchmark: does adapter affinity (worker/affinity.py) cut adapter loads across a consumer group?
 
-    KAFKA_BOOTSTRAP_SERVERS=HOST:PORT python -m benchmarks.fleet [--workers 3] [--adapters 200] [--jobs 1200]
+    KAFKA_BOOTSTRAP_SERVERS=HOST:PORT .venv/bin/python benchmarks/fleet.py [--workers 3] [--adapters 200] [--jobs 1200]
         [--partitions 12] [--max-loras 8] [--max-cpu-loras 16] [--max-inflight 64] [--max-new-tokens 4]
         [--zipf 1.1] [--repeats 3] [--threads 1] [--write docs/benchmarks-serving.md]
 
@@ -320,7 +320,7 @@ def report(args, runs: list[dict], command: str) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    command = "python -m benchmarks.fleet " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = ".venv/bin/python benchmarks/fleet.py " + " ".join(argv if argv is not None else sys.argv[1:])
     broker = None
     with tempfile.TemporaryDirectory(prefix="lorabus-fleet-") as tmp:
         workdir = Path(tmp)

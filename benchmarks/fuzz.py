@@ -2,7 +2,7 @@
 control records interleaved with good greedy jobs, one worker, the same invariants as
 tests/test_fuzz_kafka.py, and a summary table for the docs.
 
-    python -m benchmarks.fuzz [--jobs 3000] [--control 500] [--good 200] [--huge 40] [--seed N]
+    .venv/bin/python benchmarks/fuzz.py [--jobs 3000] [--control 500] [--good 200] [--huge 40] [--seed N]
                               [--bootstrap HOST:PORT] [--no-restart] [--json out.json]
 
 The broker is --bootstrap, else $KAFKA_BOOTSTRAP_SERVERS, else a private one started with
@@ -29,10 +29,12 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# The tests' support modules, as pytest reaches them (pyproject.toml: pythonpath = ["tests"]); never the
+# repository root, whose kernels/ would shadow Hugging Face's `kernels` package.
+sys.path.insert(0, str(ROOT / "tests"))
 
-from tests.fuzz_records import run_fuzz, summary  # noqa: E402
-from tests.helpers import PeftOracle, make_peft_adapter  # noqa: E402
+from fuzz_records import run_fuzz, summary  # noqa: E402
+from helpers import PeftOracle, make_peft_adapter  # noqa: E402
 from lorabus.worker.samples import build_tiny_model  # noqa: E402
 
 ADAPTERS = {  # the test suite's three adapters (tests/conftest.py, peft_adapters)

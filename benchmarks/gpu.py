@@ -1,11 +1,11 @@
 """The GPU benchmark in one go: kernels, the decode step's breakdown, and serving at 1/64/512 adapters.
 
-    python -m benchmarks.gpu [--out DIR] [--device cuda] [--quick] [--budget-s 540]
+    .venv/bin/python benchmarks/gpu.py [--out DIR] [--device cuda] [--quick] [--budget-s 540]
 
 Runs, one subprocess each (a part that fails or runs out of time does not stop the others), writing
 each part's markdown and JSON under --out as soon as it ends, then `summary.md` with all of them:
 
-1. kernels: `python -m lorabus.kernels.bench` (LoRA shrink/expand and the paged-attention decode kernel,
+1. kernels: `.venv/bin/python -P -m lorabus.kernels.bench` (LoRA shrink/expand and the paged-attention decode kernel,
    every backend, against the memory roofline);
 2. step: `benchmarks/step.py --device cuda` three times over the small shape, batch 64: the engine as
    configured by default on CUDA (triton attention, CUDA graphs: totals only), without CUDA graphs
@@ -35,23 +35,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _script(name: str) -> list[str]:
+    """A benchmark script run by path: its own folder goes on sys.path, not the repository root."""
+    return [sys.executable, str(ROOT / "benchmarks" / f"{name}.py")]
+
+
 def parts(device: str, quick: bool, out: Path, workdir: str) -> list[tuple[str, list[str], float]]:
     """(name, command, share of the time budget) of each part."""
-    py = [sys.executable, "-m"]
+    # -P: the parts run from the repository root, which must not come first on sys.path (see README).
+    bench = [sys.executable, "-P", "-m", "lorabus.kernels.bench"]
     if quick:
-        kernels = [*py, "lorabus.kernels.bench", "--quick", "--op", "paged_attention_decode"]
+        kernels = [*bench, "--quick", "--op", "paged_attention_decode"]
         step = ["--model-shape", "tiny", "--batch", "4", "--prompt-len", "8", "--repeats", "1", "--steps", "1",
                 "--prefill-prompts", "4", "--prefill-len", "6"]
         serving = ["--model-shape", "tiny", "--adapters", "1", "2", "--jobs", "4", "--repeats", "1",
                    "--prompt-len", "8", "--max-new", "4", "--max-batch", "4", "--systems", "lorabus", "peft-mixed",
                    "--cold-samples", "1"]
     else:
-        kernels = [*py, "lorabus.kernels.bench", "--quick"]
+        kernels = [*bench, "--quick"]
         step = ["--model-shape", "small", "--batch", "64", "--prompt-len", "128", "--repeats", "3", "--steps", "4"]
         serving = ["--model-shape", "small", "--adapters", "1", "64", "512", "--repeats", "3",
                    "--systems", "lorabus", "per-adapter", "peft-mixed", "--baseline-max-adapters", "64",
                    "--cold-samples", "5"]
-    step_cmd = [*py, "benchmarks.step", "--device", device, "--workdir", workdir, *step]
+    step_cmd = [*_script("step"), "--device", device, "--workdir", workdir, *step]
     return [
         ("kernels", [*kernels, "--json", str(out / "kernels.json")], 0.2),
         ("step-default", [*step_cmd, "--json", str(out / "step-default.json")], 0.2),
@@ -59,7 +65,7 @@ def parts(device: str, quick: bool, out: Path, workdir: str) -> list[tuple[str, 
          0.15),
         ("step-torch-attention", [*step_cmd, "--no-cuda-graphs", "--no-prefill", "--attention-backend", "torch",
                                   "--json", str(out / "step-torch-attention.json")], 0.15),
-        ("serving", [*py, "benchmarks.serving", "--device", device, "--no-poisson", "--workdir", workdir, *serving,
+        ("serving", [*_script("serving"), "--device", device, "--no-poisson", "--workdir", workdir, *serving,
                      "--json", str(out / "serving.json")], 0.3),
     ]
 
@@ -67,7 +73,7 @@ def parts(device: str, quick: bool, out: Path, workdir: str) -> list[tuple[str, 
 def checkout_path() -> str | None:
     """A PYTHONPATH entry that makes `lorabus.*` importable from this checkout, when it is not installed:
     a temporary `lorabus/` folder linking the checkout's package folders (as pyproject.toml maps them)."""
-    probe = subprocess.run([sys.executable, "-c", "import lorabus.scheduler"], capture_output=True)
+    probe = subprocess.run([sys.executable, "-P", "-c", "import lorabus.scheduler"], capture_output=True)
     if probe.returncode == 0:
         return None
     shim = Path(tempfile.mkdtemp(prefix="lorabus-path-")) / "lorabus"
@@ -104,7 +110,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [str(ROOT), checkout_path(), os.environ.get("PYTHONPATH")]
+    paths = [checkout_path(), os.environ.get("PYTHONPATH")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
     if args.device == "cpu":
         env.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels' CPU smoke runs interpreted

@@ -1,6 +1,6 @@
 """What zero-padding costs: the same rank-8 adapters served from a pool padded to rank 8 and to rank 64.
 
-`python -m benchmarks.rank_padding [--device cpu|cuda] [--repeats N]`: 16 rank-8 adapters on all seven
+`.venv/bin/python benchmarks/rank_padding.py [--device cpu|cuda] [--repeats N]`: 16 rank-8 adapters on all seven
 projections, 64 jobs of 32 prompt + 32 new tokens, all resident; prints tokens/s per pool rank and the ratio.
 """
 

@@ -1,6 +1,6 @@
 """Side-by-side serving benchmark: lorabus vs per-adapter (PEFT switching) vs merged-model serving.
 
-    python -m benchmarks.serving [--quick] [--json out.json] [--device cpu|cuda] [--model-shape tiny|small|1b]
+    .venv/bin/python benchmarks/serving.py [--quick] [--json out.json] [--device cpu|cuda] [--model-shape tiny|small|1b]
                                  [--model DIR] [--repeats R] [--threads T] [--rate JOBS_PER_S] [--cold-1b] [--warm]
 
 The same job stream — N distinct rank-16 adapters (N = 1, 8, 64, 512; Zipf popularity s=1.1), fixed

@@ -1,6 +1,6 @@
 """One decode step of the engine, phase by phase, next to a plain torch decode loop (the ceiling).
 
-    python -m benchmarks.step [--model DIR] [--model-shape small] [--batch 64] [--prompt-len 128]
+    .venv/bin/python benchmarks/step.py [--model DIR] [--model-shape small] [--batch 64] [--prompt-len 128]
                               [--repeats 5] [--steps 4] [--threads 1] [--prefill-prompts 32]
                               [--prefill-len 16] [--json out.json]
                               [--device cuda] [--attention-backend auto] [--no-cuda-graphs]

@@ -1,6 +1,6 @@
 """Benchmark lora_shrink / lora_expand on 7B-class shapes against the torch references.
 
-    python -m lorabus.kernels.bench [--op all|lora|paged_attention_decode] [--json out.json] [--quick] [--dtype bf16] [--phase all] [--threads 1]
+    .venv/bin/python -P -m lorabus.kernels.bench [--op all|lora|paged_attention_decode] [--json out.json] [--quick] [--dtype bf16] [--phase all] [--threads 1]
                             [--peak-bw BYTES_PER_S] [--peak-flops FLOP_PER_S] [--verbose]
 
 On CPU use --quick: the full shape set (16k-token prefills through the
