@@ -35,6 +35,6 @@ lock: $(UV)
 	  $(LOCK_TARGET) --annotation-style line -o $(LOCK)
 
 # The drift check: the newest versions the bounds allow, in a fresh virtual environment, against the
-# fast suite and one real GGUF conversion; a failure names the packages that differ from the lock.
+# fast suite and one real GGUF conversion; a failure names the package whose upgrade alone breaks it.
 newest: $(UV)
-	$(BIN)/python deploy/check_newest.py --uv $(UV) --lock $(LOCK)
+	$(BIN)/python .ci/newest.py --uv $(UV) --lock $(LOCK)

@@ -187,22 +187,13 @@ class RawHeaderKey(str):
         return self.raw
 
 
-def use_python_record_builder() -> None:
-    """Make every producer in this test process build batches with aiokafka's Python builder, where
-    `RawHeaderKey` is honoured (the C builder encodes keys itself). Called once, before any producer
-    exists (tests/conftest.py): aiokafka asserts a batch's builder class when it sends the batch, so
-    switching classes while producers run (a worker's, in this process) would fail their sends."""
-    from aiokafka.producer import message_accumulator, producer
-    from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
-
-    for module in (message_accumulator, producer):
-        module.DefaultRecordBatchBuilder = _DefaultRecordBatchBuilderPy
-
-
 @contextlib.contextmanager
 def raw_header_keys():
-    """`RawHeaderKey`, for a block of sends with header keys that are not UTF-8 (see
-    `use_python_record_builder`, which makes them possible for the whole test session)."""
+    """`RawHeaderKey`, for a block of sends with header keys that are not UTF-8. Only aiokafka's Python
+    batch builder honours it (the C builder encodes keys itself): `aiokafka_compat.use_python_record_builder`,
+    which tests/conftest.py calls once for the whole session, before any producer exists."""
+    from lorabus.worker.aiokafka_compat import use_python_record_builder
+
     use_python_record_builder()  # idempotent; conftest has done it already
     yield RawHeaderKey
 

@@ -103,7 +103,7 @@ def test_lock_pins_every_declared_dependency_within_its_bounds():
 
 @pytest.mark.lock
 def test_installed_versions_are_the_locked_ones():
-    """What `make install` gives; the newest-versions check (deploy/check_newest.py) leaves this out."""
+    """What `make install` gives; the newest-versions check (.ci/newest.py) leaves this out."""
     different = {}
     for name, version in _lock().items():
         try:

@@ -129,7 +129,7 @@ def test_readable_id_reads_only_a_top_level_string(body, job_id):
 
 
 def test_non_utf8_header_key_is_an_invalid_job():
-    # The Kafka reader hands a non-UTF-8 header key over with surrogate escapes (worker/kafka_records.py).
+    # The Kafka reader hands a non-UTF-8 header key over with surrogate escapes (worker/aiokafka_compat.py).
     with pytest.raises(JobError, match="header key") as err:
         decode_job(_raw(), [(b"x-\xff".decode("utf-8", "surrogateescape"), b"v")])
     assert err.value.job_id == "j-1"

@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.admin import AIOKafkaAdminClient
 
 from lorabus.schemas import DECODE_ERRORS, ControlEvent, JobResult, WorkerStatus, decode_result, decode_status, encode
-from lorabus.worker import kafka_records
+from lorabus.worker.aiokafka_compat import install_tolerant_records
 from lorabus.worker.control_log import ControlLog, SkippedRecord, control_key, key_text, read_record
 from lorabus.worker.kafka_security import KafkaSecurity, client_options
 
@@ -45,7 +45,7 @@ async def _read_to_end(bootstrap: str, topic: str, timeout_s: float,
         parts = await topic_partitions(bootstrap, topic, wait_s=0, security=security)
     except LookupError:
         return [], 0
-    kafka_records.install()  # any producer may have written here: a bad header key must not stop the read
+    install_tolerant_records()  # any producer may have written here: a bad header key must not stop the read
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
                                 **client_options(security))
     try:

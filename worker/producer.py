@@ -18,7 +18,7 @@ producer/message_accumulator.py, reproduced against Kafka 4.4):
 * While a partition has no known leader (the broker went away mid-shutdown, or is restarting),
   aiokafka's sender refreshes metadata in a loop without any pause; with the broker down each
   refresh fails at once: measured ~8,000 refreshes/s, a busy CPU core and an ERROR line each.
-  `_throttle_metadata` spaces refreshes after a failed one.
+  Each producer gets `aiokafka_compat.throttle_metadata`, which spaces refreshes after a failed one.
 * aiokafka logs a WARNING/ERROR per reconnect and metadata attempt; starting a producer installs
   `logs.limit_aiokafka_logs()`, which rate-limits those by message template.
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import random
 import re
@@ -39,6 +38,7 @@ from typing import Callable, NamedTuple
 from aiokafka import AIOKafkaProducer
 from aiokafka import errors as E
 
+from lorabus.worker.aiokafka_compat import force_close_producer, throttle_metadata
 from lorabus.worker.logs import limit_aiokafka_logs
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,6 @@ STOP_TIMEOUT_S = 10.0
 # A topic absent from a successful metadata refresh is looked up once more after this delay (a
 # topic just created can be briefly absent) before the send is refused.
 MISSING_TOPIC_RECHECK_S = 0.5
-
-# A metadata refresh that follows a failed one waits this long (see _throttle_metadata).
-METADATA_RETRY_S = 0.25
 
 # Dead letters refused as too large are resent with their value cut to this size: well under the
 # broker's default max.message.bytes (1 MiB), leaving room for the key and headers.
@@ -163,36 +160,9 @@ def _retrieve(fut: asyncio.Future) -> None:
         fut.exception()
 
 
-def _throttle_metadata(producer: AIOKafkaProducer) -> AIOKafkaProducer:
-    """Make a metadata refresh requested within METADATA_RETRY_S of a failed one wait out the rest
-    of that delay (resolving False, as a failed refresh does) instead of starting at once. The
-    sender awaits that future, so its no-leader loop runs a few times a second, not thousands."""
-    client = producer.client
-    refresh = client.force_metadata_update
-    failed_at = -METADATA_RETRY_S
-
-    def noted(fut: asyncio.Future) -> None:
-        nonlocal failed_at
-        if not fut.cancelled() and fut.exception() is None and not fut.result():
-            failed_at = time.monotonic()
-
-    def force_metadata_update():
-        wait = failed_at + METADATA_RETRY_S - time.monotonic()
-        if wait > 0:
-            fut = asyncio.get_running_loop().create_future()
-            asyncio.get_running_loop().call_later(wait, lambda: fut.done() or fut.set_result(False))
-            return fut
-        fut = refresh()
-        fut.add_done_callback(noted)
-        return fut
-
-    client.force_metadata_update = force_metadata_update   # the sender calls it on this object
-    return producer
-
-
 async def close_producer(producer: AIOKafkaProducer, timeout: float | None) -> None:
     """Flush and close; after `timeout` (or if cancelled) drop what is left unsent (aiokafka has
-    no close-without-flush, so its last steps are done here: sender task cancelled, client closed)."""
+    no close-without-flush: aiokafka_compat.force_close_producer does its last steps)."""
     flushed = False
     try:
         await asyncio.wait_for(producer.stop(), timeout)
@@ -201,13 +171,7 @@ async def close_producer(producer: AIOKafkaProducer, timeout: float | None) -> N
         log.debug("producer close: %r; dropping its unsent records", exc)
     finally:
         if not flushed:
-            task = getattr(getattr(producer, "_sender", None), "sender_task", None)
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await asyncio.wait_for(task, STOP_TIMEOUT_S)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(producer.client.close(), STOP_TIMEOUT_S)
+            await force_close_producer(producer, STOP_TIMEOUT_S)
 
 
 class ResultProducer:
@@ -245,7 +209,7 @@ class ResultProducer:
     async def start(self) -> None:
         """Connect once; errors propagate (a worker should not start without its broker)."""
         limit_aiokafka_logs()
-        producer = _throttle_metadata(self.factory(**self.options))
+        producer = throttle_metadata(self.factory(**self.options))
         try:
             await producer.start()
         except BaseException:
@@ -453,7 +417,7 @@ class ResultProducer:
         retiring.add_done_callback(self._retiring.discard)
         delay = BACKOFF_FIRST_S
         while not self._halt.done():
-            producer = _throttle_metadata(self.factory(**self.options))
+            producer = throttle_metadata(self.factory(**self.options))
             starting = asyncio.ensure_future(producer.start())
             try:
                 if not await self._until(starting):

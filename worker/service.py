@@ -31,9 +31,10 @@ from lorabus.scheduler import AdapterSpec, Completion, Engine, Request
 from lorabus.scheduler.adapter_manager import mix_spec
 from lorabus.schemas import (AdapterActivate, AdapterPublish, AdapterWarm, Job, JobError, JobResult, decode_job,
                              encode, error_result)
-from lorabus.worker import kafka_records, logs
+from lorabus.worker import logs
 from lorabus.worker.adapter_paths import AdapterPathError, confine_adapter_path
 from lorabus.worker.affinity import HomeAdapters, adapter_hint
+from lorabus.worker.aiokafka_compat import finish_consumer_stop, install_tolerant_records
 from lorabus.worker.client import topic_partitions
 from lorabus.worker.config import WorkerConfig
 from lorabus.worker.kafka_security import client_options
@@ -150,7 +151,7 @@ class Worker:
 
     async def run(self) -> None:
         cfg = self.config
-        kafka_records.install()
+        install_tolerant_records()
         self._loop = asyncio.get_running_loop()
         if cfg.metrics_port >= 0:
             try:
@@ -749,17 +750,13 @@ async def _bounded(what: str, closing, timeout_s: float = CLOSE_TIMEOUT_S) -> No
 async def _stop_consumer(consumer: AIOKafkaConsumer) -> None:
     """consumer.stop(), finished by hand when aiokafka 0.14 aborts it halfway: while the broker is away its
     fetcher's close re-raises the CancelledError of a fetch task it cancelled itself, before the other
-    tasks and the client are closed. Our own cancellation is passed on."""
+    tasks and the client are closed (aiokafka_compat.finish_consumer_stop). Our own cancellation is passed on."""
     try:
         await consumer.stop()
     except asyncio.CancelledError:
         if asyncio.current_task().cancelling():
             raise
-        pending = list(getattr(consumer._fetcher, "_pending_tasks", ()))
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        await consumer._client.close()
+        await finish_consumer_stop(consumer)
 
 
 def _prompt_text(job: Job) -> str | None:

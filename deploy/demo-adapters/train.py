@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Train the demo's LoRA adapters on SmolLM2-135M-Instruct with PEFT, on CPU, in a few minutes.
 
-    python deploy/demo-adapters/train.py                 # all adapters, then the check below
-    python deploy/demo-adapters/train.py pirate          # one of them
-    python deploy/demo-adapters/train.py --check-only    # only the check: greedy answers, base vs adapters
+    .venv/bin/python deploy/demo-adapters/train.py                 # all adapters, then the check below
+    .venv/bin/python deploy/demo-adapters/train.py pirate          # one of them
+    .venv/bin/python deploy/demo-adapters/train.py --check-only    # only the check: greedy answers, base vs adapters
 
 Each adapter learns from the tiny hand-written set in data.py: every example is rendered with the model's
 chat template (the user's message, no system message, so the template's default system prompt, exactly as a
