@@ -65,8 +65,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.serving import RANK, build_assets, machine, model_assets, zipf_choice
 from lorabus.scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling serving.py, also under -P / PYTHONSAFEPATH
+from serving import RANK, build_assets, machine, model_assets, zipf_choice  # noqa: E402
 
 VARIANTS = ("base", "1 adapter", "64 adapters")
 CEILINGS = {"base": "plain", "1 adapter": "plain + 1 LoRA", "64 adapters": "plain + stacked LoRA"}
