@@ -4,7 +4,8 @@ Like vLLM's LoRA model manager. `AdapterManager` sizes and holds the device pool
 the LoRA kernels read) and the host cache (`HostAdapterCache`, parsed adapters in LRU order), knows which
 adapters are registered (`AdapterSpec`), runs the loader thread that reads adapters from disk and writes
 them into slots while steps run, reports finished loads to the step loop (`LoadDone`), remembers the
-adapters that failed to load (their later jobs are answered at once), drops what it cached of an adapter
+adapters that failed to load (their later jobs are answered at once, until a warm-up tries the disk again
+or a load succeeds: a file restored makes its adapter loadable), drops what it cached of an adapter
 re-published with new content, and builds the dummy job that warms an adapter up. A weighted mix of
 adapters (`mix_spec`) is an adapter like any other, keyed by its canonical mix key: the loader builds it
 from its members' weights (through the host cache) with `combine_adapters`, and re-publishing a member
@@ -12,7 +13,10 @@ drops whatever was cached or loaded of every mix that contains it. Which adapter
 holds is the scheduling policy's call (`AdapterSlots` in scheduler/policy.py); the manager loads what it
 is handed.
 
-Threads: `register` and `knows` from any thread; `_load_loop` on the loader thread; the rest on the step thread.
+Every read from disk verifies the file afresh (scheduler/adapters.py): the host cache holds copies the
+worker owns, so an adapter evicted from it and loaded again is checked against its published sha256 again.
+
+Threads: `register`, `knows` and `retry` from any thread; `_load_loop` on the loader thread; the rest on the step thread.
 """
 
 from __future__ import annotations
@@ -101,6 +105,10 @@ class HostAdapterCache:
         with self._lock:
             self._items.pop(spec, None)
 
+    def __contains__(self, spec: AdapterSpec) -> bool:  # a look that leaves the LRU order as it is
+        with self._lock:
+            return spec in self._items
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -152,6 +160,10 @@ class AdapterManager:
     def spec(self, key: str) -> AdapterSpec | None:
         """The registered spec of `key` (what a mix of it is built from)."""
         return self._specs.get(key)
+
+    def retry(self, key: str) -> None:
+        """Forget that `key` failed to load, so its next load reads the disk again (its file may be fixed)."""
+        self._errors.pop(key, None)
 
     # ---- the loader thread ------------------------------------------------------------------------
 
@@ -223,7 +235,17 @@ class AdapterManager:
             stale = self._specs.get(spec.key) != spec
             if error is not None and not stale:
                 self._errors[spec.key] = error
+            elif error is None:
+                self._loaded_again(spec.key)
             done.append(LoadDone(spec.key, slot, error, stale))
+
+    def _loaded_again(self, key: str) -> None:
+        """`key` loaded: forget its failure, and let every failed mix with it as a member be built again."""
+        self._errors.pop(key, None)
+        for failed in list(self._errors):  # only failures, usually none; list() in one step: register may pop
+            spec = self._specs.get(failed) if failed.startswith(MIX_PREFIX) else None
+            if spec is not None and any(member.key == key for member, _ in spec.members):
+                self._errors.pop(failed, None)
 
     def load_error(self, key: str) -> str | None:
         return self._errors.get(key)

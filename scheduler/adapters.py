@@ -12,6 +12,12 @@ to the pool's dtype), a non-numeric or non-finite alpha, a rank that is not a po
 differs from what the config declares), and a scale that is not finite in float32 (the pool's scale
 dtype) are refused, because a NaN in a pool slot reaches every token of every job on that adapter.
 
+The weights file is read once into memory this process owns, never memory-mapped: a file truncated or
+overwritten in place later (`cp`, `rsync --inplace`) cannot reach tensors built from it (a mapped page
+of a truncated file kills the process with SIGBUS when touched). A published sha256 is checked against
+those same bytes, so what is verified is what is served; the read is bounded by the largest file that
+could hold a valid adapter for the model (`max_weights_file_bytes`).
+
 `combine_adapters` builds a weighted mix of adapters as one adapter of concatenated rank, whose update
 is exactly the weighted sum of the members' updates (no merge into the base, no SVD truncation).
 """
@@ -21,12 +27,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 
 from lorabus.scheduler.arch import ModelShapes  # noqa: F401 (read_adapter's parameter type; importable from here as before)
 
@@ -48,6 +56,12 @@ _UNSUPPORTED = {
     "alora_invocation_tokens": (None, []),
 }
 
+
+# Bounds on a valid weights file: safetensors' own limit on its JSON header (MAX_HEADER_SIZE in the
+# safetensors crate), its 8-byte header length, and the widest floating-point element it stores (F64).
+SAFETENSORS_MAX_HEADER_BYTES = 100_000_000
+SAFETENSORS_LENGTH_BYTES = 8
+WIDEST_ELEMENT_BYTES = 8
 
 # The pool keeps scales in float32 (scheduler/lora.py): a scale must be finite there.
 SCALE_DTYPE = torch.float32
@@ -127,6 +141,34 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def max_weights_file_bytes(shapes: ModelShapes, max_rank: int) -> int:
+    """The size of the largest safetensors file that could hold a valid adapter for this model: every
+    target of every layer at `max_rank` in the widest float, plus the largest header the format allows."""
+    elements = 0
+    for slices in shapes.targets.values():
+        d_in = shapes.projections[slices[0]][0]
+        d_out = sum(shapes.projections[slice_][1] for slice_ in slices)
+        elements += max_rank * (d_in + d_out)
+    return (SAFETENSORS_LENGTH_BYTES + SAFETENSORS_MAX_HEADER_BYTES
+            + shapes.num_layers * elements * WIDEST_ELEMENT_BYTES)
+
+
+def read_owned_bytes(key: str, path: Path, limit: int) -> bytes:
+    """The whole file, copied into this process's memory: refused unless a regular file of at most `limit` bytes."""
+    try:
+        # Non-blocking: a FIFO put in the file's place must not hang the loader thread in open().
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise AdapterLoadError(f"{key}: {path.name} is not a regular file")
+            data = fh.read(limit + 1)  # one byte more than allowed tells a file that is too large
+    except OSError as exc:  # deleted or replaced since it was found
+        raise AdapterLoadError(f"{key}: unreadable {path.name}: {exc}") from None
+    if len(data) > limit:
+        raise AdapterLoadError(f"{key}: {path.name} is over {limit} bytes, larger than any adapter for this "
+                               "model up to the pool's max rank can be")
+    return data
+
+
 def read_adapter(
     key: str, path: str | Path, shapes: ModelShapes, max_rank: int, dtype: torch.dtype, sha256: str | None = None
 ) -> AdapterWeights:
@@ -139,8 +181,12 @@ def read_adapter(
         if (root / "adapter_model.bin").exists():
             raise AdapterLoadError(f"{key}: pickled adapter_model.bin is refused; save it with safetensors")
         raise AdapterLoadError(f"{key}: no adapter_model.safetensors in {root}")
-    if sha256 is not None and file_sha256(weights_path) != sha256.lower():
-        raise AdapterLoadError(f"{key}: sha256 of adapter_model.safetensors does not match the published one")
+    data = read_owned_bytes(key, weights_path, max_weights_file_bytes(shapes, max_rank))
+    if sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256.lower():
+            raise AdapterLoadError(f"{key}: sha256 of adapter_model.safetensors ({len(data)} bytes read, sha256 "
+                                   f"{actual}) does not match the published one")
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as exc:
@@ -156,13 +202,14 @@ def read_adapter(
     _check_numbers(key, config)
 
     try:
-        tensors = load_file(str(weights_path))
+        tensors = load_safetensors(data)  # tensors over copies of `data`'s bytes: nothing maps the file
     except Exception as exc:  # safetensors raises several types for corrupt files
         raise AdapterLoadError(f"{key}: unreadable adapter_model.safetensors: {exc}") from None
+    del data  # the tensors hold their own copies: free the file's bytes before the casts below
 
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     module_names: dict[tuple[int, str], str] = {}
-    for name, tensor in tensors.items():
+    for name, tensor in sorted(tensors.items()):  # by name, as safe_open lists them: the same first error each time
         match = _KEY.search(name)
         if match is None:
             raise AdapterLoadError(f"{key}: unsupported tensor {name!r} (only LoRA on decoder projections)")

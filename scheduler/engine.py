@@ -230,7 +230,9 @@ class Engine:
 
     def warm(self, key: str, on_done: Callable[[Completion], None]) -> None:
         """Load an adapter and run one dummy step on it, so live traffic never pays its first-step costs.
-        The warm-up is a job like any other: stop() drains or answers it."""
+        The warm-up is a job like any other: stop() drains or answers it. It tries the disk again even
+        when the adapter failed to load before (its file may have been restored since)."""
+        self.adapters.retry(key)
         self.submit(warmup_request(key), on_done)
 
     def generate(self, request: Request, timeout: float | None = None) -> Completion:

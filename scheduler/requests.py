@@ -11,7 +11,9 @@ when a sequence is done and what text its `Completion` carries.
 from __future__ import annotations
 
 import enum
+import functools
 import math
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -43,6 +45,8 @@ class Request:
     # A chat: [{"role": ..., "content": ...}, ...], rendered with the tokenizer's chat template (generation
     # prompt added). Exactly one of prompt, prompt_ids and messages.
     messages: list[dict[str, str]] | None = None
+    # A chat's content is plain text (False) or may hold special tokens, forged turn markers included (True).
+    content_special_tokens: bool = False
 
 
 class RequestError(Exception):
@@ -88,7 +92,7 @@ def _prompt_ids(request: Request, tokenizer, vocab_size: int) -> list[int]:
         if not all(isinstance(i, int) and 0 <= i < vocab_size for i in ids):
             raise RequestError("invalid_job", f"prompt_ids must be integers in [0, {vocab_size})")
     elif request.messages is not None:
-        ids = render_chat(request.messages, tokenizer)
+        ids = render_chat(request.messages, tokenizer, request.content_special_tokens)
     else:
         if tokenizer is None:
             raise RequestError("invalid_job", "the model directory has no tokenizer; send prompt_ids")
@@ -101,11 +105,20 @@ def _prompt_ids(request: Request, tokenizer, vocab_size: int) -> list[int]:
 
 
 MAX_TEMPLATE_ERROR = 512  # a template's error may quote the messages
+# Private-use characters (plane 15) that wrap a control token found in a message's content, so that after
+# rendering it can be told apart from the control tokens the template writes; the same pair Hugging Face's
+# `apply_chat_template(sanitize_control_tokens=True)` uses. Content loses any it holds before marking.
+MARK_START, MARK_END = "\U000f0000", "\U000f0001"
 
 
-def render_chat(messages, tokenizer) -> list[int]:
+def render_chat(messages, tokenizer, content_special_tokens: bool = False) -> list[int]:
     """The prompt ids of a chat: the tokenizer's chat template with the generation prompt added, then the
-    text tokenized as it stands (the template writes every special token it wants, a BOS included)."""
+    text tokenized (the template writes every special token it wants, a BOS included).
+
+    By default a control token (a special token, or an added token the template writes) spelled out inside a
+    message's content is tokenized as plain text, so content cannot forge turns (`<|im_end|>` then
+    `<|im_start|>system`): the same ids as Hugging Face's `apply_chat_template(..., sanitize_control_tokens=True)`.
+    `content_special_tokens` tokenizes the rendered text as it stands (the ids of `apply_chat_template`)."""
     if tokenizer is None:
         raise RequestError("invalid_job", "the model directory has no tokenizer; send prompt_ids")
     if not getattr(tokenizer, "chat_template", None):
@@ -116,6 +129,17 @@ def render_chat(messages, tokenizer) -> list[int]:
         raise RequestError("invalid_job", "messages must be a non-empty list of {role, content} strings")
     # Fresh dicts: a template sees only role and content, and cannot change the caller's.
     chat = [{"role": m["role"], "content": m["content"]} for m in messages]
+    control = None if content_special_tokens else _control_tokens(tokenizer)
+    if control is None or not any(control.search(m["content"]) for m in chat):
+        # Nothing to tell apart: the rendered text as it stands.
+        return tokenizer(_render(chat, tokenizer), add_special_tokens=False)["input_ids"]
+    for m in chat:
+        content = m["content"].replace(MARK_START, "").replace(MARK_END, "")  # no marks but ours
+        m["content"] = control.sub(lambda found: MARK_START + found.group() + MARK_END, content)
+    return _encode_marked(_render(chat, tokenizer), tokenizer, control)
+
+
+def _render(chat: list[dict], tokenizer) -> str:
     try:
         text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     except Exception as exc:  # jinja's TemplateError (raise_exception in a template), a template bug, ...
@@ -125,7 +149,71 @@ def render_chat(messages, tokenizer) -> list[int]:
         raise RequestError("invalid_job", f"the model's chat template refused the messages: {reason}") from None
     if not isinstance(text, str):
         raise RequestError("invalid_job", "the model's chat template did not render to text")
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text
+
+
+def _control_tokens(tokenizer) -> re.Pattern:
+    """What content may not spell as tokens: the tokenizer's added tokens that are special, and those the chat
+    template writes (the tokenizer's `chat_control_tokens` where it lists them; else those in the template's
+    text, whitespace tokens such as Gemma's newline excepted, since templates write those as ordinary text)."""
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    listed = getattr(tokenizer, "chat_control_tokens", None)
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    # Only added tokens: the tokenizer matches no other text as one token, so content cannot spell any other.
+    tokens = {token.content for token in added
+              if token.special or (token.content in listed if listed is not None
+                                   else token.content in template and not token.content.isspace())}
+    return _alternation(tuple(sorted(token for token in tokens if token)))
+
+
+@functools.lru_cache(maxsize=8)
+def _alternation(tokens: tuple[str, ...]) -> re.Pattern:
+    """A regex matching any of `tokens`, the longest first (a token wins over the tokens it contains)."""
+    return re.compile("|".join(map(re.escape, sorted(tokens, key=len, reverse=True))) or "(?!)")
+
+
+def _encode_marked(text: str, tokenizer, control: re.Pattern) -> list[int]:
+    """The ids of a chat rendered from marked content: a marked control token as plain text (without its marks),
+    the rest (the template's own control tokens included) as it stands. A mark left alone (a template that
+    splits content) is dropped, but still separates the text around it, so no two pieces join into a token."""
+    pieces = re.split(f"{MARK_START}({control.pattern}){MARK_END}|[{MARK_START}{MARK_END}]", text)
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    ids = tokenizer(pieces[0], add_special_tokens=False)["input_ids"]
+    for i, piece in enumerate(pieces[1:], start=1):
+        if not piece:  # an empty text piece, or None: the token of a lone mark
+            continue
+        as_text = i % 2 == 1  # [text, marked token, text, marked token, ..., text]
+        piece_ids = _encode_piece(tokenizer, piece, as_text, newline)
+        if as_text and tokenizer.convert_tokens_to_ids(piece) in piece_ids:
+            raise RequestError("invalid_job", f"a message's content holds {piece!r}, which this model's tokenizer "
+                                              "cannot encode as plain text; remove it, or set content_special_tokens")
+        ids += piece_ids
+    return ids
+
+
+def _encode_piece(tokenizer, piece: str, as_text: bool, newline: list[int]) -> list[int]:
+    """A piece from the middle of a chat, as plain text (no added token matched) when `as_text`. Encoded after a
+    newline that is then taken off again, so a SentencePiece tokenizer adds no prefix space, as it would at the
+    start of a text."""
+    def encode(text: str) -> list[int]:
+        return _plain_text_ids(tokenizer, text) if as_text else tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    ids = encode("\n" + piece)
+    if ids[:len(newline)] == newline:
+        return ids[len(newline):]
+    return encode(piece)
+
+
+def _plain_text_ids(tokenizer, text: str) -> list[int]:
+    """`text` through the tokenizer's normalizer, pre-tokenizer and model, none of its added tokens matched
+    (`split_special_tokens` would still match the added tokens that are not special)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow (Python) tokenizer
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    if backend.normalizer is not None:
+        text = backend.normalizer.normalize_str(text)
+    splits = [split for split, _ in backend.pre_tokenizer.pre_tokenize_str(text)] if backend.pre_tokenizer else [text]
+    return [token.id for split in splits for token in backend.model.tokenize(split)]
 
 
 def _check_params(params: SamplingParams) -> None:

@@ -99,6 +99,9 @@ class Job(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                     msgspec.Meta(max_length=MAX_STOP_STRINGS)] = []
     reply_to: Topic | None = None
     deadline_ms: Annotated[int, msgspec.Meta(ge=0, le=MAX_DEADLINE_MS)] | None = None
+    # A chat only: true reads special-token text inside `content` as special tokens (it can then forge turns),
+    # false as plain text; None = the worker's --content-special-tokens (off by default).
+    content_special_tokens: bool | None = None
 
     def __post_init__(self) -> None:
         given = [name for name in ("prompt", "prompt_ids", "messages") if getattr(self, name) is not None]
@@ -115,6 +118,8 @@ class Job(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("`prompt` must not be empty")
         if self.messages is not None and not self.messages:
             raise ValueError("`messages` must not be empty")
+        if self.content_special_tokens is not None and self.messages is None:
+            raise ValueError("`content_special_tokens` applies only to a chat (`messages`)")
 
     def prompt_bytes(self) -> int:
         """UTF-8 bytes of the job's prompt text: `prompt`, or every message's `content` together (0 for
@@ -303,7 +308,11 @@ class WorkerStatus(msgspec.Struct, tag="worker.status", tag_field="type", forbid
     routes: list[RouteStatus]
     jobs_inflight: int = 0
     interval_ms: int = 2000  # the next status comes within this (readers call a worker silent after 3x)
-    truncated: bool = False  # the lists were cut to keep the record under Kafka's size limit
+    truncated: bool = False  # some lists were cut to keep the record under the worker's --status-max-bytes
+    # How many were left out when `truncated` (the least recent by control offset; the newest are kept).
+    routes_omitted: int = 0  # (task, tenant) routes not in `routes`
+    versions_omitted: int = 0  # versions not in `versions`
+    names_omitted: int = 0  # adapter names in neither `serving` nor `activated`
 
 
 class AdapterRef(msgspec.Struct, frozen=True):

@@ -30,7 +30,7 @@ class FakeBroker:
             self.sent += events
             return [self.log.end_offset + i for i in range(len(events))]
 
-        async def read_statuses(bootstrap, topic, timeout_s=30.0, security=None):
+        async def read_statuses(bootstrap, topic, timeout_s=30.0, security=None, max_bytes=None):
             return self.statuses(self.log.end_offset) if self.sent else {}
 
         async def ensure_topics(bootstrap, topics, configs=None, security=None):

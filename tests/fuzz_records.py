@@ -56,6 +56,7 @@ from helpers import RawHeaderKey, raw_header_keys
 # ---- what the generators know about the deployment ------------------------------------------------
 
 PRIVATE_TENANTS = ("acme",)
+REPLY_TENANTS = ("acme",)  # the only tenants the worker lets reply_to the Target's reply_topic (--reply-topic)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,8 +283,10 @@ def _base_outcome(job: dict, t: Target, now_ms: int) -> tuple[set, bool]:
     if (prompt is None) == (ids is None):
         codes.add("invalid_job"), must.append(True)
     reply = job.get("reply_to")
-    if reply is not None and reply not in (t.results_topic, t.reply_topic):
-        codes.add("invalid_job"), must.append(True)
+    if reply is not None and not (isinstance(reply, str) and re.fullmatch(r"[A-Za-z0-9._-]{1,249}", reply)):
+        codes.add("invalid_job"), must.append(True)  # not a topic name
+    elif reply is not None and reply != t.results_topic and not (reply == t.reply_topic and tenant in REPLY_TENANTS):
+        codes.add("forbidden"), must.append(True)  # README "Trust boundaries": only topics allowed to the tenant
     mnt = job.get("max_new_tokens", 64)
     limit = t.max_model_len
     if ids is not None:
@@ -1216,6 +1219,7 @@ async def run_fuzz(kafka: str, model_dir: Path, adapters: dict[str, Path], workd
 
     config = worker_config(kafka, model_dir, worker_id="fuzz-1")
     reply_topic = config.results_topic.replace("results-", "replies-")
+    config = dataclasses.replace(config, reply_topic=[f"{tenant}={reply_topic}" for tenant in REPLY_TENANTS])
     await ensure_topics(kafka, {reply_topic: 1})
     model_config = AutoConfig.from_pretrained(model_dir)
     names = sorted(adapters)

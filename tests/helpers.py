@@ -298,3 +298,21 @@ async def end_offset(bootstrap: str, topic: str) -> int:
         return (await consumer.end_offsets([tp]))[tp]
     finally:
         await consumer.stop()
+
+
+async def publish_control_bulk(bootstrap: str, topic: str, events: list) -> None:
+    """Send many control events fast (batched, not one round trip each), each under its canonical key, in
+    order: what a large fleet's control log looks like to a worker that starts on it."""
+    from aiokafka import AIOKafkaProducer
+
+    from lorabus.schemas import encode
+    from lorabus.worker.control_log import control_key
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=20,
+                                max_batch_size=1 << 20)
+    await producer.start()
+    try:
+        sent = [await producer.send(topic, encode(event), key=control_key(event).encode()) for event in events]
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()

@@ -22,7 +22,7 @@ async def test_bad_records_are_answered_or_dead_lettered(kafka, tiny_model, peft
     pickled.mkdir()
     (pickled / "adapter_config.json").write_text((peft_adapters["qv-r4"] / "adapter_config.json").read_text())
     (pickled / "adapter_model.bin").write_bytes(b"not really a pickle")
-    config = worker_config(kafka, tiny_model)
+    config = worker_config(kafka, tiny_model, reply_topic=["acme=no-such-topic"])  # allowed, but never created
     answered = {  # job id → (record value, expected error code or None for ok)
         "schema": (json.dumps(_job("schema", max_new_tokens="many")), "invalid_job"),
         "unknown-field": (json.dumps(_job("unknown-field", max_tokens=3)), "invalid_job"),

@@ -149,6 +149,15 @@ def test_bad_environment_value_spares_help_and_names_the_variable(lorabus):
     assert rc == 2 and one_line(err).startswith("lorabus worker: --device 'tpu'")
 
 
+@pytest.mark.parametrize("flag,value,message", [
+    ("--max-warmups", "0", "--max-warmups 0: use 1 or more (a worker must load what serves)"),
+    ("--ready-max-loop-lag-ms", "0", "--ready-max-loop-lag-ms 0: use 1 or more"),
+])
+def test_start_up_settings_out_of_range(lorabus, flag, value, message):
+    rc, _, err, _ = lorabus("worker", flag, value)
+    assert rc == 2 and one_line(err) == f"lorabus worker: {message}"
+
+
 def test_bad_log_format_and_level(lorabus):
     rc, _, err, _ = lorabus("worker", "--log-format", "xml")
     assert rc == 2 and one_line(err) == "lorabus worker: --log-format 'xml': not a log format; use text or json"

@@ -563,3 +563,125 @@ def test_a_route_to_an_unpublished_version_answers_adapter_not_found():
     with pytest.raises(JobError) as err:
         registry.resolve_job(job(task="ghost"))
     assert err.value.code == "adapter_not_found" and "fin@v9" in err.value.message
+
+
+# ---- incremental resolution: the same answers, each change paid once --------------------------------
+
+def reference_to_load(log: ControlLog, health: AdapterHealth) -> list[str]:
+    """to_load derived from scratch over every name and route key (the registry keeps it incrementally)."""
+    registry = AdapterRegistry(log, health)
+    wanted: list[str] = []
+    for name in log.names():
+        for version in log.candidates(name):
+            state = health.state(f"{name}@{version}")
+            if state is FAILED:
+                continue
+            if state is None:
+                wanted.append(f"{name}@{version}")
+            break
+    for task, tenant in log.route_keys():
+        for r in log.routes(task, tenant):
+            states = {ref: registry._target_state(ref) for target in r.targets for ref in target.versions()}
+            if FAILED in states.values():
+                continue
+            wanted += [ref for ref, state in states.items() if state is None]
+            break
+    return list(dict.fromkeys(wanted))
+
+
+def _views(log: ControlLog) -> dict:
+    view: dict = {"names": log.names(), "route_keys": log.route_keys()}
+    for name in NAMES:
+        view["candidates", name] = log.candidates(name)
+        view["activated", name] = log.activated(name)
+    for task in TASKS:
+        for tenant in TENANTS:
+            view["routes", task, tenant] = ids(log.routes(task, tenant))
+    return view
+
+
+def test_incremental_state_equals_a_derivation_from_scratch_after_any_events_and_loads():
+    asked = Counter()
+    for seed in range(60):
+        _check_incremental_state(random.Random(seed), asked)
+    # The histories exercised what the incremental state keeps (so the equality is not trivially true).
+    assert all(asked[k] >= 20 for k in ("name wants", "route wants", "several versions", "failed")), asked
+
+
+def _check_incremental_state(rng: random.Random, asked: Counter) -> None:
+    """One long-lived log and registry, asked after most steps (so their caches are used and must be
+    dropped at the right time), against a log folded afresh and to_load derived from scratch."""
+    records = random_history(rng.choice, 60)
+    health = AdapterHealth()
+    log = ControlLog()
+    registry = AdapterRegistry(log, health)
+    for i, record in enumerate(records):
+        if record.event is None:
+            log.clear(record.offset, record.key)
+        else:
+            log.apply(record.offset, record.event)
+        for _ in range(rng.randrange(3)):  # loads start, finish, fail, or are forgotten meanwhile
+            ref, state = rng.choice(REFS), rng.choice(HEALTH_STATES)
+            if state is None:
+                health.forget(ref)
+            else:
+                health.set(ref, state, f"{ref}: boom" if state is FAILED else None)
+        if rng.random() < 0.7:  # not after every step: changes pile up between questions too
+            fresh = fold_records(records[:i + 1])
+            assert _views(log) == _views(fresh), records[:i + 1]
+            assert registry.to_load() == reference_to_load(fresh, health), (records[:i + 1], health.states)
+            assert health.loading == {k for k, s in health.states.items() if s is LOADING}
+            asked["name wants"] += bool(registry._wanted_by_name)
+            asked["route wants"] += any(registry._wanted_by_route.values())
+            asked["several versions"] += any(len(log.candidates(n)) > 1 for n in NAMES)
+            asked["failed"] += FAILED in health.states.values()
+
+
+def _count_candidate_reads(log: ControlLog) -> Counter:
+    reads = Counter()
+    for method in ("candidates", "candidate_order"):
+        original = getattr(log, method, None)
+        if original is None:  # the code before issue 20 had only candidates()
+            continue
+
+        def counted(name, _original=original):
+            reads[name] += 1
+            return _original(name)
+        setattr(log, method, counted)
+    return reads
+
+
+def test_a_burst_of_loads_reads_each_name_a_bounded_number_of_times():
+    """Start-up with N names: every load that finishes asks to_load again. Each answer may look only at what
+    changed: O(N) name reads in all, not O(N) per load (the quadratic start-up of issue 20, R1)."""
+    names = 400
+    log = fold(*[publish(f"a{i}", "v1") for i in range(names)], *[publish(f"a{i}", "v2") for i in range(names)])
+    health = AdapterHealth()
+    registry = AdapterRegistry(log, health)
+    reads = _count_candidate_reads(log)
+    first = registry.to_load()
+    assert first == [f"{name}@v1" for name in sorted(f"a{i}" for i in range(names))]  # by name
+    for key in first:
+        health.set(key, LOADING)
+    assert registry.to_load() == []
+    for i, key in enumerate(first):
+        health.set(key, FAILED if i % 2 else READY, "boom" if i % 2 else None)
+        wanted = registry.to_load()
+        assert wanted == ([key.replace("@v1", "@v2")] if i % 2 else [])  # a failed v1: v2 is next
+        for extra in wanted:
+            health.set(extra, LOADING)
+    assert max(reads.values()) <= 6 and sum(reads.values()) <= 6 * names, reads.most_common(3)
+
+
+def test_a_name_with_many_versions_is_ordered_once_per_change_not_per_question():
+    log = fold(*[publish("fin", f"v{i}") for i in range(3000)], activate("fin", "v7"))
+    registry = AdapterRegistry(log, health_of({"fin@v7": READY}))
+    order = log.candidate_order("fin")
+    for _ in range(100):  # jobs by name, and the status' questions: all read the order kept
+        assert registry.serving("fin") == "v7" and log.activated("fin") == "v7"
+        assert registry.knows_job(job(adapter="fin")) and log.candidate_order("fin") is order
+    log.apply(log.end_offset, activate("fin", "v9"))  # a change: ordered again, once
+    again = log.candidate_order("fin")
+    assert again is not order and again[:3] == ("v9", "v7", "v0") and log.activated("fin") == "v9"
+    assert registry.serving("fin") == "v7" and log.candidate_order("fin") is again
+    assert log.candidates("fin") == list(again) and log.candidates("fin") is not log.candidates("fin")

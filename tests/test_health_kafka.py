@@ -1,7 +1,7 @@
 """The metrics port of an in-process worker on the real broker: `/readyz` turns 200 once the worker
-consumes and names every check, `/healthz` answers, other paths are 404, the job counters add up, and
-`lorabus_consumer_lag` follows partition ownership: after a second member joins the group, the
-worker exports lag only for the partitions it still owns."""
+consumes and names every check, and 503 while the event loop is blocked; `/healthz` answers, other
+paths are 404, the job counters add up, and `lorabus_consumer_lag` follows partition ownership: after a
+second member joins the group, the worker exports lag only for the partitions it still owns."""
 
 import asyncio
 import json
@@ -31,6 +31,15 @@ async def _get(url: str) -> tuple[int, bytes]:
         except urllib.error.HTTPError as err:
             return err.code, err.read()
     return await asyncio.to_thread(get)
+
+
+def _get_blocking(url: str, after_s: float) -> tuple[int, bytes]:
+    time.sleep(after_s)
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
 
 
 async def _until(what, timeout_s: float, message):
@@ -69,8 +78,17 @@ async def test_health_pages_and_lag_after_a_rebalance(kafka, tiny_model):
             return last["readyz"][0] == 200
         await _until(ready, 60, lambda: f"never ready: {last['readyz']}")
         checks = json.loads(last["readyz"][1])["checks"]
-        assert set(checks) == {"model", "broker", "control_log", "consuming"}
+        assert set(checks) == {"model", "broker", "control_log", "consuming", "event_loop"}
         assert all(check["ok"] and check["detail"] for check in checks.values()), checks
+
+        # An event loop that cannot serve makes the worker not ready, whatever else holds: block it for
+        # 1.6 s (as a CPU-bound step on the loop would) and ask from a thread meanwhile.
+        blocked = asyncio.get_running_loop().run_in_executor(None, _get_blocking, f"{base}/readyz", 1.0)
+        time.sleep(1.6)
+        status, body = await blocked
+        assert status == 503 and not json.loads(body)["checks"]["event_loop"]["ok"], body
+        assert "late" in json.loads(body)["checks"]["event_loop"]["detail"], body
+        await _until(ready, 10, lambda: f"not ready again after the loop was freed: {last['readyz']}")
         status, body = await _get(f"{base}/healthz")
         assert status == 200, body
         assert set(json.loads(body)["checks"]) == {"event_loop", "engine_thread"}

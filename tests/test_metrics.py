@@ -142,7 +142,7 @@ def test_metrics_port_serves_metrics_and_pages_and_404_elsewhere():
 def _fake_worker(**overrides):
     engine = SimpleNamespace(alive=True, steps=3, device="cpu", dtype="torch.float32")
     fields = dict(engine=engine, loop=None, caught_up=True, control_offset=4, stopping=False, consuming=True,
-                  partitions={})
+                  partitions={}, config=SimpleNamespace(ready_max_loop_lag_ms=500))
     fields.update(overrides)
     return SimpleNamespace(**fields)
 
@@ -155,7 +155,17 @@ def test_readiness_names_the_failing_check():
     now = [100.0]
     checks = HealthChecks(_fake_worker(), clock=lambda: now[0])
     checks.broker_seen_at = 99.0
+    assert not checks.ready()["event_loop"].ok  # the loop's lag is not measured yet
+    checks.loop_woke_at, checks.loop_lag_s = 99.95, 0.01
     assert all(c.ok for c in checks.ready().values())
+    checks.loop_lag_s = 0.6  # a timer ran 600 ms late within the window: jobs would be too
+    loop = checks.ready()["event_loop"]
+    assert not loop.ok and "600 ms late" in loop.detail and "--ready-max-loop-lag-ms" in loop.detail
+    checks.loop_lag_s, now[0] = 0.0, 100.7  # the probe has not woken for 0.75 s: the loop is stuck now
+    assert not checks.ready()["event_loop"].ok
+    checks.loop_woke_at = 100.65
+    assert checks.ready()["event_loop"].ok
+    now[0] = 100.0
     now[0] += health.BROKER_STALE_S + 1  # the broker stopped answering
     checks.broker_error = "KafkaConnectionError: refused"
     broker = checks.ready()["broker"]

@@ -46,12 +46,13 @@ def _poisoned_copy(src, dst, weights=None, config=None):
 
 
 async def test_poison_records_fail_only_themselves(kafka, tiny_model, peft_adapters, tmp_path):
-    config = worker_config(kafka, tiny_model, max_prompt_bytes=64 << 10)
+    fresh_topic = unique("fresh-replies")
+    # reply_to names only a topic the operator allows the job's tenant (worker/reply_topics.py).
+    config = worker_config(kafka, tiny_model, max_prompt_bytes=64 << 10, reply_topic=[f"acme={fresh_topic}"])
     oracle = PeftOracle(tiny_model)
     nan_weights = _poisoned_copy(peft_adapters["qv-r4"], tmp_path / "nan-weights", weights=math.nan)
     inf_weights = _poisoned_copy(peft_adapters["qv-r4"], tmp_path / "inf-weights", weights=math.inf)
     nan_alpha = _poisoned_copy(peft_adapters["qv-r4"], tmp_path / "nan-alpha", config={"lora_alpha": math.nan})
-    fresh_topic = unique("fresh-replies")
 
     names = [None, *peft_adapters]
     good = {f"good-{i}": (names[i % len(names)], [3 + i % 5, 9, 11 + i]) for i in range(12)}
@@ -59,8 +60,8 @@ async def test_poison_records_fail_only_themselves(kafka, tiny_model, peft_adapt
         "seed-2^64": (_job("seed-2^64", temperature=0.7, seed=2**64), "invalid_job"),
         "tiny-temperature": (_job("tiny-temperature", temperature=1e-320), "invalid_job"),
         "tiny-top-p": (_job("tiny-top-p", temperature=0.7, top_p=1e-300), "invalid_job"),
-        "reply-to-control": (_job("reply-to-control", reply_to=config.control_topic), "invalid_job"),
-        "reply-to-internal": (_job("reply-to-internal", reply_to="__consumer_offsets"), "invalid_job"),
+        "reply-to-control": (_job("reply-to-control", reply_to=config.control_topic), "forbidden"),
+        "reply-to-internal": (_job("reply-to-internal", reply_to="__consumer_offsets"), "forbidden"),
         "big-prompt": (json.dumps({"id": "big-prompt", "tenant": "acme", "prompt": "word " * 40_000}).encode(),
                        "invalid_job"),
         "big-messages": (json.dumps({"id": "big-messages", "tenant": "acme", "messages": [

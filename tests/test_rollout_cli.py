@@ -328,11 +328,15 @@ def test_cli_status_renders_and_prints_json(monkeypatch, capsys):
     async def read_control_log(bootstrap, topic, timeout_s=30.0, security=None):
         return log
 
-    async def read_statuses(bootstrap, topic, timeout_s=30.0, security=None):
+    async def read_statuses(bootstrap, topic, timeout_s=30.0, security=None, max_bytes=None):
         return statuses
+
+    async def status_topic_warnings(bootstrap, topic, security=None):
+        return []
 
     monkeypatch.setattr(client, "read_control_log", read_control_log)
     monkeypatch.setattr(client, "read_statuses", read_statuses)
+    monkeypatch.setattr(client, "status_topic_warnings", status_topic_warnings)
     monkeypatch.setattr(cli, "_now_ms", lambda: NOW)
     assert cli.main(["status", "--status-topic", "st"]) == 0
     out = capsys.readouterr().out

@@ -113,6 +113,7 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 def _check_worker_config(config: WorkerConfig) -> None:
     """Settings a worker would otherwise trip over late, or as a traceback: refused up front, by flag and value."""
     from lorabus.worker.logs import LOG_FORMATS
+    from lorabus.worker.reply_topics import ReplyRules, ReplyTopicConfigError
 
     if config.log_format not in LOG_FORMATS:
         raise UsageError(f"--log-format {config.log_format!r}: not a log format; use {' or '.join(LOG_FORMATS)}")
@@ -136,9 +137,30 @@ def _check_worker_config(config: WorkerConfig) -> None:
     if not -1 <= config.metrics_port <= 65535:
         raise UsageError(f"--metrics-port {config.metrics_port}: not a port; use 1..65535, 0 (any free port) "
                          "or -1 (off)")
+    try:
+        ReplyRules.from_config(config)
+    except ReplyTopicConfigError as exc:
+        raise UsageError(str(exc)) from None
     if config.metrics_max_adapters < 0:
         raise UsageError(f"--metrics-max-adapters {config.metrics_max_adapters}: use 0 or more (0 = every adapter "
                          "counted under adapter=\"other\")")
+    if config.max_warmups < 1:
+        raise UsageError(f"--max-warmups {config.max_warmups}: use 1 or more (a worker must load what serves)")
+    if config.ready_max_loop_lag_ms <= 0:
+        raise UsageError(f"--ready-max-loop-lag-ms {config.ready_max_loop_lag_ms}: use 1 or more")
+    _check_status_config(config)
+
+
+def _check_status_config(config: WorkerConfig) -> None:
+    from lorabus.worker.fleet import MAX_INTERVAL_MS
+    from lorabus.worker.status import MAX_STATUS_BYTES, MIN_STATUS_BYTES
+
+    if not 0 < config.status_interval_ms <= MAX_INTERVAL_MS:
+        raise UsageError(f"--status-interval-ms {config.status_interval_ms}: use 1..{MAX_INTERVAL_MS} (readers "
+                         f"count a status for at most 3 x {MAX_INTERVAL_MS} ms)")
+    if not MIN_STATUS_BYTES <= config.status_max_bytes <= MAX_STATUS_BYTES:
+        raise UsageError(f"--status-max-bytes {config.status_max_bytes}: use {MIN_STATUS_BYTES}..{MAX_STATUS_BYTES}, "
+                         "below the status topic's max.message.bytes")
 
 
 def cmd_worker(args) -> int:
@@ -368,7 +390,7 @@ def _send_control(args, event) -> int:
 def _wait_for_outcomes(args, prog: str, event, offset: int) -> int:
     """Poll the status topic until every live worker has applied the event and it is ok or failed there."""
     from lorabus.worker.client import read_statuses
-    from lorabus.worker.fleet import event_outcome, live_workers
+    from lorabus.worker.fleet import event_outcome, live_workers, terminal_text
 
     async def poll() -> dict:
         deadline = time.monotonic() + args.timeout
@@ -376,7 +398,8 @@ def _wait_for_outcomes(args, prog: str, event, offset: int) -> int:
         while True:
             try:
                 statuses = await asyncio.wait_for(read_statuses(args.bootstrap_servers, args.status_topic,
-                                                                security=_security_from(args)),
+                                                                security=_security_from(args),
+                                                                max_bytes=args.status_max_bytes),
                                                   max(1.0, deadline - time.monotonic()))
             except _kafka_errors() as exc:  # keep the last outcomes and try again until the deadline
                 logging.getLogger("lorabus.cli").warning("reading %s: %s", args.status_topic, exc)
@@ -393,9 +416,10 @@ def _wait_for_outcomes(args, prog: str, event, offset: int) -> int:
     if not outcomes:
         print(f"{prog}: no live worker reported on {args.status_topic} within {args.timeout:g} s", file=sys.stderr)
         return 4
-    for worker, outcome in outcomes.items():
-        print(f"{worker}: {outcome if isinstance(outcome, str) else 'failed: ' + outcome[1]}", flush=True)
-    pending = [w for w, o in outcomes.items() if o == "pending"]
+    for worker, outcome in outcomes.items():  # names and reasons are the status writers': escaped
+        print(terminal_text(f"{worker}: {outcome if isinstance(outcome, str) else 'failed: ' + outcome[1]}"),
+              flush=True)
+    pending = [terminal_text(w) for w, o in outcomes.items() if o == "pending"]
     failed = [w for w, o in outcomes.items() if isinstance(o, tuple)]
     if pending:
         print(f"{prog}: timed out after {args.timeout:g} s; still pending on {', '.join(pending)}", file=sys.stderr)
@@ -480,20 +504,24 @@ def cmd_unroute(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from lorabus.worker.client import read_control_log, read_statuses
+    from lorabus.worker.client import read_control_log, read_statuses, status_topic_warnings
     from lorabus.worker.fleet import fleet_json, render_status
 
     async def read():
         security = _security_from(args)
         return (await read_control_log(args.bootstrap_servers, args.control_topic, security=security),
-                await read_statuses(args.bootstrap_servers, args.status_topic, security=security))
+                await read_statuses(args.bootstrap_servers, args.status_topic, security=security,
+                                    max_bytes=args.status_max_bytes),
+                await status_topic_warnings(args.bootstrap_servers, args.status_topic, security=security))
 
     try:
-        log, statuses = asyncio.run(read())
+        log, statuses, warnings = asyncio.run(read())
     except _kafka_errors() as exc:
         print(f"lorabus status: cannot read {args.control_topic} / {args.status_topic}: {_why(exc)}",
               file=sys.stderr)
         return 1
+    for warning in warnings:  # a topic made before the status plane was hardened (README "Trust boundaries")
+        print(f"lorabus status: warning: status topic {args.status_topic}: {warning}", file=sys.stderr)
     now = _now_ms()
     if args.json:
         view = fleet_json(log, statuses, now)
@@ -543,12 +571,23 @@ def _client_flags(parser: argparse.ArgumentParser, *topics: str) -> None:
                             help=f"the {topic.replace('_topic', '')} topic [env {env}, default {getattr(defaults, topic)}]")
 
 
+def _status_read_flags(parser: argparse.ArgumentParser) -> None:
+    """--status-max-bytes of a command that reads the status topic: the workers' flag and variable, so a
+    record a worker may send is read and a larger one is skipped as invalid."""
+    default = WorkerConfig.status_max_bytes
+    # A string default goes through `type` too: a bad LORABUS_STATUS_MAX_BYTES is a usage error (exit 2).
+    parser.add_argument("--status-max-bytes", type=int, default=os.environ.get("LORABUS_STATUS_MAX_BYTES", str(default)),
+                        help="a status record larger than this is skipped as invalid, before it is decoded (the "
+                             f"workers' limit) [env LORABUS_STATUS_MAX_BYTES, default {default}]")
+
+
 def _control_command(subparsers, name: str, text: str, func) -> argparse.ArgumentParser:
     """A command that sends one control event: broker, topics, signing key, --force and --wait flags."""
     parser = subparsers.add_parser(name, help=text, description=text + ". Checked before sending (exit 2, nothing "
                                    "sent): the worker's schema rules, and unless --force the control log's state and "
                                    "the local adapter directory.")
     _client_flags(parser, "control_topic", "status_topic")
+    _status_read_flags(parser)
     parser.add_argument("--control-key", default=os.environ.get("LORABUS_CONTROL_KEY", ""),
                         help="sign with the first key of this file (or env:NAME) of 'keyid:secret' lines [env LORABUS_CONTROL_KEY]")
     parser.add_argument("--force", action="store_true",
@@ -602,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="the fleet: each worker's state, versions, routes and control-log progress")
     _client_flags(status, "control_topic", "status_topic")
+    _status_read_flags(status)
     status.add_argument("--json", action="store_true", help="print the statuses and the control log's state as JSON")
     status.set_defaults(func=cmd_status)
 

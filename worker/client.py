@@ -6,14 +6,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
 from lorabus.schemas import DECODE_ERRORS, ControlEvent, JobResult, WorkerStatus, decode_result, decode_status, encode
 from lorabus.worker.aiokafka_compat import install_tolerant_records
 from lorabus.worker.control_log import ControlLog, SkippedRecord, control_key, key_text, read_record
 from lorabus.worker.kafka_security import KafkaSecurity, client_options
+
+FETCH_OVERHEAD_BYTES = 64 * 1024  # a status fetch may carry this beyond one record: batch and record headers
+MAX_REASON_CHARS = 200  # why a status record was skipped: a decoder's message may quote the record
 
 
 async def publish_control(bootstrap: str, topic: str, events: list[ControlEvent],
@@ -37,17 +42,20 @@ async def publish_control(bootstrap: str, topic: str, events: list[ControlEvent]
     return offsets
 
 
-async def _read_to_end(bootstrap: str, topic: str, timeout_s: float,
-                       security: KafkaSecurity | None) -> tuple[list[ConsumerRecord], int]:
+async def _read_to_end(bootstrap: str, topic: str, timeout_s: float, security: KafkaSecurity | None,
+                       on_record: Callable[[ConsumerRecord], None] | None = None,
+                       **consumer_options) -> tuple[list[ConsumerRecord], int]:
     """Every record of `topic` from the beginning up to its end offsets as of this call, and the largest
-    end offset; a topic that does not exist reads as empty."""
+    end offset; a topic that does not exist reads as empty. With `on_record`, each record goes to it as
+    it is read instead of into the list (returned empty), so a reader that keeps only what it decoded
+    holds one fetch at a time; `consumer_options` (e.g. fetch sizes) go to the consumer."""
     try:
         parts = await topic_partitions(bootstrap, topic, wait_s=0, security=security)
     except LookupError:
         return [], 0
     install_tolerant_records()  # any producer may have written here: a bad header key must not stop the read
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
-                                **client_options(security))
+                                **consumer_options, **client_options(security))
     try:
         await consumer.start()
         consumer.assign(parts)
@@ -63,7 +71,12 @@ async def _read_to_end(bootstrap: str, topic: str, timeout_s: float,
             if time.monotonic() > deadline:
                 raise TimeoutError(f"reading {topic} to its end offsets took longer than {timeout_s} s")
             for tp, batch in (await consumer.getmany(*remaining, timeout_ms=200)).items():
-                records += [r for r in batch if r.offset < ends[tp]]
+                if on_record is None:
+                    records += [r for r in batch if r.offset < ends[tp]]
+                    continue
+                for record in batch:
+                    if record.offset < ends[tp]:
+                        on_record(record)
     finally:
         await consumer.stop()
 
@@ -90,23 +103,90 @@ async def read_control_log(bootstrap: str, topic: str, timeout_s: float = 30.0,
     return log
 
 
+@dataclass(frozen=True)
+class SkippedStatus:
+    """A status record read as invalid, not as state: its key (as text; not escaped), offset and why."""
+
+    key: str
+    offset: int
+    reason: str
+
+
+class Statuses(dict[str, WorkerStatus]):
+    """Worker id → its latest valid status (what `read_statuses` returns), and the records it skipped
+    as invalid (`skipped`), which `lorabus status` lists apart."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skipped: list[SkippedStatus] = []
+
+
 async def read_statuses(bootstrap: str, status_topic: str, timeout_s: float = 30.0,
-                        security: KafkaSecurity | None = None) -> dict[str, WorkerStatus]:
+                        security: KafkaSecurity | None = None, max_bytes: int | None = None) -> Statuses:
     """Worker id → its latest status on the (compacted) status topic, read to its end offset as of this
-    call; a tombstone (a worker's clean stop) removes the worker, undecodable records are skipped."""
-    records, _ = await _read_to_end(bootstrap, status_topic, timeout_s, security)
-    statuses: dict[str, WorkerStatus] = {}
-    for record in records:  # one partition: offset order
-        key = key_text(record.key)
+    call; a tombstone (a worker's clean stop) removes the worker.
+
+    Anyone who may write the topic writes what this reads, so a record is state only if it is valid: a
+    value over `max_bytes` (default: WorkerConfig's --status-max-bytes) is skipped before it is decoded,
+    as is one that does not decode; a key whose last record was skipped is listed in `skipped`. Fetches
+    are capped near `max_bytes` and each record is dropped once read, so memory holds one fetch
+    (aiokafka inflates a compressed batch whole; on the status topic a worker creates, uncompressed, the
+    broker bounds that too: worker/topics.py). A status's `ts_ms` becomes the record's timestamp
+    (LogAppendTime, the broker's clock, on that topic), not the time the writer put in it: liveness is
+    not the writer's word (fleet.is_live)."""
+    if max_bytes is None:
+        from lorabus.worker.config import WorkerConfig  # here: the config module imports the engine (torch)
+
+        max_bytes = WorkerConfig.status_max_bytes
+    statuses = Statuses()
+    skipped: dict[str, SkippedStatus] = {}  # record key → its last record, when that was skipped
+
+    def take(record: ConsumerRecord) -> None:
+        key, label = key_text(record.key), _key_label(record.key)
         if record.value is None:
             statuses.pop(key, None)
-            continue
+            skipped.pop(label, None)
+            return
+        if len(record.value) > max_bytes:
+            skipped[label] = SkippedStatus(label, record.offset, f"{len(record.value)} bytes, over the "
+                                                                 f"{max_bytes}-byte limit (--status-max-bytes)")
+            return
         try:
             status = decode_status(record.value)
-        except DECODE_ERRORS:
-            continue
+        except DECODE_ERRORS as exc:
+            reason = f"not a status: {type(exc).__name__}: {exc}"
+            skipped[label] = SkippedStatus(label, record.offset, reason[:MAX_REASON_CHARS])
+            return
+        skipped.pop(label, None)
+        status.ts_ms = record.timestamp
         statuses[key if key is not None else status.worker] = status
+
+    fetch_bytes = max_bytes + FETCH_OVERHEAD_BYTES
+    await _read_to_end(bootstrap, status_topic, timeout_s, security, on_record=take,
+                       max_partition_fetch_bytes=fetch_bytes, fetch_max_bytes=fetch_bytes)
+    statuses.skipped = list(skipped.values())
     return statuses
+
+
+async def status_topic_warnings(bootstrap: str, topic: str, security: KafkaSecurity | None = None) -> list[str]:
+    """What about the status topic's configs lets a writer mislead readers (worker/topics.py); empty
+    also when the configs cannot be read (no such topic, no DESCRIBE_CONFIGS right)."""
+    from lorabus.worker.topics import status_topic_problems, topic_configs  # the topics module imports the engine
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_options(security))
+    try:
+        await admin.start()
+        return status_topic_problems(await topic_configs(admin, topic))
+    except (KafkaError, LookupError):
+        return []
+    finally:
+        await admin.close()
+
+
+def _key_label(raw: bytes | None) -> str:
+    """A record key as text for a listing: the text, or the bytes' repr when absent or not UTF-8."""
+    text = key_text(raw)
+    return text if text is not None else repr(raw)
 
 
 async def topic_partitions(bootstrap: str, topic: str, wait_s: float = 10.0,

@@ -28,12 +28,19 @@ by publish offset, oldest first (so a name's first version serves until another 
 task's *routes* are those set after its last route.delete, newest first. The worker serves the first
 candidate or route whose versions have loaded on it and falls back along the order when one fails,
 which is the history a compacted log still holds.
+
+Cost. Whatever asks, the answers are kept, not re-derived: a name's candidates, a task's routes, the
+sorted lists of names and route keys are computed once after a change and cached until the next change
+to that name or route key, and every change is told to the watchers (`watch`), so a reader that keeps
+state of its own (the registry's loads to start) updates only what changed. Folding a log of N records
+costs O(N); a name whose history changed is re-ordered once, not once per question.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 from urllib.parse import quote
 
 import msgspec
@@ -115,16 +122,29 @@ class Entry:
     event: ControlEvent
 
 
+# The dicts below are kept in the order their entries were applied (an entry applied again is removed
+# first), which is offset order when records are applied as read: sorting them by offset is then linear.
 @dataclass
 class _Name:
     versions: dict[str, Entry]  # version → its last adapter.publish / adapter.retire
     activations: dict[str, int]  # version → offset of its last adapter.activate
+    order: tuple[str, ...] | None = None  # the candidates, until the name changes
 
 
 @dataclass
 class _Routes:
     sets: dict[str, Entry]  # digest → its last route.set
     deleted_at: int = -1  # offset of the last route.delete
+    visible: list[RouteSet] | None = None  # routes(), until the route key changes
+
+
+RouteKey = tuple[str, str | None]  # (task, tenant); None: every tenant
+
+
+@dataclass
+class _Watchers:
+    names: list[Callable[[str], None]] = field(default_factory=list)
+    routes: list[Callable[[RouteKey], None]] = field(default_factory=list)
 
 
 class ControlLog:
@@ -133,8 +153,17 @@ class ControlLog:
     def __init__(self):
         self.entries: dict[str, Entry] = {}
         self._names: dict[str, _Name] = {}
-        self._routes: dict[tuple[str, str | None], _Routes] = {}
+        self._routes: dict[RouteKey, _Routes] = {}
         self.end_offset = 0  # one past the last record read
+        self._live_names: list[str] | None = None  # names(), until any name changes
+        self._route_keys: list[RouteKey] | None = None  # route_keys(), until any route key changes
+        self._watchers = _Watchers()
+
+    def watch(self, on_name: Callable[[str], None], on_route: Callable[[RouteKey], None]) -> None:
+        """Be told of every change: `on_name(name)` when a name's versions or activations change,
+        `on_route((task, tenant))` when that route key's sets or delete change."""
+        self._watchers.names.append(on_name)
+        self._watchers.routes.append(on_route)
 
     # ---- applying records -------------------------------------------------------------------------
 
@@ -155,6 +184,7 @@ class ControlLog:
                 self._route(event.task, event.tenant).sets[route_digest(event)] = entry
             case RouteDelete():
                 self._route(event.task, event.tenant).deleted_at = offset
+        self._changed(event)
 
     def clear(self, offset: int, key: str) -> bool:
         """A tombstone under `key`: forget what it held. False when the key holds nothing."""
@@ -175,7 +205,22 @@ class ControlLog:
                 self._routes[(event.task, event.tenant)].sets.pop(route_digest(event), None)
             case RouteDelete():
                 self._routes[(event.task, event.tenant)].deleted_at = -1
+        self._changed(event)
         return True
+
+    def _changed(self, event: ControlEvent) -> None:
+        """Drop what was cached of the event's name or route key, and tell the watchers."""
+        if isinstance(event, (RouteSet, RouteDelete)):
+            route_key = (event.task, event.tenant)
+            self._routes[route_key].visible = None
+            self._route_keys = None
+            for on_route in self._watchers.routes:
+                on_route(route_key)
+        else:
+            self._names[event.name].order = None
+            self._live_names = None
+            for on_name in self._watchers.names:
+                on_name(event.name)
 
     def _name(self, name: str) -> _Name:
         return self._names.setdefault(name, _Name({}, {}))
@@ -192,34 +237,45 @@ class ControlLog:
         return entry.event if entry is not None and isinstance(entry.event, AdapterPublish) else None
 
     def names(self) -> list[str]:
-        return sorted(n for n in self._names if self.candidates(n))
+        """The names with a live version, sorted."""
+        if self._live_names is None:
+            self._live_names = sorted(n for n in self._names if self.candidate_order(n))
+        return list(self._live_names)
 
     def candidates(self, name: str) -> list[str]:
         """The name's live versions in serving order (see the module docstring)."""
+        return list(self.candidate_order(name))
+
+    def candidate_order(self, name: str) -> tuple[str, ...]:
+        """candidates() as the cached tuple itself: no copy, for readers that ask per job."""
         state = self._names.get(name)
         if state is None:
-            return []
-        live = {v: e.offset for v, e in state.versions.items() if isinstance(e.event, AdapterPublish)}
-        activated = sorted((v for v in live if v in state.activations), key=lambda v: -state.activations[v])
-        rest = sorted((v for v in live if v not in state.activations), key=lambda v: live[v])
-        return activated + rest
+            return ()
+        if state.order is None:
+            live = {v: e.offset for v, e in state.versions.items() if isinstance(e.event, AdapterPublish)}
+            activated = sorted((v for v in live if v in state.activations), key=lambda v: -state.activations[v])
+            rest = sorted((v for v in live if v not in state.activations), key=live.__getitem__)
+            state.order = tuple(activated + rest)
+        return state.order
 
     def activated(self, name: str) -> str | None:
-        """The version most recently activated, if it is live (what the operator asked to serve)."""
-        state = self._names.get(name)
-        if state is None:
-            return None
-        live = [v for v in state.activations if self.published(name, v) is not None]
-        return max(live, key=lambda v: state.activations[v]) if live else None
+        """The version most recently activated, if it is live (what the operator asked to serve): the
+        first candidate when it was activated at all, as activated versions come first."""
+        order = self.candidate_order(name)
+        return order[0] if order and order[0] in self._names[name].activations else None
 
     def routes(self, task: str, tenant: str | None) -> list[RouteSet]:
         """The routes of exactly (task, tenant) set after its last route.delete, newest first."""
         state = self._routes.get((task, tenant))
         if state is None:
             return []
-        visible = [e for e in state.sets.values() if e.offset > state.deleted_at]
-        return [e.event for e in sorted(visible, key=lambda e: -e.offset)]
+        if state.visible is None:
+            visible = [e for e in state.sets.values() if e.offset > state.deleted_at]
+            state.visible = [e.event for e in sorted(visible, key=lambda e: -e.offset)]
+        return list(state.visible)
 
-    def route_keys(self) -> list[tuple[str, str | None]]:
-        return sorted((k for k in self._routes if self.routes(*k)), key=lambda k: (k[0], k[1] or ""))
-
+    def route_keys(self) -> list[RouteKey]:
+        """The (task, tenant) keys with a visible route, by task then tenant (every tenant first)."""
+        if self._route_keys is None:
+            self._route_keys = sorted((k for k in self._routes if self.routes(*k)), key=lambda k: (k[0], k[1] or ""))
+        return list(self._route_keys)

@@ -5,23 +5,36 @@ and the fleet as a human reads it (`render_status`) or a program does (`fleet_js
 Everything here is a pure function of a `ControlLog` (the control topic folded into state, see
 worker/control_log.py) and the `WorkerStatus` records the workers publish on the status topic; the
 `lorabus status` and `lorabus rollout ...` commands (worker/cli.py) read both through worker/client.py.
+
+Anyone who can write the status topic writes what is read here, so nothing a record says is taken on
+its word where it matters: a status's time is the broker's record timestamp (worker/client.py puts it
+in `ts_ms`), a time further ahead than MAX_CLOCK_SKEW_MS is not believed, the writer's interval counts
+for at most MAX_INTERVAL_MS, and every text from a record is escaped before it reaches a terminal.
 """
 
 from __future__ import annotations
 
+import heapq
 import os
+from dataclasses import dataclass, field
 from typing import Literal
 
 import msgspec
 
 from lorabus.scheduler.adapters import file_sha256
 from lorabus.schemas import (AdapterActivate, AdapterPublish, AdapterRetire, AdapterWarm, ControlEvent, RouteDelete,
-                             RouteSet, WorkerStatus)
+                             RouteSet, RouteStatus, VersionStatus, WorkerStatus)
 from lorabus.worker.adapter_paths import ADAPTER_FILES, AdapterPathError, local_path
 from lorabus.worker.control_log import ControlLog, control_key
 
 DEFAULT_INTERVAL_MS = 2000  # taken for a status whose interval_ms is 0
 SILENT_AFTER_INTERVALS = 3  # a worker is live while its last status is younger than this many intervals
+# A status's interval counts for at most this (WorkerConfig.status_interval_ms may not exceed it): a record
+# cannot keep a worker "live" longer than 3 of these after it was written, whatever it claims.
+MAX_INTERVAL_MS = 60_000
+# A status time ahead of this clock by up to this much is clock skew and counts as "now"; further ahead,
+# it is not believed and the worker is not live.
+MAX_CLOCK_SKEW_MS = 30_000
 RECENT_EVENTS = 5  # control events `render_status` shows with the workers that applied them
 
 Outcome = Literal["pending", "ok"] | tuple[Literal["failed"], str]
@@ -152,9 +165,19 @@ def event_outcome(event: ControlEvent, offset: int, status: WorkerStatus) -> Out
 
 # ---- the fleet view -------------------------------------------------------------------------------
 
+def status_age_ms(status: WorkerStatus, now_ms: int) -> int | None:
+    """How long ago the status was written, by its `ts_ms` (the record's time) and this clock: 0 for a
+    time ahead by up to MAX_CLOCK_SKEW_MS (clamped), None further ahead (a time not believed)."""
+    age = now_ms - status.ts_ms
+    return None if age < -MAX_CLOCK_SKEW_MS else max(0, age)
+
+
 def is_live(status: WorkerStatus, now_ms: int) -> bool:
-    """Whether the worker's last status is recent enough (3 of its publishing intervals)."""
-    return now_ms - status.ts_ms <= SILENT_AFTER_INTERVALS * (status.interval_ms or DEFAULT_INTERVAL_MS)
+    """Whether the worker's last status is recent enough: 3 of its publishing intervals, each counted
+    for at most MAX_INTERVAL_MS, and not from a time further ahead than MAX_CLOCK_SKEW_MS."""
+    age = status_age_ms(status, now_ms)
+    interval = min(status.interval_ms or DEFAULT_INTERVAL_MS, MAX_INTERVAL_MS)
+    return age is not None and age <= SILENT_AFTER_INTERVALS * interval
 
 
 def live_workers(statuses: dict[str, WorkerStatus], now_ms: int) -> dict[str, WorkerStatus]:
@@ -173,11 +196,27 @@ def describe_event(event: ControlEvent) -> str:
     return f"{tag} {event.name}@{event.version}"
 
 
+def terminal_text(text: str) -> str:
+    """`text` safe to print: every character that is not printable (control characters such as newline
+    and ESC, C1 controls, bidi and other format characters, line separators) written as an escape
+    (\\x1b, \\u202e), so a record cannot move the cursor, recolour the terminal or forge rows."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else
+                   (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}" if ord(ch) < 0x10000
+                    else f"\\U{ord(ch):08x}") for ch in text)
+
+
 def _table(rows: list[list[str]], indent: str) -> list[str]:
-    """Rows of cells, each column padded to its widest cell (the last column is not padded)."""
+    """Rows of cells (escaped for the terminal), each column padded to its widest cell (the last column
+    is not padded)."""
     if not rows:
         return []
-    widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(max(map(len, rows)))]
+    rows = [[terminal_text(cell) for cell in row] for row in rows]
+    widths = [0] * max(map(len, rows))
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
     return [indent + "  ".join(cell.ljust(widths[i]) if i < len(row) - 1 else cell
                                for i, cell in enumerate(row)).rstrip() for row in rows]
 
@@ -201,14 +240,54 @@ def _version_of(ref: str) -> str:
     return ref.partition("@")[2]
 
 
+def _worker_state(status: WorkerStatus, live: bool, now_ms: int) -> str:
+    age = status_age_ms(status, now_ms)
+    if live:
+        state = "live"
+    elif age is None:
+        state = f"not live: status time {(status.ts_ms - now_ms) // 1000} s in the future"
+    else:
+        state = f"silent for {age // 1000} s"
+    if status.truncated:
+        cut = [_count(n, noun) for n, noun in ((status.routes_omitted, "route"), (status.versions_omitted, "version"),
+                                              (status.names_omitted, "name")) if n]
+        state += f" (truncated: {', '.join(cut)} left out)" if cut else " (truncated)"
+    return state
+
+
+@dataclass
+class _WorkerIndex:
+    """One worker's status indexed for the fleet view: versions and resident versions by adapter name,
+    routes by (task, tenant), so the view costs O(names + versions + routes), not their product."""
+
+    versions: dict[str, list[VersionStatus]] = field(default_factory=dict)  # by adapter name
+    resident: dict[str, list[str]] = field(default_factory=dict)  # adapter name → its resident versions
+    routes: dict[tuple[str, str | None], RouteStatus] = field(default_factory=dict)  # by (task, tenant)
+
+    @classmethod
+    def of(cls, status: WorkerStatus) -> "_WorkerIndex":
+        index = cls()
+        for v in status.versions:
+            index.versions.setdefault(_name_of(v.adapter), []).append(v)
+        for ref in status.resident:
+            index.resident.setdefault(_name_of(ref), []).append(_version_of(ref))
+        for r in status.routes:
+            index.routes.setdefault((r.task, r.tenant), r)  # the first, as a linear search would find
+        return index
+
+
 def render_status(log: ControlLog, statuses: dict[str, WorkerStatus], now_ms: int) -> str:
     """The fleet for humans: workers (live or silent, how far behind the control log), per adapter name
     what is activated and what each worker serves, failures with their reasons, routes and whether each
-    worker has the newest one in force, and which workers have applied the latest control events."""
+    worker has the newest one in force, and which workers have applied the latest control events.
+    Status records skipped as invalid (the `skipped` of worker/client.py's `read_statuses`) are listed
+    apart. Every line is escaped for the terminal (`terminal_text`)."""
     workers = sorted(statuses)
     live = live_workers(statuses, now_ms)
-    out = [f"control log: end offset {log.end_offset}; {_count(len(log.names()), 'adapter name')}, "
-           f"{_count(len(log.route_keys()), 'route')}"]
+    index = {w: _WorkerIndex.of(statuses[w]) for w in workers}
+    log_names, keys = log.names(), log.route_keys()
+    out = [f"control log: end offset {log.end_offset}; {_count(len(log_names), 'adapter name')}, "
+           f"{_count(len(keys), 'route')}"]
 
     out.append(f"workers: {len(workers)} reporting, {len(live)} live")
     if not workers:
@@ -216,14 +295,15 @@ def render_status(log: ControlLog, statuses: dict[str, WorkerStatus], now_ms: in
     rows = [["WORKER", "STATE", "APPLIED", "BEHIND", "JOBS", "RESIDENT"]]
     for w in workers:
         s = statuses[w]
-        state = "live" if w in live else f"silent for {max(0, now_ms - s.ts_ms) // 1000} s"
-        if s.truncated:
-            state += " (truncated)"
         behind = max(0, log.end_offset - s.control_offset)
-        rows.append([w, state, str(s.control_offset), str(behind) if behind else "0 (up to date)",
-                     str(s.jobs_inflight), " ".join(s.resident) or "-"])
+        rows.append([w, _worker_state(s, w in live, now_ms), str(s.control_offset),
+                     str(behind) if behind else "0 (up to date)", str(s.jobs_inflight), " ".join(s.resident) or "-"])
     if workers:
         out += _table(rows, "  ")
+    skipped = getattr(statuses, "skipped", ())
+    if skipped:
+        out.append(f"status records skipped as invalid: {len(skipped)}")
+        out += _table([[f"key {record.key}", f"@{record.offset}", record.reason] for record in skipped], "  ")
 
     names = _names(log, statuses)
     out.append("adapters:" if names else "adapters: none published")
@@ -231,28 +311,27 @@ def render_status(log: ControlLog, statuses: dict[str, WorkerStatus], now_ms: in
         live_versions, wanted = log.candidates(name), log.activated(name)
         out.append(f"  {name}: activated {wanted or '-'}; live versions {' '.join(live_versions) or '-'}")
         rows = []
+        failures: dict[tuple[str, str], list[str]] = {}
         for w in workers:
-            s = statuses[w]
-            mine = [v for v in s.versions if _name_of(v.adapter) == name]
+            s, mine = statuses[w], index[w].versions.get(name, ())
             loading = [_version_of(v.adapter) for v in mine if v.state == "loading"]
-            resident = [_version_of(r) for r in s.resident if _name_of(r) == name]
+            resident = index[w].resident.get(name, ())
             serves = s.serving.get(name, "-")
-            if wanted is not None and serves != wanted:
+            if name not in s.serving and s.names_omitted:  # a truncated status left the name out: unknown
+                serves = "(not reported)"
+            elif wanted is not None and serves != wanted:
                 serves += f" (not {wanted})"
             row = [w, f"serves {serves}", f"resident {' '.join(resident) or '-'}"]
             if loading:
                 row.append(f"loading {' '.join(loading)}")
             rows.append(row)
-        out += _table(rows, "    ")
-        failures: dict[tuple[str, str], list[str]] = {}
-        for w in workers:
-            for v in statuses[w].versions:
-                if _name_of(v.adapter) == name and v.state == "failed":
+            for v in mine:
+                if v.state == "failed":
                     failures.setdefault((v.adapter, v.reason or "failed to load"), []).append(w)
+        out += _table(rows, "    ")
         for (ref, reason), where in sorted(failures.items()):
             out.append(f"    FAILED {ref} on {', '.join(where)}: {reason}")
 
-    keys = log.route_keys()
     out.append("routes:" if keys else "routes: none")
     for task, tenant in keys:
         newest = log.routes(task, tenant)[0]
@@ -263,7 +342,7 @@ def render_status(log: ControlLog, statuses: dict[str, WorkerStatus], now_ms: in
         rows = []
         for w in workers:
             s = statuses[w]
-            here = next((r for r in s.routes if (r.task, r.tenant) == (task, tenant)), None)
+            here = index[w].routes.get((task, tenant))
             serving = here.event_id if here is not None and here.event_id else None
             if here is not None and newest.event_id is not None and here.event_id == newest.event_id:
                 text = "in force"
@@ -276,24 +355,25 @@ def render_status(log: ControlLog, statuses: dict[str, WorkerStatus], now_ms: in
             rows.append([w, text])
         out += _table(rows, "    ")
 
-    recent = sorted(log.entries.values(), key=lambda e: -e.offset)[:RECENT_EVENTS]
+    recent = heapq.nlargest(RECENT_EVENTS, log.entries.values(), key=lambda e: e.offset)
     if recent:
         out.append("latest control events (applied = read by the worker's last status):")
         rows = []
         for entry in recent:
             applied = [w for w in workers if statuses[w].control_offset > entry.offset]
-            waiting = [w for w in workers if w not in applied]
+            waiting = [w for w in workers if statuses[w].control_offset <= entry.offset]
             text = "applied by " + (", ".join(applied) or "no worker")
             if applied and waiting:
                 text += f"; not yet {', '.join(waiting)}"
             rows.append([f"@{entry.offset}", describe_event(entry.event), entry.event.event_id or "-", text])
         out += _table(rows, "  ")
-    return "\n".join(out)
+    return "\n".join(map(terminal_text, out))  # lines from _table are escaped already: a no-op on them
 
 
 def fleet_json(log: ControlLog, statuses: dict[str, WorkerStatus], now_ms: int) -> dict:
-    """The same view as plain data: the control log's state and every worker's status as published,
-    with `live` and `behind` added."""
+    """The same view as plain data: the control log's state and every worker's status as published
+    (`ts_ms`: the record's time, see `read_statuses`), with `live` and `behind` added, and the status
+    records skipped as invalid."""
     adapters = {name: {"activated": log.activated(name), "live_versions": log.candidates(name)}
                 for name in log.names()}
     routes = [{"task": task, "tenant": tenant,
@@ -303,6 +383,7 @@ def fleet_json(log: ControlLog, statuses: dict[str, WorkerStatus], now_ms: int) 
                for key, e in sorted(log.entries.items(), key=lambda item: item[1].offset)]
     workers = {w: {**msgspec.to_builtins(s), "live": is_live(s, now_ms),
                    "behind": max(0, log.end_offset - s.control_offset)} for w, s in sorted(statuses.items())}
+    skipped = [msgspec.to_builtins(record) for record in getattr(statuses, "skipped", ())]
     return {"now_ms": now_ms,
             "control_log": {"end_offset": log.end_offset, "adapters": adapters, "routes": routes, "entries": entries},
-            "workers": workers}
+            "workers": workers, "skipped_status_records": skipped}

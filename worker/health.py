@@ -2,8 +2,11 @@
 
 `/healthz` (liveness: restart me if this fails): the event loop answers and the engine's step thread
 runs. `/readyz` (readiness: count me as serving): the model is loaded and its engine started, the
-broker answered a metadata request lately, the control log was caught up at start, and the jobs
-consumer is subscribed and not stopping. Both answer 200 or 503 with the same JSON body:
+broker answered a metadata request lately, the control log was caught up at start, the jobs
+consumer is subscribed and not stopping, and the event loop runs on time: a probe task sleeps
+LOOP_PROBE_S at a time and measures how late it wakes; a lag over `--ready-max-loop-lag-ms` within the
+last LOOP_LAG_WINDOW_S (or a loop stuck right now) means jobs would not be served in their normal
+time, so the worker is not ready, however far it got. Both answer 200 or 503 with the same JSON body:
 `{"status": "ok"|"fail", "checks": {name: {"ok": bool, "detail": str}}}`, so a failing probe says
 which check failed and why.
 
@@ -14,6 +17,7 @@ the event loop only through `call_soon_threadsafe`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import threading
@@ -30,6 +34,8 @@ LOOP_TIMEOUT_S = 2.0  # an event loop that runs no callback for this long is stu
 BROKER_PROBE_S = 2.0  # how often the broker is asked for its metadata
 BROKER_TIMEOUT_S = 5.0  # one probe's limit
 BROKER_STALE_S = 3 * BROKER_PROBE_S + BROKER_TIMEOUT_S  # no answer for this long: the broker is unreachable
+LOOP_PROBE_S = 0.1  # the loop-lag probe's sleep
+LOOP_LAG_WINDOW_S = 3.0  # readiness looks at the worst lag over this long: one late wake-up is no state
 
 
 @dataclass
@@ -51,6 +57,9 @@ class HealthChecks:
         self.worker, self.clock = worker, clock
         self.broker_seen_at: float | None = None  # clock() of the broker's last answer
         self.broker_error = "no broker contact yet"
+        # Written by the loop probe (plain floats: the HTTP thread reads them without a lock).
+        self.loop_woke_at: float | None = None  # clock() of the probe's last wake-up
+        self.loop_lag_s = 0.0  # the worst lateness over the last LOOP_LAG_WINDOW_S
 
     def pages(self) -> dict[str, Callable[[], tuple[int, bytes]]]:
         return {"/healthz": lambda: page(self.live()), "/readyz": lambda: page(self.ready())}
@@ -82,7 +91,19 @@ class HealthChecks:
 
     def ready(self) -> dict[str, Check]:
         return {"model": self._model(), "broker": self._broker(), "control_log": self._control_log(),
-                "consuming": self._consuming()}
+                "consuming": self._consuming(), "event_loop": self._loop_lag()}
+
+    def _loop_lag(self) -> Check:
+        woke = self.loop_woke_at
+        if woke is None:
+            return Check(False, "the event loop's lag is not measured yet")
+        limit_s = self.worker.config.ready_max_loop_lag_ms / 1000
+        stuck_s = self.clock() - woke - LOOP_PROBE_S  # > 0: late right now
+        lag_s = max(self.loop_lag_s, stuck_s)
+        if lag_s > limit_s:
+            return Check(False, f"the event loop ran a timer {lag_s * 1000:.0f} ms late within the last "
+                                f"{LOOP_LAG_WINDOW_S:g} s (at most {limit_s * 1000:.0f} ms: --ready-max-loop-lag-ms)")
+        return Check(True, f"the event loop runs on time (worst lag {lag_s * 1000:.0f} ms in {LOOP_LAG_WINDOW_S:g} s)")
 
     def _model(self) -> Check:
         engine = self.worker.engine
@@ -130,3 +151,19 @@ class HealthChecks:
                 self.broker_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 log.debug("broker probe failed: %s", self.broker_error)
             await asyncio.sleep(BROKER_PROBE_S)
+
+    # ---- the loop-lag probe, a task on the worker's event loop ------------------------------------
+
+    async def watch_loop(self) -> None:
+        """Sleep LOOP_PROBE_S at a time and keep the worst lateness of the last LOOP_LAG_WINDOW_S; runs until
+        cancelled."""
+        recent: collections.deque[tuple[float, float]] = collections.deque()  # (woke at, lag)
+        while True:
+            asleep_at = self.clock()
+            await asyncio.sleep(LOOP_PROBE_S)
+            woke = self.clock()
+            recent.append((woke, max(0.0, woke - asleep_at - LOOP_PROBE_S)))
+            while recent[0][0] < woke - LOOP_LAG_WINDOW_S:
+                recent.popleft()
+            self.loop_lag_s = max(lag for _, lag in recent)
+            self.loop_woke_at = woke

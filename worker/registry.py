@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from enum import Enum
+from typing import Callable
 
 from lorabus.scheduler.adapter_manager import MIX_PREFIX, mix_key
 from lorabus.schemas import AdapterPublish, Job, JobError, MixMember, RouteSet, RouteTarget, parse_adapter_ref
-from lorabus.worker.control_log import ControlLog
+from lorabus.worker.control_log import ControlLog, RouteKey
 from lorabus.worker.routing import pick_target
 
 
@@ -32,11 +33,18 @@ class Load(Enum):
 
 
 class AdapterHealth:
-    """This worker's loads: which versions have loaded, are loading, or failed and why ("name@version" keys)."""
+    """This worker's loads: which versions have loaded, are loading, or failed and why ("name@version" keys).
+    Change states only through `set` and `forget`: they keep `loading` and tell the watchers."""
 
     def __init__(self):
         self.states: dict[str, Load] = {}
         self.reasons: dict[str, str] = {}
+        self.loading: set[str] = set()  # the keys in state LOADING (asked often: never a scan of every state)
+        self._watchers: list[Callable[[str], None]] = []
+
+    def watch(self, on_change: Callable[[str], None]) -> None:
+        """Be told of every key whose state changes."""
+        self._watchers.append(on_change)
 
     def state(self, key: str) -> Load | None:
         return self.states.get(key)
@@ -49,11 +57,24 @@ class AdapterHealth:
             self.reasons.pop(key, None)
         else:
             self.reasons[key] = reason
+        if state is Load.LOADING:
+            self.loading.add(key)
+        else:
+            self.loading.discard(key)
+        if changed:
+            self._tell(key)
         return changed
 
     def forget(self, key: str) -> None:
-        self.states.pop(key, None)
+        known = self.states.pop(key, None) is not None
         self.reasons.pop(key, None)
+        self.loading.discard(key)
+        if known:
+            self._tell(key)
+
+    def _tell(self, key: str) -> None:
+        for on_change in self._watchers:
+            on_change(key)
 
     def failure(self, key: str) -> str | None:
         return self.reasons.get(key) if self.states.get(key) is Load.FAILED else None
@@ -77,15 +98,36 @@ def adapter_key(name: str, version: str) -> str:
 
 
 class AdapterRegistry:
+    """What serves, read from the control log and this worker's loads. The versions to load next
+    (`to_load`) are kept per name and per route key and re-derived only for those a control event or a
+    load changed since the last call (both tell the registry: `ControlLog.watch`, `AdapterHealth.watch`),
+    so a burst of N loads at start-up costs O(N), not O(N) per load."""
+
     def __init__(self, log: ControlLog, health: AdapterHealth):
         self.log, self.health = log, health
+        self._wanted_by_name: dict[str, str] = {}  # name → its next version to load, if any
+        self._wanted_by_route: dict[RouteKey, list[str]] = {}  # route key → the versions its routes want
+        self._wanted_peak = 0  # the most entries the two held since they were last copied (_compact_wanted)
+        self._stale_names: set[str] = set(log.names())  # names whose wanted version may have changed
+        self._stale_routes: set[RouteKey] = set(log.route_keys())
+        self._names_of_route: dict[RouteKey, set[str]] = {}  # the names a route key's routes go through
+        self._routes_through: dict[str, set[RouteKey]] = {}  # ... and back: a name's change is its routes' too
+        log.watch(self._name_changed, self._stale_routes.add)
+        health.watch(self._version_changed)
+
+    def _name_changed(self, name: str) -> None:
+        self._stale_names.add(name)
+        self._stale_routes.update(self._routes_through.get(name, ()))
+
+    def _version_changed(self, key: str) -> None:
+        self._name_changed(key.partition("@")[0])
 
     # ---- what serves ------------------------------------------------------------------------------
 
     def serving(self, name: str) -> str | None:
         """The version a name-only job gets: the first candidate that has loaded here; else the first
         not known to fail (its jobs wait for the load); else the first (its jobs fail with its reason)."""
-        candidates = self.log.candidates(name)
+        candidates = self.log.candidate_order(name)
         pending = None
         for version in candidates:
             state = self.health.state(adapter_key(name, version))
@@ -126,24 +168,68 @@ class AdapterRegistry:
 
     def to_load(self) -> list[str]:
         """Versions to warm up now: for each name and each task, the next in serving order that has not
-        been tried here, unless an earlier one has loaded or is loading."""
-        wanted: list[str] = []
-        for name in self.log.names():
-            for version in self.log.candidates(name):
-                state = self.health.state(adapter_key(name, version))
-                if state is Load.FAILED:
-                    continue
-                if state is None:
-                    wanted.append(adapter_key(name, version))
-                break
-        for task, tenant in self.log.route_keys():
-            for route in self.log.routes(task, tenant):
-                states = self._route_states(route)
-                if Load.FAILED in states.values():
-                    continue
-                wanted += [ref for ref, state in states.items() if state is None]
-                break
+        been tried here, unless an earlier one has loaded or is loading. Names first (sorted), then
+        routes (by task, then tenant), each version once."""
+        for name in self._stale_names:
+            wanted = self._wanted_for_name(name)
+            if wanted is None:
+                self._wanted_by_name.pop(name, None)
+            else:
+                self._wanted_by_name[name] = wanted
+        self._stale_names.clear()
+        for route_key in self._stale_routes:
+            self._index_route(route_key)
+            wanted_refs = self._wanted_for_route(route_key)
+            if wanted_refs:
+                self._wanted_by_route[route_key] = wanted_refs
+            else:
+                self._wanted_by_route.pop(route_key, None)
+        self._stale_routes.clear()
+        self._compact_wanted()
+        wanted = [self._wanted_by_name[name] for name in sorted(self._wanted_by_name)]
+        for route_key in sorted(self._wanted_by_route, key=lambda k: (k[0], k[1] or "")):
+            wanted += self._wanted_by_route[route_key]
         return list(dict.fromkeys(wanted))
+
+    def _compact_wanted(self) -> None:
+        """A dict keeps the slots of removed keys until it grows again, and iterating it walks them all: after
+        a start-up that wanted 50,000 versions, every later to_load would. Copy it once it is well below its
+        peak (amortized O(1) per removal)."""
+        size = len(self._wanted_by_name) + len(self._wanted_by_route)
+        self._wanted_peak = max(self._wanted_peak, size)
+        if size * 4 < self._wanted_peak:
+            self._wanted_by_name, self._wanted_by_route = dict(self._wanted_by_name), dict(self._wanted_by_route)
+            self._wanted_peak = size
+
+    def _wanted_for_name(self, name: str) -> str | None:
+        for version in self.log.candidate_order(name):
+            state = self.health.state(adapter_key(name, version))
+            if state is Load.FAILED:
+                continue
+            return adapter_key(name, version) if state is None else None
+        return None
+
+    def _wanted_for_route(self, route_key: RouteKey) -> list[str]:
+        for route in self.log.routes(*route_key):
+            states = self._route_states(route)
+            if Load.FAILED in states.values():
+                continue
+            return [ref for ref, state in states.items() if state is None]
+        return []
+
+    def _index_route(self, route_key: RouteKey) -> None:
+        """Note which names the route key's routes go through, so their changes reach it."""
+        names = {ref.partition("@")[0] for route in self.log.routes(*route_key)
+                 for target in route.targets for ref in target.versions()}
+        for name in self._names_of_route.pop(route_key, set()) - names:
+            through = self._routes_through[name]
+            through.discard(route_key)
+            if not through:
+                del self._routes_through[name]
+        for name in names:
+            self._routes_through.setdefault(name, set()).add(route_key)
+        if names:
+            self._names_of_route[route_key] = names
 
     # ---- jobs -------------------------------------------------------------------------------------
 
@@ -199,7 +285,7 @@ class AdapterRegistry:
     def _knows(self, ref_text: str) -> bool:
         ref = parse_adapter_ref(ref_text)
         if ref.version is None:
-            return bool(self.log.candidates(ref.name))
+            return bool(self.log.candidate_order(ref.name))
         return self.log.published(ref.name, ref.version) is not None
 
     def resolve(self, ref_text: str, tenant: str) -> ResolvedAdapter:

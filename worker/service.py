@@ -16,11 +16,13 @@ the event loop, so heartbeats and other jobs' results never wait on one record.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import socket
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -39,6 +41,7 @@ from lorabus.worker.client import topic_partitions
 from lorabus.worker.config import WorkerConfig
 from lorabus.worker.kafka_security import client_options
 from lorabus.worker.lag import ConsumerLag
+from lorabus.worker.load_retry import LoadRetries
 from lorabus.worker.control_log import ControlLog, SkippedRecord, is_control_key, key_text, read_record
 from lorabus.worker.health import HealthChecks
 from lorabus.worker.metrics import Metrics
@@ -46,6 +49,7 @@ from lorabus.worker.offsets import PartitionOffsets
 from lorabus.worker.output import AtLeastOnceOutput, Outgoing, TransactionalOutbox
 from lorabus.worker.producer import ResultProducer, truncated_copy
 from lorabus.worker.registry import AdapterHealth, AdapterRegistry, Load, ResolvedAdapter, adapter_key, is_mix_key
+from lorabus.worker.reply_topics import ReplyRules
 from lorabus.worker.signing import ControlKeys
 from lorabus.worker.status import StatusReporter
 from lorabus.worker.topics import check_control_topic, ensure_worker_topics
@@ -67,6 +71,10 @@ MAX_OUTGOING_BYTES = 1_000_000
 DLQ_REASON_BYTES = 4096
 # After a failed fetch of the control topic (broker away), wait this long before the next one.
 CONTROL_RETRY_S = 1.0
+# Applying a large batch of control records gives the event loop back this often, so heartbeats, health
+# pages and jobs never wait on the control log (one record takes tens of microseconds).
+CONTROL_SLICE_S = 0.02
+CATCH_UP_LOG_S = 5.0  # how often start-up logs how far it has read the control topic
 # How often at most the worker tells the engine which adapters its partitions bring (a dict copy each time).
 AFFINITY_PUSH_S = 0.5
 # On SIGTERM, how long the last commit and each client's close may take (they run side by side): a broker
@@ -127,7 +135,10 @@ class Worker:
         self.control_log = ControlLog()
         self.health = AdapterHealth()
         self.registry = AdapterRegistry(self.control_log, self.health)
+        self._load_retries = LoadRetries(config.adapter_retry_ms / 1000, config.adapter_retry_max_ms / 1000,
+                                         self._retry_load)
         self.control_keys = ControlKeys.load(config.control_key) if config.control_key else None
+        self.reply_rules = ReplyRules.from_config(config)  # which reply_to topics each tenant may name
         self.partitions: dict[TopicPartition, PartitionOffsets] = {}
         self.inflight: set[asyncio.Task] = set()
         self.metrics_port: int | None = None
@@ -138,6 +149,12 @@ class Worker:
         self._health_changed = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False  # set once the control log read at start-up has been applied and settled
+        self._log_read = False  # the control log as of start-up has been applied: loads may begin
+        # Warm-ups wait here in order and go to the engine at most `max_warmups` at a time, so a log of
+        # many names never puts thousands of them in the engine's queue ahead of jobs.
+        self._warm_queue: collections.deque[str] = collections.deque()
+        self._warm_queued: set[str] = set()
+        self._warming = 0  # warm-ups handed to the engine and not answered yet
         self._stop = asyncio.Event()
         self._known_topics: set[str] = set()
         self._topics_checked_at = float("-inf")
@@ -177,6 +194,7 @@ class Worker:
         self.admin = AIOKafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers, **self.kafka_options)
         await self.admin.start()
         broker_task = asyncio.create_task(self.checks.watch_broker(self.admin))
+        loop_task = asyncio.create_task(self.checks.watch_loop())
         # The control topic is the fleet's state, not a queue: always read whole, whatever auto_offset_reset says.
         self.control = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap_servers, enable_auto_commit=False,
                                         auto_offset_reset="earliest", **self.kafka_options)
@@ -194,24 +212,26 @@ class Worker:
                                      cfg.security)
         await self.status.start()
         control_task = asyncio.create_task(self._control_loop())
-        await self.catch_up_control()  # every published adapter is known before the first job
-        await self.settle_loads()  # ... and what serves has loaded: a restarted worker serves what it served
-        self._started = True
-        self.jobs.subscribe([cfg.jobs_topic], listener=_Rebalance(self))
-        await self.jobs.start()
-        self.consuming = True
-        commit_task = asyncio.create_task(self._commit_loop())
-        log.info("worker %s consuming %s as group %s", self.worker_id, cfg.jobs_topic, cfg.group_id)
+        tasks = [broker_task, loop_task, control_task]
         try:
+            # A large control log takes a while: SIGTERM meanwhile stops the worker at once.
+            if not await self._unless_stopped(self._start_up()):
+                log.info("stopped while starting up (%d control records read)", self.control_offset)
+                return
+            self._started = True
+            self.jobs.subscribe([cfg.jobs_topic], listener=_Rebalance(self))
+            await self.jobs.start()
+            self.consuming = True
+            tasks.append(asyncio.create_task(self._commit_loop()))
+            log.info("worker %s consuming %s as group %s", self.worker_id, cfg.jobs_topic, cfg.group_id)
             await self._jobs_loop()
         finally:
             # Graceful stop: no new records, finish and answer what is held (within the drain timeout), commit, leave.
             await self._drain()
             await _bounded("the last commit", self.commit())  # a broker away: left to the next owner
-            commit_task.cancel()
-            control_task.cancel()
-            broker_task.cancel()
-            await asyncio.gather(commit_task, control_task, broker_task, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             # Every client closes, each bounded, whatever the others do: a broker away cannot say goodbye.
             await asyncio.gather(_bounded("the jobs consumer", _stop_consumer(self.jobs)),
                                  _bounded("the control consumer", _stop_consumer(self.control)),
@@ -223,6 +243,38 @@ class Worker:
                 await asyncio.to_thread(self.metrics_server.shutdown)
                 self.metrics_server.server_close()
             log.info("worker %s stopped", self.worker_id)
+
+    async def _start_up(self) -> None:
+        """Every published adapter known before the first job, and what serves loaded: a restarted worker
+        serves what it served."""
+        await self._read_control_to_end()
+        # What serves, queued in slices: tens of thousands of names must not hold the event loop either.
+        slice_ends = time.monotonic() + CONTROL_SLICE_S
+        for key in self.registry.to_load():
+            if self.health.state(key) is None:
+                self._load(key)
+            if time.monotonic() >= slice_ends:
+                await asyncio.sleep(0)
+                slice_ends = time.monotonic() + CONTROL_SLICE_S
+        self._log_read = True  # from here every event and every finished load asks for what serves next
+        self._load_what_serves()  # what changed while the slices were queued
+        await self.settle_loads()
+
+    async def _unless_stopped(self, step) -> bool:
+        """Run a start-up step until it is done (True) or the worker is told to stop (False: it is cancelled)."""
+        work = asyncio.ensure_future(step)
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this wait is itself cancelled: the step never outlives it
+            stopped.cancel()
+            if not work.done():
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+        if work.cancelled():
+            return False
+        work.result()  # its error, if it failed
+        return True
 
     async def _drain(self) -> None:
         if not self.inflight:
@@ -282,7 +334,8 @@ class Worker:
     # ---- control topic ----------------------------------------------------------------------------
 
     async def _control_loop(self) -> None:
-        """Apply every control record in order; no record and no broker error ends this loop."""
+        """Apply every control record in order; no record and no broker error ends this loop. A large batch
+        gives the event loop back every CONTROL_SLICE_S (heartbeats, health pages, jobs)."""
         while True:
             try:
                 batches = await self.control.getmany(timeout_ms=200)
@@ -290,12 +343,17 @@ class Worker:
                 log.warning("reading the control topic failed (%s); retrying", exc)
                 await asyncio.sleep(CONTROL_RETRY_S)
                 continue
+            slice_ends = time.monotonic() + CONTROL_SLICE_S
             for tp, records in batches.items():
                 for record in records:
                     self._apply_control(record)
                     self._control_applied[tp] = record.offset + 1
+                    if time.monotonic() >= slice_ends:
+                        await asyncio.sleep(0)
+                        slice_ends = time.monotonic() + CONTROL_SLICE_S
             if batches:
-                self._load_what_serves()
+                if self._log_read:  # at start-up, loads begin once the whole log is read (_start_up)
+                    self._load_what_serves()
                 self.status.changed()
             self._control_progress.set()
 
@@ -355,15 +413,16 @@ class Worker:
                     self.health.set(key, Load.FAILED, f"{key}: {exc}")
                     raise ControlRejected(str(exc)) from None
                 self.engine.register(AdapterSpec(key, path, event.sha256))
-                if self._started and self.health.state(key) is None:
-                    self._load(key)  # a new version is tried at once, so status (and --wait) can tell it loads
-                else:
-                    self.engine.prefetch(key)  # reading the log at start-up: only what serves is loaded
+                # A new version is tried at once, so status (and --wait) can tell it loads. Reading the log at
+                # start-up, only what serves is loaded, once it is all read (_start_up): a name's versions
+                # are history, and loading each of thousands would only evict the others.
+                if self._log_read and self.health.state(key) is None:
+                    self._load(key)
             case AdapterActivate(name=name, version=version) if log_.published(name, version) is None:
                 log.info("activation of %s@%s: that version is not published; it counts once it is", name, version)
             case AdapterWarm(name=name, version=version):
-                if not self._started:
-                    pass  # a warm-up read at start-up is history: publish already prefetches every version
+                if not self._log_read:
+                    pass  # a warm-up read at start-up is history: what serves is loaded once the log is read
                 elif log_.published(name, version) is None:
                     log.info("warm-up of %s@%s skipped: that version is not published", name, version)
                 else:
@@ -377,19 +436,45 @@ class Worker:
             self._load(key)
 
     def _load(self, key: str) -> None:
-        """Load a version and run one dummy step on it; traffic moves to it only once it is ready."""
+        """Load a version and run one dummy step on it; traffic moves to it only once it is ready. Queued
+        behind the warm-ups already asked for, at most `max_warmups` of them in the engine at once."""
         self.health.set(key, Load.LOADING)
+        if key not in self._warm_queued:
+            self._warm_queued.add(key)
+            self._warm_queue.append(key)
+        self._start_warmups()
 
-        def done(c: Completion) -> None:
+    def _start_warmups(self) -> None:
+        """Hand queued warm-ups to the engine while fewer than `max_warmups` are there (none once stopping:
+        the engine would only answer them `internal`)."""
+        while self._warm_queue and self._warming < self.config.max_warmups and not self.stopping:
+            key = self._warm_queue.popleft()
+            self._warm_queued.discard(key)
+            name, _, version = key.partition("@")
+            if self.control_log.published(name, version) is None:  # retired while it waited
+                self.health.forget(key)
+                continue
+            if self.health.state(key) is not Load.LOADING:  # a job's load got there first
+                continue
+            self._warming += 1
+            self.engine.warm(key, self._warm_done(key))
+
+    def _warm_done(self, key: str):
+        def done(c: Completion) -> None:  # on an engine thread
             if c.status == "ok":
                 state, reason = Load.READY, None
             elif c.error_code in ("adapter_load_failed", "adapter_not_found"):
                 state, reason = Load.FAILED, c.error_message
             else:  # e.g. the engine is stopping: nothing learned about the adapter
                 state, reason = None, c.error_message
-            self._from_engine(self._loaded, key, state, reason)
+            self._from_engine(self._warmed, key, state, reason)
 
-        self.engine.warm(key, done)
+        return done
+
+    def _warmed(self, key: str, state: Load | None, reason: str | None) -> None:
+        self._warming -= 1
+        self._loaded(key, state, reason)
+        self._start_warmups()
 
     def _from_engine(self, fn, *args) -> None:
         """Run `fn(*args)` on the event loop, called from an engine thread; dropped once the loop has closed."""
@@ -409,16 +494,39 @@ class Worker:
             if state is Load.FAILED and changed:
                 log.warning("adapter %s failed to load: %s", key, reason)
                 self.metrics.adapter_load_failures.inc()
+        if state is Load.FAILED:  # its file may be restored: tried again later (worker/load_retry.py)
+            self._load_retries.failed(key)
+        elif state is Load.READY:
+            self._load_retries.settled(key)
         if changed:
-            if state is not None:
+            if state is not None and self._log_read:
                 self._load_what_serves()
             self.status.changed()
             self._health_changed.set()
 
+    def _retry_load(self, key: str) -> None:
+        """A failed version's next try: loaded again as at publish, while it still fails here and the engine
+        holds what is published (a re-publish whose path was refused keeps failing until the next one)."""
+        name, _, version = key.partition("@")
+        publish = self.control_log.published(name, version)
+        spec = self.engine.adapters.spec(key)
+        if self.stopping or publish is None or spec is None or self.health.state(key) is not Load.FAILED:
+            self._load_retries.settled(key)
+            return
+        try:
+            path = confine_adapter_path(publish.path, self.config.adapter_root)
+        except AdapterPathError:
+            path = None
+        if (spec.path, spec.sha256) != (path, publish.sha256):
+            self._load_retries.settled(key)
+            return
+        log.info("trying adapter %s again (it failed: %s)", key, self.health.failure(key))
+        self._load(key)
+
     async def settle_loads(self) -> None:
         """Wait until no version that serves here is still loading (bounded by control_wait_ms)."""
         deadline = time.monotonic() + self.config.control_wait_ms / 1000
-        while Load.LOADING in self.health.states.values():
+        while self.health.loading:
             self._health_changed.clear()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -428,6 +536,28 @@ class Worker:
                 await asyncio.wait_for(self._health_changed.wait(), remaining)
             except asyncio.TimeoutError:
                 pass
+
+    async def _read_control_to_end(self) -> None:
+        """Start-up: apply the control topic up to its end as of now, however long that takes. A large log
+        is no error: the worker is not in the jobs group yet, the event loop keeps serving (see
+        _control_loop), and SIGTERM stops it (_unless_stopped). Progress is logged every CATCH_UP_LOG_S."""
+        parts = list(self.control.assignment())
+        while True:
+            try:
+                ends = await self.control.end_offsets(parts)
+                break
+            except KafkaError as exc:  # a broker away or slow: the records will still be there
+                log.warning("control topic end offsets not read (%s); retrying", exc)
+                await asyncio.sleep(CONTROL_RETRY_S)
+        started = time.monotonic()
+        next_log = started + CATCH_UP_LOG_S
+        while any(self._control_applied.get(tp, 0) < end for tp, end in ends.items()):
+            self._control_progress.clear()
+            await self._control_progress.wait()  # set after every poll of the control topic
+            if time.monotonic() >= next_log:
+                log.info("reading the control topic: %d of %d records", self.control_offset, sum(ends.values()))
+                next_log = time.monotonic() + CATCH_UP_LOG_S
+        log.info("control topic read: %d records in %.1f s", self.control_offset, time.monotonic() - started)
 
     async def catch_up_control(self) -> None:
         """Wait until every control event published before now has been applied (read-your-writes)."""
@@ -574,9 +704,10 @@ class Worker:
                       prompt=_prompt_text(job) if self.config.log_payloads else None)
         reply_to = job.reply_to
         if reply_to is not None:
-            problem = await self._reply_topic_problem(reply_to)
-            if problem is not None:
-                return error_result(job.id, "invalid_job", problem, self.worker_id), None
+            problem = await self._reply_topic_problem(job.tenant, reply_to)
+            if problem is not None:  # answered on the default results topic
+                code, message = problem
+                return error_result(job.id, code, message, self.worker_id), None
         if job.prompt_bytes() > self.config.max_prompt_bytes:  # checked before anything is tokenized
             what = "the prompt is" if job.prompt is not None else "the messages' contents together are"
             return error_result(job.id, "invalid_job", f"{what} longer than {self.config.max_prompt_bytes} "
@@ -595,7 +726,8 @@ class Worker:
             return self._error(job, resolved, "adapter_load_failed", failure), reply_to
         if job.deadline_ms is not None and time.time() * 1000 > job.deadline_ms:
             return self._error(job, resolved, "deadline_exceeded", "the job's deadline passed before it ran"), reply_to
-        completion = await self._generate(to_request(job, resolved))
+        resolved, completion = await self._generate_or_fall_back(
+            job, resolved, lambda adapter: to_request(job, adapter, self.config.content_special_tokens))
         if completion.status != "ok":
             return self._error(job, resolved, completion.error_code, completion.error_message), reply_to
         self._observe(completion)
@@ -623,6 +755,30 @@ class Worker:
             members.append((spec, weight))
         self.engine.register(mix_spec(members))
 
+    async def _generate_or_fall_back(self, job: Job, resolved: ResolvedAdapter | None,
+                                     request_for: Callable[[ResolvedAdapter | None], Request]
+                                     ) -> tuple[ResolvedAdapter | None, Completion]:
+        """Generate on `resolved`. If its version fails to load now (e.g. its file changed since it last
+        loaded here), a job that named no exact version is served by what serves after that failure, as
+        the next job would be: the switch to a version that cannot load falls back. The failure is
+        recorded before the job's answer arrives (both reach this loop from the engine's thread, in
+        that order), so resolving again sees it; a version is never tried twice for one job."""
+        tried: set[str] = set()
+        while True:
+            completion = await self._generate(request_for(resolved))
+            if completion.error_code != "adapter_load_failed" or resolved is None:
+                return resolved, completion
+            tried.add(resolved.key)
+            try:
+                fallback = await self._resolve(job)
+            except JobError:  # e.g. retired meanwhile: the load failure is the answer
+                return resolved, completion
+            if fallback is None or fallback.key in tried or self.registry.load_failure(fallback) is not None:
+                return resolved, completion
+            log.info("adapter %s failed to load for this job (%s); served by %s instead", resolved.key,
+                     completion.error_message, fallback.key)
+            resolved = fallback
+
     async def _generate(self, request: Request) -> Completion:
         """The hand-off to the engine: submit from a thread, await the completion on this loop."""
         loop = asyncio.get_running_loop()
@@ -644,18 +800,20 @@ class Worker:
     def _error(self, job: Job, resolved: ResolvedAdapter | None, code: str, message: str) -> JobResult:
         return error_result(job.id, code, message, self.worker_id, **provenance(resolved))
 
-    async def _reply_topic_problem(self, topic: str) -> str | None:
-        """Why results may not go to `topic` (None when they may)."""
-        cfg = self.config
-        if topic in (cfg.jobs_topic, cfg.control_topic, cfg.dlq_topic) or topic.startswith("__"):
-            return f"reply_to may not name the topic {topic}: it is not a results topic"
+    async def _reply_topic_problem(self, tenant: str, topic: str) -> tuple[str, str] | None:
+        """Why a job of `tenant` may not have its result written to `topic`, as (error code, message); None
+        when it may. The operator's rules first (worker/reply_topics.py), so a tenant learns nothing of topics
+        it may not use, not even whether they exist."""
+        refusal = self.reply_rules.refusal(tenant, topic)
+        if refusal is not None:
+            return "forbidden", refusal
         deadline = time.monotonic() + REPLY_TOPIC_WAIT_S
         while topic not in self._known_topics:
             await self._refresh_topics()
             if topic in self._known_topics:
                 break
             if time.monotonic() >= deadline:
-                return f"reply_to topic {topic} does not exist"
+                return "invalid_job", f"reply_to topic {topic} does not exist"
             await asyncio.sleep(TOPICS_RECHECK_S)
         return None
 

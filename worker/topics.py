@@ -4,7 +4,9 @@ The control topic is the fleet's only memory of what is published, activated and
 created compacted with no retention, with one partition (events are ordered), and its record keys
 (worker/control_log.py) make compaction keep exactly the state a restarted worker needs. A control
 topic that already exists is checked at start-up, with a warning for each setting that would lose
-state or order. The status topic is compacted too: one record per worker id.
+state or order. The status topic is compacted too: one record per worker id. Its records carry the
+broker's clock (LogAppendTime), which readers take for a worker's liveness since a writer cannot choose
+it, and are stored uncompressed, so the broker's max.message.bytes bounds what a reader must inflate.
 """
 
 from __future__ import annotations
@@ -22,7 +24,11 @@ log = logging.getLogger(__name__)
 
 # retention.ms=-1: compaction alone decides what goes, even if the policy is later widened to delete.
 CONTROL_TOPIC_CONFIGS = {"cleanup.policy": "compact", "retention.ms": "-1", "retention.bytes": "-1"}
-STATUS_TOPIC_CONFIGS = {"cleanup.policy": "compact"}
+# LogAppendTime: the broker stamps each record (worker/fleet.py is_live). compression.type=uncompressed:
+# the broker inflates a compressed batch and re-checks its size against max.message.bytes, refusing a
+# small record that would inflate to gigabytes in every `lorabus status`.
+STATUS_TOPIC_CONFIGS = {"cleanup.policy": "compact", "message.timestamp.type": "LogAppendTime",
+                        "compression.type": "uncompressed"}
 
 
 async def ensure_topics(bootstrap: str, topics: dict[str, int], configs: dict[str, dict[str, str]] | None = None,
@@ -79,6 +85,18 @@ def control_topic_problems(configs: dict[str, str | None], partitions: int) -> l
         problems.append("cleanup.policy has no compact: the control log is never compacted and grows without bound")
     if partitions != 1:
         problems.append(f"{partitions} partitions: control events on different partitions have no order (use 1)")
+    return problems
+
+
+def status_topic_problems(configs: dict[str, str | None]) -> list[str]:
+    """What about an existing status topic lets one writer mislead every reader (empty when nothing)."""
+    problems = []
+    if configs.get("message.timestamp.type") != "LogAppendTime":
+        problems.append(f"message.timestamp.type={configs.get('message.timestamp.type')}: writers choose the record "
+                        "time liveness is judged by (set message.timestamp.type=LogAppendTime)")
+    if configs.get("compression.type") != "uncompressed":
+        problems.append(f"compression.type={configs.get('compression.type')}: a small compressed record may inflate "
+                        "far past max.message.bytes in every reader (set compression.type=uncompressed)")
     return problems
 
 

@@ -8,11 +8,15 @@ from lorabus.schemas import Job, JobResult, MixUsed, Usage
 from lorabus.worker.registry import ResolvedAdapter
 
 
-def to_request(job: Job, adapter: ResolvedAdapter | None) -> Request:
+def to_request(job: Job, adapter: ResolvedAdapter | None, content_special_tokens: bool = False) -> Request:
+    """The engine's request for a job; `content_special_tokens` is the worker's setting, which the job's own
+    `content_special_tokens` overrides."""
     return Request(
         id=job.id, tenant=job.tenant, adapter=adapter.key if adapter else None,
         prompt=job.prompt, prompt_ids=job.prompt_ids,
         messages=[{"role": m.role, "content": m.content} for m in job.messages] if job.messages is not None else None,
+        content_special_tokens=(job.content_special_tokens if job.content_special_tokens is not None
+                                else content_special_tokens),
         params=SamplingParams(job.max_new_tokens, job.temperature, job.top_p, job.top_k, job.seed, tuple(job.stop)),
         deadline=job.deadline_ms / 1000 if job.deadline_ms is not None else None,
     )
