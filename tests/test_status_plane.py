@@ -4,6 +4,7 @@ future and no interval past the cap (`fleet.is_live`); every text a record carri
 terminal; and the text view of 10,000 adapter names renders in well under 3 s."""
 
 import time
+from types import SimpleNamespace
 
 import msgspec
 import pytest
@@ -13,7 +14,8 @@ from lorabus.schemas import (AdapterActivate, AdapterPublish, RouteSet, RouteSta
 from lorabus.worker import fleet
 from lorabus.worker.control_log import ControlLog
 from lorabus.worker.fleet import MAX_CLOCK_SKEW_MS, MAX_INTERVAL_MS, render_status, terminal_text
-from lorabus.worker.status import fit
+from lorabus.worker.registry import AdapterHealth, AdapterRegistry, Load
+from lorabus.worker.status import StatusReporter, fit
 from cli_fakes import NOW, fake_status
 
 LONG = "n" * 120  # adapter names near the schema's 128-character limit, as in the issue's run
@@ -80,6 +82,56 @@ def test_versions_and_names_are_cut_by_their_newest_control_record():
     assert f"{names[0]}@v1" in {v.adapter for v in cut.versions}
     assert names[-1] in cut.serving and names[1] not in cut.serving  # the newest publishes stay, not the oldest
     assert cut.names_omitted == 2000 - len(cut.serving) and cut.versions_omitted == 2000 - len(cut.versions)
+
+
+def test_names_that_encode_larger_than_their_length_are_still_cut_under_the_bound():
+    """Entries are sized by their texts' lengths, exact for plain ASCII; non-ASCII text and JSON escapes
+    (2 to 6 bytes a character) make the record larger than that, and the cut is then searched by encoding."""
+    log = ControlLog()
+    names = [f"{'é' * 40}\u0001\"{i:04d}" for i in range(2000)]  # 2 bytes each, a 6-byte escape, a 2-byte one
+    for i, name in enumerate(names):
+        log.apply(i, AdapterPublish(name, "v1", "/a"))
+    status = fake_status("w1", 2000, serving={n: "v1" for n in names},
+                         versions=[(f"{n}@v1", "failed", "é\u0002" * 20) for n in names])
+    cut = fit(status, 32 * 1024, log)
+    assert len(encode(cut)) <= 32 * 1024 and cut.truncated and cut.serving
+    assert names[-1] in cut.serving and names[0] not in cut.serving
+    assert cut.names_omitted == 2000 - len(cut.serving) and cut.versions_omitted == 2000 - len(cut.versions)
+
+
+class _CountingRegistry(AdapterRegistry):
+    """The worker's registry, counting the names it is asked to resolve for a status record."""
+
+    served = 0
+
+    def serving(self, name):
+        self.served += 1
+        return super().serving(name)
+
+
+async def test_a_snapshot_builds_only_the_entries_that_fit_newest_first():
+    """R1 at 50,000 names: a snapshot ran after every finished warm-up and built, sized and sorted every
+    name's entries (0.5-1 s of event loop each), so /readyz never said ready. It now builds entries newest
+    first only while they fit: a cut record resolves about as many names as it holds, not all of them."""
+    log, health = ControlLog(), AdapterHealth()
+    registry = _CountingRegistry(log, health)
+    engine = SimpleNamespace(resident=lambda: [], adapters=SimpleNamespace(host_cache={}))
+    worker = SimpleNamespace(control_log=log, registry=registry, health=health, engine=engine, worker_id="w1",
+                             control_offset=0, inflight={}, config=SimpleNamespace(status_max_bytes=32 * 1024))
+    names = [f"{LONG[:100]}{i:05d}" for i in range(20_000)]
+    log.apply(0, AdapterPublish(names[0], "v1", "/a"))  # read before the reporter starts: counted too
+    reporter = StatusReporter(worker, "localhost:9", "status", 2000)  # never started: no broker needed
+    for i, name in enumerate(names[1:], start=1):
+        log.apply(i, AdapterPublish(name, "v1", "/a"))
+        health.set(f"{name}@v1", Load.READY)
+    log.apply(len(names), AdapterActivate(names[0], "v1"))  # the oldest name, activated last: newest
+    cut = reporter.snapshot()
+    assert len(encode(cut)) <= 32 * 1024 and cut.truncated
+    assert cut.activated == {names[0]: "v1"} and names[-1] in cut.serving and names[1] not in cut.serving
+    assert cut.names_omitted == len(names) - len(cut.serving)
+    assert cut.versions_omitted == len(names) - 1 - len(cut.versions)  # names[0]@v1 never loaded here
+    assert registry.served <= len(cut.serving) + 1, registry.served  # the one that did not fit: asked, left out
+    await reporter.producer.stop()
 
 
 # ---- liveness: the record's time, clamped; the interval, capped ----------------------------------------

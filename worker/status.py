@@ -7,6 +7,11 @@ tell a live worker from a silent one. A worker that stops cleanly leaves a tombs
 A record never exceeds `--status-max-bytes` (`fit`): past it, the least recent routes, versions and
 adapter names (by the offset of their newest control record) are left out and counted in the record,
 so a worker with a huge control log still reports, and the newest events (what --wait follows) stay.
+
+Cost, on the event loop. Changes only mark the status dirty; a snapshot builds its entries newest first
+(the order kept as the control log changes) and stops where the record is full, sized by the lengths of
+its texts and encoded once, so it costs what the record holds, not what the worker holds (50,000 names:
+tens of ms, not a second); and the next one waits in proportion to its cost (SNAPSHOT_LOOP_SHARE).
 """
 
 from __future__ import annotations
@@ -14,13 +19,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple
 
 import msgspec
 from aiokafka import AIOKafkaProducer
 
 from lorabus.schemas import RouteDelete, RouteSet, RouteStatus, VersionStatus, WorkerStatus, encode
-from lorabus.worker.control_log import ControlLog
+from lorabus.worker.control_log import ControlLog, RouteKey
 from lorabus.worker.kafka_security import KafkaSecurity, client_options
 from lorabus.worker.producer import close_producer
 
@@ -30,6 +35,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_GAP_S = 0.1  # changes within this are reported together
+# A snapshot may take at most this share of the event loop's time: after one that took t seconds, the
+# next waits t / share - t (changes meanwhile are reported together), so however many changes come (a
+# warm-up finishing every few ms at start-up), the loop stays free to serve.
+SNAPSHOT_LOOP_SHARE = 0.1
 # --status-max-bytes is refused below this: the fixed fields and the resident list (never cut: one entry
 # per device slot, at most 257 characters each) must fit with room to spare. And above this: with the
 # record's key and headers it must pass aiokafka's default max_request_size and Kafka's default
@@ -56,6 +65,20 @@ class StatusReporter:
         self._changed = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.sent = 0
+        # How recent each adapter name and route key is (the control log's end offset when it last
+        # changed), least recent first: the order `snapshot` walks, kept as the log changes (a dict
+        # moves a changed key to its end) instead of re-derived from every record per snapshot.
+        self._name_at: dict[str, int] = {}
+        self._route_at: dict[RouteKey, int] = {}
+        clog = worker.control_log
+        for entry in clog.entries.values():  # what was read before (in the order applied, i.e. by offset)
+            event = entry.event
+            if isinstance(event, (RouteSet, RouteDelete)):
+                _touch(self._route_at, (event.task, event.tenant), entry.offset + 1)
+            else:
+                _touch(self._name_at, event.name, entry.offset + 1)
+        clog.watch(lambda name: _touch(self._name_at, name, clog.end_offset),
+                   lambda route_key: _touch(self._route_at, route_key, clog.end_offset))
 
     async def start(self) -> None:
         await self.producer.start()
@@ -83,33 +106,28 @@ class StatusReporter:
             except asyncio.TimeoutError:
                 pass
             self._changed.clear()
+            started = time.monotonic()
             try:
-                await self.producer.send_and_wait(self.topic, encode(self.snapshot()), key=self.worker.worker_id.encode())
+                body = encode(self.snapshot())
+                cost_s = time.monotonic() - started
+                await self.producer.send_and_wait(self.topic, body, key=self.worker.worker_id.encode())
                 self.sent += 1
             except Exception as exc:  # a broker away: the next round sends the state as it is then
+                cost_s = time.monotonic() - started
                 log.warning("status not sent: %s", exc)
-            await asyncio.sleep(MIN_GAP_S)
+            await asyncio.sleep(max(MIN_GAP_S, cost_s / SNAPSHOT_LOOP_SHARE - cost_s))
 
     def snapshot(self) -> WorkerStatus:
-        """The worker's state as one status record, cut to `max_bytes` (`fit`)."""
+        """The worker's state as one status record, cut to `max_bytes` as `fit` cuts it: the entries are
+        built newest first and only while they fit (`_parts`), so a snapshot costs about what the record
+        holds, not what the worker holds (10,000s of names)."""
         w = self.worker
-        clog, registry, health = w.control_log, w.registry, w.health
-        names = clog.names()
-        routes = []
-        for task, tenant in clog.route_keys():
-            newest = clog.routes(task, tenant)
-            chosen = registry.choose_route(newest)
-            routes.append(RouteStatus(task, tenant, chosen.event_id, chosen.targets,
-                                      pending_event_id=newest[0].event_id if newest[0] is not chosen else None))
-        activated = {n: v for n in names if (v := clog.activated(n)) is not None}
-        status = WorkerStatus(
+        head = WorkerStatus(
             worker=w.worker_id, ts_ms=_ms(), started_ms=self.started_ms, control_offset=w.control_offset,
-            serving={n: registry.serving(n) for n in names}, activated=activated,
-            versions=[VersionStatus(key, state.value, health.reasons.get(key)) for key, state in sorted(health.states.items())
-                      if clog.published(*key.split("@", 1)) is not None],  # retired versions are no one's concern
-            resident=sorted(w.engine.resident()), host_cached=len(w.engine.adapters.host_cache), routes=routes,
-            jobs_inflight=len(w.inflight), interval_ms=self.interval_ms)
-        status = fit(status, self.max_bytes, clog)
+            serving={}, activated={}, versions=[], resident=sorted(w.engine.resident()),
+            host_cached=len(w.engine.adapters.host_cache), routes=[], jobs_inflight=len(w.inflight),
+            interval_ms=self.interval_ms)
+        status = _cut(head, self._parts(), self._totals, self.max_bytes)
         if status.truncated != self.truncated:
             self.truncated = status.truncated
             if status.truncated:
@@ -119,6 +137,56 @@ class StatusReporter:
             else:
                 log.info("status fits --status-max-bytes %d again", self.max_bytes)
         return status
+
+    def _parts(self) -> Iterator[_Part]:
+        """The record's entries, newest first as `fit` orders them: each route key and each adapter name
+        by its last change, each followed by its versions this worker has loaded, is loading or failed
+        (retired ones are no one's concern) that no newer entry gave yet."""
+        w = self.worker
+        clog, registry, health = w.control_log, w.registry, w.health
+        given: set[str] = set()
+
+        def versions(refs: Iterable[str]) -> Iterator[_Part]:
+            for ref in refs:
+                state = health.states.get(ref)
+                if state is not None and ref not in given and clog.published(*ref.split("@", 1)) is not None:
+                    given.add(ref)
+                    yield _version_part(VersionStatus(ref, state.value, health.reasons.get(ref)))
+
+        routes = []
+        for task, tenant in clog.route_keys():  # a handful: all built, then merged in by recency
+            newest = clog.routes(task, tenant)
+            chosen = registry.choose_route(newest)
+            routes.append((self._route_at.get((task, tenant), -1), RouteStatus(
+                task, tenant, chosen.event_id, chosen.targets,
+                pending_event_id=newest[0].event_id if newest[0] is not chosen else None)))
+        routes.sort(key=lambda item: -item[0])
+        next_route = 0
+        for name, at in reversed(self._name_at.items()):
+            while next_route < len(routes) and routes[next_route][0] >= at:
+                route = routes[next_route][1]
+                next_route += 1
+                yield _route_part(route)
+                yield from versions(_route_refs(route))
+            order = clog.candidate_order(name)
+            if order:  # a name with a live version
+                yield _name_part(name, registry.serving(name), clog.activated(name))
+                yield from versions(f"{name}@{version}" for version in order)
+        for _, route in routes[next_route:]:
+            yield _route_part(route)
+            yield from versions(_route_refs(route))
+
+    def _totals(self) -> tuple[int, int, int]:
+        """How many routes, versions and names a whole record would hold (counted only for a cut one)."""
+        clog, published = self.worker.control_log, self.worker.control_log.published
+        versions = sum(1 for key in self.worker.health.states if published(*key.split("@", 1)) is not None)
+        return len(clog.route_keys()), versions, len(clog.names())
+
+
+def _touch(recency: dict, key, at: int) -> None:
+    """Mark `key` changed at `at`: its entry moves to the end (the dict stays ordered by recency)."""
+    recency.pop(key, None)
+    recency[key] = at
 
 
 def _recency(log: ControlLog) -> tuple[dict[str, int], dict[str, int], dict[tuple[str, str | None], int]]:
@@ -133,7 +201,7 @@ def _recency(log: ControlLog) -> tuple[dict[str, int], dict[str, int], dict[tupl
         if isinstance(event, (RouteSet, RouteDelete)):
             key = (event.task, event.tenant)
             routes[key] = max(routes.get(key, -1), offset)
-            for ref in {ref for target in getattr(event, "targets", ()) for ref in target.versions()}:
+            for ref in _route_refs(event):
                 versions[ref] = max(versions.get(ref, -1), offset)
         elif (name := getattr(event, "name", None)) is not None:
             ref = f"{name}@{getattr(event, 'version', '')}"
@@ -142,42 +210,117 @@ def _recency(log: ControlLog) -> tuple[dict[str, int], dict[str, int], dict[tupl
     return names, versions, routes
 
 
-def _size(value) -> int:
-    return len(encode(value))
+def _route_refs(route: RouteSet | RouteDelete | RouteStatus) -> dict[str, None]:
+    """The "name@version" refs a route's targets serve from, once each, in order."""
+    return dict.fromkeys(ref for target in getattr(route, "targets", ()) for ref in target.versions())
+
+
+# ---- sizing a record without encoding its entries one by one ------------------------------------------
+# An entry's size below is a lower bound of its bytes in the record, exact for printable ASCII text
+# without quotes or backslashes (UTF-8 and JSON escapes only add bytes); `_cut` encodes the record it
+# builds to check the real size. Each size counts one separator (a comma).
+_WIDEST_COUNT = 10**15  # more entries than any worker holds: a count's widest
+_VERSION_FIXED = len(encode(VersionStatus("", ""))) - len("null") + 1  # {"adapter":"","state":"","reason":null}
+
+
+class _Part(NamedTuple):
+    """One entry of a status record's cuttable lists, with its size: a route, a name (its serving and
+    activated entries) or a version."""
+
+    route: RouteStatus | None = None
+    name: str | None = None
+    serving: str | None = None
+    activated: str | None = None
+    version: VersionStatus | None = None
+    size: int = 0
+
+
+def _route_part(route: RouteStatus) -> _Part:
+    return _Part(route=route, size=len(encode(route)) + 1)  # few routes, but each may be large: encoded
+
+
+def _name_part(name: str, serving: str | None, activated: str | None) -> _Part:
+    size = sum(len(name) + len(value) + len('"":"",') for value in (serving, activated) if value is not None)
+    return _Part(name=name, serving=serving, activated=activated, size=size)
+
+
+def _version_part(version: VersionStatus) -> _Part:
+    reason = len("null") if version.reason is None else len(version.reason) + len('""')
+    return _Part(version=version, size=_VERSION_FIXED + len(version.adapter) + len(version.state) + reason)
+
+
+def _route_order(route: RouteStatus) -> tuple[str, str]:
+    return route.task, route.tenant or ""  # as ControlLog.route_keys: by task, every tenant first
+
+
+def _record(head: WorkerStatus, parts: list[_Part], totals: tuple[int, int, int] | None) -> WorkerStatus:
+    """`head` with the lists of `parts`, in the record's order (routes by task and tenant, names and
+    versions sorted); with `totals` (routes, versions, names) marked truncated and what is left out counted."""
+    routes = sorted((p.route for p in parts if p.route is not None), key=_route_order)
+    named = sorted((p for p in parts if p.name is not None), key=lambda p: p.name)
+    versions = sorted((p.version for p in parts if p.version is not None), key=lambda v: v.adapter)
+    status = msgspec.structs.replace(
+        head, routes=routes, versions=versions,
+        serving={p.name: p.serving for p in named if p.serving is not None},
+        activated={p.name: p.activated for p in named if p.activated is not None})
+    if totals is None:
+        return status
+    return msgspec.structs.replace(status, truncated=True, routes_omitted=totals[0] - len(routes),
+                                   versions_omitted=totals[1] - len(versions), names_omitted=totals[2] - len(named))
+
+
+def _cut(head: WorkerStatus, parts: Iterable[_Part], totals: Callable[[], tuple[int, int, int]],
+         max_bytes: int) -> WorkerStatus:
+    """The record of `head` (its cuttable lists empty) with the longest prefix of `parts` (newest first)
+    that encodes to at most `max_bytes`: whole when every part fits, else marked truncated with what was
+    left out counted (`totals()`: how many routes, versions and names there are in all, asked only then).
+    Parts are taken while their sizes fit, so only what fits is ever built; the record is then encoded
+    once, and only where escapes or non-ASCII text made it larger than its sizes, the cut is searched."""
+    widest = msgspec.structs.replace(head, truncated=True, routes_omitted=_WIDEST_COUNT,
+                                     versions_omitted=_WIDEST_COUNT, names_omitted=_WIDEST_COUNT)
+    budget = max_bytes - len(encode(widest))  # the fixed part, with every count as wide as it can get
+    taken: list[_Part] = []
+    whole = True
+    for part in parts:
+        if part.size > budget:
+            whole = False  # by recency: everything kept is newer than everything left out
+            break
+        budget -= part.size
+        taken.append(part)
+    if whole:
+        status = _record(head, taken, None)
+        if len(encode(status)) <= max_bytes:
+            return status
+    counts = totals()
+
+    def fits(n: int) -> WorkerStatus | None:
+        record = _record(head, taken[:n], counts)
+        return record if len(encode(record)) <= max_bytes else None
+
+    if not whole and (status := fits(len(taken))) is not None:
+        return status
+    low, high = 0, len(taken)  # the first `low` parts fit (none: the fixed part fits, MIN_STATUS_BYTES); `high` do not
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) is not None else (low, middle)
+    return _record(head, taken[:low], counts)
 
 
 def fit(status: WorkerStatus, max_bytes: int, log: ControlLog) -> WorkerStatus:
     """`status` when it encodes to at most `max_bytes`; otherwise a copy with only the most recent routes,
     versions and names (serving/activated entries) that fit, newest first by the offset of their newest
-    control record in `log`, marked `truncated` and with what was left out counted (`*_omitted`)."""
-    if _size(status) <= max_bytes:
+    control record in `log`, marked `truncated` and with what was left out counted (`*_omitted`).
+    (The worker's own snapshots take the same cut without building the whole record first:
+    `StatusReporter.snapshot`.)"""
+    if len(encode(status)) <= max_bytes:
         return status
     name_at, version_at, route_at = _recency(log)
     names = list(dict.fromkeys([*status.serving, *status.activated]))
-    # The record with every list empty and every count at its largest: its size bounds the fixed part.
-    base = msgspec.structs.replace(status, serving={}, activated={}, versions=[], routes=[], truncated=True,
-                                   routes_omitted=len(status.routes), versions_omitted=len(status.versions),
-                                   names_omitted=len(names))
-    budget = max_bytes - _size(base)
-    # (recency, bytes in the record, kind, index): each entry's size plus its separator (an upper bound).
-    items = [(route_at.get((r.task, r.tenant), -1), _size(r) + 1, "route", i) for i, r in enumerate(status.routes)]
-    items += [(version_at.get(v.adapter, name_at.get(v.adapter.partition("@")[0], -1)), _size(v) + 1, "version", i)
-              for i, v in enumerate(status.versions)]
-    for i, name in enumerate(names):
-        entries = [d[name] for d in (status.serving, status.activated) if name in d]
-        items.append((name_at.get(name, -1), sum(_size(name) + _size(v) + 2 for v in entries), "name", i))
+    items = [(route_at.get((r.task, r.tenant), -1), _route_part(r)) for r in status.routes]
+    items += [(version_at.get(v.adapter, name_at.get(v.adapter.partition("@")[0], -1)), _version_part(v))
+              for v in status.versions]
+    items += [(name_at.get(n, -1), _name_part(n, status.serving.get(n), status.activated.get(n))) for n in names]
     items.sort(key=lambda item: -item[0])  # newest first; a stable sort keeps each list's order among equals
-    kept: dict[str, set[int]] = {"route": set(), "version": set(), "name": set()}
-    for _, size, kind, index in items:
-        if size > budget:
-            break  # by recency: everything kept is newer than everything left out
-        budget -= size
-        kept[kind].add(index)
-    kept_names = {names[i] for i in kept["name"]}
-    return msgspec.structs.replace(
-        base, routes=[r for i, r in enumerate(status.routes) if i in kept["route"]],
-        versions=[v for i, v in enumerate(status.versions) if i in kept["version"]],
-        serving={n: v for n, v in status.serving.items() if n in kept_names},
-        activated={n: v for n, v in status.activated.items() if n in kept_names},
-        routes_omitted=len(status.routes) - len(kept["route"]),
-        versions_omitted=len(status.versions) - len(kept["version"]), names_omitted=len(names) - len(kept_names))
+    head = msgspec.structs.replace(status, serving={}, activated={}, versions=[], routes=[])
+    return _cut(head, (part for _, part in items), lambda: (len(status.routes), len(status.versions), len(names)),
+                max_bytes)
