@@ -23,7 +23,7 @@ class FakeBroker:
     def __init__(self, monkeypatch, log: ControlLog, statuses_after_send=None):
         self.log, self.sent, self.statuses = log, [], statuses_after_send or (lambda offset: {})
 
-        async def read_control_log(bootstrap, topic, timeout_s=30.0, security=None):
+        async def read_control_log(bootstrap, topic, timeout_s=30.0, security=None, signed=None):
             return self.log
 
         async def publish_control(bootstrap, topic, events, signer=None, security=None):

@@ -325,7 +325,7 @@ def test_cli_flags_and_defaults():
 def test_cli_status_renders_and_prints_json(monkeypatch, capsys):
     log, statuses = _fleet()
 
-    async def read_control_log(bootstrap, topic, timeout_s=30.0, security=None):
+    async def read_control_log(bootstrap, topic, timeout_s=30.0, security=None, signed=None):
         return log
 
     async def read_statuses(bootstrap, topic, timeout_s=30.0, security=None, max_bytes=None):

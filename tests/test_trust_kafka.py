@@ -63,7 +63,9 @@ async def test_signed_control_and_adapter_roots(kafka, tiny_model, peft_adapters
     worker_keys = _write_keys(tmp_path / "worker.keys", NEW_KEY, OLD_KEY)
     publisher = ControlKeys.load(_write_keys(tmp_path / "publisher.keys", NEW_KEY))
     forger = ControlKeys.load(_write_keys(tmp_path / "forger.keys", "k-new:" + "F" * 40))
-    old_key_file = _write_keys(tmp_path / "old.keys", OLD_KEY)
+    # A publisher not yet rotated: signs with the old key, and lists the new one, so its pre-send check reads
+    # what is signed with either as the workers do (a key it lacks, it cannot verify: those records are skipped).
+    old_key_file = _write_keys(tmp_path / "old.keys", OLD_KEY, NEW_KEY)
     config = worker_config(kafka, tiny_model, control_key=worker_keys, adapter_root=[str(root)])
     topic = config.control_topic
 

@@ -327,6 +327,17 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _signed_control(args):
+    """The fleet's signing rule from --control-key and --control-max-skew-ms (None without a key), so the
+    CLI folds the control log as the workers do; ControlKeyError when the key spec is bad."""
+    from lorabus.worker.control_log import SignedControl
+    from lorabus.worker.signing import ControlKeys
+
+    if not args.control_key:
+        return None
+    return SignedControl(ControlKeys.load(args.control_key), args.control_max_skew_ms)
+
+
 def _send_control(args, event) -> int:
     """Send one control event: signed when a control key is given, checked first (the worker's schema
     rules always; the control log's state and the local adapter directory unless --force), then with
@@ -335,16 +346,15 @@ def _send_control(args, event) -> int:
     2 refused before sending, 3 --wait timed out, 4 --wait saw no live worker."""
     from lorabus.worker.client import publish_control, read_control_log
     from lorabus.worker.fleet import check_schema, validate_event
-    from lorabus.worker.signing import ControlKeyError, ControlKeys
+    from lorabus.worker.signing import ControlKeyError
 
     prog = _prog(args)
-    signer = None
-    if args.control_key:
-        try:
-            signer = ControlKeys.load(args.control_key).sign
-        except ControlKeyError as exc:
-            print(f"{prog}: {exc}", file=sys.stderr)
-            return 2
+    try:
+        signed = _signed_control(args)
+    except ControlKeyError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    signer = signed.keys.sign if signed is not None else None
     if event.event_id is None:  # every event the CLI sends can be traced in results and logs
         event = msgspec.structs.replace(event, event_id=uuid.uuid4().hex, ts_ms=_now_ms())
     try:  # the same strict checks a worker applies, before anything is sent
@@ -355,7 +365,7 @@ def _send_control(args, event) -> int:
     if not args.force:
         try:
             log = asyncio.run(read_control_log(args.bootstrap_servers, args.control_topic,
-                                               security=_security_from(args)))
+                                               security=_security_from(args), signed=signed))
         except _kafka_errors() as exc:
             print(f"{prog}: cannot read control topic {args.control_topic}: {_why(exc)}", file=sys.stderr)
             return 1
@@ -363,6 +373,10 @@ def _send_control(args, event) -> int:
         if problems:
             for problem in problems:
                 print(f"{prog}: {problem}", file=sys.stderr)
+            if signed is not None and log.ignored_count:  # the state above is what workers with these keys apply
+                print(f"{prog}: {log.ignored_count} control records skipped as workers with these keys skip them "
+                      "(`lorabus status --control-key` lists them); a record signed with a key the workers accept "
+                      "but --control-key does not list cannot be verified here", file=sys.stderr)
             print(f"{prog}: nothing sent (--force sends it anyway)", file=sys.stderr)
             return 2
     async def send() -> int:
@@ -506,10 +520,17 @@ def cmd_unroute(args) -> int:
 def cmd_status(args) -> int:
     from lorabus.worker.client import read_control_log, read_statuses, status_topic_warnings
     from lorabus.worker.fleet import fleet_json, render_status
+    from lorabus.worker.signing import ControlKeyError
+
+    try:
+        signed = _signed_control(args)
+    except ControlKeyError as exc:
+        print(f"lorabus status: {exc}", file=sys.stderr)
+        return 2
 
     async def read():
         security = _security_from(args)
-        return (await read_control_log(args.bootstrap_servers, args.control_topic, security=security),
+        return (await read_control_log(args.bootstrap_servers, args.control_topic, security=security, signed=signed),
                 await read_statuses(args.bootstrap_servers, args.status_topic, security=security,
                                     max_bytes=args.status_max_bytes),
                 await status_topic_warnings(args.bootstrap_servers, args.status_topic, security=security))
@@ -581,6 +602,18 @@ def _status_read_flags(parser: argparse.ArgumentParser) -> None:
                              f"workers' limit) [env LORABUS_STATUS_MAX_BYTES, default {default}]")
 
 
+def _control_key_flags(parser: argparse.ArgumentParser, key_help: str) -> None:
+    """--control-key and --control-max-skew-ms: the workers' flags and variables, so the control log is
+    folded as the workers fold it (unsigned, forged and replayed records skipped, and shown apart)."""
+    parser.add_argument("--control-key", default=os.environ.get("LORABUS_CONTROL_KEY", ""),
+                        help=key_help + " [env LORABUS_CONTROL_KEY]")
+    default = WorkerConfig.control_max_skew_ms
+    parser.add_argument("--control-max-skew-ms", type=int,
+                        default=os.environ.get("LORABUS_CONTROL_MAX_SKEW_MS", str(default)),
+                        help="the workers' replay window for signed events [env LORABUS_CONTROL_MAX_SKEW_MS, "
+                             f"default {default}]")
+
+
 def _control_command(subparsers, name: str, text: str, func) -> argparse.ArgumentParser:
     """A command that sends one control event: broker, topics, signing key, --force and --wait flags."""
     parser = subparsers.add_parser(name, help=text, description=text + ". Checked before sending (exit 2, nothing "
@@ -588,8 +621,8 @@ def _control_command(subparsers, name: str, text: str, func) -> argparse.Argumen
                                    "the local adapter directory.")
     _client_flags(parser, "control_topic", "status_topic")
     _status_read_flags(parser)
-    parser.add_argument("--control-key", default=os.environ.get("LORABUS_CONTROL_KEY", ""),
-                        help="sign with the first key of this file (or env:NAME) of 'keyid:secret' lines [env LORABUS_CONTROL_KEY]")
+    _control_key_flags(parser, "sign with the first key of this file (or env:NAME) of 'keyid:secret' lines, and check "
+                               "against the control log as workers with these keys read it")
     parser.add_argument("--force", action="store_true",
                         help="skip the checks against the control log and the adapter directory (not the schema ones)")
     parser.add_argument("--wait", action="store_true",
@@ -642,6 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="the fleet: each worker's state, versions, routes and control-log progress")
     _client_flags(status, "control_topic", "status_topic")
     _status_read_flags(status)
+    _control_key_flags(status, "the workers' key file (or env:NAME): fold only the control records they apply, "
+                               "and list the ones they ignore apart")
     status.add_argument("--json", action="store_true", help="print the statuses and the control log's state as JSON")
     status.set_defaults(func=cmd_status)
 

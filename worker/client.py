@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from lorabus.schemas import DECODE_ERRORS, ControlEvent, JobResult, WorkerStatus, decode_result, decode_status, encode
 from lorabus.worker.aiokafka_compat import install_tolerant_records
-from lorabus.worker.control_log import ControlLog, SkippedRecord, control_key, key_text, read_record
+from lorabus.worker.control_log import ControlLog, SignedControl, SkippedRecord, admit_record, control_key, key_text
 from lorabus.worker.kafka_security import KafkaSecurity, client_options
 
 FETCH_OVERHEAD_BYTES = 64 * 1024  # a status fetch may carry this beyond one record: batch and record headers
@@ -25,14 +27,18 @@ async def publish_control(bootstrap: str, topic: str, events: list[ControlEvent]
                           signer: Callable[[bytes], tuple[str, bytes]] | None = None,
                           security: KafkaSecurity | None = None) -> list[int]:
     """Send control events, each under its canonical record key (worker/control_log.py), in order;
-    `signer` (e.g. `ControlKeys.sign`) turns a record value into its signature header. Returns the
-    offsets the records landed at."""
+    `signer` (e.g. `ControlKeys.sign`) turns a record value into its signature header; a signed event
+    without an `event_id` or `ts_ms` gets a fresh one (its nonce and time, which workers require of
+    signed events). Returns the offsets the records landed at."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
                                 **client_options(security))
     offsets = []
     try:  # stopped even when start fails (a refused login): no unclosed client behind
         await producer.start()
         for event in events:
+            if signer is not None and (event.event_id is None or event.ts_ms is None):
+                event = msgspec.structs.replace(event, event_id=event.event_id or uuid.uuid4().hex,
+                                                ts_ms=event.ts_ms if event.ts_ms is not None else int(time.time() * 1000))
             value = encode(event)
             headers = [signer(value)] if signer is not None else None
             sent = await producer.send_and_wait(topic, value, key=control_key(event).encode(), headers=headers)
@@ -82,23 +88,24 @@ async def _read_to_end(bootstrap: str, topic: str, timeout_s: float, security: K
 
 
 async def read_control_log(bootstrap: str, topic: str, timeout_s: float = 30.0,
-                           security: KafkaSecurity | None = None) -> ControlLog:
-    """The control topic as a worker folds it (worker/control_log.py), read from the beginning to its end
-    offset as of this call: undecodable records and records not under their event's canonical key are
-    skipped, tombstones clear their key. `end_offset` is the topic's end offset. Signatures are not
-    checked: a worker that requires them ignores unsigned records this still folds in."""
+                           security: KafkaSecurity | None = None, signed: SignedControl | None = None) -> ControlLog:
+    """The control topic as a worker folds it, read from the beginning to its end offset as of this call:
+    each record is applied or skipped by the workers' own rule (`admit_record`), so with `signed` (the
+    fleet's --control-key and skew) unsigned, forged and replayed records are skipped as they are there.
+    Skipped records are counted in `ignored_count`, the last ones kept in `ignored`. `end_offset` is the
+    topic's end offset."""
     records, end = await _read_to_end(bootstrap, topic, timeout_s, security)
     log = ControlLog()
     for record in records:
-        key = key_text(record.key)
-        if record.value is None:
-            if key is not None:
-                log.clear(record.offset, key)
-            continue
         try:
-            log.apply(record.offset, read_record(key, record.value))
-        except SkippedRecord:
+            admitted = admit_record(log, record, signed)
+        except SkippedRecord as skip:
+            log.note_ignored(record.offset, key_text(record.key), skip)
             continue
+        if isinstance(admitted, str):
+            log.clear(record.offset, admitted)
+        else:
+            log.apply(record.offset, admitted)
     log.end_offset = max(log.end_offset, end)
     return log
 

@@ -41,6 +41,7 @@ class WorkerConfig:
     max_prompt_bytes: int = field(default=1 << 20, metadata=_doc("prompt text longer than this (UTF-8 bytes) is answered invalid_job before it is tokenized"))
     exactly_once: bool = field(default=False, metadata=_doc("commit results and offsets in one Kafka transaction per batch; readers use read_committed"))
     control_key: str = field(default="", metadata=_doc("file (or env:NAME) of 'keyid:secret' lines; when set, control events must be signed with one of them"))
+    control_max_skew_ms: int = field(default=300000, metadata=_doc("with --control-key: a signed event whose ts_ms is further than this from the broker's time on its record, or older than the newest event applied under its key by more than this, is refused as a replay (README \"Trust boundaries\"); allow for the publishers' clock error and their send retries"))
     adapter_root: list[str] = field(default_factory=list, metadata=_doc("directory adapter paths must lie under (repeatable; env: os.pathsep-separated); empty = any path"))
     adapter_retry_ms: int = field(default=30000, metadata=_doc("a version that failed to load (a missing, truncated or changed file) is tried again this long after, then after twice as long each time it fails again, up to adapter_retry_max_ms: a file restored to its published bytes serves again without a restart"))
     adapter_retry_max_ms: int = field(default=600000, metadata=_doc("the longest wait between two tries of a version that keeps failing to load"))

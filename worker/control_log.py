@@ -47,6 +47,7 @@ import msgspec
 
 from lorabus.schemas import (DECODE_ERRORS, AdapterActivate, AdapterPublish, AdapterRetire, AdapterWarm, ControlEvent,
                              RouteDelete, RouteSet, decode_control)
+from lorabus.worker.signing import ControlKeys
 
 _DIGEST_HEX = 16
 ALL_TENANTS = "*"
@@ -98,7 +99,8 @@ def key_text(raw: bytes | None) -> str | None:
 
 class SkippedRecord(Exception):
     """A control record no reader may apply: `reason` "invalid" (not a valid event) or "key" (not under
-    its event's canonical key, where compaction would mix it up with other state)."""
+    its event's canonical key, where compaction would mix it up with other state); from `admit_record`
+    also "tombstone", a signature Verdict code, "unstamped", "stale" or "replay"."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
@@ -114,6 +116,82 @@ def read_record(key: str | None, value: bytes) -> ControlEvent:
     if key != control_key(event):
         raise SkippedRecord("key", f"record key {key!r} is not the event's key {control_key(event)!r}")
     return event
+
+
+@dataclass(frozen=True)
+class SignedControl:
+    """What a fleet started with `--control-key` requires of a control record: a valid signature, and a
+    signed `event_id` (its nonce) and `ts_ms` (its time) that make it fresh (`admit_record`)."""
+
+    keys: ControlKeys
+    max_skew_ms: int  # WorkerConfig.control_max_skew_ms
+
+
+def admit_record(log: "ControlLog", record, signed: SignedControl | None) -> ControlEvent | str:
+    """Whether a worker applies a control record: the one rule, shared by the worker and the CLI (which
+    folds only what workers would apply). Returns the event to apply, or the key a tombstone clears;
+    raises SkippedRecord(reason, detail) for a record to ignore. `record` is a Kafka record (key, value,
+    headers, timestamp: the broker's time on a LogAppendTime topic, as the control topic is created).
+
+    With `signed`, a record must be signed, carry `event_id` and `ts_ms`, and be fresh:
+      - "stale": its `ts_ms` is further than `max_skew_ms` from the record's broker timestamp. This reads
+        the record alone, so every reader decides it alike, before or after compaction or a restart: a
+        signed record re-sent later than `max_skew_ms` after it was signed is never applied.
+      - "replay": its `event_id` was already applied under its key, or its `ts_ms` is older than the
+        newest event applied under its key by more than `max_skew_ms` (a re-send within the skew, caught
+        by a reader that read the original; see README "Trust boundaries" for what this leaves open).
+    """
+    key = key_text(record.key)
+    if record.value is None:
+        # A tombstone cannot be signed: applied only when events need no signature (compaction would
+        # still apply it, which is why the control topic needs write ACLs).
+        if signed is None and key is not None and is_control_key(key):
+            return key
+        raise SkippedRecord("tombstone", "a record without a value, under no control key")
+    if signed is not None:
+        verdict = signed.keys.verify(record.value, record.headers)
+        if not verdict.ok:
+            raise SkippedRecord(verdict.code, verdict.reason)
+    event = read_record(key, record.value)
+    if signed is not None:
+        _check_fresh(log, key, event, record.timestamp, signed.max_skew_ms)
+    return event
+
+
+def _check_fresh(log: "ControlLog", key: str, event: ControlEvent, broker_ms: int, max_skew_ms: int) -> None:
+    if event.event_id is None or event.ts_ms is None:
+        raise SkippedRecord("unstamped", "a signed event needs an event_id and a ts_ms (its nonce and its time)")
+    if abs(broker_ms - event.ts_ms) > max_skew_ms:
+        raise SkippedRecord("stale", f"event {event.event_id}: signed at ts_ms {event.ts_ms}, appended at "
+                                     f"{broker_ms}: further apart than {max_skew_ms} ms (a re-sent old record?)")
+    seen = log.applied_under(key)
+    if seen is not None:
+        if event.event_id in seen.event_ids:
+            raise SkippedRecord("replay", f"event {event.event_id} was already applied under {key}")
+        if event.ts_ms < seen.newest_ts_ms - max_skew_ms:
+            raise SkippedRecord("replay", f"event {event.event_id}: ts_ms {event.ts_ms} is older than the newest "
+                                          f"event applied under {key} ({seen.newest_ts_ms}) by more than {max_skew_ms} ms")
+
+
+@dataclass
+class _Applied:
+    """What was applied under one key, for replay checks: every event id, and the newest ts_ms."""
+
+    event_ids: set[str] = field(default_factory=set)
+    newest_ts_ms: int = -1
+
+
+MAX_IGNORED_KEPT = 20  # the last ignored records a reader keeps to show; older ones are only counted
+
+
+@dataclass(frozen=True)
+class IgnoredRecord:
+    """A control record a reader skipped (as a worker would): where, under which key, and why."""
+
+    offset: int
+    key: str | None
+    reason: str  # SkippedRecord.reason or a signature Verdict.code
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -158,6 +236,20 @@ class ControlLog:
         self._live_names: list[str] | None = None  # names(), until any name changes
         self._route_keys: list[RouteKey] | None = None  # route_keys(), until any route key changes
         self._watchers = _Watchers()
+        self._applied: dict[str, _Applied] = {}  # key → its applied event ids and newest ts_ms (kept past tombstones)
+        self.ignored: list[IgnoredRecord] = []  # records a reader skipped (the CLI's fold: see read_control_log)
+        self.ignored_count = 0
+
+    def note_ignored(self, offset: int, key: str | None, skip: SkippedRecord) -> None:
+        """Count a skipped record and keep the last MAX_IGNORED_KEPT of them."""
+        self.end_offset = max(self.end_offset, offset + 1)
+        self.ignored_count += 1
+        self.ignored.append(IgnoredRecord(offset, key, skip.reason, skip.detail))
+        del self.ignored[:-MAX_IGNORED_KEPT]
+
+    def applied_under(self, key: str) -> "_Applied | None":
+        """The event ids and newest ts_ms applied under a key (None: nothing applied there)."""
+        return self._applied.get(key)
 
     def watch(self, on_name: Callable[[str], None], on_route: Callable[[RouteKey], None]) -> None:
         """Be told of every change: `on_name(name)` when a name's versions or activations change,
@@ -171,6 +263,11 @@ class ControlLog:
         """Record an event read at `offset` under its canonical key."""
         self.end_offset = max(self.end_offset, offset + 1)
         key = control_key(event)
+        applied = self._applied.setdefault(key, _Applied())
+        if event.event_id is not None:
+            applied.event_ids.add(event.event_id)
+        if event.ts_ms is not None:
+            applied.newest_ts_ms = max(applied.newest_ts_ms, event.ts_ms)
         self._forget(key)
         if isinstance(event, AdapterWarm):
             return  # a command, not state

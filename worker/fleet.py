@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import os
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -36,6 +37,7 @@ MAX_INTERVAL_MS = 60_000
 # it is not believed and the worker is not live.
 MAX_CLOCK_SKEW_MS = 30_000
 RECENT_EVENTS = 5  # control events `render_status` shows with the workers that applied them
+IGNORED_DETAIL_CHARS = 120  # why a control record was ignored, as the text view shows it (a key may be long)
 
 Outcome = Literal["pending", "ok"] | tuple[Literal["failed"], str]
 
@@ -367,6 +369,10 @@ def render_status(log: ControlLog, statuses: dict[str, WorkerStatus], now_ms: in
                 text += f"; not yet {', '.join(waiting)}"
             rows.append([f"@{entry.offset}", describe_event(entry.event), entry.event.event_id or "-", text])
         out += _table(rows, "  ")
+    if log.ignored_count:  # what workers skip is not state: shown apart, never folded in above
+        out.append(f"ignored control records (workers skip them): {log.ignored_count}, the last {len(log.ignored)}:")
+        out += _table([[f"@{r.offset}", r.key if r.key is not None else "-", r.reason, r.detail[:IGNORED_DETAIL_CHARS]]
+                       for r in log.ignored], "  ")
     return "\n".join(map(terminal_text, out))  # lines from _table are escaped already: a no-op on them
 
 
@@ -385,5 +391,7 @@ def fleet_json(log: ControlLog, statuses: dict[str, WorkerStatus], now_ms: int) 
                    "behind": max(0, log.end_offset - s.control_offset)} for w, s in sorted(statuses.items())}
     skipped = [msgspec.to_builtins(record) for record in getattr(statuses, "skipped", ())]
     return {"now_ms": now_ms,
-            "control_log": {"end_offset": log.end_offset, "adapters": adapters, "routes": routes, "entries": entries},
+            "control_log": {"end_offset": log.end_offset, "adapters": adapters, "routes": routes, "entries": entries,
+                            "ignored_count": log.ignored_count,
+                            "ignored": [dataclasses.asdict(r) for r in log.ignored]},
             "workers": workers, "skipped_status_records": skipped}

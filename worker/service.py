@@ -42,7 +42,7 @@ from lorabus.worker.config import WorkerConfig
 from lorabus.worker.kafka_security import client_options
 from lorabus.worker.lag import ConsumerLag
 from lorabus.worker.load_retry import LoadRetries
-from lorabus.worker.control_log import ControlLog, SkippedRecord, is_control_key, key_text, read_record
+from lorabus.worker.control_log import ControlLog, SignedControl, SkippedRecord, admit_record
 from lorabus.worker.health import HealthChecks
 from lorabus.worker.metrics import Metrics
 from lorabus.worker.offsets import PartitionOffsets
@@ -138,6 +138,8 @@ class Worker:
         self._load_retries = LoadRetries(config.adapter_retry_ms / 1000, config.adapter_retry_max_ms / 1000,
                                          self._retry_load)
         self.control_keys = ControlKeys.load(config.control_key) if config.control_key else None
+        self.signed_control = (SignedControl(self.control_keys, config.control_max_skew_ms)
+                               if self.control_keys is not None else None)
         self.reply_rules = ReplyRules.from_config(config)  # which reply_to topics each tenant may name
         self.partitions: dict[TopicPartition, PartitionOffsets] = {}
         self.inflight: set[asyncio.Task] = set()
@@ -363,25 +365,15 @@ class Worker:
         return sum(self._control_applied.values())
 
     def _apply_control(self, record) -> None:
-        key = key_text(record.key)
-        if record.value is None:
-            # A tombstone under a control key deletes it, as compaction will (and may already have: then
-            # it finds nothing). It cannot be signed, so it is refused when events must be: compaction
-            # would still apply it, which is why the control topic needs write ACLs.
-            if self.control_keys is None and key is not None and is_control_key(key):
-                self.control_log.clear(record.offset, key)
-                return
-            self._ignore_control(record, "tombstone", "a record without a value, under no control key")
-            return
-        if self.control_keys is not None:
-            verdict = self.control_keys.verify(record.value, record.headers)
-            if not verdict.ok:
-                self._ignore_control(record, verdict.code, verdict.reason)
-                return
-        try:
-            event = read_record(key, record.value)
+        try:  # signature, event, key and (signed) freshness: the rule the CLI folds by too
+            event = admit_record(self.control_log, record, self.signed_control)
         except SkippedRecord as skip:
             self._ignore_control(record, skip.reason, skip.detail)
+            return
+        if isinstance(event, str):
+            # A tombstone under a control key deletes it, as compaction will (and may already have: then
+            # it finds nothing).
+            self.control_log.clear(record.offset, event)
             return
         try:
             self._apply_event(record.offset, event)

@@ -23,7 +23,10 @@ from lorabus.worker.kafka_security import KafkaSecurity, client_options
 log = logging.getLogger(__name__)
 
 # retention.ms=-1: compaction alone decides what goes, even if the policy is later widened to delete.
-CONTROL_TOPIC_CONFIGS = {"cleanup.policy": "compact", "retention.ms": "-1", "retention.bytes": "-1"}
+# LogAppendTime: a signed event's freshness is judged against the broker's time on its record, which a
+# writer re-sending an old record cannot choose (worker/control_log.py admit_record).
+CONTROL_TOPIC_CONFIGS = {"cleanup.policy": "compact", "retention.ms": "-1", "retention.bytes": "-1",
+                         "message.timestamp.type": "LogAppendTime"}
 # LogAppendTime: the broker stamps each record (worker/fleet.py is_live). compression.type=uncompressed:
 # the broker inflates a compressed batch and re-checks its size against max.message.bytes, refusing a
 # small record that would inflate to gigabytes in every `lorabus status`.
@@ -85,6 +88,10 @@ def control_topic_problems(configs: dict[str, str | None], partitions: int) -> l
         problems.append("cleanup.policy has no compact: the control log is never compacted and grows without bound")
     if partitions != 1:
         problems.append(f"{partitions} partitions: control events on different partitions have no order (use 1)")
+    if configs.get("message.timestamp.type") != "LogAppendTime":
+        problems.append(f"message.timestamp.type={configs.get('message.timestamp.type')}: writers choose the record "
+                        "time a signed event's freshness is judged by, so a re-sent old record can pass as new "
+                        "(set message.timestamp.type=LogAppendTime)")
     return problems
 
 
