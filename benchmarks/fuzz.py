@@ -51,6 +51,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=3000, help="fuzzed jobs-topic records")
     parser.add_argument("--control", type=int, default=500, help="fuzzed control-topic records")
     parser.add_argument("--good", type=int, default=200, help="good greedy jobs interleaved")
+    parser.add_argument("--control-log", type=int, default=0,
+                        help="adapter names published before the worker starts (it starts on a log of this size)")
     parser.add_argument("--huge", type=int, default=40, help="at most this many records of several hundred KB")
     parser.add_argument("--seed", type=int, default=None, help="hypothesis seed (default: derandomized)")
     parser.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", ""))
@@ -75,7 +77,8 @@ def main() -> int:
             oracle = PeftOracle(model)
             report = asyncio.run(run_fuzz(bootstrap, model, adapters, tmp / "work", jobs=args.jobs, control=args.control,
                                           good=args.good, huge_cap=args.huge, seed=args.seed,
-                                          restart=not args.no_restart, settle_s=args.settle, oracle=oracle))
+                                          restart=not args.no_restart, settle_s=args.settle, oracle=oracle,
+                                          control_log=args.control_log))
         finally:
             if broker_data is not None:
                 subprocess.run([sys.executable, str(ROOT / "deploy" / "local-kafka"), "stop", "--data", str(broker_data)],

@@ -1204,18 +1204,19 @@ def make_junk_dirs(root: Path, adapter_dir: Path) -> tuple[str, ...]:
 
 async def run_fuzz(kafka: str, model_dir: Path, adapters: dict[str, Path], workdir: Path, *, jobs: int, control: int,
                    good: int, huge_cap: int, seed: int | None = None, restart: bool = True, settle_s: float = 240,
-                   quiet_s: float = 45, oracle=None, say=print) -> FuzzReport:
+                   quiet_s: float = 45, oracle=None, control_log: int = 0, say=print) -> FuzzReport:
     """Publish the good adapters, send the fuzz stream (job and control records interleaved with good
     greedy jobs, then a sentinel adapter and its jobs) to one in-process worker, wait until every record
     is accounted for (or nothing new arrived for `quiet_s`, or `settle_s` passed), then restart a worker on the
-    same group and watch that nothing is answered again."""
+    same group and watch that nothing is answered again. `control_log` names published before the worker
+    starts make it start (and restart) on a control log of that size."""
     from aiokafka import AIOKafkaProducer
     from transformers import AutoConfig
 
     from lorabus.schemas import AdapterPublish
-    from helpers import committed_lag, running_worker, worker_config
+    from helpers import committed_lag, publish_control_bulk, running_worker, worker_config
     from lorabus.worker.client import publish_control
-    from lorabus.worker.topics import ensure_topics
+    from lorabus.worker.topics import ensure_topics, ensure_worker_topics
 
     config = worker_config(kafka, model_dir, worker_id="fuzz-1")
     reply_topic = config.results_topic.replace("results-", "replies-")
@@ -1267,6 +1268,15 @@ async def run_fuzz(kafka: str, model_dir: Path, adapters: dict[str, Path], workd
             ci += 1
     stream += [("control", j) for j in range(ci, len(control_records))] + [("good", j) for j in range(gi, good)]
     good_names = [None, *names]
+
+    if control_log:
+        t2 = time.monotonic()
+        await ensure_worker_topics(config)  # as the worker would create them, before it exists
+        await publish_control_bulk(kafka, config.control_topic, [AdapterPublish(f"bulk{i}-{tag}", "v1", str(private_dir))
+                                                                 for i in range(control_log)])
+        report.control_sent += control_log
+        report.seconds["control log"] = time.monotonic() - t2
+        say(f"published {control_log} adapter names before the worker starts")
 
     with raw_header_keys():
         collector = None

@@ -26,6 +26,7 @@ from fuzz_records import ADAPTER_FORMS, ID_STYLES, Target, _is_utf8, draw_record
 from helpers import PeftOracle
 
 JOBS, CONTROL, GOOD, HUGE_CAP = 240, 60, 40, 12
+CONTROL_LOG = 1000  # adapter names already published when the worker starts (and restarts)
 
 # Mutation families the issue names; the drawn batch must contain every one of them.
 JOB_FAMILIES = {"wrong_type", "number", "bad_utf8", "surrogate", "deep", "huge", "null", "unknown_field", "duplicate",
@@ -64,7 +65,7 @@ def test_fuzz_batch_covers_every_fault_family():
 async def test_fuzzed_records_are_answered_or_dead_lettered(kafka, tiny_model, peft_adapters, tmp_path):
     oracle = PeftOracle(tiny_model)
     report = await run_fuzz(kafka, tiny_model, peft_adapters, tmp_path, jobs=JOBS, control=CONTROL, good=GOOD,
-                            huge_cap=HUGE_CAP, oracle=oracle, settle_s=240)
+                            huge_cap=HUGE_CAP, oracle=oracle, settle_s=240, control_log=CONTROL_LOG)
     bad_jobs, bad_control = report.distinct_bad()
     print(f"\ndistinct bad inputs tried: {bad_jobs + bad_control} ({bad_jobs} job records, {bad_control} control records)")
     print(summary(report))
