@@ -62,6 +62,9 @@ _UNSUPPORTED = {
 SAFETENSORS_MAX_HEADER_BYTES = 100_000_000
 SAFETENSORS_LENGTH_BYTES = 8
 WIDEST_ELEMENT_BYTES = 8
+# PEFT's adapter_config.json is a few KB (rank and alpha patterns of large models included): a file far
+# larger is not one, and is refused before it is read whole.
+ADAPTER_CONFIG_MAX_BYTES = 4 << 20
 
 # The pool keeps scales in float32 (scheduler/lora.py): a scale must be finite there.
 SCALE_DTYPE = torch.float32
@@ -188,9 +191,9 @@ def read_adapter(
             raise AdapterLoadError(f"{key}: sha256 of adapter_model.safetensors ({len(data)} bytes read, sha256 "
                                    f"{actual}) does not match the published one")
     try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise AdapterLoadError(f"{key}: unreadable adapter_config.json: {exc}") from None
+        config = json.loads(read_owned_bytes(key, config_path, ADAPTER_CONFIG_MAX_BYTES))
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, or nested past the parser's depth
+        raise AdapterLoadError(f"{key}: unreadable adapter_config.json: {type(exc).__name__}: {exc}"[:500]) from None
 
     if not isinstance(config, dict):
         raise AdapterLoadError(f"{key}: adapter_config.json must hold a JSON object")

@@ -218,3 +218,16 @@ def test_sample_adapters_follow_the_family(phi3_model, tmp_path):
     assert {proj for _, proj in weights.modules} == {"q_proj", "k_proj", "v_proj", "down_proj"}
     with pytest.raises(ValueError, match=r"\['q_proj'\] are not LoRA targets of this phi3 model"):
         build_sample_adapter(tmp_path / "bad", phi3_model, target_modules=("q_proj",))
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"[" * 100_000, "RecursionError"),                 # nested past the JSON parser's depth
+    (b"\xff\xfe\x00{", "unreadable adapter_config.json"),  # neither UTF-8 nor any JSON encoding
+    (b'{"r": 8, "pad": "' + b"x" * (5 << 20) + b'"}', "is over 4194304 bytes"),  # far larger than any config
+])
+def test_hostile_adapter_configs_are_load_errors(peft_adapters, shapes, tmp_path, content, fragment):
+    path = tmp_path / "a"
+    shutil.copytree(peft_adapters["qv-r4"], path)
+    (path / "adapter_config.json").write_bytes(content)
+    with pytest.raises(AdapterLoadError, match=fragment):
+        read_adapter("a", path, shapes, 64, torch.float32)
