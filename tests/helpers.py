@@ -316,3 +316,28 @@ async def publish_control_bulk(bootstrap: str, topic: str, events: list) -> None
         await asyncio.gather(*sent)
     finally:
         await producer.stop()
+
+
+async def record_offsets(kafka: str, topic: str) -> tuple[list[int], int]:
+    """(offsets of the records read from the beginning up to the end offset, the end offset) of a
+    one-partition topic."""
+    from aiokafka import AIOKafkaConsumer
+
+    from lorabus.worker.client import topic_partitions
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, enable_auto_commit=False, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        (tp,) = await topic_partitions(kafka, topic)
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        await consumer.seek_to_beginning(tp)
+        offsets: list[int] = []
+        deadline = time.monotonic() + 30
+        while await consumer.position(tp) < end:  # compaction leaves gaps: done is the position, not a count
+            assert time.monotonic() < deadline, f"reading {topic} to offset {end} took over 30 s"
+            for batch in (await consumer.getmany(tp, timeout_ms=200)).values():
+                offsets += [r.offset for r in batch if r.offset < end]
+        return offsets, end
+    finally:
+        await consumer.stop()

@@ -15,15 +15,15 @@ import time
 from dataclasses import replace
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 
 from lorabus.schemas import AdapterActivate, AdapterPublish, AdapterRetire, encode
 from lorabus.worker import cli
-from lorabus.worker.client import publish_control, run_jobs, topic_partitions
+from lorabus.worker.client import publish_control, run_jobs
 from lorabus.worker.control_log import control_key
 from lorabus.worker.signing import ControlKeys
 from lorabus.worker.topics import CONTROL_TOPIC_CONFIGS, ensure_topics
-from helpers import end_offset, running_worker, worker_config
+from helpers import end_offset, record_offsets, running_worker, worker_config
 
 pytestmark = pytest.mark.kafka
 
@@ -43,24 +43,6 @@ async def _send_raw(kafka: str, topic: str, key: bytes, value: bytes, headers) -
         return (await producer.send_and_wait(topic, value, key=key, headers=headers)).offset
     finally:
         await producer.stop()
-
-
-async def _record_offsets(kafka: str, topic: str) -> list[int]:
-    """The offsets of the records of a one-partition topic, from the beginning up to its end offset."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, enable_auto_commit=False, auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        (tp,) = await topic_partitions(kafka, topic)
-        consumer.assign([tp])
-        end = (await consumer.end_offsets([tp]))[tp]
-        await consumer.seek_to_beginning(tp)
-        offsets: list[int] = []
-        while await consumer.position(tp) < end:  # compaction leaves gaps: done is the position, not a count
-            for batch in (await consumer.getmany(tp, timeout_ms=200)).values():
-                offsets += [r.offset for r in batch if r.offset < end]
-        return offsets
-    finally:
-        await consumer.stop()
 
 
 async def _caught_up(kafka: str, worker, topic: str, timeout_s: float = 30) -> None:
@@ -134,10 +116,10 @@ async def test_a_replayed_signed_activation_is_refused_before_and_after_compacti
         await asyncio.sleep(0.2)
         await publish_control(kafka, control, [AdapterPublish("a0", "v2", str(peft_adapters["all-r8-rslora"]))],
                               signer=keys.sign)
-    kept = await _record_offsets(kafka, control)
+    kept, _ = await record_offsets(kafka, control)
     while {original, soon} & set(kept) and time.monotonic() - compact_started < COMPACTION_WAIT_S:
         await asyncio.sleep(1.0)
-        kept = await _record_offsets(kafka, control)
+        kept, _ = await record_offsets(kafka, control)
     assert not {original, soon} & set(kept), f"the broker did not compact {control} in {COMPACTION_WAIT_S} s: {kept}"
     assert late in kept
 

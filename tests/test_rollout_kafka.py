@@ -36,7 +36,7 @@ from lorabus.worker.control_log import control_key
 from lorabus.worker.fleet import file_sha256
 from lorabus.worker.routing import pick_target
 from lorabus.worker.topics import CONTROL_TOPIC_CONFIGS, ensure_topics, topic_configs
-from helpers import PeftOracle, end_offset, make_peft_adapter, running_worker, worker_config
+from helpers import PeftOracle, end_offset, make_peft_adapter, record_offsets, running_worker, worker_config
 
 pytestmark = pytest.mark.kafka
 
@@ -168,27 +168,6 @@ async def _status(kafka: str, topic: str, worker_id: str, until, timeout: float 
         if (status is not None and until(status)) or time.monotonic() > deadline:
             return status
         await asyncio.sleep(0.25)
-
-
-async def _record_offsets(kafka: str, topic: str) -> tuple[list[int], int]:
-    """(offsets of the records read from the beginning up to the end offset, the end offset) of a
-    one-partition topic."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, enable_auto_commit=False, auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        (tp,) = await topic_partitions(kafka, topic)
-        consumer.assign([tp])
-        end = (await consumer.end_offsets([tp]))[tp]
-        await consumer.seek_to_beginning(tp)
-        offsets: list[int] = []
-        deadline = time.monotonic() + 30
-        while await consumer.position(tp) < end:  # compaction leaves gaps: done is the position, not a count
-            assert time.monotonic() < deadline, f"reading {topic} to offset {end} took over 30 s"
-            for batch in (await consumer.getmany(tp, timeout_ms=200)).values():
-                offsets += [r.offset for r in batch if r.offset < end]
-        return offsets, end
-    finally:
-        await consumer.stop()
 
 
 async def _send_raw(kafka: str, topic: str, records: list[tuple[bytes | None, bytes | None]]) -> int:
@@ -463,10 +442,10 @@ async def test_restart_after_compaction_serves_the_same(kafka, tiny_model, peft_
     # Superseded records worker B must do without: the first publishes of fin@v1 and v2, ner-1 (same key as ner-4), the
     # first activations of v2 and v1, fin@v3's publish (its key's last record is the retire) and fin@v4's (tombstoned).
     superseded = {offsets[i] for i in (0, 1, 2, 3, 4, 6, history.index(ner("ner-1", ("v1", 100))))}
-    kept, end = await _record_offsets(kafka, control)
+    kept, end = await record_offsets(kafka, control)
     while superseded & set(kept) and time.monotonic() - compact_started < COMPACTION_WAIT_S:
         await asyncio.sleep(1.0)
-        kept, end = await _record_offsets(kafka, control)
+        kept, end = await record_offsets(kafka, control)
     compaction_s = time.monotonic() - compact_started
     count = len(kept)
     assert end == written + 6

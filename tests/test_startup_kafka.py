@@ -40,14 +40,19 @@ async def _watch_loop_lag(worker: Worker, worst: list[float]) -> None:
         await asyncio.sleep(0.2)
 
 
-async def test_a_worker_starts_on_thousands_of_names_and_serves_at_once(kafka, tiny_model, tmp_path):
+async def _worker_on_a_large_log(kafka: str, tiny_model, tmp_path, control_wait_ms: int) -> Worker:
+    """A worker (not started) whose control topic already holds NAMES published adapter names."""
     adapter = build_sample_adapter(tmp_path / "adapter", tiny_model, rank=4)
-    # A short settle, so the bound measures the log's cost, not how long a worker waits for 3,000 warm-ups.
-    config = worker_config(kafka, tiny_model, control_wait_ms=3000)
+    config = worker_config(kafka, tiny_model, control_wait_ms=control_wait_ms)
     await ensure_worker_topics(config)
     await publish_control_bulk(kafka, config.control_topic,
                                [AdapterPublish(f"a{i}", "v1", str(adapter)) for i in range(NAMES)])
-    worker = Worker(config)
+    return Worker(config)
+
+
+async def test_a_worker_starts_on_thousands_of_names_and_serves_at_once(kafka, tiny_model, tmp_path):
+    # A short settle, so the bound measures the log's cost, not how long a worker waits for 3,000 warm-ups.
+    worker = await _worker_on_a_large_log(kafka, tiny_model, tmp_path, control_wait_ms=3000)
     worst_lag = [0.0]
     started = time.monotonic()
     task = asyncio.create_task(worker.run())
@@ -61,7 +66,7 @@ async def test_a_worker_starts_on_thousands_of_names_and_serves_at_once(kafka, t
         assert ready(), f"not ready {ready_s:.1f} s after start: {worker.checks.ready()}"
         assert worker.control_log.names()[:2] == ["a0", "a1"] and len(worker.control_log.names()) == NAMES
         sent = time.monotonic()
-        results = await run_jobs(kafka, config.jobs_topic, config.results_topic,
+        results = await run_jobs(kafka, worker.config.jobs_topic, worker.config.results_topic,
                                  [_job("by-name", f"a{NAMES - 1}"), _job("base", None)], ANSWER_WITHIN_S)
         answered_s = time.monotonic() - sent
         assert {job_id: r.status for job_id, (r,) in results.items()} == {"by-name": "ok", "base": "ok"}, results
@@ -78,13 +83,8 @@ async def test_a_worker_starts_on_thousands_of_names_and_serves_at_once(kafka, t
 
 
 async def test_sigterm_during_start_up_stops_the_worker_promptly(kafka, tiny_model, tmp_path):
-    adapter = build_sample_adapter(tmp_path / "adapter", tiny_model, rank=4)
     # A settle that would wait minutes: only the stop can end this start-up in time.
-    config = worker_config(kafka, tiny_model, control_wait_ms=600_000)
-    await ensure_worker_topics(config)
-    await publish_control_bulk(kafka, config.control_topic,
-                               [AdapterPublish(f"a{i}", "v1", str(adapter)) for i in range(NAMES)])
-    worker = Worker(config)
+    worker = await _worker_on_a_large_log(kafka, tiny_model, tmp_path, control_wait_ms=600_000)
     task = asyncio.create_task(worker.run())
     deadline = time.monotonic() + 60
     while worker.control_offset == 0 and time.monotonic() < deadline and not task.done():
