@@ -22,7 +22,6 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -718,8 +717,7 @@ class Worker:
             return self._error(job, resolved, "adapter_load_failed", failure), reply_to
         if job.deadline_ms is not None and time.time() * 1000 > job.deadline_ms:
             return self._error(job, resolved, "deadline_exceeded", "the job's deadline passed before it ran"), reply_to
-        resolved, completion = await self._generate_or_fall_back(
-            job, resolved, lambda adapter: to_request(job, adapter, self.config.content_special_tokens))
+        resolved, completion = await self._generate_or_fall_back(job, resolved)
         if completion.status != "ok":
             return self._error(job, resolved, completion.error_code, completion.error_message), reply_to
         self._observe(completion)
@@ -747,8 +745,7 @@ class Worker:
             members.append((spec, weight))
         self.engine.register(mix_spec(members))
 
-    async def _generate_or_fall_back(self, job: Job, resolved: ResolvedAdapter | None,
-                                     request_for: Callable[[ResolvedAdapter | None], Request]
+    async def _generate_or_fall_back(self, job: Job, resolved: ResolvedAdapter | None
                                      ) -> tuple[ResolvedAdapter | None, Completion]:
         """Generate on `resolved`. If its version fails to load now (e.g. its file changed since it last
         loaded here), a job that named no exact version is served by what serves after that failure, as
@@ -757,7 +754,7 @@ class Worker:
         that order), so resolving again sees it; a version is never tried twice for one job."""
         tried: set[str] = set()
         while True:
-            completion = await self._generate(request_for(resolved))
+            completion = await self._generate(to_request(job, resolved, self.config.content_special_tokens))
             if completion.error_code != "adapter_load_failed" or resolved is None:
                 return resolved, completion
             tried.add(resolved.key)
