@@ -29,7 +29,7 @@ import torch
 from lorabus.scheduler import EngineConfig
 from lorabus.worker.client import run_jobs
 from lorabus.worker.config import WorkerConfig
-from lorabus.worker.samples import build_tiny_model
+from lorabus.worker.testing import build_tiny_model
 from lorabus.worker.service import Worker
 from lorabus.worker.topics import ensure_topics
 

@@ -78,7 +78,7 @@ def parse_args(argv=None):
 
 
 def build_assets(workdir: Path, adapters: int) -> tuple[Path, list[Path]]:
-    from lorabus.worker.samples import build_sample_adapter, build_tiny_model
+    from lorabus.worker.testing import build_sample_adapter, build_tiny_model
 
     model = build_tiny_model(workdir / "model")
     paths = [build_sample_adapter(workdir / f"a{i:03d}", model, rank=8, seed=i) for i in range(adapters)]

@@ -1,4 +1,4 @@
-"""Fuzzing at scale: the hypothesis generators of tests/fuzz_records.py, thousands of hostile job and
+"""Fuzzing at scale: the hypothesis generators of tests/fuzz_strategies.py, thousands of hostile job and
 control records interleaved with good greedy jobs, one worker, the same invariants as
 tests/test_fuzz_kafka.py, and a summary table for the docs.
 
@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # repository root, whose kernels/ would shadow Hugging Face's `kernels` package.
 sys.path.insert(0, str(ROOT / "tests"))
 
-from fuzz_records import run_fuzz, summary  # noqa: E402
+from fuzz_harness import run_fuzz, summary  # noqa: E402
 from helpers import PeftOracle, make_peft_adapter  # noqa: E402
-from lorabus.worker.samples import build_tiny_model  # noqa: E402
+from lorabus.worker.testing import build_tiny_model  # noqa: E402
 
 ADAPTERS = {  # the test suite's three adapters (tests/conftest.py, peft_adapters)
     "qv-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),

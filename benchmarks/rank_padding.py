@@ -12,7 +12,7 @@ import threading
 import time
 
 from lorabus.scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
-from lorabus.worker.samples import build_sample_adapter, build_tiny_model
+from lorabus.worker.testing import build_sample_adapter, build_tiny_model
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -85,10 +85,10 @@ from pathlib import Path
 import torch
 
 from lorabus.scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
-from lorabus.worker.samples import build_sample_adapter, build_tiny_model
+from lorabus.worker.testing import build_sample_adapter, build_tiny_model
 
 SHAPES = {
-    "tiny": {},  # worker.samples.TINY_MODEL: hidden 64, 2 layers
+    "tiny": {},  # worker.testing.TINY_MODEL: hidden 64, 2 layers
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=2048, max_position_embeddings=1024),
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,

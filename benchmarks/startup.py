@@ -6,7 +6,7 @@
                                            [--job-timeout 60]
 
 For each shape and size, a fresh control topic gets that many `adapter.publish` events, all pointing at
-one small adapter directory (built with lorabus.worker.samples):
+one small adapter directory (built with lorabus.worker.testing):
 
 * names:    N names of one version each: every name's version serves, so N warm-ups follow start-up;
 * versions: N versions of one name: one serves (the first published), the rest are history.
@@ -51,7 +51,7 @@ from helpers import PrivateBroker, publish_control_bulk  # noqa: E402
 from lorabus.schemas import AdapterPublish  # noqa: E402
 from lorabus.worker.client import run_jobs  # noqa: E402
 from lorabus.worker.config import WorkerConfig  # noqa: E402
-from lorabus.worker.samples import build_sample_adapter, build_tiny_model  # noqa: E402
+from lorabus.worker.testing import build_sample_adapter, build_tiny_model  # noqa: E402
 from lorabus.worker.topics import ensure_worker_topics  # noqa: E402
 
 SHAPES = ("names", "versions")

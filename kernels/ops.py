@@ -26,10 +26,12 @@ BACKENDS = ("auto", "triton", "torch", "gather")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' -> 'triton' on CUDA, else 'torch' (per-segment matmuls, the fastest CPU path)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+def resolve_backend(backend: str, device: torch.device, choices: tuple[str, ...] = BACKENDS,
+                    what: str = "backend") -> str:
+    """The backend `backend` (one of `choices`) means on `device`: 'auto' is 'triton' on CUDA, else 'torch'
+    (per-segment matmuls, the fastest CPU path for the LoRA ops)."""
+    if backend not in choices:
+        raise ValueError(f"{what} must be one of {choices}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
     return backend

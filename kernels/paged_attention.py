@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .ops import resolve_backend
+
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -62,11 +64,7 @@ def _check(q, k_cache, v_cache, block_tables, context_lens, out, T):
 
 def resolve_attention_backend(backend: str, device: torch.device) -> str:
     """The backend `backend` means on `device`: auto is triton on CUDA, torch elsewhere."""
-    if backend not in BACKENDS:
-        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    return backend
+    return resolve_backend(backend, device, BACKENDS, "attention backend")
 
 
 def _use_triton(backend: str, q: torch.Tensor) -> bool:

@@ -31,12 +31,12 @@ from typing import Callable
 
 import torch
 
-from lorabus.scheduler.adapters import AdapterLoadError, AdapterWeights, ModelShapes, combine_adapters, read_adapter
-from lorabus.scheduler.callbacks import call_hook
+from lorabus.scheduler.adapters import (AdapterLoadError, AdapterWeights, MemberLoadError, ModelShapes, combine_adapters,
+                                        read_adapter)
 from lorabus.scheduler.config import EngineConfig
 from lorabus.scheduler.lora import AdapterPool, slot_bytes
 from lorabus.scheduler.policy import AdapterSlots
-from lorabus.scheduler.requests import Request, SamplingParams
+from lorabus.scheduler.requests import Request, SamplingParams, call_hook
 from lorabus.scheduler.step_loop import LoadDone
 
 log = logging.getLogger(__name__)
@@ -183,15 +183,15 @@ class AdapterManager:
         while (item := self._queue.get()) is not None:
             spec, slot = item
             started = time.perf_counter()
-            error = None
+            error, member = None, None
             try:
                 self._load(spec, slot)
             except AdapterLoadError as exc:
-                error = str(exc)
+                error, member = str(exc), getattr(exc, "member", None)
             except Exception as exc:  # a loader bug must answer the jobs, not kill the thread
                 log.exception("loading %s failed", spec.key)
                 error = f"{spec.key}: {type(exc).__name__}: {exc}"
-            self._done.put((spec, slot, error, time.perf_counter() - started))
+            self._done.put((spec, slot, error, time.perf_counter() - started, member))
             self.notify()
 
     def _load(self, spec: AdapterSpec, slot: int | None) -> None:
@@ -204,7 +204,7 @@ class AdapterManager:
         weights = self.host_cache.get(spec)
         if weights is None:
             if spec.members:
-                members = [(self._host_weights(member), weight) for member, weight in spec.members]
+                members = [(self._member_weights(member), weight) for member, weight in spec.members]
                 weights = combine_adapters(spec.key, members, self.max_rank, self.dtype)
             else:
                 weights = read_adapter(spec.key, spec.path, self.shapes, self.max_rank, self.dtype, spec.sha256)
@@ -212,6 +212,12 @@ class AdapterManager:
                 weights.modules = {k: (a.pin_memory(), b.pin_memory(), s) for k, (a, b, s) in weights.modules.items()}
             self.host_cache.put(spec, weights)
         return weights
+
+    def _member_weights(self, member: AdapterSpec) -> AdapterWeights:
+        try:
+            return self._host_weights(member)
+        except AdapterLoadError as exc:
+            raise MemberLoadError(member, str(exc)) from None
 
     # ---- the step thread --------------------------------------------------------------------------
 
@@ -228,9 +234,13 @@ class AdapterManager:
         done = []
         while True:
             try:
-                spec, slot, error, seconds = self._done.get_nowait()
+                spec, slot, error, seconds, member = self._done.get_nowait()
             except queue.Empty:
                 return done
+            if member is not None:  # a mix failed on a member's files: that member failed, as if loaded alone
+                call_hook(self.on_load, member.key, seconds, error)
+                if self._specs.get(member.key) == member:
+                    self._errors[member.key] = error
             call_hook(self.on_load, spec.key, seconds, error)
             stale = self._specs.get(spec.key) != spec
             if error is not None and not stale:

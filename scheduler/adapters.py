@@ -74,6 +74,14 @@ class AdapterLoadError(Exception):
     """The adapter cannot be served; the message says why (it reaches the job's error result)."""
 
 
+class MemberLoadError(AdapterLoadError):
+    """A mix cannot be built because one of its members cannot be loaded (`member`, its spec)."""
+
+    def __init__(self, member, message: str):
+        super().__init__(message)
+        self.member = member
+
+
 @dataclass
 class AdapterWeights:
     """One adapter in host memory: {(layer, projection slice): (A [r, in], B [out, r], scale)}.

@@ -5,7 +5,7 @@ lorabus needs about the base model: the decoder's projections and their (in, out
 into groups, the checkpoint tensor names, the LoRA target modules PEFT names (fused ones included), biases,
 tied embeddings, the rotary embedding, norm eps, heads, vocabulary, end-of-sequence ids and the context
 that can be served exactly. scheduler/model.py, scheduler/adapters.py, scheduler/lora.py and
-worker/samples.py read it; none of them names a family. (kernels/ imports nothing of ours: its benchmark
+worker/testing.py read it; none of them names a family. (kernels/ imports nothing of ours: its benchmark
 keeps its own shape table.)
 
 Every supported family runs the same decoder layer: RMSNorm before attention and MLP, attention with
@@ -22,7 +22,7 @@ Adding a family is one `FAMILIES` entry plus tests:
    exactly these modules), which of them carry a bias, the rope types its config class validates, whether
    it honours `partial_rotary_factor`, and its config class defaults for keys a config.json may omit.
 3. Tests: add the family to tests/test_engine.py's PEFT parity parametrization (a tiny random model from
-   worker.samples.build_tiny_model(model_type=...), adapters on its PEFT target names) and its rotary to
+   worker.testing.build_tiny_model(model_type=...), adapters on its PEFT target names) and its rotary to
    tests/test_arch.py's comparison with transformers' rotary embedding.
 """
 

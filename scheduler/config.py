@@ -5,24 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-def _doc(text: str):
-    return {"help": text}
-
 
 @dataclass
 class EngineConfig:
-    device: str = field(default="auto", metadata=_doc("cpu, cuda, or auto (cuda when available)"))
-    dtype: str = field(default="auto", metadata=_doc("float32, float16, bfloat16, or auto (bf16 on cuda, fp32 on cpu)"))
-    max_loras: int = field(default=0, metadata=_doc("device adapter slots (0 = 5%% of device memory, at most 64)"))
-    max_cpu_loras: int = field(default=0, metadata=_doc("adapters cached in host memory (0 = 4x max-loras)"))
-    max_lora_rank: int = field(default=16, metadata=_doc("largest adapter rank the pool accepts; smaller ranks are zero-padded (docs/benchmarks.md measures what padding costs)"))
-    kv_cache_mb: int = field(default=0, metadata=_doc("KV cache budget in MiB (0 = 40%% of free GPU memory, or 1 GiB on cpu)"))
-    kv_block_size: int = field(default=16, metadata=_doc("tokens per KV cache block"))
-    max_running: int = field(default=64, metadata=_doc("sequences in one batch"))
-    max_step_tokens: int = field(default=0, metadata=_doc("tokens in one forward pass (0 = 512 on cpu, 8192 on cuda)"))
-    max_wait_ms: int = field(default=250, metadata=_doc("bound on the extra wait adapter-aware reordering may add to a job"))
-    max_model_len: int = field(default=0, metadata=_doc("prompt + output tokens per job (0 = the model's context)"))
-    lora_backend: str = field(default="auto", metadata=_doc("LoRA kernels: triton, torch, or auto (triton on cuda)"))
-    attention_backend: str = field(default="auto", metadata=_doc("attention over the paged KV cache: triton (reads the cache in place), torch (block-table gather + SDPA), or auto (triton on cuda, torch on cpu)"))
-    cuda_graphs: bool = field(default=True, metadata=_doc("on cuda, replay decode-only steps from CUDA graphs captured per batch-size bucket (1, 2, 4, ... max-running); ignored on cpu"))
-    stop_timeout_s: float = field(default=10.0, metadata=_doc("on stop, how long the engine may take to finish the jobs it holds (warm-ups included); the rest are answered internal"))
+    device: str = field(default="auto", metadata=dict(help="cpu, cuda, or auto (cuda when available)"))
+    dtype: str = field(default="auto", metadata=dict(help="float32, float16, bfloat16, or auto (bf16 on cuda, fp32 on cpu)"))
+    max_loras: int = field(default=0, metadata=dict(help="device adapter slots (0 = 5%% of device memory, at most 64)"))
+    max_cpu_loras: int = field(default=0, metadata=dict(help="adapters cached in host memory (0 = 4x max-loras)"))
+    max_lora_rank: int = field(default=16, metadata=dict(help="largest adapter rank the pool accepts; smaller ranks are zero-padded (docs/benchmarks.md measures what padding costs)"))
+    kv_cache_mb: int = field(default=0, metadata=dict(help="KV cache budget in MiB (0 = 40%% of free GPU memory, or 1 GiB on cpu)"))
+    kv_block_size: int = field(default=16, metadata=dict(help="tokens per KV cache block"))
+    max_running: int = field(default=64, metadata=dict(help="sequences in one batch"))
+    max_step_tokens: int = field(default=0, metadata=dict(help="tokens in one forward pass (0 = 512 on cpu, 8192 on cuda)"))
+    max_wait_ms: int = field(default=250, metadata=dict(help="bound on the extra wait adapter-aware reordering may add to a job"))
+    max_model_len: int = field(default=0, metadata=dict(help="prompt + output tokens per job (0 = the model's context)"))
+    lora_backend: str = field(default="auto", metadata=dict(help="LoRA kernels: triton, torch, or auto (triton on cuda)"))
+    attention_backend: str = field(default="auto", metadata=dict(help="attention over the paged KV cache: triton (reads the cache in place), torch (block-table gather + SDPA), or auto (triton on cuda, torch on cpu)"))
+    cuda_graphs: bool = field(default=True, metadata=dict(help="on cuda, replay decode-only steps from CUDA graphs captured per batch-size bucket (1, 2, 4, ... max-running); ignored on cpu"))
+    stop_timeout_s: float = field(default=10.0, metadata=dict(help="on stop, how long the engine may take to finish the jobs it holds (warm-ups included); the rest are answered internal"))

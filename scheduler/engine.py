@@ -25,13 +25,13 @@ from typing import Callable
 import torch
 
 from lorabus.scheduler.adapter_manager import AdapterManager, AdapterSpec, warmup_request
-from lorabus.scheduler.callbacks import deliver
 from lorabus.scheduler.config import EngineConfig
 from lorabus.scheduler.decode_graphs import choose_mode
 from lorabus.scheduler.kv_cache import BlockAllocator, PagedKVCache
 from lorabus.scheduler.model import CausalLM
 from lorabus.scheduler.policy import AdapterSlots, Scheduler, SchedulerLimits
-from lorabus.scheduler.requests import Completion, Request, RequestError, RequestLimits, Sequence, StopRules, validate
+from lorabus.scheduler.requests import (Completion, Request, RequestError, RequestLimits, Sequence, StopRules, deliver,
+                                        validate)
 from lorabus.scheduler.runner import ModelRunner
 from lorabus.scheduler.sampling import Sampler
 from lorabus.scheduler.step_loop import REPLAN_S, STOPPED, Invalidate, Outcome, Prefetch, StepLoop, Submit
@@ -258,8 +258,17 @@ class Engine:
         }
 
     def resident(self) -> list[str]:
+        """The adapters loaded in a device slot."""
         slots = self.scheduler.slots
         return [k for s, k in enumerate(slots.key_of) if k is not None and slots.ready[s]]
+
+    def spec(self, key: str) -> AdapterSpec | None:
+        """The registered spec of `key` (what a mix of it is built from); None if it is not registered."""
+        return self.adapters.spec(key)
+
+    def host_cached(self) -> int:
+        """How many adapters the host-memory tier holds."""
+        return len(self.adapters.host_cache)
 
     def _sequence(self, request: Request, on_done: Callable[[Completion], None]) -> Sequence:
         ids = validate(request, self.tokenizer, self.limits)

@@ -1,51 +1,7 @@
 """Adapter-aware continuous batching: which sequences run in the next step, which adapters to load.
 
-Pure bookkeeping — no tensors, no threads, time passed in — so the policy can be simulated
-deterministically: the step loop (scheduler/step_loop.py) executes what it decides, in the engine with
-the model and in tests/test_scheduler_sim.py with a simulated runner and loader on a fake clock.
-
-Policy, in order of precedence:
-1. Deadlines: a waiting job past its deadline is answered `deadline_exceeded`, never run.
-2. Tenant fairness: waiting jobs are interleaved across tenants by virtual service (tokens
-   admitted), least-served tenant first, FIFO within a tenant; a tenant that was idle re-enters at
-   the current minimum, so it can neither bank credit nor be punished for a past flood. This is the
-   baseline order; everything below only lets a job wait a bounded time behind it.
-3. Adapter affinity: walking that order, jobs whose adapter is resident are admitted and the others
-   skipped until their adapter is loaded (prefetched in the same order), so a loaded adapter keeps
-   serving while another loads instead of the step waiting on a load.
-4. Bounded extra wait: a job that has waited longer than `max_wait_s` is *overdue* and may no longer
-   be passed over for long. If its adapter has no slot, it takes the least-recently-used idle slot
-   even when other queued jobs want that adapter; if every slot is busy, the slot with the fewest
-   running sequences is marked draining (no new jobs join it) and is handed over once they finish.
-   Overdue jobs are admitted before the rest (in fair order among themselves). So reordering
-   adds at most max_wait_s + the drain of one slot's sequences + one load.
-5. KV reservation, for a job the KV cache keeps out. A job whose prompt + max_new_tokens needs more
-   blocks than the whole cache can never run: `admissible` says so and the engine answers it
-   `prompt_too_long`. Otherwise every running sequence has a step `done_by` by which it is finished
-   whatever happens (prefill is served in running order at no less than max_step_tokens -
-   max_running + 1 tokens a step, then one decode token a step up to max_new_tokens; EOS or a stop
-   string only ends it sooner). The oldest overdue job that does not fit in the free blocks becomes
-   the *head* and gets a reservation: `at`, the first step at which, counting only the running
-   sequences' `done_by`, enough blocks and a running seat are free for it, and the blocks and seats
-   spare at `at` beyond its own. While the head waits, another job is admitted only if it is done
-   by `at` or fits in what is spare at `at` (and uses that up). Guarantees:
-   - the head is admitted at step `at` at the latest (or, if its adapter is not ready by then, as
-     soon as it is: its blocks stay reserved meanwhile), and `at` never moves later however many
-     jobs keep arriving. So once a job is the head it waits at most the remaining worst-case life
-     of the sequences running at that moment; heads are taken oldest first, so an overdue job the
-     cache keeps out becomes the head after finitely many older ones: none is starved;
-   - a job is held back by a reservation only at a step s where it would still be running at `at`,
-     so `at` - s is less than its own worst-case run: behind one head, no job waits longer than it
-     would itself occupy the cache, and jobs that finish before `at` (the many short jobs behind a
-     long one) are not held back at all. Jobs that would still run at `at` must wait, as nothing is
-     preempted: any rule that let them in after a fixed time instead would let a stream of them
-     starve the head.
-Device slots are otherwise evicted least-recently-used among those no running sequence holds and no
-waiting job needs: LRU keeps the hot set of a Zipf-like workload resident, and protecting wanted
-adapters prevents the load-evict-reload thrash that plain LRU shows when there are more distinct
-adapters in the queue than slots. When the caller gives an affinity hint (`AdapterSlots.affinity`, the
-adapters this worker's share of the traffic brings and how often), idle slots of adapters it scores
-lower are evicted first, LRU among equals: a worker in a fleet keeps its own partitions' adapters.
+Pure bookkeeping (no tensors, no threads, time passed in), so tests/test_scheduler_sim.py can simulate it;
+the rules and their guarantees: docs/scheduling.md, "The policy and its guarantees".
 """
 
 from __future__ import annotations
@@ -382,7 +338,7 @@ class Scheduler:
 
     def _done_by(self, seq: Sequence, prefill_ahead: int) -> int:
         """The step by which `seq`, admitted now behind `prefill_ahead` prompt tokens still to prefill, is
-        finished at the latest (see the docstring, 5.)."""
+        finished at the latest (docs/scheduling.md, rule 5)."""
         prefill_steps = -(-(prefill_ahead + len(seq.prompt_ids)) // self._prefill_rate)
         return self.steps + prefill_steps + seq.request.params.max_new_tokens - 1
 

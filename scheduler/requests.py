@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     import torch
 
     from lorabus.scheduler.sampling import Sampler
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -314,3 +317,24 @@ class StopRules:
         if seq.text is not None:
             return seq.text
         return self.tokenizer.decode(seq.output_ids, skip_special_tokens=True) if self.tokenizer else ""
+
+
+# ---- calls from the engine's threads into caller code ----------------------------------------------------
+# Caller code may raise; that is logged and goes no further, so no callback can take an engine thread down.
+
+def deliver(on_done: Callable[[Completion], None], completion: Completion) -> None:
+    """Hand a job's completion to its caller."""
+    try:
+        on_done(completion)
+    except Exception:
+        log.exception("on_done for %s failed", completion.id)
+
+
+def call_hook(hook: Callable | None, *args) -> None:
+    """Metrics hooks are observers: their failure is logged, never the jobs' problem."""
+    if hook is None:
+        return
+    try:
+        hook(*args)
+    except Exception:
+        log.exception("engine hook %s failed", getattr(hook, "__name__", hook))

@@ -14,11 +14,10 @@ import numpy as np
 import torch
 
 from lorabus import kernels
-from lorabus.scheduler.callbacks import call_hook
 from lorabus.scheduler.decode_graphs import DecodeGraphs
 from lorabus.scheduler.kv_cache import PagedKVCache
 from lorabus.scheduler.model import CausalLM, PagedBatch, PrefillGroup, PrefillSpan, StepBatch
-from lorabus.scheduler.requests import Sequence
+from lorabus.scheduler.requests import Sequence, call_hook
 
 # A sequence with this many new tokens in a step is decoding (attends over its cached context);
 # more is a prefill chunk (causal attention over the chunk and what precedes it).

@@ -22,9 +22,8 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
 
-from lorabus.scheduler.callbacks import deliver
 from lorabus.scheduler.policy import AdapterSlots, Scheduler
-from lorabus.scheduler.requests import Completion, Sequence, StopRules
+from lorabus.scheduler.requests import Completion, Sequence, StopRules, deliver
 
 if TYPE_CHECKING:
     from lorabus.scheduler.adapter_manager import AdapterSpec

@@ -3,6 +3,7 @@ calls stubbed (`FakeBroker`), so the CLI's checks and exit codes run without a b
 
 from lorabus.schemas import VersionStatus, WorkerStatus
 from lorabus.worker import cli, client
+from lorabus.worker.cli import broker, control
 from lorabus.worker.control_log import ControlLog
 
 NOW = 1_800_000_000_000
@@ -40,8 +41,8 @@ class FakeBroker:
         monkeypatch.setattr(client, "publish_control", publish_control)
         monkeypatch.setattr(client, "read_statuses", read_statuses)
         monkeypatch.setattr("lorabus.worker.topics.ensure_topics", ensure_topics)
-        monkeypatch.setattr(cli, "WAIT_POLL_S", 0.01)
-        monkeypatch.setattr(cli, "_now_ms", lambda: NOW)
+        monkeypatch.setattr(control, "WAIT_POLL_S", 0.01)
+        monkeypatch.setattr(broker, "_now_ms", lambda: NOW)
 
 
 def run_cli(*argv):

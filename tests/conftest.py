@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 from helpers import PrivateBroker, make_peft_adapter  # noqa: E402
 from lorabus.worker.aiokafka_compat import use_python_record_builder  # noqa: E402
 from lorabus.worker.model_store import fetch_model  # noqa: E402
-from lorabus.worker.samples import build_tiny_model  # noqa: E402
+from lorabus.worker.testing import build_tiny_model  # noqa: E402
 
 # Before any producer exists: test producers may send header keys that are not UTF-8 (helpers.RawHeaderKey).
 use_python_record_builder()

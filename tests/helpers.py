@@ -84,6 +84,26 @@ class PeftOracle:
         assert margin < 1e-4, f"{label}: tokens diverge from PEFT at {split}: got {got}, PEFT {want} (margin {margin:.3g})"
         print(f"{label}: accepted divergence at token {split}: PEFT's top-2 logit margin there is {margin:.2e} < 1e-4")
 
+    def greedy_requests(self, adapters: dict, prompts: list[str], max_new_tokens: int, count: int | None = None,
+                        prefix: str = "r") -> list:
+        """`count` (default: one per prompt) greedy engine requests `{prefix}{i}`, cycling over the base model
+        and every adapter of `adapters` (name → directory) and over the prompts."""
+        from lorabus.scheduler import Request, SamplingParams
+
+        names = [None, *adapters]
+        return [Request(f"{prefix}{i}", "t", names[i % len(names)], prompt_ids=self.prompt_ids(prompts[i % len(prompts)]),
+                        params=SamplingParams(max_new_tokens))
+                for i in range(len(prompts) if count is None else count)]
+
+    def assert_answers(self, adapters: dict, requests, results: dict) -> None:
+        """The PEFT-parity check of engine answers: each request's answer (`results` by request id) is ok and
+        carries PEFT's greedy tokens for its adapter (`adapters`: name → directory; None is the base model)."""
+        for request in requests:
+            answer = results[request.id]
+            assert answer.status == "ok", answer
+            self.assert_matches(adapters.get(request.adapter), request.prompt_ids, answer.token_ids,
+                                request.params.max_new_tokens, request.id)
+
 
 # Shared by the mix tests through the broker (plain mixes and routes to mixes).
 MIX_MAX_RANK = 32
@@ -266,21 +286,36 @@ def submit_all(engine, requests, timeout: float = 120):
     return results
 
 
-async def read_topic(bootstrap: str, topic: str, timeout_s: float, until=lambda records: False) -> list:
-    """Every record of `topic` from the beginning, read until `until(records)` holds or `timeout_s` passes."""
+async def read_topic(bootstrap: str, topic: str, timeout_s: float = 60, until=None, *, to_end: bool = False,
+                     isolation_level: str = "read_uncommitted", **consumer_options) -> list:
+    """Every record of `topic` (all its partitions) from the beginning, from a consumer of no group.
+
+    It reads until `until(records)` holds, or with `to_end` until it has reached the end offsets as of the
+    call (an AssertionError if that takes over `timeout_s`); with neither, for `timeout_s`. Exactly-once
+    readers pass isolation_level="read_committed"; `consumer_options` go to AIOKafkaConsumer (fetch sizes)."""
     from aiokafka import AIOKafkaConsumer
 
     from lorabus.worker.client import topic_partitions
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
+                                isolation_level=isolation_level, **consumer_options)
     await consumer.start()
     try:
-        consumer.assign(await topic_partitions(bootstrap, topic))
+        parts = await topic_partitions(bootstrap, topic)
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        ends = await consumer.end_offsets(parts) if to_end else {}
         records, deadline = [], time.monotonic() + timeout_s
-        while not until(records) and time.monotonic() < deadline:
+        while True:
+            if until is not None and until(records):
+                return records
+            if to_end and all([await consumer.position(tp) >= end for tp, end in ends.items()]):
+                return records
+            if time.monotonic() >= deadline:
+                assert not to_end, f"{topic} not read to its end offsets {ends} within {timeout_s:g} s"
+                return records
             for batch in (await consumer.getmany(timeout_ms=200)).values():
                 records.extend(batch)
-        return records
     finally:
         await consumer.stop()
 
@@ -320,24 +355,6 @@ async def publish_control_bulk(bootstrap: str, topic: str, events: list) -> None
 
 async def record_offsets(kafka: str, topic: str) -> tuple[list[int], int]:
     """(offsets of the records read from the beginning up to the end offset, the end offset) of a
-    one-partition topic."""
-    from aiokafka import AIOKafkaConsumer
-
-    from lorabus.worker.client import topic_partitions
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, enable_auto_commit=False, auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        (tp,) = await topic_partitions(kafka, topic)
-        consumer.assign([tp])
-        end = (await consumer.end_offsets([tp]))[tp]
-        await consumer.seek_to_beginning(tp)
-        offsets: list[int] = []
-        deadline = time.monotonic() + 30
-        while await consumer.position(tp) < end:  # compaction leaves gaps: done is the position, not a count
-            assert time.monotonic() < deadline, f"reading {topic} to offset {end} took over 30 s"
-            for batch in (await consumer.getmany(tp, timeout_ms=200)).values():
-                offsets += [r.offset for r in batch if r.offset < end]
-        return offsets, end
-    finally:
-        await consumer.stop()
+    one-partition topic. Compaction leaves gaps: read_topic's `to_end` goes by position, not a count."""
+    end = await end_offset(kafka, topic)
+    return [r.offset for r in await read_topic(kafka, topic, 30, to_end=True) if r.offset < end], end

@@ -184,7 +184,8 @@ def test_a_changed_file_affects_only_its_version_in_each_tier(tiny_model, peft_a
 
 
 def test_a_mix_that_failed_on_a_member_builds_once_the_member_loads_again(tiny_model, peft_adapters, tmp_path):
-    """A mix's failure is remembered like any adapter's; a member that loads again lets it be built again."""
+    """A mix's failure is remembered like any adapter's, and reported as its member's own failure (the worker
+    then serves name-only members from another version); a member that loads again lets it be built again."""
     member, sha = copy_adapter(peft_adapters["qv-r4"], tmp_path / "m")
     oracle = MixOracle(tiny_model, {"m": peft_adapters["qv-r4"], "o": peft_adapters["all-r8-rslora"]})
     engine = Engine(str(tiny_model), EngineConfig(kv_cache_mb=4))
@@ -194,11 +195,17 @@ def test_a_mix_that_failed_on_a_member_builds_once_the_member_loads_again(tiny_m
     mix = mix_spec([(specs["m"], 0.7), (specs["o"], -0.4)])
     engine.register(mix)
     ids = oracle.prompt_ids(PROMPT)
+    loads = []
+    engine.on_load = lambda key, _seconds, error: loads.append((key, error))
     engine.start()
     try:
         original = change(member, "delete")
         failed = engine.generate(_job("failed", mix.key, ids), 60)
         assert failed.error_code == "adapter_load_failed" and "no adapter_model.safetensors" in failed.error_message
+        assert ("m", failed.error_message) in loads and (mix.key, failed.error_message) in loads, loads
+        assert loads.index(("m", failed.error_message)) < loads.index((mix.key, failed.error_message))
+        alone = engine.generate(_job("alone", "m", ids), 60)  # remembered for the member's own jobs too
+        assert alone.error_code == "adapter_load_failed", alone
         restore(member, original)
         warmed, done = [], threading.Event()
         engine.warm("m", lambda c: (warmed.append(c), done.set()))

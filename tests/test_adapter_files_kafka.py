@@ -18,7 +18,7 @@ from lorabus.worker.client import publish_control, run_jobs
 from lorabus.worker.registry import Load
 from lorabus.worker.topics import ensure_topics
 from file_changes import CHANGES, REASONS, change, copy_adapter, restore
-from helpers import PeftOracle, read_topic, running_worker, start_worker_process, unique, worker_config
+from helpers import MixOracle, PeftOracle, read_topic, running_worker, start_worker_process, unique, worker_config
 
 pytestmark = pytest.mark.kafka
 
@@ -114,7 +114,7 @@ async def _change_in_each_tier(jobs: Jobs, how: str, targets: dict, held=None) -
 
 def _settled(worker, events: int) -> bool:
     """The worker has applied `events` control records and loads none of their versions (warm-ups done)."""
-    return worker.control_offset >= events and Load.LOADING not in worker.health.states.values()
+    return worker.control_offset >= events and Load.LOADING not in worker.adapter_health.states.values()
 
 
 async def _until(condition, timeout_s: float = JOB_TIMEOUT_S) -> None:
@@ -188,7 +188,7 @@ async def test_a_truncated_file_never_kills_the_worker(kafka, tiny_model, peft_a
 
 async def test_the_switch_to_a_version_whose_file_broke_falls_back(kafka, tiny_model, peft_adapters, tmp_path):
     """v2 loaded when published, was evicted, then its file was overwritten. Activating it moves no
-    name-only job onto it: its load fails, and every job is served by v1. Restored, v2 takes the traffic
+    name-only job onto it, alone or as a mix member: its load fails, and every job is served by v1. Restored, v2 takes the traffic
     without a restart. Jobs naming fin@v2 meanwhile are the only ones answered adapter_load_failed."""
     v1, (v2, sha2) = peft_adapters["qv-r4"], copy_adapter(peft_adapters["all-r8-rslora"], tmp_path / "v2")
     config = worker_config(kafka, tiny_model, engine=EngineConfig(kv_cache_mb=64, max_loras=1, max_cpu_loras=1),
@@ -202,19 +202,29 @@ async def test_the_switch_to_a_version_whose_file_broke_falls_back(kafka, tiny_m
         await _until(lambda: _settled(worker, 3))
         await jobs.served("fin@v2")
         await jobs.served("fin", "fin@v1")  # v1 in the only slot and the only host entry: v2 on disk only
-        assert worker.health.state("fin@v2") is Load.READY
+        assert worker.adapter_health.state("fin@v2") is Load.READY
         spec2 = worker.engine.adapters.spec("fin@v2")
         assert "fin@v2" not in worker.engine.resident() and spec2 not in worker.engine.adapters.host_cache
 
         original = change(v2, "overwrite")
         (offset,) = await publish_control(kafka, config.control_topic, [AdapterActivate("fin", "v2")])
         await _until(lambda: worker.control_offset > offset)
+        # First a mix naming "fin": it is built on fin@v2, whose read fails; that is fin@v2's failure, and the
+        # mix is served with fin@v1 instead.
+        mix_job = {"id": "mix-1", "tenant": "acme", "prompt_ids": jobs.ids, "max_new_tokens": MAX_NEW,
+                   "mix": [{"adapter": "fin", "weight": 0.5}]}
+        answered = await run_jobs(kafka, config.jobs_topic, config.results_topic,
+                                  [("mix-1", json.dumps(mix_job).encode())], JOB_TIMEOUT_S)
+        mixed = answered["mix-1"][0]
+        assert mixed.status == "ok", mixed
+        MixOracle(tiny_model, {"fin": v1}).assert_matches((("fin", 0.5),), jobs.ids, mixed.token_ids, MAX_NEW, "mix")
+        assert "sha256" in (worker.adapter_health.failure("fin@v2") or "")
         results = await jobs.run(["fin", "other@v1", "fin", None, "fin", "fin"])
         for result in results:
             if result.adapter == "fin":
                 assert result.adapter_version == "v1", result
             jobs.check_ok(result, f"{result.adapter}@{result.adapter_version}" if result.adapter else None)
-        await _until(lambda: "sha256" in (worker.health.failure("fin@v2") or ""))  # failed, shown in status
+        await _until(lambda: "sha256" in (worker.adapter_health.failure("fin@v2") or ""))  # failed, shown in status
         await jobs.failed("fin@v2", "sha256")
 
         restore(v2, original)

@@ -168,7 +168,7 @@ def test_a_poisoned_adapter_fails_only_its_jobs(tiny_model, peft_adapters, tmp_p
 
 @pytest.fixture(scope="module")
 def phi3_model(tmp_path_factory):
-    from lorabus.worker.samples import build_tiny_model
+    from lorabus.worker.testing import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("phi3") / "phi3", model_type="phi3")
 
@@ -210,7 +210,7 @@ def test_targets_of_another_family_are_refused(phi3_model, peft_adapters, shapes
 
 def test_sample_adapters_follow_the_family(phi3_model, tmp_path):
     from lorabus.scheduler.arch import ModelSpec
-    from lorabus.worker.samples import build_sample_adapter
+    from lorabus.worker.testing import build_sample_adapter
 
     spec = ModelSpec.from_dir(phi3_model)
     path = build_sample_adapter(tmp_path / "s", phi3_model, rank=4, target_modules=("qkv_proj", "down_proj"))

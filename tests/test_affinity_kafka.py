@@ -74,7 +74,7 @@ async def test_a_fetched_records_key_prefetches_its_adapter_into_a_free_slot(kaf
                  ("broken", tmp_path, Load.FAILED)]
         for name, path, state in steps:
             await publish_control(kafka, config.control_topic, [AdapterPublish(name, "v1", str(path))])
-            assert await wait_for(lambda: worker.health.state(f"{name}@v1") is state), name
+            assert await wait_for(lambda: worker.adapter_health.state(f"{name}@v1") is state), name
         assert await wait_for(lambda: worker.engine.stats()["adapter_slots_used"] == 1)
         assert worker.engine.resident() == ["b@v1"]
         # A base-model job: only its record key names a, so only the look-ahead can load it.

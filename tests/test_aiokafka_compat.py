@@ -236,3 +236,46 @@ def test_the_check_catches_what_the_tree_did_before():
         "imports _DefaultRecordBatchBuilderPy from aiokafka.record.default_records",
         "assigns module.DefaultRecordBatchBuilder"]
     assert [line for line, _ in found["elsewhere"]] == [2, 5, 6, 7, 8, 9, 10, 11, 11], found["elsewhere"]
+
+
+# ---- "bounded inflate" --------------------------------------------------------------------------------------
+
+def _gzip_batch(records: list[tuple[bytes, bytes]]) -> bytes:
+    builder = default_records.DefaultRecordBatchBuilder(
+        magic=2, compression_type=1, is_transactional=0,  # 1: gzip
+        producer_id=-1, producer_epoch=-1, base_sequence=-1, batch_size=1 << 30)
+    for offset, (key, value) in enumerate(records):
+        builder.append(offset, timestamp=1, key=key, value=value, headers=[])
+    return bytes(builder.build())
+
+
+def _read_all(batch: bytes) -> list:
+    records = compat._tolerant_memory_records()(batch)
+    out = []
+    while (next_batch := records.next_batch()) is not None:
+        out += [(r.key, len(r.value)) for r in next_batch]
+    return out
+
+
+def test_a_batch_that_inflates_past_the_limit_yields_nothing_and_is_named_by_its_first_key():
+    bomb = _gzip_batch([(b"w-bomb", b"{" + b" " * 5_000_000 + b"}"), (b"w2", b"x")])  # 5 MB in a few KB
+    small = _gzip_batch([(b"w1", b"y" * 1000)])
+    assert len(bomb) < 50_000
+    skipped = []
+    with compat.inflate_limit(100_000, lambda offset, key, why: skipped.append((offset, key, why))):
+        assert _read_all(bomb) == []
+        assert _read_all(small) == [(b"w1", 1000)]
+    assert skipped == [(0, b"w-bomb", "a gzip batch that inflates past 100000 bytes")]
+    assert _read_all(bomb) == [(b"w-bomb", 5_000_002), (b"w2", 1)]  # outside the block: aiokafka's own reading
+
+
+def test_gzip_inflation_is_bounded_across_members_and_refuses_truncated_data():
+    import gzip
+    import zlib
+
+    two = gzip.compress(b"a" * 600) + gzip.compress(b"b" * 600)
+    assert compat._inflate_gzip(two, 2000) == (b"a" * 600 + b"b" * 600, True)
+    inflated, whole = compat._inflate_gzip(two, 1000)
+    assert not whole and len(inflated) == 1001
+    with pytest.raises(zlib.error):
+        compat._inflate_gzip(gzip.compress(b"c" * 600)[:-12], 2000)

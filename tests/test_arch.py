@@ -9,9 +9,9 @@ from safetensors.torch import load_file, save_file
 
 from lorabus.scheduler.arch import ModelSpec, UnsupportedModel
 from lorabus.scheduler.model import CausalLM, Checkpoint, rope_cos_sin
-from lorabus.worker.samples import TINY_MODEL
+from lorabus.worker.testing import TINY_MODEL
 
-# A layer of 4 heads of 16 dims, like worker.samples.TINY_MODEL, without its tokenizer-dependent ids.
+# A layer of 4 heads of 16 dims, like worker.testing.TINY_MODEL, without its tokenizer-dependent ids.
 SHAPE = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0)
 HEAD_DIM = SHAPE["hidden_size"] // SHAPE["num_attention_heads"]

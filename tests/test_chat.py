@@ -273,7 +273,7 @@ def test_content_special_tokens_is_for_chats_only():
 
 
 def test_the_job_overrides_the_worker_setting():
-    from lorabus.worker.translate import to_request
+    from lorabus.worker.wire import to_request
 
     for job_says, worker_says, reads_tokens in ((None, False, False), (None, True, True), (True, False, True),
                                                 (False, True, False)):

@@ -18,7 +18,8 @@ from importlib.metadata import version
 import pytest
 
 from lorabus.schemas import error_result
-from lorabus.worker.cli import _error_summary, build_parser, main
+from lorabus.worker.cli import build_parser, main
+from lorabus.worker.cli.produce import _error_summary
 from lorabus.worker.service import StartupError, Worker
 from helpers import running_worker, worker_config
 

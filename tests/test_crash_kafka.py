@@ -5,14 +5,13 @@ killed one's group instance id, so its transactional id fences what the killed o
 
 import json
 import signal
-import time
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 
 from lorabus.schemas import AdapterPublish, decode_result
-from helpers import start_worker_process, unique
-from lorabus.worker.client import publish_control, topic_partitions
+from helpers import read_topic, start_worker_process, unique
+from lorabus.worker.client import publish_control
 from lorabus.worker.topics import ensure_topics
 
 pytestmark = pytest.mark.kafka
@@ -41,38 +40,36 @@ async def test_kill_9_mid_run_loses_no_job(kafka, tiny_model, peft_adapters, tmp
         await producer.send(topics["jobs"], json.dumps(job).encode(), key=job_id.encode())
     await producer.stop()
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, enable_auto_commit=False, auto_offset_reset="earliest",
-                                isolation_level="read_committed" if exactly_once else "read_uncommitted")
-    await consumer.start()
-    consumer.assign(await topic_partitions(kafka, topics["results"]))
-    results: dict[str, list] = {}
+    def by_id(records) -> dict[str, list]:
+        results: dict[str, list] = {}
+        for record in records:
+            result = decode_result(record.value)
+            results.setdefault(result.id, []).append(result)
+        return results
 
-    async def read(until, timeout_s):
-        deadline = time.monotonic() + timeout_s
-        while not until() and time.monotonic() < deadline:
-            for batch in (await consumer.getmany(timeout_ms=200)).values():
-                for record in batch:
-                    result = decode_result(record.value)
-                    results.setdefault(result.id, []).append(result)
+    async def read(until, timeout_s) -> dict[str, list]:
+        """Every result on the topic, by job id, read from its beginning until `until(results)` holds."""
+        records = await read_topic(kafka, topics["results"], timeout_s, lambda records: until(by_id(records)),
+                                   isolation_level="read_committed" if exactly_once else "read_uncommitted")
+        return by_id(records)
 
     group = f"g-{tag}"
     first = _start_worker(kafka, tiny_model, topics, group, tmp_path / "first.log", exactly_once)
     try:
-        await read(lambda: len(results) >= 8, 120)
+        results = await read(lambda results: len(results) >= 8, 120)
         assert 8 <= len(results) < len(ids), f"first worker answered {len(results)} jobs; wanted a mid-run kill"
         first.send_signal(signal.SIGKILL)
         first.wait(30)
         answered_before = len(results)
         second = _start_worker(kafka, tiny_model, topics, group, tmp_path / "second.log", exactly_once)
         try:
-            await read(lambda: set(ids) <= results.keys(), 180)
+            results = await read(lambda results: set(ids) <= results.keys(), 180)
         finally:
             second.send_signal(signal.SIGTERM)
             assert second.wait(60) == 0, (tmp_path / "second.log").read_text()[-3000:]
     finally:
         if first.poll() is None:
             first.kill()
-        await consumer.stop()
 
     assert set(ids) <= results.keys(), f"jobs never answered: {set(ids) - results.keys()}"
     duplicates = 0

@@ -3,7 +3,6 @@ metric breaks this test), every rate/increase window is `$__rate_interval`, ever
 `$job`/`$instance` filter, and every panel's unit fits what it plots. tests/test_prometheus_kafka.py
 evaluates the same queries in a real Prometheus."""
 
-import ast
 import json
 import re
 from pathlib import Path
@@ -14,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lorabus.scheduler import Engine, EngineConfig
 from lorabus.worker.metrics import Metrics
+from lorabus.worker.output import OUTPUT_COUNTERS
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "lorabus.json"
@@ -29,20 +29,15 @@ def targets() -> list[tuple[dict, str]]:
     return [(panel, target["expr"]) for panel in dashboard()["panels"] for target in panel["targets"]]
 
 
-def output_counter_names() -> set[str]:
-    """The keys of the dicts worker/service.py hands to `Metrics.watch_output` (lorabus_output_<key>_total)."""
-    tree = ast.parse((ROOT / "worker" / "service.py").read_text())
-    return {key.value for call in ast.walk(tree) if isinstance(call, ast.Call)
-            and getattr(call.func, "attr", "") == "watch_output"
-            for node in ast.walk(call) if isinstance(node, ast.Dict) for key in node.keys}
-
-
 @pytest.fixture(scope="module")
 def exported(tiny_model) -> set[str]:
     """Sample names a worker exports once each labelled series has been touched."""
     metrics = Metrics()
     metrics.watch_engine(Engine(str(tiny_model), EngineConfig(kv_cache_mb=4)).stats)
-    metrics.watch_output(lambda: dict.fromkeys(output_counter_names(), 0))
+    metrics.watch_output(lambda: dict.fromkeys(OUTPUT_COUNTERS, 0))
+    metrics.watch_lanes(lambda: {"jobs": 1})
+    metrics.lane_taken("jobs", 0)
+    metrics.lane_tokens.labels("jobs").inc()
     metrics.set_lag({("jobs", 0): 0})
     metrics.jobs_completed.inc("fin", "v1")
     metrics.job_results.labels("ok").inc()

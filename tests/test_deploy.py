@@ -18,9 +18,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lorabus.scheduler import Engine, EngineConfig
 from lorabus.worker import cli
+from lorabus.worker.cli import flags
 from lorabus.worker.config import WorkerConfig
 from lorabus.worker.health import HealthChecks
 from lorabus.worker.metrics import Metrics
+from lorabus.worker.output import OUTPUT_COUNTERS
 from lorabus.worker.topics import CONTROL_TOPIC_CONFIGS, STATUS_TOPIC_CONFIGS, control_topic_problems
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +138,7 @@ def worker_config(monkeypatch, env: dict[str, str], args: list[str]) -> WorkerCo
     parsed = cli.build_parser().parse_args(["worker", *args])  # an unknown flag exits here
     for value in vars(parsed).values():  # a LORABUS_* value of the wrong type
         assert type(value).__name__ != "_BadEnv", value
-    return cli._config_from(parsed)
+    return flags._config_from(parsed)
 
 
 # ---- the tests --------------------------------------------------------------------------------------
@@ -328,17 +330,16 @@ def exported_metrics(tiny_model) -> set[str]:
     """Every series name a worker can export: its registry, the engine's gauges and the output counters."""
     metrics = Metrics()
     metrics.watch_engine(Engine(str(tiny_model), EngineConfig(kv_cache_mb=4)).stats)
-    service = ast.parse((ROOT / "worker" / "service.py").read_text())
-    output_names = {key.value for call in ast.walk(service) if isinstance(call, ast.Call)
-                    and getattr(call.func, "attr", "") == "watch_output"
-                    for node in ast.walk(call) if isinstance(node, ast.Dict) for key in node.keys}
-    metrics.watch_output(lambda: dict.fromkeys(output_names, 0))
+    metrics.watch_output(lambda: dict.fromkeys(OUTPUT_COUNTERS, 0))
+    metrics.watch_lanes(lambda: {"jobs": 1})
+    metrics.lane_taken("jobs", 0)
+    metrics.lane_tokens.labels("jobs").inc()
     suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
                 "gauge": (), "info": ("_info",), "summary": ("_sum", "_count", "_created")}
     names = set()
     for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
         names.update([family.name, *(family.name + s for s in suffixes.get(family.type, ()))])
-    assert len(output_names) >= 4
+    assert len(OUTPUT_COUNTERS) >= 4
     return names
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from lorabus.scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
 from helpers import PeftOracle, make_peft_adapter, submit_all
-from lorabus.worker.samples import build_tiny_model
+from lorabus.worker.testing import build_tiny_model
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PHI3_ALL = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
@@ -24,17 +24,11 @@ def _parity(model_dir, adapters, config, prompts, max_new=8, on_step=None, on_lo
         engine.register(AdapterSpec(name, str(path)))
     engine.start()
     try:
-        names = [None, *adapters]
-        requests = [Request(f"r{i}", "t", names[i % len(names)], prompt_ids=oracle.prompt_ids(p),
-                            params=SamplingParams(max_new))
-                    for i, p in enumerate(prompts)]
+        requests = oracle.greedy_requests(adapters, prompts, max_new)
         results = submit_all(engine, requests)
     finally:
         engine.stop()
-    for request in requests:
-        c = results[request.id]
-        assert c.status == "ok", c
-        oracle.assert_matches(adapters.get(request.adapter), request.prompt_ids, c.token_ids, max_new, request.id)
+    oracle.assert_answers(adapters, requests, results)
     return engine
 
 
@@ -119,12 +113,7 @@ def test_hot_adapter_and_staggered_prefills_match_peft(tiny_model, peft_adapters
         engine.stop()
     assert "token" in plans, f"no decode step gathered per token: {plans}"
     assert any(s is not None for s in splits), "no step split a long prefill segment from short ones"
-    results = {c.id: c for c in done}
-    for request in requests:
-        result = results[request.id]
-        assert result.status == "ok", result
-        oracle.assert_matches(adapters.get(request.adapter), request.prompt_ids, result.token_ids,
-                              request.params.max_new_tokens, request.id)
+    oracle.assert_answers(adapters, requests, {c.id: c for c in done})
 
 
 def test_triton_backend_on_the_hot_path(tiny_model, peft_adapters, monkeypatch):

@@ -33,18 +33,7 @@ def _engine(model_dir, adapters, **config):
 
 def _greedy_neighbours(oracle, adapters, count=8, prefix="g"):
     """Greedy jobs across the base model and every adapter: the ones that must not notice anything."""
-    names = [None, *adapters]
-    return [Request(f"{prefix}{i}", "t", names[i % len(names)],
-                    prompt_ids=oracle.prompt_ids(PROMPTS[i % len(PROMPTS)]), params=SamplingParams(MAX_NEW))
-            for i in range(count)]
-
-
-def _assert_peft(oracle, adapters, requests, results):
-    for request in requests:
-        c = results[request.id]
-        assert c.status == "ok", c
-        oracle.assert_matches(adapters.get(request.adapter), request.prompt_ids, c.token_ids,
-                              request.params.max_new_tokens, request.id)
+    return oracle.greedy_requests(adapters, PROMPTS, MAX_NEW, count, prefix)
 
 
 # ---- 1. a failure belongs to its job, never to the step thread --------------------------------------
@@ -64,7 +53,7 @@ def test_seed_beyond_the_generators_range_is_served(tiny_model, peft_adapters, o
         again = engine.generate(Request("again", "t", None, prompt="hello world", params=huge), 60)
     finally:
         engine.stop()
-    _assert_peft(oracle, adapters, greedy, results)
+    oracle.assert_answers(adapters, greedy, results)
     for request in odd:
         assert results[request.id].status == "ok", results[request.id]
         assert len(results[request.id].token_ids) == MAX_NEW
@@ -109,7 +98,7 @@ def test_a_failure_after_the_forward_pass_fails_only_its_job(tiny_model, peft_ad
         engine.stop()
     assert results["bad"].status == "error" and results["bad"].error_code == "internal", results["bad"]
     assert "injected sampling failure" in results["bad"].error_message
-    _assert_peft(oracle, adapters, greedy, results)
+    oracle.assert_answers(adapters, greedy, results)
     assert after.status == "ok"
 
 
@@ -129,7 +118,7 @@ def test_the_step_loop_survives_errors_outside_the_forward_pass(tiny_model, peft
         engine.on_step = engine.on_load = broken_hook
         hooked = _greedy_neighbours(oracle, adapters, count=3, prefix="h")
         results = submit_all(engine, hooked)
-        _assert_peft(oracle, adapters, hooked, results)
+        oracle.assert_answers(adapters, hooked, results)
         engine.on_step = engine.on_load = None
 
         # A scheduling failure: the jobs it held are answered `internal`, and the loop goes on.
@@ -147,10 +136,10 @@ def test_the_step_loop_survives_errors_outside_the_forward_pass(tiny_model, peft
         engine.scheduler.schedule = schedule
         failed = [c for c in results.values() if c.status == "error"]
         assert failed and all(c.error_code == "internal" for c in failed), results
-        _assert_peft(oracle, adapters, [r for r in held if results[r.id].status == "ok"], results)
+        oracle.assert_answers(adapters, [r for r in held if results[r.id].status == "ok"], results)
         later = _greedy_neighbours(oracle, adapters, count=4, prefix="l")
         results = submit_all(engine, later)
-        _assert_peft(oracle, adapters, later, results)
+        oracle.assert_answers(adapters, later, results)
         assert engine.stats()["kv_blocks_used"] == 0 and engine.stats()["adapter_slots_pinned"] == 0
     finally:
         engine.stop()
@@ -175,7 +164,7 @@ def test_degenerate_sampling_numbers_stay_with_their_job(tiny_model, peft_adapte
         results = submit_all(engine, greedy + odd)
     finally:
         engine.stop()
-    _assert_peft(oracle, adapters, greedy, results)
+    oracle.assert_answers(adapters, greedy, results)
     for request in odd:
         c = results[request.id]
         assert c.status == "ok" or c.error_code == "internal", c
@@ -264,7 +253,7 @@ def test_nan_adapter_and_stale_nan_kv_reach_no_other_sequence(tiny_model, peft_a
         engine.stop()
     clean = [r for r in requests if r.adapter != poison.key]
     assert len(clean) == 9
-    _assert_peft(oracle, adapters, clean, results)
+    oracle.assert_answers(adapters, clean, results)
 
 
 # ---- input the engine refuses at submit, before it can reach a step --------------------------------
@@ -296,7 +285,7 @@ def test_meaningless_numbers_are_refused_at_submit(tiny_model):
 
 def test_kv_cache_limit_is_in_whole_blocks(tmp_path):
     """A job is refused `prompt_too_long` at submit exactly when its blocks exceed the cache's."""
-    from lorabus.worker.samples import build_tiny_model
+    from lorabus.worker.testing import build_tiny_model
 
     model_dir = build_tiny_model(tmp_path / "m", max_position_embeddings=4096)  # the KV cache, not the model, limits
     engine = _engine(model_dir, {}, kv_cache_mb=1, kv_block_size=48, max_step_tokens=1024)

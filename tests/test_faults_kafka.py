@@ -4,7 +4,10 @@ end, that every job is answered ok with PEFT's greedy tokens, that duplicates (a
 identical tokens, and that nothing was dead-lettered. Each prints its figures.
 
 * a broker outage of OUTAGE_S seconds mid-run, on a private broker this test starts, stops and
-  restarts on the same port and data directory (the shared session broker is never touched);
+  restarts on the same port and data directory (the shared session broker is never touched); the
+  worker's result producer gets a short request timeout injected, so the outage outlasts it as the
+  issue's 60 s outage outlasted aiokafka's default 40 s: sends time out during the outage and are
+  retried (without the injection a 6 s outage retries none);
 * a rebalance: a second in-process worker joins mid-run, then the first leaves gracefully mid-run;
   both workers' in-flight jobs are sampled every 10 ms (and counted at every insertion) and never
   exceed max_inflight;
@@ -28,17 +31,22 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from lorabus.scheduler import EngineConfig
 from lorabus.schemas import AdapterPublish, decode_result
-from fuzz_records import run_task_of
-from helpers import (PeftOracle, PrivateBroker, committed_lag, running_worker, start_worker_process, unique,
-                           worker_config)
+from fuzz_harness import run_task_of
+from helpers import (PeftOracle, PrivateBroker, committed_lag, read_topic, running_worker, start_worker_process,
+                     unique, worker_config)
 from lorabus.worker.client import publish_control, topic_partitions
+from lorabus.worker.producer import ResultProducer
 from lorabus.worker.topics import ensure_topics
 
 pytestmark = pytest.mark.kafka
 
 ROOT = Path(__file__).resolve().parents[1]
-# The issue's outage is 60 s; LORABUS_FAULT_OUTAGE_S shortens it for a quick local run.
-OUTAGE_S = float(os.environ.get("LORABUS_FAULT_OUTAGE_S", "60"))
+# Injected into the worker's result producer: aiokafka's request_timeout_ms (40 s by default), after which
+# a send the broker has not taken times out (ResultProducer retries it). The issue's outage was 60 s against
+# the default; the outage here is as much longer than the injected timeout. LORABUS_FAULT_OUTAGE_S=60 runs
+# the long one.
+REQUEST_TIMEOUT_MS = 4000
+OUTAGE_S = float(os.environ.get("LORABUS_FAULT_OUTAGE_S", 1.5 * REQUEST_TIMEOUT_MS / 1000))
 PROMPTS = [[3 + i, 9, 11, 4 + 2 * i] for i in range(7)]
 
 
@@ -70,25 +78,11 @@ async def send(bootstrap: str, topic: str, jobs: list[tuple[str, bytes]]) -> Non
         await producer.stop()
 
 
-async def read_topic(bootstrap: str, topic: str, timeout_s: float = 60) -> list:
-    """Every record of a topic, from a fresh consumer, up to the end offsets as of now."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        parts = await topic_partitions(bootstrap, topic)
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        ends = await consumer.end_offsets(parts)
-        records, deadline = [], time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            positions = [await consumer.position(tp) for tp in parts]
-            if all(position >= ends[tp] for position, tp in zip(positions, parts)):
-                break
-            for batch in (await consumer.getmany(timeout_ms=200)).values():
-                records += batch
-        return records
-    finally:
-        await consumer.stop()
+class ShortTimeoutProducer(ResultProducer):
+    """The worker's result producer with REQUEST_TIMEOUT_MS injected (the outage test)."""
+
+    def __init__(self, *args, **options):
+        super().__init__(*args, **{**options, "request_timeout_ms": REQUEST_TIMEOUT_MS})
 
 
 class Progress:
@@ -217,7 +211,8 @@ async def wait_lag_zero(bootstrap: str, group: str, topic: str, timeout_s: float
 # ---- (a) a broker outage under load ----------------------------------------------------------------
 
 
-async def test_broker_outage_under_load_loses_nothing(tiny_model, peft_adapters, tmp_path):
+async def test_broker_outage_under_load_loses_nothing(tiny_model, peft_adapters, tmp_path, monkeypatch):
+    monkeypatch.setattr("lorabus.worker.service.ResultProducer", ShortTimeoutProducer)
     broker = PrivateBroker(tmp_path / "broker")
     start_s = broker.start()
     oracle = PeftOracle(tiny_model)
@@ -267,10 +262,13 @@ async def test_broker_outage_under_load_loses_nothing(tiny_model, peft_adapters,
                 stop_sampling.set()
                 seen["samples"] = await sampler
                 seen["run_s"] = time.monotonic() - t0
+                rp = worker.producer
+                seen["producer"] = (f"sends_retried={rp.sends_retried} retries={rp.retries} stalls={rp.stalls} "
+                                    f"recreations={rp.recreations}")
         except (asyncio.TimeoutError, TimeoutError):  # running_worker's graceful stop (60 s) did not finish
             stop_error = "the worker's graceful stop did not finish within 60 s"
-        results = await read_topic(broker.bootstrap, config.results_topic)
-        letters = await read_topic(broker.bootstrap, config.dlq_topic)
+        results = await read_topic(broker.bootstrap, config.results_topic, to_end=True)
+        letters = await read_topic(broker.bootstrap, config.dlq_topic, to_end=True)
     finally:
         broker.stop()
 
@@ -280,8 +278,8 @@ async def test_broker_outage_under_load_loses_nothing(tiny_model, peft_adapters,
           f"{seen.get('recovered_s', 0):.1f} s after the restart ({seen.get('done')}); run {seen.get('run_s', 0):.0f} s; "
           f"committed lag {seen.get('lag')}; max in-flight sampled {peaks.get('worker')} ({seen.get('samples')} samples), "
           f"at insertion {tracked.peak if tracked is not None else '-'}; {len(results)} result records, "
-          f"{len(letters)} dead letters; "
-          f"{stop_error or 'stopped cleanly'}")
+          f"{len(letters)} dead letters; result producer (request timeout {REQUEST_TIMEOUT_MS} ms): "
+          f"{seen.get('producer')}; {stop_error or 'stopped cleanly'}")
     assert seen.get("progressed"), "no job was answered before the outage"
     assert seen["answered_before"] < len(jobs), "every job was answered before the outage: nothing was mid-run"
     assert seen.get("alive_during") and seen.get("alive_after"), f"the worker's run task ended: {seen.get('crash')}"
@@ -344,8 +342,8 @@ async def test_rebalance_join_then_leave_bounded_inflight(kafka, tiny_model, pef
     finally:
         stop_sampling.set()
         await progress.stop()
-    results = await read_topic(kafka, first_config.results_topic)
-    letters = await read_topic(kafka, first_config.dlq_topic)
+    results = await read_topic(kafka, first_config.results_topic, to_end=True)
+    letters = await read_topic(kafka, first_config.dlq_topic, to_end=True)
     at_insert = {name: (t.peak if t is not None else None) for name, t in tracked.items()}
     print(f"\nrebalance: {len(jobs)} jobs, 4 partitions, max_inflight {max_inflight}; (s, answered) at join "
           f"{marks['join']}, at leave {marks['leave']}, after the first left {marks['left']}, done {marks['done']} "
@@ -417,8 +415,8 @@ async def test_kill_9_one_of_two_workers_loses_nothing(kafka, tiny_model, peft_a
             if proc.poll() is None:
                 proc.kill()
         await progress.stop()
-    results = await read_topic(kafka, topics["results"])
-    letters = await read_topic(kafka, topics["dlq"])
+    results = await read_topic(kafka, topics["results"], to_end=True)
+    letters = await read_topic(kafka, topics["dlq"], to_end=True)
     print(f"\nkill -9: {len(jobs)} jobs on 4 partitions, two workers; killed kw-{victim + 1} after "
           f"{killed_at - t0:.1f} s with {answered_at_kill} answers read so far {by_worker_at_kill}; all answered "
           f"{recovered_s:.1f} s "

@@ -1,6 +1,7 @@
 """Fuzzing through the real broker ("Nothing lost, nothing poisoned"): a few hundred hostile job and
-control records, drawn by hypothesis from the v1 schema plus mutations (tests/fuzz_records.py),
-interleaved with good greedy jobs, go to one in-process worker. Invariants:
+control records, drawn by hypothesis from the v1 schema plus mutations (tests/fuzz_strategies.py; what a
+worker may answer each: tests/fuzz_expected.py), interleaved with good greedy jobs, go to one in-process
+worker (tests/fuzz_harness.py). Invariants:
 
 * the worker stays up (its run task is running when the traffic has settled);
 * every good job is answered ok with PEFT's greedy tokens, including jobs for an adapter published
@@ -22,7 +23,9 @@ from collections import Counter
 
 import pytest
 
-from fuzz_records import ADAPTER_FORMS, ID_STYLES, Target, _is_utf8, draw_records, run_fuzz, summary
+from fuzz_expected import Target, is_utf8
+from fuzz_harness import run_fuzz, summary
+from fuzz_strategies import ADAPTER_FORMS, ID_STYLES, WRONG_TYPES, build_job, draw_records
 from helpers import PeftOracle
 
 JOBS, CONTROL, GOOD, HUGE_CAP = 240, 60, 40, 12
@@ -52,13 +55,28 @@ def test_fuzz_batch_covers_every_fault_family():
     musts = Counter(r.must for r in jobs)
     assert musts["answer"] and musts["dead"] and musts["either"], musts
     assert any(r.value is None for r in jobs) and any(r.value is None for r in control)  # tombstones
-    assert any(any(not _is_utf8(k) for k, _ in r.headers) for r in jobs)  # header keys that are not UTF-8
-    assert any(any(v is not None and not _is_utf8(v) for _, v in r.headers) for r in jobs)
+    assert any(any(not is_utf8(k) for k, _ in r.headers) for r in jobs)  # header keys that are not UTF-8
+    assert any(any(v is not None and not is_utf8(v) for _, v in r.headers) for r in jobs)
     assert any(r.size() > 900_000 for r in jobs) and any(b"[" * 100_000 in (r.value or b"") for r in jobs + control)
     assert {r.spec[1] for r in jobs} >= set(ADAPTER_FORMS) - {"odd-charset"}
     assert len({r.spec[5] for r in jobs}) >= len(set(ID_STYLES)) - 4
     print(f"\n{len(jobs)} job and {len(control)} control records; job families {sorted(job_families)}; "
           f"readable id / none / arguable: {musts['answer']} / {musts['dead']} / {musts['either']}")
+
+
+def test_wrong_type_of_content_special_tokens_is_invalid_job():
+    """A job whose `content_special_tokens` is no boolean is expected invalid_job, as the decoder answers it."""
+    from lorabus.schemas import JobError, decode_job
+
+    base = (("max_new_tokens", 4), ("prompt", "hello"), ("tenant", "acme"))
+    for pick, text in enumerate(WRONG_TYPES["content_special_tokens"]):
+        spec = (repr(base), "none", 0, "absent", "absent", "plain", (("wrong_type", "content_special_tokens", pick),),
+                (), "token", True)
+        record = build_job(spec, dict(base), "fz00000x", _offline_target())
+        assert (record.must, record.allowed) == ("answer", {"invalid_job"}), (text, record)
+        with pytest.raises(JobError) as caught:
+            decode_job(record.value)
+        assert caught.value.code == "invalid_job" and caught.value.job_id == "fz00000x", text
 
 
 @pytest.mark.kafka

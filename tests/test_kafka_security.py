@@ -8,8 +8,10 @@ import subprocess
 
 import pytest
 
-from lorabus.worker import cli
-from lorabus.worker.cli import _check_worker_config, _config_from, build_parser, main
+from lorabus.worker.cli import build_parser, main
+from lorabus.worker.cli.broker import _CONNECT_FAILURES
+from lorabus.worker.cli.flags import _config_from
+from lorabus.worker.cli.serve import _check_worker_config
 from lorabus.worker.kafka_security import ConnectFailures, KafkaSecurity, KafkaSecurityError, client_options
 
 
@@ -107,7 +109,7 @@ def test_worker_flags_and_environment(monkeypatch):
 def test_client_commands_refuse_bad_settings_in_one_line(command, capsys):
     rc = main([*command, "--bootstrap-servers", "127.0.0.1:1", "--security-protocol", "SASL_PLAINTEXT",
                "--sasl-username", "alice"])
-    assert cli._CONNECT_FAILURES not in logging.getLogger("aiokafka").filters  # main leaves logging as it was
+    assert _CONNECT_FAILURES not in logging.getLogger("aiokafka").filters  # main leaves logging as it was
     err = capsys.readouterr().err
     assert rc == 2
     assert err.count("\n") == 1 and "needs --sasl-username and --sasl-password" in err, err

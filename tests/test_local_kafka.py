@@ -126,3 +126,40 @@ def test_two_local_brokers_round_trip(tmp_path):
         assert local_kafka("stop", "--data", str(d)).returncode == 0   # nothing running: ok
         assert local_kafka("status", "--data", str(d)).returncode == 3
     print(f"whole test {time.monotonic() - t0:.1f} s")
+
+
+def load_script():
+    """deploy/local-kafka as a module (it has no .py suffix)."""
+    import importlib.machinery
+    import importlib.util
+    loader = importlib.machinery.SourceFileLoader("local_kafka_script", str(SCRIPT))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    return module
+
+
+def test_authorizer_settings(tmp_path):
+    """--authorizer: StandardAuthorizer, no ACL means no access, the PLAINTEXT/CONTROLLER principal
+    (User:ANONYMOUS) and each --super-user are super users; without it nothing of that is written."""
+    lk = load_script()
+    props = lk.server_properties(str(tmp_path), 9, 10, {}, sport=11, super_users=["ops"])
+    assert "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer\n" in props
+    assert "allow.everyone.if.no.acl.found=false\n" in props
+    assert "super.users=User:ANONYMOUS;User:ops\n" in props
+    plain = lk.server_properties(str(tmp_path), 9, 10, {}, sport=11)
+    assert "authorizer.class.name" not in plain and "super.users" not in plain
+    assert lk.parse_super_users(["User:ops", "ops", "b"]) == ["ops", "b"]
+    help_text = local_kafka("start", "--help").stdout
+    assert "--authorizer" in help_text and "--super-user NAME" in help_text
+
+
+def test_authorizer_refusals(tmp_path):
+    """Combinations that cannot hold are refused before anything starts or is wiped."""
+    pem = tmp_path / "id.pem"
+    pem.write_text("")
+    for args, says in [(["--super-user", "ops"], "--super-user needs --authorizer"),
+                       (["--authorizer", "--ssl-port", "0", "--ssl-pem", str(pem)], "--ssl-port"),
+                       (["--authorizer", "--super-user", "a;b"], "--super-user wants")]:
+        res = local_kafka("start", "--port", "0", "--data", str(tmp_path / "d"), "--fresh", *args, timeout=30)
+        assert res.returncode == 1 and says in res.stderr, (args, res.stderr)
+        assert not (tmp_path / "d" / "broker.json").exists()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from lorabus.worker.logs import JsonFormatter, RateLimitFilter, bind_job, job_context, setup_logging
+from lorabus.worker.logs import JsonFormatter, LogRateLimit, RateLimitFilter, bind_job, job_context, setup_logging
 
 
 @pytest.fixture
@@ -123,6 +123,22 @@ def test_rate_limit_lets_lower_levels_and_other_loggers_through():
     clock[0] = 10.0
     passed = record("aiokafka.conn", logging.ERROR)
     assert limit.filter(passed) and "1 similar lines suppressed" in passed.getMessage()
+
+
+def test_one_rate_limit_per_key_on_an_injected_clock():
+    """LogRateLimit, which the aiokafka filter and the result producer share: one event per key per window,
+    the next one through told how many were held back."""
+    clock = [100.0]
+    limit = LogRateLimit(2.5, clock=lambda: clock[0])
+    assert limit.allow("down") == 0 and limit.allow("stalled") == 0  # keys have budgets of their own
+    assert [limit.allow("down") for _ in range(3)] == [None] * 3
+    clock[0] = 102.4
+    assert limit.allow("down") is None
+    clock[0] = 102.5
+    held = limit.allow("down")
+    assert held == 4 and limit.note(held) == " [4 similar lines suppressed in the last 2.5 s]"
+    assert limit.allow("stalled") == 0 and limit.note(0) == ""
+    assert all(LogRateLimit(0, clock=lambda: 0.0).allow("k") == 0 for _ in range(3))  # 0: every line
 
 
 def test_unknown_format_or_level_is_a_value_error():

@@ -13,7 +13,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lorabus.worker import health
-from lorabus.worker.health import Check, HealthChecks, page
+from lorabus.worker.health import Check, HealthChecks, page, serve_http
 from lorabus.worker import package_version
 from lorabus.worker.metrics import HALF_LIFE_S, Metrics, TopAdapterCounter
 
@@ -119,7 +119,7 @@ def test_metrics_port_serves_metrics_and_pages_and_404_elsewhere():
     metrics = Metrics()
     pages = {"/healthz": lambda: page({"engine_thread": Check(True, "runs")}),
              "/readyz": lambda: page({"broker": Check(False, "no broker contact yet"), "model": Check(True, "ok")})}
-    server = metrics.serve("127.0.0.1", 0, pages)
+    server = serve_http("127.0.0.1", 0, metrics.page, pages)
     try:
         host, port = server.server_address
         assert host == "127.0.0.1"

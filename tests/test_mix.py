@@ -19,7 +19,7 @@ from lorabus.scheduler.policy import AdapterSlots
 from lorabus.schemas import JobError, JobResult, MixUsed, decode_job, decode_result, encode
 from lorabus.schemas.v1 import MAX_MIX_MEMBERS, MAX_MIX_WEIGHT
 from lorabus.scheduler.requests import Request, SamplingParams
-from lorabus.worker.samples import build_tiny_model
+from lorabus.worker.testing import build_tiny_model
 from helpers import MixOracle, make_peft_adapter, submit_all
 
 

@@ -18,6 +18,6 @@ def test_wheel_holds_only_the_lorabus_namespace(tmp_path):
     assert {t for t in top if not t.endswith(".dist-info")} == {"lorabus"}, top
     for package in ("schemas", "worker", "scheduler", "kernels"):
         assert f"lorabus/{package}/__init__.py" in names
-    assert "lorabus/worker/cli.py" in names and "lorabus/kernels/triton_ops.py" in names
+    assert "lorabus/worker/cli/__init__.py" in names and "lorabus/kernels/triton_ops.py" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "lorabus = lorabus.worker.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -1,8 +1,11 @@
 """worker/producer.py against a real Kafka 4.4 broker that these tests start, stop and restart
 themselves (own data dir and port; the shared session broker is never touched).
 
-The outage lasts LORABUS_OUTAGE_S seconds (default 15): `LORABUS_OUTAGE_S=60 python -m pytest -s
-tests/test_producer_kafka.py -k outage` reproduces the 60 s outage that was measured in production.
+The outage test injects short intervals into the producer and the aiokafka log filter (a 1 s log window,
+1 s stall warning, where production has 10 s and 5 s), so a 3 s outage spans several windows and stalls
+deliveries; its assertions are stated per window. LORABUS_OUTAGE_S sets the outage's length:
+`LORABUS_OUTAGE_S=60 python -m pytest -s tests/test_producer_kafka.py -k outage` reproduces the 60 s
+outage that was measured in production.
 """
 
 import asyncio
@@ -14,21 +17,27 @@ import time
 import uuid
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka import errors as E
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from lorabus.worker import producer as wp
-from lorabus.worker.logs import AIOKAFKA_LOGGERS, limit_aiokafka_logs
-from helpers import PrivateBroker
-from lorabus.worker.producer import (DEAD_LETTER_VALUE_BYTES, ORIGINAL_SIZE_HEADER, TRUNCATED_HEADER,
-                             PermanentSendError, ResultProducer, truncated_copy)
+from lorabus.worker.logs import AIOKAFKA_LOGGERS, RATE_LIMIT_INTERVAL_S, limit_aiokafka_logs
+from helpers import PrivateBroker, read_topic
+from lorabus.worker.offsets import PartitionOffsets
+from lorabus.worker.output import (DEAD_LETTER_KEY_BYTES, DEAD_LETTER_VALUE_BYTES, ORIGINAL_SIZE_HEADER,
+                                   TRUNCATED_HEADER, AtLeastOnceOutput, Outgoing, truncated_copy)
+from lorabus.worker.producer import PermanentSendError, ResultProducer
 
-OUTAGE_S = float(os.environ.get("LORABUS_OUTAGE_S", "15"))
+LOG_WINDOW_S = 1.0      # injected: one warning per kind of trouble per window (production: LOG_EVERY_S)
+STALL_S = 1.0           # injected: a delivery unacknowledged this long is a stall (production: STALL_WARN_S)
+OUTAGE_S = float(os.environ.get("LORABUS_OUTAGE_S", 3 * LOG_WINDOW_S))
 SEND_RATE = 20          # sends started per second, before, during and after the outage
+STEADY_SENDS = 10       # acknowledged before the outage, and again after the recovery
+STOP_S = 1.0            # injected: stop()'s flush timeout with the broker down (production: STOP_TIMEOUT_S)
 VALUE_BYTES = 1000      # ~ a result with a few hundred token ids
 BIG = 2 * 1024 * 1024   # over the broker's default max.message.bytes (1 MiB)
-# Warning/error lines allowed per LOG_EVERY_S window of the outage: each kind of trouble (ours:
+# Warning/error lines allowed per LOG_WINDOW_S window of the outage: each kind of trouble (ours:
 # stalled, connection error, recreate; aiokafka's: connect, metadata, produce response, ...) may
 # speak once per window. Without the limits aiokafka alone wrote ~40 lines/s, and ~8,000/s while
 # its sender spun on an unknown leader.
@@ -70,21 +79,17 @@ async def make_topic(bootstrap, partitions=3) -> str:
     return topic
 
 
-async def read_all(bootstrap, topic, expect: int, timeout=60.0):
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, fetch_max_bytes=8 << 20, max_partition_fetch_bytes=8 << 20)
-    await consumer.start()
-    records = []
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            fetched = [r for batch in (await consumer.getmany(timeout_ms=500)).values() for r in batch]
-            records += fetched
-            if len(records) >= expect and not fetched:   # all expected, then a quiet fetch: no more
-                break
-    finally:
-        await consumer.stop()
-    return records
+async def read_all(bootstrap, topic):
+    """Every record of the topic, to its end (fetches large enough for the 2 MiB records)."""
+    return await read_topic(bootstrap, topic, 60, to_end=True, fetch_max_bytes=8 << 20,
+                            max_partition_fetch_bytes=8 << 20)
+
+
+async def until(condition, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout_s} s"
+        await asyncio.sleep(0.05)
 
 
 async def within(aw, seconds=SEND_TIMEOUT_S):
@@ -101,17 +106,21 @@ def warnings_between(caplog, t0: float, t1: float):
 async def test_outage_every_send_acknowledged(up, caplog, monkeypatch):
     # The log filter is process-wide and reports what it held back on the next line it lets through:
     # a fresh limiter keeps earlier tests' suppressed counts out of this test's figures.
-    limit_aiokafka_logs(wp.LOG_EVERY_S)
+    limit_aiokafka_logs(LOG_WINDOW_S)
     topic = await make_topic(up.bootstrap)
     stopping = asyncio.Event()
-    rp = ResultProducer(up.bootstrap, stopping)
+    rp = ResultProducer(up.bootstrap, stopping, log_every_s=LOG_WINDOW_S, stall_warn_s=STALL_S)
     await rp.start()
-    sent, tasks, acked_at = [], [], {}
+    sent, tasks, started_at, acked_at = [], [], {}, {}
     generating = True
+
+    def acked_since(t: float) -> int:
+        return sum(started_at[i] >= t for i in list(acked_at))
 
     async def one(i):
         value = f"v{i:06d}-".encode().ljust(VALUE_BYTES, b"x")
         sent.append(value)
+        started_at[i] = time.monotonic()
         ok = await rp.send(topic, value, key=f"j-{i}".encode())
         acked_at[i] = time.monotonic()
         return ok
@@ -125,7 +134,7 @@ async def test_outage_every_send_acknowledged(up, caplog, monkeypatch):
 
     try:
         gen = asyncio.create_task(generate())
-        await asyncio.sleep(2)
+        await until(lambda: len(acked_at) >= STEADY_SENDS, SEND_TIMEOUT_S)
         wall0 = time.time()
         stop_s = await asyncio.to_thread(up.stop)
         in_flight_at_stop = sum(not t.done() for t in tasks)
@@ -137,7 +146,7 @@ async def test_outage_every_send_acknowledged(up, caplog, monkeypatch):
         back_at = time.monotonic()
         await asyncio.wait(outage_tasks, timeout=120)
         recovered_at = time.monotonic()
-        await asyncio.sleep(3)
+        await until(lambda: acked_since(recovered_at) >= STEADY_SENDS, SEND_TIMEOUT_S)
         generating = False
         await gen
         results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
@@ -146,9 +155,10 @@ async def test_outage_every_send_acknowledged(up, caplog, monkeypatch):
     finally:
         stopping.set()
         await rp.stop()
+        limit_aiokafka_logs(RATE_LIMIT_INTERVAL_S)  # the production window again, for whatever runs next
 
     assert all(results), f"{results.count(False)} sends returned False"
-    records = await read_all(up.bootstrap, topic, len(sent))
+    records = await read_all(up.bootstrap, topic)
     counts = collections.Counter(r.value for r in records)
     missing = [v[:8] for v in sent if counts[v] == 0]
     dups = {v[:8].decode(): n for v, n in counts.items() if n > 1}
@@ -171,7 +181,7 @@ async def test_outage_every_send_acknowledged(up, caplog, monkeypatch):
             print("  >", r.getMessage())
     assert not missing, missing
     assert in_flight_at_stop > 0 and outage_sends - in_flight_at_stop > OUTAGE_S * SEND_RATE / 2
-    windows = (wall1 - wall0) / wp.LOG_EVERY_S + 1
+    windows = (wall1 - wall0) / LOG_WINDOW_S + 1
     assert len(lines) <= LINES_PER_WINDOW * windows, by_kind
     # no line per failed send: even the noisiest kind speaks about once per window
     assert max(by_kind.values()) <= windows + 1, by_kind
@@ -204,10 +214,10 @@ async def test_stopping_during_outage_returns_false_promptly(up):
         assert took < 1.0
         t0 = time.monotonic()
     finally:
-        await rp.stop()   # broker still down: must not hang on the unsent records
+        await rp.stop(STOP_S)   # broker still down: must not hang on the unsent records
     stop_took = time.monotonic() - t0
-    print(f"stop() with the broker down took {stop_took:.1f} s")
-    assert stop_took < wp.STOP_TIMEOUT_S * 2 + 5
+    print(f"stop({STOP_S:g}) with the broker down took {stop_took:.1f} s")
+    assert stop_took < STOP_S * 2 + 5
     with pytest.raises(RuntimeError):
         await rp.send(topic, b"closed")
 
@@ -231,18 +241,23 @@ async def test_too_large_is_permanent_and_truncated_copy_lands(up, where):
         assert info.value.too_large and isinstance(info.value.cause, E.MessageSizeTooLargeError)
         assert rp.permanent_errors == 1
         t0 = time.monotonic()
-        assert await within(rp.send_dead_letter(topic, big, key=b"big", headers=headers))
+        output, offsets = AtLeastOnceOutput(rp, asyncio.Event(), None, {}), PartitionOffsets()
+        copy = truncated_copy(big, b"big", headers)
+        letter = Outgoing(topic, big, b"big", headers, dead_letter=True,
+                          if_too_large=Outgoing(topic, copy.value, copy.key, copy.headers, dead_letter=True))
+        offsets.begin(7)
+        assert await within(output.deliver(letter, TopicPartition(topic, 0), 7, offsets))
         assert await within(rp.send(topic, b"next", key=b"n"))   # same partition: still usable
         took = time.monotonic() - t0
         print(f"\n{where}-side refusal: {info.value}; truncated copy and next send acknowledged in {took:.2f} s, "
               f"recreations={rp.recreations}")
-        assert rp.truncated == 1
+        assert output.truncated == 1 and offsets.committable() == 8
         # Each refusal by the broker (the send, then the full dead letter) leaves a sequence gap:
         # the producer is replaced each time. A refusal by the client leaves none.
         assert rp.recreations == (2 if where == "broker" else 0)
     finally:
         await rp.stop()
-    records = await read_all(up.bootstrap, topic, 2)
+    records = await read_all(up.bootstrap, topic)
     assert [r.value for r in records] == [big[:DEAD_LETTER_VALUE_BYTES], b"next"]
     got = dict(records[0].headers)
     assert got[TRUNCATED_HEADER] == b"value,headers" and got[ORIGINAL_SIZE_HEADER] == str(BIG).encode()
@@ -286,7 +301,7 @@ async def test_broken_producer_is_recreated(up):
           f"recreations={rp.recreations}, sends_retried={rp.sends_retried}")
     # Replaced as soon as the refused delivery left the gap, so no later send even saw the error.
     assert all(results) and rp.recreations == 1 and rp.sends_retried == 0
-    values = collections.Counter(r.value for r in await read_all(up.bootstrap, topic, 30))
+    values = collections.Counter(r.value for r in await read_all(up.bootstrap, topic))
     assert all(values[b"ok-%d" % i] >= 1 for i in range(30))
 
 
@@ -331,7 +346,7 @@ async def test_recreate_path_with_fake_failure(up, error, in_delivery):
         await rp.stop()
     assert rp.recreations == 1 and len(_FailOnce.made) == 2 and _FailOnce.made[0]._closed
     assert rp.sends_retried == 1
-    assert [r.value for r in await read_all(up.bootstrap, topic, 2)] == [b"first", b"second"]
+    assert [r.value for r in await read_all(up.bootstrap, topic)] == [b"first", b"second"]
 
 
 @pytest.mark.kafka
@@ -350,7 +365,7 @@ async def test_unknown_error_on_a_fresh_producer_too_is_permanent(up):
         await rp.stop()
     assert isinstance(info.value.cause, E.UnknownError) and not info.value.too_large
     assert rp.recreations == 2 and rp.permanent_errors == 1   # the second failure's gap: replaced again
-    assert [r.value for r in await read_all(up.bootstrap, topic, 1)] == [b"fine"]
+    assert [r.value for r in await read_all(up.bootstrap, topic)] == [b"fine"]
 
 
 # ---- topics that cannot take the record ------------------------------------------------------------
@@ -382,7 +397,7 @@ def test_truncated_copy_rules():
     assert small.value == b"v" * 10 and small.key == b"k"
     assert small.headers == [("a", b"1"), (TRUNCATED_HEADER, b""), (ORIGINAL_SIZE_HEADER, b"10")]
     big = truncated_copy(b"v" * 100, b"k" * 5000, [("x", b"y" * 20_000), ("z", b"1")], limit=40)
-    assert big.value == b"v" * 40 and len(big.key) == wp.DEAD_LETTER_KEY_BYTES
+    assert big.value == b"v" * 40 and len(big.key) == DEAD_LETTER_KEY_BYTES
     assert dict(big.headers) == {"z": b"1", TRUNCATED_HEADER: b"value,key,headers", ORIGINAL_SIZE_HEADER: b"100"}
     assert truncated_copy(None).headers[-1] == (ORIGINAL_SIZE_HEADER, b"0")
 

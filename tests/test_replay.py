@@ -1,5 +1,5 @@
 """admit_record, the one rule by which workers and the CLI apply or skip a control record: signatures,
-and (with a control key) the replay rules of README "Trust boundaries". The broker-level tests are in
+and (with a control key) the replay rules of docs/trust.md. The broker-level tests are in
 test_replay_kafka.py."""
 
 from dataclasses import dataclass
@@ -74,6 +74,22 @@ def test_replay_within_the_skew_is_refused_by_a_reader_that_applied_the_original
     assert _admit(log, _record(AdapterActivate("a", "v1", event_id="e3", ts_ms=broker_ms), broker_ms)).event_id == "e3"
     # Another key is another history: the same id there is not a replay of this one.
     assert _admit(log, _record(AdapterActivate("a", "v2", event_id="e1", ts_ms=T0), T0)).version == "v2"
+
+
+def test_a_key_keeps_only_the_ids_the_time_rule_would_not_refuse():
+    """A key activated 10,000 times holds the ids within a skew of its newest, not every id ever; an id
+    forgotten that way is still refused when re-sent, by the time rule."""
+    log = ControlLog()
+    first = AdapterActivate("a", "v1", event_id="e0", ts_ms=T0)  # re-sent below on a record of its own time
+    for i in range(10_000):
+        at = T0 + i * SKEW_MS // 10  # ten events a skew
+        _admit(log, _record(AdapterActivate("a", "v1", event_id=f"e{i}", ts_ms=at), at))
+    held = log.applied_under(control_key(first)).event_ids
+    assert 10 <= len(held) <= 2 * 64, len(held)
+    assert "e0" not in held and "e9999" in held
+    assert _reason(log, _record(first, T0)) == "replay"  # forgotten, refused by its time
+    newest = T0 + 9_999 * SKEW_MS // 10
+    assert _reason(log, _record(AdapterActivate("a", "v1", event_id="e9999", ts_ms=newest), newest)) == "replay"
 
 
 def test_without_a_key_nothing_is_judged_by_signature_or_time():

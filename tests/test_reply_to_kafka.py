@@ -8,14 +8,11 @@ an allowed topic that does not exist is `invalid_job`."""
 from __future__ import annotations
 
 import json
-import time
-
-from aiokafka import AIOKafkaConsumer
 
 from lorabus.schemas import decode_result
-from lorabus.worker.client import run_jobs, topic_partitions
+from lorabus.worker.client import run_jobs
 from lorabus.worker.topics import ensure_topics, ensure_worker_topics
-from helpers import running_worker, unique, worker_config
+from helpers import read_topic, running_worker, unique, worker_config
 
 
 def _job(job_id: str, tenant: str, reply_to: str) -> bytes:
@@ -25,21 +22,7 @@ def _job(job_id: str, tenant: str, reply_to: str) -> bytes:
 
 async def _all_records(kafka: str, topics: list[str]) -> dict[str, list]:
     """Every record of each topic, from its beginning to its end offsets as of now."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, enable_auto_commit=False, auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        parts = [tp for topic in topics for tp in await topic_partitions(kafka, topic)]
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        ends = await consumer.end_offsets(parts)
-        records, deadline = {topic: [] for topic in topics}, time.monotonic() + 30
-        while any([await consumer.position(tp) < end for tp, end in ends.items()]):
-            assert time.monotonic() < deadline, "topics not read to their ends within 30 s"
-            for tp, batch in (await consumer.getmany(timeout_ms=500)).items():
-                records[tp.topic].extend(batch)
-        return records
-    finally:
-        await consumer.stop()
+    return {topic: await read_topic(kafka, topic, 30, to_end=True) for topic in topics}
 
 
 async def test_reply_to_only_where_the_tenant_may_write(kafka, tiny_model):

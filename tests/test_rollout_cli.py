@@ -9,9 +9,11 @@ import pytest
 
 from lorabus.schemas import (AdapterActivate, AdapterPublish, AdapterRetire, AdapterWarm, RouteDelete, RouteSet,
                              RouteStatus, RouteTarget, VersionStatus, WorkerStatus)
-from lorabus.worker import cli, client, fleet
+from lorabus.worker import cli, client
+from lorabus.worker.cli import broker, control_checks, fleet_view
 from lorabus.worker.control_log import ControlLog
-from lorabus.worker.fleet import event_outcome, render_status, validate_event
+from lorabus.worker.cli.control_checks import event_outcome, validate_event
+from lorabus.worker.cli.fleet_view import render_status
 from cli_fakes import NOW, FakeBroker, fake_status, run_cli
 
 def _log(*events) -> ControlLog:
@@ -108,13 +110,13 @@ def test_publish_sha256_must_match_the_local_weights(adapter_dir):
 
 def test_check_schema_applies_the_workers_rules_in_one_line():
     event = AdapterActivate("fin", "v1", event_id="e")
-    assert fleet.check_schema(event) == event
+    assert control_checks.check_schema(event) == event
     with pytest.raises(ValueError, match=r"^Expected `str` matching regex .* - at `\$.name`$"):
-        fleet.check_schema(AdapterActivate("bad name", "v1"))
+        control_checks.check_schema(AdapterActivate("bad name", "v1"))
     with pytest.raises(ValueError, match=r"at `\$.sha256`"):
-        fleet.check_schema(AdapterPublish("fin", "v1", "/a", sha256="not-hex"))
+        control_checks.check_schema(AdapterPublish("fin", "v1", "/a", sha256="not-hex"))
     with pytest.raises(ValueError, match="at most once"):
-        fleet.check_schema(_unchecked_route())
+        control_checks.check_schema(_unchecked_route())
 
 
 def _unchecked_route():
@@ -243,7 +245,7 @@ def test_render_status_of_an_empty_fleet():
 
 def test_fleet_json_has_the_log_state_and_each_status():
     log, statuses = _fleet()
-    view = json.loads(json.dumps(fleet.fleet_json(log, statuses, NOW)))
+    view = json.loads(json.dumps(fleet_view.fleet_json(log, statuses, NOW)))
     assert view["control_log"]["end_offset"] == 6
     assert view["control_log"]["adapters"]["fin"] == {"activated": "v3", "live_versions": ["v3", "v1", "v2"]}
     assert [r["event_id"] for r in view["control_log"]["routes"][0]["routes"]] == ["e-17", "e-12"]
@@ -254,9 +256,9 @@ def test_fleet_json_has_the_log_state_and_each_status():
 
 
 def test_a_worker_is_silent_after_three_of_its_intervals():
-    assert fleet.is_live(fake_status("w", 0, ts_ms=NOW - 6000), NOW)
-    assert not fleet.is_live(fake_status("w", 0, ts_ms=NOW - 6001), NOW)
-    assert fleet.is_live(fake_status("w", 0, ts_ms=NOW - 25_000, interval_ms=10_000), NOW)
+    assert fleet_view.is_live(fake_status("w", 0, ts_ms=NOW - 6000), NOW)
+    assert not fleet_view.is_live(fake_status("w", 0, ts_ms=NOW - 6001), NOW)
+    assert fleet_view.is_live(fake_status("w", 0, ts_ms=NOW - 25_000, interval_ms=10_000), NOW)
 
 
 # ---- the CLI, with the broker stubbed --------------------------------------------------------------
@@ -337,7 +339,7 @@ def test_cli_status_renders_and_prints_json(monkeypatch, capsys):
     monkeypatch.setattr(client, "read_control_log", read_control_log)
     monkeypatch.setattr(client, "read_statuses", read_statuses)
     monkeypatch.setattr(client, "status_topic_warnings", status_topic_warnings)
-    monkeypatch.setattr(cli, "_now_ms", lambda: NOW)
+    monkeypatch.setattr(broker, "_now_ms", lambda: NOW)
     assert cli.main(["status", "--status-topic", "st"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("control topic lorabus.control, status topic st\n")

@@ -33,7 +33,7 @@ from lorabus.schemas import (AdapterActivate, AdapterPublish, AdapterRetire, Ada
                              RouteTarget, decode_result, encode)
 from lorabus.worker.client import publish_control, read_statuses, run_jobs, topic_partitions
 from lorabus.worker.control_log import control_key
-from lorabus.worker.fleet import file_sha256
+from lorabus.scheduler.adapters import file_sha256
 from lorabus.worker.routing import pick_target
 from lorabus.worker.topics import CONTROL_TOPIC_CONFIGS, ensure_topics, topic_configs
 from helpers import PeftOracle, end_offset, make_peft_adapter, record_offsets, running_worker, worker_config
@@ -291,7 +291,7 @@ async def test_broken_versions_never_take_traffic(kafka, tiny_model, peft_adapte
         await publish_control(kafka, config.control_topic, [
             AdapterPublish("fin", "v4", str(dora)), AdapterActivate("fin", "v4"), route_v2])
         deadline = time.monotonic() + 30
-        while not all(worker.health.failure(f"fin@{v}") for v in broken) and time.monotonic() < deadline:
+        while not all(worker.adapter_health.failure(f"fin@{v}") for v in broken) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await stream.wait_count(len(stream.results) + 64, 60)  # and jobs keep flowing after the failures
         stop.set()

@@ -13,9 +13,10 @@ from lorabus.scheduler.adapter_manager import mix_key
 from lorabus.schemas import (DECODE_ERRORS, AdapterPublish, AdapterRetire, Job, JobError, MixMember, RouteSet,
                              RouteTarget, RouteStatus, decode_control, encode)
 from lorabus.worker.control_log import ControlLog, control_key
-from lorabus.worker.fleet import event_outcome, render_status, validate_event
+from lorabus.worker.cli.control_checks import event_outcome, validate_event
+from lorabus.worker.cli.fleet_view import render_status
 from lorabus.worker.registry import AdapterHealth, AdapterRegistry, Load
-from lorabus.worker.translate import provenance
+from lorabus.worker.wire import provenance
 from cli_fakes import NOW, FakeBroker, fake_status, run_cli
 
 READY, FAILED, LOADING = Load.READY, Load.FAILED, Load.LOADING

@@ -21,7 +21,7 @@ def _route(*weights, task="ner", tenant=None, sticky="user", event_id="e-1"):
 
 
 def test_sticky_point_is_the_documented_hash():
-    # README / worker/routing.py: first 8 bytes, big-endian, of SHA-256(task + "\0" + key), mod the total.
+    # docs/rollouts.md (Routing) and worker/routing.py: first 8 bytes, big-endian, of SHA-256(task + "\0" + key), mod the total.
     digest = hashlib.sha256("ner\0user-42".encode()).digest()
     assert sticky_point("ner", "user-42", 100) == int.from_bytes(digest[:8], "big") % 100
 

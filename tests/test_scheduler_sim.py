@@ -177,7 +177,7 @@ class CheckedScheduler(Scheduler):
 
     @checked
     def finish(self, seq: Sequence, now: float) -> None:
-        # The worst-case finishing step the KV reservation relies on (policy.py, 5.) holds.
+        # The worst-case finishing step the KV reservation relies on (docs/scheduling.md, rule 5) holds.
         assert self.steps <= seq.done_by, f"{seq.request.id} ran past its done_by step {seq.done_by}"
         super().finish(seq, now)
         self.sim.last_progress = now
@@ -331,7 +331,7 @@ class Sim:
         return step
 
     def _check_reservation(self, step_index: int, head_before, at_before) -> None:
-        """The KV reservation's promise (policy.py, 5.): the reserved step never moves later, and the head is
+        """The KV reservation's promise (docs/scheduling.md, rule 5): the reserved step never moves later, and the head is
         admitted at that step at the latest, unless its adapter is not ready."""
         sched, head, res = self.sched, self.sched.head, self.sched.reservation
         if head is None:

@@ -13,7 +13,7 @@ import pytest
 
 from lorabus.schemas import AdapterPublish
 from lorabus.worker.client import run_jobs
-from lorabus.worker.samples import build_sample_adapter
+from lorabus.worker.testing import build_sample_adapter
 from lorabus.worker.service import Worker
 from lorabus.worker.topics import ensure_worker_topics
 from helpers import publish_control_bulk, worker_config
@@ -36,7 +36,7 @@ def _job(job_id: str, adapter: str | None) -> tuple[str, bytes]:
 
 async def _watch_loop_lag(worker: Worker, worst: list[float]) -> None:
     while True:
-        worst[0] = max(worst[0], worker.checks.loop_lag_s)
+        worst[0] = max(worst[0], worker.health_checks.loop_lag_s)
         await asyncio.sleep(0.2)
 
 
@@ -59,11 +59,11 @@ async def test_a_worker_starts_on_thousands_of_names_and_serves_at_once(kafka, t
     watcher = asyncio.create_task(_watch_loop_lag(worker, worst_lag))
     try:
         def ready() -> bool:  # what /readyz answers: every check, the event loop's lag included
-            return all(check.ok for check in worker.checks.ready().values())
+            return all(check.ok for check in worker.health_checks.ready().values())
         while not ready() and time.monotonic() - started < READY_WITHIN_S and not task.done():
             await asyncio.sleep(0.1)
         ready_s = time.monotonic() - started
-        assert ready(), f"not ready {ready_s:.1f} s after start: {worker.checks.ready()}"
+        assert ready(), f"not ready {ready_s:.1f} s after start: {worker.health_checks.ready()}"
         assert worker.control_log.names()[:2] == ["a0", "a1"] and len(worker.control_log.names()) == NAMES
         sent = time.monotonic()
         results = await run_jobs(kafka, worker.config.jobs_topic, worker.config.results_topic,
@@ -71,11 +71,11 @@ async def test_a_worker_starts_on_thousands_of_names_and_serves_at_once(kafka, t
         answered_s = time.monotonic() - sent
         assert {job_id: r.status for job_id, (r,) in results.items()} == {"by-name": "ok", "base": "ok"}, results
         assert results["by-name"][0].adapter_version == "v1"
-        assert worker.health.states, "no warm-up ever finished"
+        assert worker.adapter_health.states, "no warm-up ever finished"
         assert worst_lag[0] < MAX_LOOP_LAG_S, f"the event loop ran {worst_lag[0]:.2f} s late during start-up"
-        assert ready(), worker.checks.ready()  # still ready while the names' warm-ups go on
+        assert ready(), worker.health_checks.ready()  # still ready while the names' warm-ups go on
         print(f"{NAMES} names: ready in {ready_s:.1f} s, two jobs answered {answered_s:.2f} s later, "
-              f"worst loop lag {worst_lag[0] * 1000:.0f} ms, {len(worker.health.states)} versions tried so far")
+              f"worst loop lag {worst_lag[0] * 1000:.0f} ms, {len(worker.adapter_health.states)} versions tried so far")
     finally:
         watcher.cancel()
         worker.stop()

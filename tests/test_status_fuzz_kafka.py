@@ -15,7 +15,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from hypothesis import strategies as st
 
-from fuzz_records import draw_specs
+from fuzz_strategies import draw_specs
 from lorabus.schemas import WorkerStatus, encode
 from lorabus.worker import cli
 from lorabus.worker.topics import CONTROL_TOPIC_CONFIGS, STATUS_TOPIC_CONFIGS, ensure_topics

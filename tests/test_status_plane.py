@@ -1,59 +1,71 @@
 """The status plane without a broker (issue 20, R6, R9, R11): a worker's status record is cut to its
-size bound by recency and says what it left out (`status.fit`); a reader believes no time from the
-future and no interval past the cap (`fleet.is_live`); every text a record carries is escaped for the
+size bound by recency and says what it left out (`StatusReporter.snapshot`); a reader believes no time from the
+future and no interval past the cap (`fleet_view.is_live`); every text a record carries is escaped for the
 terminal; and the text view of 10,000 adapter names renders in well under 3 s."""
 
+import contextlib
 import time
 from types import SimpleNamespace
 
 import msgspec
 import pytest
 
-from lorabus.schemas import (AdapterActivate, AdapterPublish, RouteSet, RouteStatus, RouteTarget, VersionStatus,
-                             WorkerStatus, decode_status, encode)
-from lorabus.worker import fleet
+from lorabus.schemas import (AdapterActivate, AdapterPublish, RouteSet, RouteTarget, WorkerStatus, decode_status, encode)
+from lorabus.worker.cli import fleet_view
 from lorabus.worker.control_log import ControlLog
-from lorabus.worker.fleet import MAX_CLOCK_SKEW_MS, MAX_INTERVAL_MS, render_status, terminal_text
+from lorabus.worker.cli.fleet_view import MAX_CLOCK_SKEW_MS, MAX_INTERVAL_MS, render_status, terminal_text
 from lorabus.worker.registry import AdapterHealth, AdapterRegistry, Load
-from lorabus.worker.status import StatusReporter, fit
+from lorabus.worker.status import StatusReporter
 from cli_fakes import NOW, fake_status
 
 LONG = "n" * 120  # adapter names near the schema's 128-character limit, as in the issue's run
 
 
-def _wide_routes_fleet(routes: int = 100, targets: int = 64) -> tuple[ControlLog, WorkerStatus]:
+def _wide_routes_fleet(routes: int = 100, targets: int = 64) -> tuple[ControlLog, AdapterHealth]:
     """The issue's R6 case: `targets` long-named versions published, then `routes` route.set of all of
-    them; and the status a worker reports on it: every version failed (a long reason), every route."""
-    log, offset = ControlLog(), 0
+    them; every version failed here (a long reason)."""
+    log, health, offset = ControlLog(), AdapterHealth(), 0
     names = [f"{LONG}{i:03d}" for i in range(targets)]
     for name in names:
         log.apply(offset, AdapterPublish(name, "v1", f"/adapters/{name}"))
+        health.set(f"{name}@v1", Load.FAILED, f"{name}@v1: no such directory /adapters/{name}")
         offset += 1
     for r in range(routes):
         log.apply(offset, RouteSet(task=f"task{r:03d}", event_id=f"e-{r}",
                                    targets=[RouteTarget(adapter=f"{n}@v1", weight=1) for n in names]))
         offset += 1
-    status = WorkerStatus(
-        worker="w1", ts_ms=NOW, started_ms=NOW, control_offset=offset,
-        serving={n: "v1" for n in names}, activated={},
-        versions=[VersionStatus(f"{n}@v1", "failed", f"{n}@v1: no such directory /adapters/{n}") for n in names],
-        resident=[], host_cached=0,
-        routes=[RouteStatus(e.task, e.tenant, e.event_id, e.targets) for k in log.route_keys()
-                for e in log.routes(*k)[:1]])
-    return log, status
+    return log, health
 
 
-def test_a_small_status_is_sent_whole():
-    log, status = _wide_routes_fleet(routes=2, targets=4)
-    assert fit(status, 64 * 1024, log) is status and not status.truncated
+@contextlib.asynccontextmanager
+async def _reporter(log: ControlLog, health: AdapterHealth, max_bytes: int, registry=None):
+    """A status reporter of a worker holding `log` and `health` (never started: no broker needed)."""
+    engine = SimpleNamespace(resident=lambda: [], host_cached=lambda: 0)
+    worker = SimpleNamespace(control_log=log, registry=registry or AdapterRegistry(log, health), adapter_health=health,
+                             engine=engine, worker_id="w1", control_offset=log.end_offset, inflight={},
+                             config=SimpleNamespace(status_max_bytes=max_bytes))
+    reporter = StatusReporter(worker, "localhost:9", "status", 2000)
+    try:
+        yield reporter
+    finally:
+        await reporter.producer.stop()
+
+
+async def test_a_small_status_is_sent_whole():
+    log, health = _wide_routes_fleet(routes=2, targets=4)
+    async with _reporter(log, health, 64 * 1024) as reporter:
+        status = reporter.snapshot()
+    assert not status.truncated and len(status.routes) == 2 and len(status.serving) == 4
+    assert [v.state for v in status.versions] == ["failed"] * 4
 
 
 @pytest.mark.parametrize("max_bytes", [16 * 1024, 64 * 1024, 256 * 1024])
-def test_a_large_status_keeps_the_newest_entries_under_the_bound_and_counts_the_rest(max_bytes):
-    log, status = _wide_routes_fleet()
-    assert len(encode(status)) > 1_000_000  # the issue's record: 1.5 MB, refused by the broker
-    cut = fit(status, max_bytes, log)
-    body = encode(cut)
+async def test_a_large_status_keeps_the_newest_entries_under_the_bound_and_counts_the_rest(max_bytes):
+    log, health = _wide_routes_fleet()
+    async with _reporter(log, health, 10**9) as whole:
+        assert len(encode(whole.snapshot())) > 1_000_000  # the issue's record: 1.5 MB, refused by the broker
+    async with _reporter(log, health, max_bytes) as reporter:
+        body = encode(reporter.snapshot())
     assert len(body) <= max_bytes
     again = decode_status(body)  # what a reader gets: valid, marked, with the counts
     assert again.truncated and again.routes_omitted > 0
@@ -68,15 +80,15 @@ def test_a_large_status_keeps_the_newest_entries_under_the_bound_and_counts_the_
     print(f"{max_bytes} bytes: {len(body)} sent, {len(again.routes)} routes kept, {again.routes_omitted} left out")
 
 
-def test_versions_and_names_are_cut_by_their_newest_control_record():
-    log = ControlLog()
-    for i in range(2000):
-        log.apply(i, AdapterPublish(f"{LONG[:100]}{i:04d}", "v1", "/a"))
-    log.apply(2000, AdapterActivate(f"{LONG[:100]}0000", "v1"))  # the oldest name, activated last: newest
+async def test_versions_and_names_are_cut_by_their_newest_control_record():
+    log, health = ControlLog(), AdapterHealth()
     names = [f"{LONG[:100]}{i:04d}" for i in range(2000)]
-    status = fake_status("w1", 2001, serving={n: "v1" for n in names}, activated={names[0]: "v1"},
-                         versions=[(f"{n}@v1", "ready", None) for n in names])
-    cut = fit(status, 32 * 1024, log)
+    for i, name in enumerate(names):
+        log.apply(i, AdapterPublish(name, "v1", "/a"))
+        health.set(f"{name}@v1", Load.READY)
+    log.apply(2000, AdapterActivate(names[0], "v1"))  # the oldest name, activated last: newest
+    async with _reporter(log, health, 32 * 1024) as reporter:
+        cut = reporter.snapshot()
     assert len(encode(cut)) <= 32 * 1024 and cut.truncated
     assert names[0] in cut.serving and cut.activated == {names[0]: "v1"}
     assert f"{names[0]}@v1" in {v.adapter for v in cut.versions}
@@ -84,16 +96,16 @@ def test_versions_and_names_are_cut_by_their_newest_control_record():
     assert cut.names_omitted == 2000 - len(cut.serving) and cut.versions_omitted == 2000 - len(cut.versions)
 
 
-def test_names_that_encode_larger_than_their_length_are_still_cut_under_the_bound():
+async def test_names_that_encode_larger_than_their_length_are_still_cut_under_the_bound():
     """Entries are sized by their texts' lengths, exact for plain ASCII; non-ASCII text and JSON escapes
     (2 to 6 bytes a character) make the record larger than that, and the cut is then searched by encoding."""
-    log = ControlLog()
+    log, health = ControlLog(), AdapterHealth()
     names = [f"{'é' * 40}\u0001\"{i:04d}" for i in range(2000)]  # 2 bytes each, a 6-byte escape, a 2-byte one
     for i, name in enumerate(names):
         log.apply(i, AdapterPublish(name, "v1", "/a"))
-    status = fake_status("w1", 2000, serving={n: "v1" for n in names},
-                         versions=[(f"{n}@v1", "failed", "é\u0002" * 20) for n in names])
-    cut = fit(status, 32 * 1024, log)
+        health.set(f"{name}@v1", Load.FAILED, "é\u0002" * 20)
+    async with _reporter(log, health, 32 * 1024) as reporter:
+        cut = reporter.snapshot()
     assert len(encode(cut)) <= 32 * 1024 and cut.truncated and cut.serving
     assert names[-1] in cut.serving and names[0] not in cut.serving
     assert cut.names_omitted == 2000 - len(cut.serving) and cut.versions_omitted == 2000 - len(cut.versions)
@@ -115,39 +127,35 @@ async def test_a_snapshot_builds_only_the_entries_that_fit_newest_first():
     first only while they fit: a cut record resolves about as many names as it holds, not all of them."""
     log, health = ControlLog(), AdapterHealth()
     registry = _CountingRegistry(log, health)
-    engine = SimpleNamespace(resident=lambda: [], adapters=SimpleNamespace(host_cache={}))
-    worker = SimpleNamespace(control_log=log, registry=registry, health=health, engine=engine, worker_id="w1",
-                             control_offset=0, inflight={}, config=SimpleNamespace(status_max_bytes=32 * 1024))
     names = [f"{LONG[:100]}{i:05d}" for i in range(20_000)]
     log.apply(0, AdapterPublish(names[0], "v1", "/a"))  # read before the reporter starts: counted too
-    reporter = StatusReporter(worker, "localhost:9", "status", 2000)  # never started: no broker needed
-    for i, name in enumerate(names[1:], start=1):
-        log.apply(i, AdapterPublish(name, "v1", "/a"))
-        health.set(f"{name}@v1", Load.READY)
-    log.apply(len(names), AdapterActivate(names[0], "v1"))  # the oldest name, activated last: newest
-    cut = reporter.snapshot()
+    async with _reporter(log, health, 32 * 1024, registry) as reporter:
+        for i, name in enumerate(names[1:], start=1):
+            log.apply(i, AdapterPublish(name, "v1", "/a"))
+            health.set(f"{name}@v1", Load.READY)
+        log.apply(len(names), AdapterActivate(names[0], "v1"))  # the oldest name, activated last: newest
+        cut = reporter.snapshot()
     assert len(encode(cut)) <= 32 * 1024 and cut.truncated
     assert cut.activated == {names[0]: "v1"} and names[-1] in cut.serving and names[1] not in cut.serving
     assert cut.names_omitted == len(names) - len(cut.serving)
     assert cut.versions_omitted == len(names) - 1 - len(cut.versions)  # names[0]@v1 never loaded here
     assert registry.served <= len(cut.serving) + 1, registry.served  # the one that did not fit: asked, left out
-    await reporter.producer.stop()
 
 
 # ---- liveness: the record's time, clamped; the interval, capped ----------------------------------------
 
 def test_a_status_from_the_future_is_not_live_and_a_little_skew_is_clamped():
-    assert fleet.is_live(fake_status("w", 0, ts_ms=NOW + MAX_CLOCK_SKEW_MS), NOW)  # skew: counts as now
-    assert fleet.status_age_ms(fake_status("w", 0, ts_ms=NOW + 5000), NOW) == 0
-    assert not fleet.is_live(fake_status("w", 0, ts_ms=NOW + MAX_CLOCK_SKEW_MS + 1), NOW)
-    assert not fleet.is_live(fake_status("w", 0, ts_ms=2**53), NOW)  # the issue's forged record
-    assert not fleet.is_live(fake_status("w", 0, ts_ms=2**53), 2**53 + 3 * MAX_INTERVAL_MS + 1)
+    assert fleet_view.is_live(fake_status("w", 0, ts_ms=NOW + MAX_CLOCK_SKEW_MS), NOW)  # skew: counts as now
+    assert fleet_view.status_age_ms(fake_status("w", 0, ts_ms=NOW + 5000), NOW) == 0
+    assert not fleet_view.is_live(fake_status("w", 0, ts_ms=NOW + MAX_CLOCK_SKEW_MS + 1), NOW)
+    assert not fleet_view.is_live(fake_status("w", 0, ts_ms=2**53), NOW)  # the issue's forged record
+    assert not fleet_view.is_live(fake_status("w", 0, ts_ms=2**53), 2**53 + 3 * MAX_INTERVAL_MS + 1)
 
 
 def test_an_interval_counts_for_at_most_the_cap():
     forged = fake_status("w", 0, ts_ms=NOW - 3 * MAX_INTERVAL_MS - 1, interval_ms=2**62)
-    assert not fleet.is_live(forged, NOW)
-    assert fleet.is_live(fake_status("w", 0, ts_ms=NOW - 3 * MAX_INTERVAL_MS, interval_ms=2**62), NOW)
+    assert not fleet_view.is_live(forged, NOW)
+    assert fleet_view.is_live(fake_status("w", 0, ts_ms=NOW - 3 * MAX_INTERVAL_MS, interval_ms=2**62), NOW)
 
 
 def test_the_view_says_why_a_worker_is_not_live_and_what_was_cut():
@@ -212,7 +220,7 @@ def test_the_text_view_of_ten_thousand_names_is_fast():
     took = time.perf_counter() - started
     assert text.count("serves v1") == 20_000 and text.count("FAILED") == 100
     json_started = time.perf_counter()
-    msgspec.json.encode(fleet.fleet_json(log, statuses, NOW))
+    msgspec.json.encode(fleet_view.fleet_json(log, statuses, NOW))
     json_took = time.perf_counter() - json_started
     print(f"10,000 names, 2 workers: text {took:.2f} s, json {json_took:.2f} s")
     assert took < 3.0, f"render_status took {took:.1f} s"  # the quadratic view took ~28 s
@@ -227,9 +235,11 @@ def test_the_text_view_of_ten_thousand_names_is_fast():
 ])
 def test_a_worker_refuses_status_settings_readers_could_not_follow(flags, message):
     from lorabus.worker import cli
+    from lorabus.worker.cli.flags import UsageError, _config_from
+    from lorabus.worker.cli.serve import _check_status_config
 
-    config = cli._config_from(cli.build_parser().parse_args(["worker", *flags]))
-    with pytest.raises(cli.UsageError) as refused:
-        cli._check_status_config(config)
+    config = _config_from(cli.build_parser().parse_args(["worker", *flags]))
+    with pytest.raises(UsageError) as refused:
+        _check_status_config(config)
     assert str(refused.value).startswith(message)
     assert cli.build_parser().parse_args(["status", "--status-max-bytes", "70000"]).status_max_bytes == 70000

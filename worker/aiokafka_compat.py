@@ -1,12 +1,13 @@
 """Every place lorabus reaches into aiokafka's internals (private classes and attributes, module patches).
 
-aiokafka offers no public way to do five things lorabus needs; each is a named `Patch` below that declares
+aiokafka offers no public way to do six things lorabus needs; each is a named `Patch` below that declares
 what it uses from aiokafka (module and attribute names), and is applied through one public function:
 
     "tolerant header keys"            install_tolerant_records()        worker/client.py, worker/service.py
+    "bounded inflate"                 inflate_limit(max_bytes, on_skip) worker/client.py (the status reader)
     "metadata refresh throttle"       throttle_metadata(producer)       worker/producer.py
     "producer close without flush"    force_close_producer(producer, t) worker/producer.py
-    "consumer stop finished by hand"  finish_consumer_stop(consumer)    worker/service.py
+    "consumer stop finished by hand"  stop_consumer(consumer)           worker/service.py
     "python record builder"           use_python_record_builder()       tests (tests/conftest.py, helpers)
 
 Internals change without notice (pyproject.toml keeps aiokafka at 0.14.x for this module's sake), so each
@@ -21,12 +22,15 @@ from __future__ import annotations
 import ast
 import asyncio
 import contextlib
+import contextvars
 import functools
 import importlib
 import inspect
 import textwrap
 import time
+import zlib
 from dataclasses import dataclass
+from typing import Callable
 
 import aiokafka
 from aiokafka.errors import CorruptRecordException
@@ -114,6 +118,70 @@ TOLERANT_HEADER_KEYS = Patch("tolerant header keys", {
 
 _MIN_MAGIC = 2  # record batches of format v2 carry headers; older formats have none
 
+# ---- "bounded inflate" ------------------------------------------------------------------------------------
+# A fetch is bounded by its compressed size, and aiokafka inflates a compressed batch whole: a 442 KB gzip
+# status record held 152 MB of JSON (issue 20, R5). Within `inflate_limit`, the tolerant batch reader above
+# inflates at most `max_bytes` of a batch; a batch that holds more (or uses a codec this install cannot read)
+# yields no records and is reported to `on_skip(offset, key, reason)`, with the key of its first record when
+# the inflated prefix holds it. The consumer then moves past the batch as it does past a compacted-away one.
+
+BOUNDED_INFLATE = Patch("bounded inflate", {
+    "aiokafka.record.default_records": ("_DefaultRecordBatchPy._maybe_uncompress",
+                                        "_DefaultRecordBatchPy._decompressed", "_DefaultRecordBatchPy._num_records",
+                                        "_DefaultRecordBatchPy.compression_type", "_DefaultRecordBatchPy.CODEC_NONE",
+                                        "_DefaultRecordBatchPy.CODEC_GZIP"),
+})
+
+OnSkip = Callable[[int, "bytes | None", str], None]
+_inflate_bound: contextvars.ContextVar[tuple[int, OnSkip] | None] = contextvars.ContextVar(
+    "lorabus_inflate_bound", default=None)
+_GZIP_WBITS = 16 + zlib.MAX_WBITS  # a gzip header and trailer around deflate data
+_CODEC_NAMES = {1: "gzip", 2: "snappy", 3: "lz4", 4: "zstd"}
+
+
+@contextlib.contextmanager
+def inflate_limit(max_bytes: int, on_skip: OnSkip):
+    """Within this block (and the consumer tasks started in it), the records of a compressed batch that
+    would inflate past `max_bytes` are skipped and reported to `on_skip`, not read. Installs the tolerant
+    records reader (it is the reader that enforces the bound)."""
+    BOUNDED_INFLATE.require()
+    install_tolerant_records()
+    token = _inflate_bound.set((max_bytes, on_skip))
+    try:
+        yield
+    finally:
+        _inflate_bound.reset(token)
+
+
+def _inflate_gzip(data: bytes, max_bytes: int) -> tuple[bytes, bool]:
+    """The gzip members of `data` inflated, up to `max_bytes + 1` bytes; and whether that was all of it."""
+    out = bytearray()
+    while data:
+        if len(out) > max_bytes:
+            return bytes(out), False
+        inflater = zlib.decompressobj(wbits=_GZIP_WBITS)
+        out += inflater.decompress(data, max_bytes + 1 - len(out))  # never 0 here: 0 would mean unbounded
+        if inflater.unconsumed_tail or len(out) > max_bytes:
+            return bytes(out), False
+        if not inflater.eof:
+            raise zlib.error("truncated gzip data")
+        data = inflater.unused_data
+    return bytes(out), True
+
+
+def _first_key(inflated: bytes) -> bytes | None:
+    """The key of a batch's first record, read from the start of its inflated records (None if cut off)."""
+    from aiokafka.record.util import decode_varint
+
+    try:
+        pos = 0
+        for _ in range(4):  # length, attributes, timestamp delta, offset delta
+            _, pos = decode_varint(inflated, pos)
+        length, pos = decode_varint(inflated, pos)
+    except (IndexError, ValueError):
+        return None
+    return bytes(inflated[pos:pos + length]) if 0 <= length and pos + length <= len(inflated) else None
+
 
 def install_tolerant_records() -> None:
     """Point aiokafka's fetcher at a records reader that keeps non-UTF-8 header keys (surrogate-escaped).
@@ -137,7 +205,28 @@ def _tolerant_memory_records() -> type:
         return bytes(buffer[pos : pos + length]), pos + length
 
     class TolerantRecordBatch(_DefaultRecordBatchPy):
-        """A v2 record batch whose records keep header keys that are not UTF-8 (surrogate-escaped)."""
+        """A v2 record batch whose records keep header keys that are not UTF-8 (surrogate-escaped), and that
+        inflates within the bound of an `inflate_limit` block when there is one."""
+
+        def _maybe_uncompress(self):
+            bound = _inflate_bound.get()
+            if bound is None or self._decompressed or self.compression_type == self.CODEC_NONE:
+                return super()._maybe_uncompress()
+            max_bytes, on_skip = bound
+            codec = _CODEC_NAMES.get(self.compression_type, f"codec {self.compression_type}")
+            inflated, whole, why = b"", False, f"a {codec} batch, which this reader does not inflate"
+            if self.compression_type == self.CODEC_GZIP:
+                try:
+                    inflated, whole = _inflate_gzip(bytes(memoryview(self._buffer)[self._pos:]), max_bytes)
+                    why = f"a gzip batch that inflates past {max_bytes} bytes"
+                except zlib.error as exc:
+                    why = f"a gzip batch that does not inflate: {exc}"
+            self._decompressed, self._pos = True, 0
+            if whole:
+                self._buffer = bytearray(inflated)
+                return
+            self._buffer, self._num_records = bytearray(), 0  # iterates as empty: the consumer moves past it
+            on_skip(self.base_offset, _first_key(inflated), why)
 
         def _read_msg(self, *args):
             try:
@@ -263,6 +352,18 @@ CONSUMER_STOP = Patch("consumer stop finished by hand", {
 })
 
 
+async def stop_consumer(consumer: aiokafka.AIOKafkaConsumer) -> None:
+    """consumer.stop(), finished by hand when aiokafka 0.14 aborts it halfway: while the broker is away its
+    fetcher's close re-raises the CancelledError of a fetch task it cancelled itself, before the other
+    tasks and the client are closed. Our own cancellation is passed on."""
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        if asyncio.current_task().cancelling():
+            raise
+        await finish_consumer_stop(consumer)
+
+
 async def finish_consumer_stop(consumer: aiokafka.AIOKafkaConsumer) -> None:
     """What an aborted consumer.stop() left undone: the fetcher's remaining fetch tasks cancelled and awaited,
     the client closed."""
@@ -300,4 +401,4 @@ def use_python_record_builder() -> None:
         module.DefaultRecordBatchBuilder = _DefaultRecordBatchBuilderPy
 
 
-PATCHES = (TOLERANT_HEADER_KEYS, METADATA_THROTTLE, PRODUCER_CLOSE, CONSUMER_STOP, PYTHON_RECORD_BUILDER)
+PATCHES = (TOLERANT_HEADER_KEYS, BOUNDED_INFLATE, METADATA_THROTTLE, PRODUCER_CLOSE, CONSUMER_STOP, PYTHON_RECORD_BUILDER)

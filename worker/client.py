@@ -15,7 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from lorabus.schemas import DECODE_ERRORS, ControlEvent, JobResult, WorkerStatus, decode_result, decode_status, encode
-from lorabus.worker.aiokafka_compat import install_tolerant_records
+from lorabus.worker.aiokafka_compat import inflate_limit, install_tolerant_records
 from lorabus.worker.control_log import ControlLog, SignedControl, SkippedRecord, admit_record, control_key, key_text
 from lorabus.worker.kafka_security import KafkaSecurity, client_options
 
@@ -136,11 +136,11 @@ async def read_statuses(bootstrap: str, status_topic: str, timeout_s: float = 30
     Anyone who may write the topic writes what this reads, so a record is state only if it is valid: a
     value over `max_bytes` (default: WorkerConfig's --status-max-bytes) is skipped before it is decoded,
     as is one that does not decode; a key whose last record was skipped is listed in `skipped`. Fetches
-    are capped near `max_bytes` and each record is dropped once read, so memory holds one fetch
-    (aiokafka inflates a compressed batch whole; on the status topic a worker creates, uncompressed, the
-    broker bounds that too: worker/topics.py). A status's `ts_ms` becomes the record's timestamp
+    are capped near `max_bytes`, a compressed batch is inflated only that far (one that holds more is
+    skipped, named by its first record's key: `inflate_limit`), and each record is dropped once read, so
+    memory holds about one fetch whatever a writer compressed into it. A status's `ts_ms` becomes the record's timestamp
     (LogAppendTime, the broker's clock, on that topic), not the time the writer put in it: liveness is
-    not the writer's word (fleet.is_live)."""
+    not the writer's word (cli/fleet_view.is_live)."""
     if max_bytes is None:
         from lorabus.worker.config import WorkerConfig  # here: the config module imports the engine (torch)
 
@@ -168,9 +168,14 @@ async def read_statuses(bootstrap: str, status_topic: str, timeout_s: float = 30
         status.ts_ms = record.timestamp
         statuses[key if key is not None else status.worker] = status
 
+    def skip_batch(offset: int, key: bytes | None, why: str) -> None:
+        label = _key_label(key) if key is not None else "(a compressed batch)"
+        skipped[label] = SkippedStatus(label, offset, f"{why}: over the {max_bytes}-byte limit (--status-max-bytes)")
+
     fetch_bytes = max_bytes + FETCH_OVERHEAD_BYTES
-    await _read_to_end(bootstrap, status_topic, timeout_s, security, on_record=take,
-                       max_partition_fetch_bytes=fetch_bytes, fetch_max_bytes=fetch_bytes)
+    with inflate_limit(fetch_bytes, skip_batch):
+        await _read_to_end(bootstrap, status_topic, timeout_s, security, on_record=take,
+                           max_partition_fetch_bytes=fetch_bytes, fetch_max_bytes=fetch_bytes)
     statuses.skipped = list(skipped.values())
     return statuses
 

@@ -139,7 +139,7 @@ def admit_record(log: "ControlLog", record, signed: SignedControl | None) -> Con
         signed record re-sent later than `max_skew_ms` after it was signed is never applied.
       - "replay": its `event_id` was already applied under its key, or its `ts_ms` is older than the
         newest event applied under its key by more than `max_skew_ms` (a re-send within the skew, caught
-        by a reader that read the original; see README "Trust boundaries" for what this leaves open).
+        by a reader that read the original; see docs/trust.md for what this leaves open).
     """
     key = key_text(record.key)
     if record.value is None:
@@ -166,19 +166,34 @@ def _check_fresh(log: "ControlLog", key: str, event: ControlEvent, broker_ms: in
                                      f"{broker_ms}: further apart than {max_skew_ms} ms (a re-sent old record?)")
     seen = log.applied_under(key)
     if seen is not None:
-        if event.event_id in seen.event_ids:
-            raise SkippedRecord("replay", f"event {event.event_id} was already applied under {key}")
         if event.ts_ms < seen.newest_ts_ms - max_skew_ms:
             raise SkippedRecord("replay", f"event {event.event_id}: ts_ms {event.ts_ms} is older than the newest "
                                           f"event applied under {key} ({seen.newest_ts_ms}) by more than {max_skew_ms} ms")
+        if event.event_id in seen.event_ids:
+            raise SkippedRecord("replay", f"event {event.event_id} was already applied under {key}")
+        seen.forget_older_than(seen.newest_ts_ms - max_skew_ms)
 
 
 @dataclass
 class _Applied:
-    """What was applied under one key, for replay checks: every event id, and the newest ts_ms."""
+    """What was applied under one key, for replay checks: the newest ts_ms, and the event ids (with their
+    ts_ms) that the time rule alone would not refuse."""
 
-    event_ids: set[str] = field(default_factory=set)
+    event_ids: dict[str, int] = field(default_factory=dict)  # event id → its ts_ms
     newest_ts_ms: int = -1
+    _trim_at: int = 64  # forget_older_than scans only when this many ids are held: amortized O(1) a record
+
+    def add(self, event_id: str, ts_ms: int) -> None:
+        self.event_ids[event_id] = ts_ms
+        self.newest_ts_ms = max(self.newest_ts_ms, ts_ms)
+
+    def forget_older_than(self, ts_ms: int) -> None:
+        """Drop the ids signed before `ts_ms` (newest minus the skew): the time rule refuses their replays,
+        so a key's history stays as long as the events within a skew of its newest, not every event ever."""
+        if len(self.event_ids) < self._trim_at:
+            return
+        self.event_ids = {eid: t for eid, t in self.event_ids.items() if t >= ts_ms}
+        self._trim_at = max(64, 2 * len(self.event_ids))
 
 
 MAX_IGNORED_KEPT = 20  # the last ignored records a reader keeps to show; older ones are only counted
@@ -236,7 +251,7 @@ class ControlLog:
         self._live_names: list[str] | None = None  # names(), until any name changes
         self._route_keys: list[RouteKey] | None = None  # route_keys(), until any route key changes
         self._watchers = _Watchers()
-        self._applied: dict[str, _Applied] = {}  # key → its applied event ids and newest ts_ms (kept past tombstones)
+        self._applied: dict[str, _Applied] = {}  # key → its applied stamped events (kept past tombstones)
         self.ignored: list[IgnoredRecord] = []  # records a reader skipped (the CLI's fold: see read_control_log)
         self.ignored_count = 0
 
@@ -263,11 +278,8 @@ class ControlLog:
         """Record an event read at `offset` under its canonical key."""
         self.end_offset = max(self.end_offset, offset + 1)
         key = control_key(event)
-        applied = self._applied.setdefault(key, _Applied())
-        if event.event_id is not None:
-            applied.event_ids.add(event.event_id)
-        if event.ts_ms is not None:
-            applied.newest_ts_ms = max(applied.newest_ts_ms, event.ts_ms)
+        if event.event_id is not None and event.ts_ms is not None:  # only stamped events are judged for replay
+            self._applied.setdefault(key, _Applied()).add(event.event_id, event.ts_ms)
         self._forget(key)
         if isinstance(event, AdapterWarm):
             return  # a command, not state

@@ -1,4 +1,5 @@
-"""The worker's `/healthz` and `/readyz` pages (served on the metrics port).
+"""The worker's `/healthz` and `/readyz` pages, and the HTTP server of its metrics port (`serve_http`:
+`/metrics` and these pages; any other path is 404).
 
 `/healthz` (liveness: restart me if this fails): the event loop answers and the engine's step thread
 runs. `/readyz` (readiness: count me as serving): the model is loaded and its engine started, the
@@ -20,9 +21,11 @@ import asyncio
 import collections
 import json
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
@@ -167,3 +170,44 @@ class HealthChecks:
                 recent.popleft()
             self.loop_lag_s = max(lag for _, lag in recent)
             self.loop_woke_at = woke
+
+
+def serve_http(host: str, port: int, metrics_page: Callable[[], tuple[str, bytes]],
+               pages: dict[str, Callable[[], tuple[int, bytes]]]) -> ThreadingHTTPServer:
+    """Serve `/metrics` (`metrics_page() -> (content type, body)`) and the JSON `pages` (path → () -> (status,
+    body)) on a daemon thread; the caller shuts the server down. Port 0 takes a free port
+    (`server.server_address[1]`)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            path = self.path.split("?", 1)[0]
+            try:
+                if path == "/metrics":
+                    content_type, body = metrics_page()
+                    status = 200
+                elif path in pages:
+                    status, body = pages[path]()
+                    content_type = "application/json"
+                else:
+                    status, content_type = 404, "text/plain; charset=utf-8"
+                    body = f"not found; paths: /metrics {' '.join(sorted(pages))}\n".encode()
+            except Exception as exc:  # a failing collector or check must answer, not drop the connection
+                log.exception("serving %s failed", path)
+                status, content_type = 500, "text/plain; charset=utf-8"
+                body = f"{type(exc).__name__}: {exc}\n".encode()
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format, *args):  # a scrape every few seconds is not worth a log line
+            pass
+
+    class Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET  # "::" binds IPv6 (dual stack)
+        daemon_threads = True
+
+    server = Server((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name="lorabus-metrics", daemon=True).start()
+    return server

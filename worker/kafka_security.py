@@ -43,24 +43,21 @@ class ConnectFailures(logging.Filter):
         return True
 
 
-def _doc(text: str):
-    return {"help": text}
-
 
 @dataclass(frozen=True)
 class KafkaSecurity:
-    security_protocol: str = field(default="PLAINTEXT", metadata=_doc(
+    security_protocol: str = field(default="PLAINTEXT", metadata=dict(help=
         "how clients talk to the brokers: PLAINTEXT, SSL (TLS), SASL_PLAINTEXT or SASL_SSL (login over TLS)"))
-    sasl_mechanism: str = field(default="PLAIN", metadata=_doc(
+    sasl_mechanism: str = field(default="PLAIN", metadata=dict(help=
         "SASL login: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (with a SASL_* protocol)"))
-    sasl_username: str = field(default="", metadata=_doc("SASL user name"))
-    sasl_password: str = field(default="", repr=False, metadata=_doc(
+    sasl_username: str = field(default="", metadata=dict(help="SASL user name"))
+    sasl_password: str = field(default="", repr=False, metadata=dict(help=
         "SASL password, or env:NAME to read it from variable NAME (that, or LORABUS_SASL_PASSWORD, keeps it out of `ps`)"))
-    ssl_cafile: str = field(default="", metadata=_doc(
+    ssl_cafile: str = field(default="", metadata=dict(help=
         "PEM file of the CAs that signed the brokers' certificates (default: the system's CAs)"))
-    ssl_certfile: str = field(default="", metadata=_doc("PEM client certificate, for clusters that want mutual TLS"))
-    ssl_keyfile: str = field(default="", metadata=_doc("PEM private key of --ssl-certfile"))
-    ssl_password: str = field(default="", repr=False, metadata=_doc(
+    ssl_certfile: str = field(default="", metadata=dict(help="PEM client certificate, for clusters that want mutual TLS"))
+    ssl_keyfile: str = field(default="", metadata=dict(help="PEM private key of --ssl-certfile"))
+    ssl_password: str = field(default="", repr=False, metadata=dict(help=
         "password of an encrypted --ssl-keyfile, or env:NAME"))
 
 

@@ -9,6 +9,8 @@ rate limit on aiokafka's connection errors.
   (by any module) carry the job context; `JobContextFilter` adds it to the records.
 - `PayloadFilter`: drops the payload fields (`prompt`, `text`) from records unless payloads are enabled
   (`--log-payloads`), so no prompt or generated text reaches a log by default, whoever logged it.
+- `LogRateLimit`: the one rate limit for repeating lines (one per key per interval, held-back lines
+  counted), with an injectable interval and clock; used by `RateLimitFilter` and `producer.ResultProducer`.
 - `RateLimitFilter`: for the `aiokafka` loggers, one line per kind of trouble per interval, without its
   traceback; the next line that gets through says how many were suppressed meanwhile (a broker outage
   otherwise logs about 100 ERROR lines per second). `limit_aiokafka_logs` puts one on each of aiokafka's
@@ -114,33 +116,49 @@ class PayloadFilter(logging.Filter):
         return True
 
 
+class LogRateLimit:
+    """The one rate limit of the project's repeating log lines: lets one event per key through every
+    `interval_s` (on `clock`, injectable for tests) and counts the ones it held back."""
+
+    def __init__(self, interval_s: float = RATE_LIMIT_INTERVAL_S, clock=time.monotonic):
+        self.interval_s, self.clock = interval_s, clock
+        self._last: dict = {}
+        self._held: dict = {}
+
+    def allow(self, key=None) -> int | None:
+        """None: stay quiet (counted); else how many were held back since the last one let through."""
+        now = self.clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval_s:
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._held.pop(key, 0)
+
+    def note(self, held: int) -> str:
+        """What a line let through says about the ones held back before it ("" when none were)."""
+        return f" [{held} similar lines suppressed in the last {self.interval_s:g} s]" if held else ""
+
+
 class RateLimitFilter(logging.Filter):
     """For records of the `name` logger tree: one WARNING-or-worse line per (logger, message template) per
-    `interval_s`, without traceback; the next one that passes says how many were suppressed. Other
-    records, and lower levels, pass untouched."""
+    `interval_s` (a `LogRateLimit`), without traceback; the next one that passes says how many were
+    suppressed. Other records, and lower levels, pass untouched."""
 
     def __init__(self, name: str = RATE_LIMITED_LOGGER, interval_s: float = RATE_LIMIT_INTERVAL_S,
                  clock=time.monotonic):
         super().__init__(name)
-        self.interval_s, self.clock = interval_s, clock
-        self._last: dict[tuple[str, object], float] = {}
-        self._suppressed: dict[tuple[str, object], int] = {}
+        self.limit = LogRateLimit(interval_s, clock)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING or not super().filter(record):  # not ours to limit
             return True
-        key = (record.name, record.msg)  # the template: "Unable connect to %s" is one kind however many hosts
-        now = self.clock()
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval_s:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+        # The template: "Unable connect to %s" is one kind however many hosts.
+        held = self.limit.allow((record.name, record.msg))
+        if held is None:
             return False
-        self._last[key] = now
-        suppressed = self._suppressed.pop(key, 0)
-        if suppressed:
-            record.msg = f"{record.getMessage()} [{suppressed} similar lines suppressed in the last " \
-                         f"{self.interval_s:g} s]"
-            record.args = None
+        if held:
+            record.msg, record.args = record.getMessage() + self.limit.note(held), None
         record.exc_info, record.exc_text = None, None  # the message says what failed; tracebacks would flood
         return True
 
@@ -183,7 +201,8 @@ class _StderrHandler(logging.StreamHandler):
 def setup_logging(log_format: str = "text", level: str | int = "INFO", payloads: bool = False,
                   stream=None, rate_limit_s: float = RATE_LIMIT_INTERVAL_S) -> logging.Handler | None:
     """Route the root logger to a handler on stderr (or `stream`) in `log_format`, replacing the one an
-    earlier call installed; aiokafka's repeating errors rate-limited. Like logging.basicConfig, it leaves
+    earlier call installed; aiokafka's repeating errors rate-limited to one line per kind per `rate_limit_s`
+    (the worker's --log-rate-limit-ms). Like logging.basicConfig, it leaves
     a root logger that has other handlers as it is (returns None) unless `stream` is given. Raises
     ValueError for an unknown format or level (the CLI turns it into a one-line usage error)."""
     if log_format not in LOG_FORMATS:

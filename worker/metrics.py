@@ -1,19 +1,16 @@
-"""Prometheus metrics of the worker and the HTTP server of its metrics port.
+"""Prometheus metrics of the worker (served on its metrics port by worker/health.py's HTTP server).
 
 Every metric is listed in docs/metrics.md. Series stay bounded and true: consumer lag only for the
 partitions this worker owns now, per-adapter completions only for the busiest adapters (the rest under
 adapter="other"), routed jobs capped at MAX_ROUTED_SERIES label sets, and no `_created` series (one
-more per counter and histogram, which no query of ours reads). The port serves `/metrics` and the JSON
-pages it is given (`/healthz`, `/readyz`); any other path is 404.
+more per counter and histogram, which no query of ours reads).
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
@@ -33,6 +30,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # Tasks × versions grow with every rollout: past this many (task, adapter, version) label sets, the
 # routed-jobs counter adds to one "other" series, so a scrape stays small whatever the fleet publishes.
 MAX_ROUTED_SERIES = 500
+MAX_LANE_SERIES = 200  # lanes (jobs topics) with series of their own; the rest count under lane="other"
 # Adapter traffic is ranked on counts that halve every HALF_LIFE_S, so an adapter that went quiet
 # gives its series up to a busy newcomer; a newcomer takes over only once its count is SWAP_FACTOR
 # times the weakest's, so two adapters of equal traffic do not trade a series back and forth.
@@ -165,9 +163,66 @@ class Metrics:
                                   "owns now (from its committed offset)", ["topic", "partition"], registry=r)
         self._lag_series: set[tuple[str, str]] = set()
         self._lag_lock = threading.Lock()
+        self.lane_wait = Histogram("lorabus_lane_wait_seconds", "A job record's timestamp → the worker taking it, "
+                                   "by lane (jobs topic)", ["lane"], buckets=LATENCY_BUCKETS, registry=r)
+        self.lane_tokens = Counter("lorabus_lane_tokens", "Prompt and generated tokens of the jobs answered ok, "
+                                   "by lane (jobs topic)", ["lane"], registry=r)
+        self._lane_series: set[str] = set()
         self._engine_stats = None
         self._output_counts = None
+        self._lane_holds = None
         r.register(self)
+
+    def page(self) -> tuple[str, bytes]:
+        """The `/metrics` page: its content type and the exposition text."""
+        return CONTENT_TYPE_LATEST, generate_latest(self.registry)
+
+    def observe_completion(self, c) -> None:
+        """A generation's timings (a `scheduler.Completion` that finished ok)."""
+        self.queue_time.observe(c.queue_s)
+        if c.ttft_s is not None:
+            self.ttft.observe(c.ttft_s)
+            if c.cold:
+                self.cold_start.observe(c.ttft_s)
+            if len(c.token_ids) >= 2:  # the first token's time is TTFT's; the rest share what followed it
+                self.tpot.observe((c.total_s - c.ttft_s) / (len(c.token_ids) - 1))
+
+    def lane_taken(self, lane: str, timestamp_ms: int) -> None:
+        """A job record taken from `lane`'s topic, appended at `timestamp_ms` (a producer's clock may say
+        anything: a time ahead counts as no wait)."""
+        if timestamp_ms >= 0:
+            self.lane_wait.labels(self._lane_label(lane)).observe(max(0.0, time.time() - timestamp_ms / 1000))
+
+    def _lane_label(self, lane: str) -> str:
+        if lane not in self._lane_series:
+            if len(self._lane_series) >= MAX_LANE_SERIES:
+                return "other"
+            self._lane_series.add(lane)
+        return lane
+
+    def count_answer(self, result, seconds: float, lane: str | None = None) -> None:
+        """One delivered answer: its `JobResult`, or None for a dead letter, how long it took, and the
+        lane (jobs topic) it came from."""
+        if lane is not None and result is not None and result.status == "ok":
+            self.lane_tokens.labels(self._lane_label(lane)).inc(result.usage.prompt_tokens
+                                                                + result.usage.completion_tokens)
+        if result is not None and result.task is not None:
+            if result.mix:  # a route's mix target: counted like a mix job's completion
+                self.count_routed(result.task, "mix", "", result.status)
+            else:
+                self.count_routed(result.task, result.adapter, result.adapter_version, result.status)
+        if result is None:
+            self.dead_letters.inc()
+        elif result.status == "ok":
+            self.job_results.labels("ok").inc()
+            # adapter None: the base model
+            self.jobs_completed.inc(result.adapter or ("mix" if result.mix else None), result.adapter_version)
+            self.tokens_generated.inc(result.usage.completion_tokens)
+            self.prompt_tokens.inc(result.usage.prompt_tokens)
+        else:
+            self.job_results.labels(result.error.code).inc()
+            self.jobs_failed.labels(result.error.code).inc()
+        self.latency.observe(seconds)
 
     def count_routed(self, task: str, adapter: str, version: str, status: str) -> None:
         series = (task, adapter, version)
@@ -199,6 +254,10 @@ class Metrics:
     def watch_engine(self, stats_fn) -> None:
         self._engine_stats = stats_fn
 
+    def watch_lanes(self, holds_fn) -> None:
+        """`holds_fn() -> {lane: jobs held}`: read at scrape time as lorabus_lane_inflight."""
+        self._lane_holds = holds_fn
+
     def watch_output(self, counts_fn) -> None:
         """`counts_fn() -> {name: count}`: the output path's own counters (retries, recreations, ...)."""
         self._output_counts = counts_fn
@@ -208,47 +267,19 @@ class Metrics:
         if self._engine_stats is not None:
             for name, value in self._engine_stats().items():
                 yield GaugeMetricFamily(f"lorabus_engine_{name}", f"Engine {name.replace('_', ' ')}", value=value)
+        if self._lane_holds is not None:
+            held = GaugeMetricFamily("lorabus_lane_inflight", "Job records held (taken, not yet answered), by lane "
+                                     "(jobs topic)", labels=["lane"])
+            totals: dict[str, float] = {}
+            for lane, count in self._lane_holds().items():
+                label = lane if lane in self._lane_series else "other"
+                totals[label] = totals.get(label, 0) + count
+            for label, count in totals.items():
+                held.add_metric([label], count)
+            yield held
         if self._output_counts is not None:
             for name, value in self._output_counts().items():
                 yield CounterMetricFamily(f"lorabus_output_{name}", f"Output {name.replace('_', ' ')}", value=value)
 
     def describe(self):
         return []
-
-    def serve(self, host: str, port: int, pages: dict[str, Callable[[], tuple[int, bytes]]]) -> ThreadingHTTPServer:
-        """Serve `/metrics` and the JSON `pages` (path → () -> (status, body)) on a daemon thread; the caller
-        shuts the server down. Port 0 takes a free port (`server.server_address[1]`)."""
-        registry = self.registry
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                path = self.path.split("?", 1)[0]
-                try:
-                    if path == "/metrics":
-                        status, content_type, body = 200, CONTENT_TYPE_LATEST, generate_latest(registry)
-                    elif path in pages:
-                        status, body = pages[path]()
-                        content_type = "application/json"
-                    else:
-                        status, content_type = 404, "text/plain; charset=utf-8"
-                        body = f"not found; paths: /metrics {' '.join(sorted(pages))}\n".encode()
-                except Exception as exc:  # a failing collector or check must answer, not drop the connection
-                    log.exception("serving %s failed", path)
-                    status, content_type = 500, "text/plain; charset=utf-8"
-                    body = f"{type(exc).__name__}: {exc}\n".encode()
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format, *args):  # a scrape every few seconds is not worth a log line
-                pass
-
-        class Server(ThreadingHTTPServer):
-            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET  # "::" binds IPv6 (dual stack)
-            daemon_threads = True
-
-        server = Server((host, port), Handler)
-        threading.Thread(target=server.serve_forever, name="lorabus-metrics", daemon=True).start()
-        return server

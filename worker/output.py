@@ -1,9 +1,10 @@
 """How answers leave the worker: every consumed record gets one `Outgoing` (its result or its dead
-letter), and only a delivered one lets its offset commit.
+letter), and only a delivered one lets its offset commit. Each output mode owns its commits
+(`deliver`, `commit`, `start`, `stop`, `counters`); this module also decides what is too large to send.
 
 `AtLeastOnceOutput` (the default) sends each answer with acks=all through `ResultProducer`, which retries
-transient broker errors until the send succeeds or the worker gives up on stopping; the worker commits
-offsets on its own schedule, up to the first record not yet delivered.
+transient broker errors until the send succeeds or the worker gives up on stopping; `commit` commits
+each partition's offsets up to its first record not yet delivered.
 
 `TransactionalOutbox` (`--exactly-once`): the worker hands every answer to `deliver`, which waits
 until the answer is committed. Every `commit_interval_ms` the outbox opens one transaction, writes the
@@ -24,16 +25,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from lorabus.schemas import JobResult, encode, error_result
+from lorabus.worker.logs import LogRateLimit
 from lorabus.worker.offsets import PartitionOffsets
 from lorabus.worker.producer import PermanentSendError, ResultProducer
 
 log = logging.getLogger(__name__)
+
+# Kafka refuses records over its message.max.bytes (1 MiB by default): an answer larger than this is
+# replaced by a smaller one before sending (an error result, or a truncated copy of a dead letter);
+# a topic with a smaller limit gets the same replacement when it refuses the record.
+MAX_OUTGOING_BYTES = 1_000_000
+DLQ_REASON_BYTES = 4096
+# Dead letters refused as too large are resent with their value cut to this size: well under the
+# broker's default max.message.bytes (1 MiB), leaving room for the key and headers.
+DEAD_LETTER_VALUE_BYTES = 64 * 1024
+DEAD_LETTER_KEY_BYTES = 1024
+DEAD_LETTER_HEADER_BYTES = 16 * 1024
+TRUNCATED_HEADER = "x-dlq-truncated"            # parts that were cut: "value", "key", "headers"
+ORIGINAL_SIZE_HEADER = "x-dlq-original-size"    # the value's length in bytes before the cut
 
 # After a failed transaction (broker away, coordinator moving) wait this long before the next try.
 RETRY_S = 0.5
@@ -42,8 +58,6 @@ RETRY_PERMANENT_S = 5.0
 # A transaction left open by a killed worker blocks read_committed readers until this runs out (or a
 # restart with the same transactional id fences it); ours last about one commit interval.
 TRANSACTION_TIMEOUT_MS = 10_000
-# A failed transaction is logged at most this often; the rest are counted.
-LOG_EVERY_S = 10.0
 
 
 @dataclass
@@ -54,22 +68,133 @@ class Outgoing:
     value: bytes | None
     key: bytes | None = None
     headers: list[tuple[str, bytes]] = field(default_factory=list)
-    dead_letter: bool = False  # refused as too large, it is sent as a truncated copy
-    if_too_large: "Outgoing | None" = None  # a result's smaller stand-in should the broker refuse it
+    dead_letter: bool = False
+    if_too_large: "Outgoing | None" = None  # its smaller stand-in should the broker refuse it as too large
+
+
+class Truncated(NamedTuple):
+    value: bytes | None
+    key: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+def truncated_copy(value: bytes | None, key: bytes | None = None, headers=(),
+                   limit: int = DEAD_LETTER_VALUE_BYTES) -> Truncated:
+    """A copy of a record small enough for a topic with the default max.message.bytes.
+
+    The value is cut to `limit` bytes and the key to DEAD_LETTER_KEY_BYTES; headers are kept in
+    order while they fit in DEAD_LETTER_HEADER_BYTES (one too large is dropped, smaller ones after
+    it are still kept). Two headers are added: `x-dlq-truncated` (the parts that were cut, comma
+    separated, empty if none) and `x-dlq-original-size` (the value's length before the cut)."""
+    size = 0 if value is None else len(value)
+    cut = []
+    if value is not None and size > limit:
+        value = value[:limit]
+        cut.append("value")
+    if key is not None and len(key) > DEAD_LETTER_KEY_BYTES:
+        key = key[:DEAD_LETTER_KEY_BYTES]
+        cut.append("key")
+    kept, budget = [], DEAD_LETTER_HEADER_BYTES
+    for name, data in headers or ():
+        need = len(name.encode()) + len(data or b"")
+        if need <= budget:
+            kept.append((name, data))
+            budget -= need
+        elif "headers" not in cut:
+            cut.append("headers")
+    kept += [(TRUNCATED_HEADER, ",".join(cut).encode()), (ORIGINAL_SIZE_HEADER, str(size).encode())]
+    return Truncated(value, key, kept)
+
+
+def result_record(result: JobResult, topic: str) -> Outgoing:
+    """A result to send; one too large for its topic is replaced by an error result saying so."""
+    key, value = result.id.encode(), encode(result)
+    too_large = Outgoing(topic, encode(error_result(
+        result.id, "internal", f"the result is {len(value)} bytes, more than its topic accepts", result.worker,
+        adapter=result.adapter, adapter_version=result.adapter_version, mix=result.mix, task=result.task,
+        route_event_id=result.route_event_id)), key)
+    if len(value) > MAX_OUTGOING_BYTES:  # over Kafka's default limit: don't even try
+        return too_large
+    return Outgoing(topic, value, key, if_too_large=too_large)
+
+
+def dead_letter_record(record, code: str, reason: str, topic: str, worker_id: str) -> Outgoing:
+    """The record as it came, with headers that say where from and why, cut down if too large to copy."""
+    # A header key that was not UTF-8 (surrogate-escaped on reading) is kept as escaped text.
+    headers = [(key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), value)
+               for key, value in record.headers or ()]
+    headers += [
+        ("x-dlq-code", code.encode()),
+        ("x-dlq-reason", reason.encode()[:DLQ_REASON_BYTES]),
+        ("x-dlq-topic", record.topic.encode()),
+        ("x-dlq-partition", str(record.partition).encode()),
+        ("x-dlq-offset", str(record.offset).encode()),
+        ("x-dlq-timestamp", str(record.timestamp).encode()),
+        ("x-dlq-worker", worker_id.encode()),
+    ]
+    value, key = record.value, record.key
+    size = len(value or b"") + len(key or b"") + sum(len(k) + len(v or b"") for k, v in headers)
+    copy = truncated_copy(value, key, headers)  # its coordinates and a prefix, so its offset can still commit
+    cut = Outgoing(topic, copy.value, copy.key, copy.headers, dead_letter=True)
+    if size > MAX_OUTGOING_BYTES:
+        return cut
+    return Outgoing(topic, value, key, headers, dead_letter=True, if_too_large=cut)
 
 
 class AtLeastOnceOutput:
-    def __init__(self, producer: ResultProducer, stopping: asyncio.Event):
-        self.producer, self.stopping = producer, stopping
+    def __init__(self, producer: ResultProducer, stopping: asyncio.Event, consumer: AIOKafkaConsumer | None,
+                 partitions: dict[TopicPartition, PartitionOffsets], log_every_s: float = 10.0):
+        self.producer, self.stopping, self.consumer, self.partitions = producer, stopping, consumer, partitions
+        self.truncated = 0  # dead letters sent as their truncated copy
+        self._log_limit = LogRateLimit(log_every_s)
+
+    async def start(self) -> None:
+        await self.producer.start()
+
+    async def stop(self) -> None:
+        await self.producer.stop()
+
+    COUNTERS = ("send_retries", "sends_retried", "producer_recreations", "dead_letters_truncated")
+
+    def counters(self) -> dict[str, float]:
+        """The output's counters, exported as lorabus_output_<name>_total."""
+        p = self.producer
+        return dict(zip(self.COUNTERS, (p.retries, p.sends_retried, p.recreations, self.truncated)))
+
+    async def commit(self, only: set[TopicPartition] | None = None) -> None:
+        """Commit each partition's offset up to its first record not yet delivered (of `only`, if given)."""
+        offsets = {}
+        for tp, state in list(self.partitions.items()):
+            if only is not None and tp not in only:
+                continue
+            offset = state.committable()
+            if offset is not None:
+                offsets[tp] = (offset, state)
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit({tp: offset for tp, (offset, _) in offsets.items()})
+        except KafkaError as exc:  # e.g. a rebalance in progress: the next round retries
+            log.warning("commit failed: %s", exc)
+            return
+        for offset, state in offsets.values():
+            state.committed = offset
 
     async def deliver(self, outgoing: Outgoing, tp: TopicPartition, offset: int, offsets: PartitionOffsets) -> bool:
         """Send an answer; True once the broker holds it, False if the worker gave up (stopping)."""
         while True:
-            send = self.producer.send_dead_letter if outgoing.dead_letter else self.producer.send
             try:
-                sent = await send(outgoing.topic, outgoing.value, key=outgoing.key, headers=outgoing.headers)
+                sent = await self.producer.send(outgoing.topic, outgoing.value, key=outgoing.key,
+                                                headers=outgoing.headers)
             except PermanentSendError as exc:
                 if exc.too_large and outgoing.if_too_large is not None:  # a topic with a smaller limit
+                    if outgoing.dead_letter:
+                        self.truncated += 1
+                        if (held := self._log_limit.allow("truncated")) is not None:
+                            log.warning("dead letter to %s too large (%d bytes, %s); sending a copy cut to %d "
+                                        "bytes%s", outgoing.topic, len(outgoing.value or b""),
+                                        type(exc.cause).__name__, DEAD_LETTER_VALUE_BYTES,
+                                        self._log_limit.note(held))
                     outgoing = outgoing.if_too_large
                     continue
                 # Not the record's fault: a topic deleted or not authorized. Keep the offset
@@ -95,7 +220,8 @@ class _Queued:
 
 
 class TransactionalOutbox:
-    def __init__(self, bootstrap: str, transactional_id: str, group_id: str, **producer_options):
+    def __init__(self, bootstrap: str, transactional_id: str, group_id: str, log_every_s: float = 10.0,
+                 **producer_options):
         self.bootstrap, self.transactional_id, self.group_id = bootstrap, transactional_id, group_id
         self.producer_options = producer_options
         self.producer: AIOKafkaProducer | None = None
@@ -103,7 +229,13 @@ class TransactionalOutbox:
         self._lock = asyncio.Lock()  # one transaction at a time
         self.transactions = 0
         self.failed_transactions = 0
-        self._logged_at = float("-inf")
+        self._log_limit = LogRateLimit(log_every_s)  # a failed transaction is logged at most this often
+
+    COUNTERS = ("transactions", "failed_transactions")
+
+    def counters(self) -> dict[str, float]:
+        """The output's counters, exported as lorabus_output_<name>_total."""
+        return dict(zip(self.COUNTERS, (self.transactions, self.failed_transactions)))
 
     async def start(self) -> None:
         self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, transactional_id=self.transactional_id,
@@ -183,9 +315,7 @@ class TransactionalOutbox:
 
     def _failed(self, exc: Exception) -> None:
         self.failed_transactions += 1
-        now = time.monotonic()
-        if now - self._logged_at >= LOG_EVERY_S:
-            self._logged_at = now
+        if self._log_limit.allow() is not None:
             log.warning("transaction failed (%s: %s); %d failed so far, retrying", type(exc).__name__, exc,
                         self.failed_transactions)
 
@@ -198,3 +328,6 @@ class TransactionalOutbox:
             await producer.stop()
         except KafkaError:
             pass
+
+
+OUTPUT_COUNTERS = AtLeastOnceOutput.COUNTERS + TransactionalOutbox.COUNTERS  # every lorabus_output_* a worker exports

@@ -22,7 +22,8 @@ producer/message_accumulator.py, reproduced against Kafka 4.4):
 * aiokafka logs a WARNING/ERROR per reconnect and metadata attempt; starting a producer installs
   `logs.limit_aiokafka_logs()`, which rate-limits those by message template.
 
-Dead letters too large for the broker: `send_dead_letter()` falls back to `truncated_copy()`.
+A record refused as too large raises `PermanentSendError` with `too_large` set; what to send instead is
+the output's decision (worker/output.py).
 """
 
 from __future__ import annotations
@@ -33,13 +34,13 @@ import logging
 import random
 import re
 import time
-from typing import Callable, NamedTuple
+from typing import Callable
 
 from aiokafka import AIOKafkaProducer
 from aiokafka import errors as E
 
 from lorabus.worker.aiokafka_compat import force_close_producer, throttle_metadata
-from lorabus.worker.logs import limit_aiokafka_logs
+from lorabus.worker.logs import RATE_LIMIT_INTERVAL_S, LogRateLimit, limit_aiokafka_logs
 
 log = logging.getLogger(__name__)
 
@@ -48,24 +49,16 @@ log = logging.getLogger(__name__)
 # notices that the broker is back.
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 2.0
-# At most one WARNING per kind of trouble per this many seconds.
-LOG_EVERY_S = 10.0
+# At most one WARNING per kind of trouble per this many seconds (the default of `log_every_s`).
+LOG_EVERY_S = RATE_LIMIT_INTERVAL_S
 # A delivery not acknowledged after this long is reported as stalled (rate-limited); aiokafka
-# keeps retrying it, so it is not resent.
+# keeps retrying it, so it is not resent. The default of `stall_warn_s`.
 STALL_WARN_S = 5.0
 # stop(): how long each producer may flush before what it still holds is dropped.
 STOP_TIMEOUT_S = 10.0
 # A topic absent from a successful metadata refresh is looked up once more after this delay (a
 # topic just created can be briefly absent) before the send is refused.
 MISSING_TOPIC_RECHECK_S = 0.5
-
-# Dead letters refused as too large are resent with their value cut to this size: well under the
-# broker's default max.message.bytes (1 MiB), leaving room for the key and headers.
-DEAD_LETTER_VALUE_BYTES = 64 * 1024
-DEAD_LETTER_KEY_BYTES = 1024
-DEAD_LETTER_HEADER_BYTES = 16 * 1024
-TRUNCATED_HEADER = "x-dlq-truncated"            # parts that were cut: "value", "key", "headers"
-ORIGINAL_SIZE_HEADER = "x-dlq-original-size"    # the value's length in bytes before the cut
 
 # Errors that belong to the record or its topic: resending cannot help.
 SIZE_ERRORS = (E.MessageSizeTooLargeError, E.RecordTooLargeError, E.RecordListTooLargeError)
@@ -98,58 +91,6 @@ class PermanentSendError(Exception):
         return isinstance(self.cause, SIZE_ERRORS)
 
 
-class Truncated(NamedTuple):
-    value: bytes | None
-    key: bytes | None
-    headers: list[tuple[str, bytes]]
-
-
-def truncated_copy(value: bytes | None, key: bytes | None = None, headers=(),
-                   limit: int = DEAD_LETTER_VALUE_BYTES) -> Truncated:
-    """A copy of a record small enough for a topic with the default max.message.bytes.
-
-    The value is cut to `limit` bytes and the key to DEAD_LETTER_KEY_BYTES; headers are kept in
-    order while they fit in DEAD_LETTER_HEADER_BYTES (one too large is dropped, smaller ones after
-    it are still kept). Two headers are added: `x-dlq-truncated` (the parts that were cut, comma
-    separated, empty if none) and `x-dlq-original-size` (the value's length before the cut)."""
-    size = 0 if value is None else len(value)
-    cut = []
-    if value is not None and size > limit:
-        value = value[:limit]
-        cut.append("value")
-    if key is not None and len(key) > DEAD_LETTER_KEY_BYTES:
-        key = key[:DEAD_LETTER_KEY_BYTES]
-        cut.append("key")
-    kept, budget = [], DEAD_LETTER_HEADER_BYTES
-    for name, data in headers or ():
-        need = len(name.encode()) + len(data or b"")
-        if need <= budget:
-            kept.append((name, data))
-            budget -= need
-        elif "headers" not in cut:
-            cut.append("headers")
-    kept += [(TRUNCATED_HEADER, ",".join(cut).encode()), (ORIGINAL_SIZE_HEADER, str(size).encode())]
-    return Truncated(value, key, kept)
-
-
-class _Limiter:
-    """Lets one event per key through every `every` seconds and counts the ones it held back."""
-
-    def __init__(self, every: float = LOG_EVERY_S):
-        self.every = every
-        self.last: dict = {}
-        self.held: collections.Counter = collections.Counter()
-
-    def allow(self, key) -> int | None:
-        """None: stay quiet; else the number of events held back since the last one let through."""
-        now = time.monotonic()
-        if now - self.last.get(key, -self.every) < self.every:
-            self.held[key] += 1
-            return None
-        self.last[key] = now
-        return self.held.pop(key, 0)
-
-
 def _valid_topic(topic: str) -> bool:
     return bool(TOPIC_NAME.fullmatch(topic)) and topic not in (".", "..")
 
@@ -179,26 +120,30 @@ class ResultProducer:
 
     Counters (plain ints, for metrics): `sends_retried` (sends that needed more than one attempt),
     `retries` (extra attempts in all), `recreations` (producers replaced), `stalls` (deliveries
-    not acknowledged within STALL_WARN_S), `permanent_errors` (PermanentSendError raised),
-    `truncated` (dead letters sent as truncated copies).
+    not acknowledged within `stall_warn_s`), `permanent_errors` (PermanentSendError raised).
+
+    `log_every_s` (one WARNING per kind of trouble per window) and `stall_warn_s` default to LOG_EVERY_S
+    and STALL_WARN_S; tests inject short ones instead of waiting out the production intervals.
     """
 
     def __init__(self, bootstrap_servers: str, stopping: asyncio.Event, *,
-                 producer_factory: Callable[..., AIOKafkaProducer] = AIOKafkaProducer, **options):
+                 producer_factory: Callable[..., AIOKafkaProducer] = AIOKafkaProducer,
+                 log_every_s: float = LOG_EVERY_S, stall_warn_s: float = STALL_WARN_S, **options):
         # linger_ms=2 as the worker had it: a few ms of batching for many small results.
         self.options = {"bootstrap_servers": bootstrap_servers, "linger_ms": 2, **options,
                         "acks": "all", "enable_idempotence": True}
         self.stopping = stopping
         self.factory = producer_factory
         self.sends_retried = self.retries = self.recreations = 0
-        self.stalls = self.permanent_errors = self.truncated = 0
+        self.stalls = self.permanent_errors = 0
         self._producer: AIOKafkaProducer | None = None
         self._swap: asyncio.Task | None = None          # replacing a broken producer
         self._retiring: set[asyncio.Task] = set()       # old producers flushing, then closing
         self._halt: asyncio.Future | None = None        # done once stopping is set or stop() runs
         self._watch: asyncio.Task | None = None
         self._closed = False
-        self._logs = _Limiter()
+        self._logs = LogRateLimit(log_every_s)
+        self.stall_warn_s = stall_warn_s
         self._trouble_since: float | None = None        # the outage now being reported
         self._trouble_sends = 0                          # sends retried in it
         self._trouble_stalls = 0                         # deliveries stalled in it
@@ -318,21 +263,6 @@ class ResultProducer:
                 return False
             delay = min(delay * 2, BACKOFF_MAX_S)
 
-    async def send_dead_letter(self, topic: str, value: bytes | None, key: bytes | None = None,
-                               headers=None) -> bool:
-        """`send`, but a record refused as too large is replaced by its `truncated_copy` (so the
-        offset can commit). Other permanent errors still raise."""
-        try:
-            return await self.send(topic, value, key, headers)
-        except PermanentSendError as err:
-            if not err.too_large:
-                raise
-            copy = truncated_copy(value, key, headers)
-            self.truncated += 1
-            self._warn("truncated", "dead letter to %s too large (%d bytes, %s); sending a copy cut to %d bytes",
-                       topic, len(value or b""), type(err.cause).__name__, DEAD_LETTER_VALUE_BYTES)
-            return await self.send(topic, copy.value, copy.key, copy.headers)
-
     async def topic_exists(self, topic: str) -> bool:
         """Whether the cluster has `topic`, after a metadata refresh (cached answer if it fails)."""
         producer = self._producer
@@ -362,17 +292,17 @@ class ResultProducer:
         """The record's metadata once acknowledged (raises its error); None if told to stop."""
         waited = 0.0
         while True:
-            done, _ = await asyncio.wait({delivery, self._halt}, timeout=STALL_WARN_S,
+            done, _ = await asyncio.wait({delivery, self._halt}, timeout=self.stall_warn_s,
                                          return_when=asyncio.FIRST_COMPLETED)
             if delivery in done:
                 return delivery.result()
             if done:
                 return None
-            waited += STALL_WARN_S
-            if waited == STALL_WARN_S:
+            waited += self.stall_warn_s
+            if waited == self.stall_warn_s:
                 self.stalls += 1
                 self._trouble_stalls += 1
-            self._trouble("stalled", "Kafka send to %s not acknowledged after %.0f s; aiokafka keeps retrying",
+            self._trouble("stalled", "Kafka send to %s not acknowledged after %g s; aiokafka keeps retrying",
                           topic, waited)
 
     async def _check_topic(self, producer: AIOKafkaProducer, topic: str) -> None:
@@ -443,7 +373,7 @@ class ResultProducer:
     def _warn(self, kind: str, msg: str, *args) -> None:
         held = self._logs.allow(kind)
         if held is not None:
-            log.warning(msg + (f" [{held} more like this in the last {LOG_EVERY_S:g} s]" if held else ""), *args)
+            log.warning(msg + self._logs.note(held), *args)
 
     def _trouble(self, kind: str, msg: str, *args) -> None:
         if self._trouble_since is None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Callable
 
-from lorabus.scheduler.adapter_manager import MIX_PREFIX, mix_key
+from lorabus.scheduler import MIX_PREFIX, mix_key
 from lorabus.schemas import AdapterPublish, Job, JobError, MixMember, RouteSet, RouteTarget, parse_adapter_ref
 from lorabus.worker.control_log import ControlLog, RouteKey
 from lorabus.worker.routing import pick_target

@@ -1,4 +1,4 @@
-"""Where a job's result may go: the topics a job's `reply_to` may name, per tenant (README "Trust boundaries").
+"""Where a job's result may go: the topics a job's `reply_to` may name, per tenant (docs/trust.md).
 
 A job's tenant and its `reply_to` are both written by its producer: without a rule, any producer could put
 results into another tenant's results topic, or into a jobs, control, status or dead-letter topic. The
@@ -10,8 +10,10 @@ The topics that carry anything but results are refused whatever the pattern or p
 
 from __future__ import annotations
 
+import asyncio
 import re
 import string
+import time
 from dataclasses import dataclass
 
 from lorabus.worker.config import WorkerConfig
@@ -19,7 +21,7 @@ from lorabus.worker.config import WorkerConfig
 TENANT_FIELD = "{tenant}"
 # Kafka's own rule for topic names (the wire contract's `Topic`).
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
-# Never results topics, of any group: the lorabus naming convention's defaults (README "Wire contract") and
+# Never results topics, of any group: the lorabus naming convention's defaults (docs/wire-contract.md) and
 # the per-tenant lanes under them ("Trust boundaries": lorabus.jobs.acme), besides the worker's own topics.
 CONVENTIONAL_NON_RESULT_TOPICS = ("lorabus.jobs", "lorabus.control", "lorabus.dlq", "lorabus.status")
 INTERNAL_TOPIC_PREFIX = "__"  # Kafka's own (__consumer_offsets, __transaction_state)
@@ -91,3 +93,45 @@ class ReplyRules:
         if topic == self.results_topic or topic == self.tenant_topic(tenant) or (tenant, topic) in self.pairs:
             return None
         return f"reply_to {topic}: not a topic tenant {tenant!r} may reply to (--reply-topic-pattern, --reply-topic)"
+
+
+# A reply_to topic missing from the cluster's topic list is looked for again every TOPICS_RECHECK_S
+# (a just-created topic takes a moment to appear in metadata) until REPLY_TOPIC_WAIT_S have passed.
+TOPICS_RECHECK_S = 0.25
+REPLY_TOPIC_WAIT_S = 2.0
+
+
+class ReplyTopics:
+    """The rules, and whether an allowed topic exists: the cluster's topic list, fetched once for all the
+    jobs that asked while a fetch was running (`list_topics`: an async callable, the admin client's)."""
+
+    def __init__(self, rules: ReplyRules, list_topics):
+        self.rules, self._list_topics = rules, list_topics
+        self._known: set[str] = set()
+        self._checked_at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def problem(self, tenant: str, topic: str) -> tuple[str, str] | None:
+        """Why a job of `tenant` may not have its result written to `topic`, as (error code, message); None
+        when it may. The operator's rules first, so a tenant learns nothing of topics it may not use, not
+        even whether they exist."""
+        refusal = self.rules.refusal(tenant, topic)
+        if refusal is not None:
+            return "forbidden", refusal
+        deadline = time.monotonic() + REPLY_TOPIC_WAIT_S
+        while topic not in self._known:
+            await self._refresh()
+            if topic in self._known:
+                break
+            if time.monotonic() >= deadline:
+                return "invalid_job", f"reply_to topic {topic} does not exist"
+            await asyncio.sleep(TOPICS_RECHECK_S)
+        return None
+
+    async def _refresh(self) -> None:
+        asked = time.monotonic()
+        async with self._lock:
+            if self._checked_at >= asked:
+                return
+            self._known = set(await self._list_topics())
+            self._checked_at = time.monotonic()

@@ -4,9 +4,10 @@ One record per worker (key = worker id) on a compacted topic, sent when somethin
 every MIN_GAP_S) and every `interval_ms` anyway, so `lorabus status` and `lorabus rollout --wait` can
 tell a live worker from a silent one. A worker that stops cleanly leaves a tombstone.
 
-A record never exceeds `--status-max-bytes` (`fit`): past it, the least recent routes, versions and
-adapter names (by the offset of their newest control record) are left out and counted in the record,
-so a worker with a huge control log still reports, and the newest events (what --wait follows) stay.
+A record never exceeds `--status-max-bytes` (`StatusReporter.snapshot`): past it, the least recent
+routes, versions and adapter names (by the offset of their newest control record) are left out and
+counted in the record, so a worker with a huge control log still reports, and the newest events (what
+--wait follows) stay.
 
 Cost, on the event loop. Changes only mark the status dirty; a snapshot builds its entries newest first
 (the order kept as the control log changes) and stops where the record is full, sized by the lengths of
@@ -25,7 +26,7 @@ import msgspec
 from aiokafka import AIOKafkaProducer
 
 from lorabus.schemas import RouteDelete, RouteSet, RouteStatus, VersionStatus, WorkerStatus, encode
-from lorabus.worker.control_log import ControlLog, RouteKey
+from lorabus.worker.control_log import RouteKey
 from lorabus.worker.kafka_security import KafkaSecurity, client_options
 from lorabus.worker.producer import close_producer
 
@@ -118,14 +119,16 @@ class StatusReporter:
             await asyncio.sleep(max(MIN_GAP_S, cost_s / SNAPSHOT_LOOP_SHARE - cost_s))
 
     def snapshot(self) -> WorkerStatus:
-        """The worker's state as one status record, cut to `max_bytes` as `fit` cuts it: the entries are
-        built newest first and only while they fit (`_parts`), so a snapshot costs about what the record
-        holds, not what the worker holds (10,000s of names)."""
+        """The worker's state as one status record of at most `max_bytes`: when the whole state does not fit,
+        only the most recent routes, versions and names (newest first by their last control record) that
+        fit, marked `truncated` with what was left out counted (`*_omitted`). The entries are built newest
+        first and only while they fit (`_parts`), so a snapshot costs about what the record holds, not
+        what the worker holds (10,000s of names)."""
         w = self.worker
         head = WorkerStatus(
             worker=w.worker_id, ts_ms=_ms(), started_ms=self.started_ms, control_offset=w.control_offset,
             serving={}, activated={}, versions=[], resident=sorted(w.engine.resident()),
-            host_cached=len(w.engine.adapters.host_cache), routes=[], jobs_inflight=len(w.inflight),
+            host_cached=w.engine.host_cached(), routes=[], jobs_inflight=len(w.inflight),
             interval_ms=self.interval_ms)
         status = _cut(head, self._parts(), self._totals, self.max_bytes)
         if status.truncated != self.truncated:
@@ -139,11 +142,11 @@ class StatusReporter:
         return status
 
     def _parts(self) -> Iterator[_Part]:
-        """The record's entries, newest first as `fit` orders them: each route key and each adapter name
+        """The record's entries, newest first: each route key and each adapter name
         by its last change, each followed by its versions this worker has loaded, is loading or failed
         (retired ones are no one's concern) that no newer entry gave yet."""
         w = self.worker
-        clog, registry, health = w.control_log, w.registry, w.health
+        clog, registry, health = w.control_log, w.registry, w.adapter_health
         given: set[str] = set()
 
         def versions(refs: Iterable[str]) -> Iterator[_Part]:
@@ -179,7 +182,7 @@ class StatusReporter:
     def _totals(self) -> tuple[int, int, int]:
         """How many routes, versions and names a whole record would hold (counted only for a cut one)."""
         clog, published = self.worker.control_log, self.worker.control_log.published
-        versions = sum(1 for key in self.worker.health.states if published(*key.split("@", 1)) is not None)
+        versions = sum(1 for key in self.worker.adapter_health.states if published(*key.split("@", 1)) is not None)
         return len(clog.route_keys()), versions, len(clog.names())
 
 
@@ -187,27 +190,6 @@ def _touch(recency: dict, key, at: int) -> None:
     """Mark `key` changed at `at`: its entry moves to the end (the dict stays ordered by recency)."""
     recency.pop(key, None)
     recency[key] = at
-
-
-def _recency(log: ControlLog) -> tuple[dict[str, int], dict[str, int], dict[tuple[str, str | None], int]]:
-    """The offset of the newest control record about each adapter name, each "name@version" (a route.set
-    naming it counts: its failures explain a pending route) and each (task, tenant) route: how recent
-    each is, for `fit`."""
-    names: dict[str, int] = {}
-    versions: dict[str, int] = {}
-    routes: dict[tuple[str, str | None], int] = {}
-    for entry in log.entries.values():
-        event, offset = entry.event, entry.offset
-        if isinstance(event, (RouteSet, RouteDelete)):
-            key = (event.task, event.tenant)
-            routes[key] = max(routes.get(key, -1), offset)
-            for ref in _route_refs(event):
-                versions[ref] = max(versions.get(ref, -1), offset)
-        elif (name := getattr(event, "name", None)) is not None:
-            ref = f"{name}@{getattr(event, 'version', '')}"
-            names[name] = max(names.get(name, -1), offset)
-            versions[ref] = max(versions.get(ref, -1), offset)
-    return names, versions, routes
 
 
 def _route_refs(route: RouteSet | RouteDelete | RouteStatus) -> dict[str, None]:
@@ -304,23 +286,3 @@ def _cut(head: WorkerStatus, parts: Iterable[_Part], totals: Callable[[], tuple[
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) is not None else (low, middle)
     return _record(head, taken[:low], counts)
-
-
-def fit(status: WorkerStatus, max_bytes: int, log: ControlLog) -> WorkerStatus:
-    """`status` when it encodes to at most `max_bytes`; otherwise a copy with only the most recent routes,
-    versions and names (serving/activated entries) that fit, newest first by the offset of their newest
-    control record in `log`, marked `truncated` and with what was left out counted (`*_omitted`).
-    (The worker's own snapshots take the same cut without building the whole record first:
-    `StatusReporter.snapshot`.)"""
-    if len(encode(status)) <= max_bytes:
-        return status
-    name_at, version_at, route_at = _recency(log)
-    names = list(dict.fromkeys([*status.serving, *status.activated]))
-    items = [(route_at.get((r.task, r.tenant), -1), _route_part(r)) for r in status.routes]
-    items += [(version_at.get(v.adapter, name_at.get(v.adapter.partition("@")[0], -1)), _version_part(v))
-              for v in status.versions]
-    items += [(name_at.get(n, -1), _name_part(n, status.serving.get(n), status.activated.get(n))) for n in names]
-    items.sort(key=lambda item: -item[0])  # newest first; a stable sort keeps each list's order among equals
-    head = msgspec.structs.replace(status, serving={}, activated={}, versions=[], routes=[])
-    return _cut(head, (part for _, part in items), lambda: (len(status.routes), len(status.versions), len(names)),
-                max_bytes)

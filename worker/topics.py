@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 # writer re-sending an old record cannot choose (worker/control_log.py admit_record).
 CONTROL_TOPIC_CONFIGS = {"cleanup.policy": "compact", "retention.ms": "-1", "retention.bytes": "-1",
                          "message.timestamp.type": "LogAppendTime"}
-# LogAppendTime: the broker stamps each record (worker/fleet.py is_live). compression.type=uncompressed:
+# LogAppendTime: the broker stamps each record (worker/cli/fleet_view.py is_live). compression.type=uncompressed:
 # the broker inflates a compressed batch and re-checks its size against max.message.bytes, refusing a
 # small record that would inflate to gigabytes in every `lorabus status`.
 STATUS_TOPIC_CONFIGS = {"cleanup.policy": "compact", "message.timestamp.type": "LogAppendTime",
@@ -54,10 +54,13 @@ async def ensure_topics(bootstrap: str, topics: dict[str, int], configs: dict[st
         await admin.close()
 
 
-async def ensure_worker_topics(config: WorkerConfig) -> None:
-    """Every topic a worker uses, created (when missing) as a worker creates them."""
+async def ensure_worker_topics(config: WorkerConfig, lane_topics: list[str] | None = None) -> None:
+    """Every topic a worker uses, created (when missing) as a worker creates them: its jobs topics (by
+    default --jobs-topic; with lanes, the jobs and results topics the lanes name), results, control,
+    dead-letter and status topics."""
+    jobs = dict.fromkeys(lane_topics if lane_topics is not None else [config.jobs_topic], config.topic_partitions)
     await ensure_topics(config.bootstrap_servers,
-                        {config.jobs_topic: config.topic_partitions, config.results_topic: config.topic_partitions,
+                        {**jobs, config.results_topic: config.topic_partitions,
                          config.control_topic: 1, config.dlq_topic: 1, config.status_topic: 1},
                         {config.control_topic: CONTROL_TOPIC_CONFIGS, config.status_topic: STATUS_TOPIC_CONFIGS},
                         config.security)

@@ -1,9 +1,11 @@
-"""Builds tiny random models for the fast tests: a tiny Llama-architecture base model (or another supported
-family) with a byte-level BPE tokenizer, and sample LoRA adapters in PEFT's on-disk layout (adapter_config.json +
+"""Test and benchmark assets, shipped so the tests and the benchmarks build the same things (as
+`numpy.testing` is): a tiny random Llama-architecture base model (or another supported family) with a
+byte-level BPE tokenizer, and sample LoRA adapters in PEFT's on-disk layout (adapter_config.json +
 adapter_model.safetensors) whose targets and shapes come from the model's spec (scheduler/arch.py).
+The worker itself never imports it.
 
-Everything is generated locally from a seed (no model hub): the tests and the benchmarks use it (the demo runs
-the real SmolLM2 with the trained adapters of deploy/demo-adapters).
+Everything is generated locally from a seed (no model hub); the demo runs the real SmolLM2 with the
+trained adapters of deploy/demo-adapters instead.
 """
 
 from __future__ import annotations

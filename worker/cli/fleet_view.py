@@ -1,10 +1,10 @@
-"""The control plane answering back, without Kafka: what is wrong with a control event before it is
-sent (`validate_event`), what a worker's status says about an event that was sent (`event_outcome`),
-and the fleet as a human reads it (`render_status`) or a program does (`fleet_json`).
+"""The fleet as `lorabus status` shows it: which workers are live, and the control log's state with
+every worker's status, for humans (`render_status`) or programs (`fleet_json`).
 
 Everything here is a pure function of a `ControlLog` (the control topic folded into state, see
 worker/control_log.py) and the `WorkerStatus` records the workers publish on the status topic; the
-`lorabus status` and `lorabus rollout ...` commands (worker/cli.py) read both through worker/client.py.
+`lorabus status` and `lorabus rollout ... --wait` commands (status.py, control.py) read both through
+worker/client.py.
 
 Anyone who can write the status topic writes what is read here, so nothing a record says is taken on
 its word where it matters: a status's time is the broker's record timestamp (worker/client.py puts it
@@ -14,18 +14,14 @@ for at most MAX_INTERVAL_MS, and every text from a record is escaped before it r
 
 from __future__ import annotations
 
-import heapq
-import os
 import dataclasses
+import heapq
 from dataclasses import dataclass, field
-from typing import Literal
 
 import msgspec
 
-from lorabus.scheduler.adapters import file_sha256
-from lorabus.schemas import (AdapterActivate, AdapterPublish, AdapterRetire, AdapterWarm, ControlEvent, RouteDelete,
-                             RouteSet, RouteStatus, VersionStatus, WorkerStatus)
-from lorabus.worker.adapter_paths import ADAPTER_FILES, AdapterPathError, local_path
+from lorabus.schemas import ControlEvent, RouteDelete, RouteSet, RouteStatus, VersionStatus, WorkerStatus
+from lorabus.worker.cli.control_checks import route_label
 from lorabus.worker.control_log import ControlLog, control_key
 
 DEFAULT_INTERVAL_MS = 2000  # taken for a status whose interval_ms is 0
@@ -39,133 +35,6 @@ MAX_CLOCK_SKEW_MS = 30_000
 RECENT_EVENTS = 5  # control events `render_status` shows with the workers that applied them
 IGNORED_DETAIL_CHARS = 120  # why a control record was ignored, as the text view shows it (a key may be long)
 
-Outcome = Literal["pending", "ok"] | tuple[Literal["failed"], str]
-
-
-# ---- before sending -------------------------------------------------------------------------------
-
-def check_schema(event: ControlEvent) -> ControlEvent:
-    """The event as a worker will decode it: the same strict rules (patterns, bounds, route weights).
-    Raises ValueError with a one-line message."""
-    try:
-        return msgspec.json.decode(msgspec.json.encode(event), type=type(event))
-    except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
-        raise ValueError(" ".join(str(exc).split())) from None
-
-
-def validate_event(event: ControlEvent, log: ControlLog, *, force: bool = False) -> list[str]:
-    """What is wrong with sending `event` onto a control log in state `log` (empty: nothing).
-
-    Checks the state (versions named must be published, a route to delete must exist) and, for a
-    publish, the adapter directory when it is local. `force` allows retiring the version the log
-    activates or a name's only live version."""
-    match event:
-        case AdapterPublish():
-            return _publish_problems(event)
-        case AdapterActivate() | AdapterWarm():
-            return _unpublished(log, event.name, event.version)
-        case AdapterRetire(name=name, version=version):
-            problems = _unpublished(log, name, version)
-            if problems or force:
-                return problems
-            if log.activated(name) == version:
-                return [f"{name}@{version} is the version the control log activates for {name}: "
-                        f"activate another version first (or --force)"]
-            if log.candidates(name) == [version]:
-                return [f"{name}@{version} is the only live version of {name}: publish and activate another "
-                        f"first (or --force)"]
-            return []
-        case RouteSet():
-            problems = []
-            for target in event.targets:
-                role = "route target " if target.mix is None else f"member of route target {target.label()}: "
-                for ref in target.versions():
-                    name, _, version = ref.partition("@")
-                    problems += _unpublished(log, name, version, role=role)
-            return problems
-        case RouteDelete(task=task, tenant=tenant):
-            if log.routes(task, tenant):
-                return []
-            others = [_route_label(t, tn) for t, tn in log.route_keys() if t == task]
-            have = f"; routes of task {task}: {', '.join(others)}" if others else ""
-            return [f"there is no route for {_route_label(task, tenant)} to delete{have}"]
-    return [f"not a control event: {type(event).__name__}"]
-
-
-def _unpublished(log: ControlLog, name: str, version: str, role: str = "") -> list[str]:
-    if log.published(name, version) is not None:
-        return []
-    live = log.candidates(name)
-    have = f"published versions of {name}: {', '.join(live)}" if live else f"{name} has no published version"
-    return [f"{role}{name}@{version} is not published ({have})"]
-
-
-def _route_label(task: str, tenant: str | None) -> str:
-    return f"task {task} (" + ("every tenant" if tenant is None else f"tenant {tenant}") + ")"
-
-
-def _publish_problems(event: AdapterPublish) -> list[str]:
-    try:
-        directory = local_path(event.path)
-    except AdapterPathError as exc:
-        return [str(exc)]
-    if not os.path.isabs(directory):
-        return [f"adapter path {event.path} is not absolute (workers do not share this working directory)"]
-    if not os.path.isdir(directory):
-        return [f"adapter path {event.path}: no such directory"]
-    problems = [f"adapter path {event.path} has no {name}" for name in ADAPTER_FILES
-                if not os.path.isfile(os.path.join(directory, name))]
-    weights = os.path.join(directory, ADAPTER_FILES[1])
-    if not problems and event.sha256 is not None:
-        actual = file_sha256(weights)
-        if actual != event.sha256.lower():
-            problems.append(f"sha256 {event.sha256} does not match {weights} (its sha256 is {actual})")
-    return problems
-
-
-# ---- after sending --------------------------------------------------------------------------------
-
-def _version_state(status: WorkerStatus, ref: str):
-    return next((v for v in status.versions if v.adapter == ref), None)
-
-
-def event_outcome(event: ControlEvent, offset: int, status: WorkerStatus) -> Outcome:
-    """What `status` says about `event`, sent at control offset `offset`, on that worker:
-    "pending" (not read yet, or still loading), "ok", or ("failed", reason)."""
-    if status.control_offset <= offset:
-        return "pending"
-    match event:
-        case AdapterPublish(name=name, version=version):
-            state = _version_state(status, f"{name}@{version}")
-            if state is not None and state.state == "failed":
-                return "failed", state.reason or "failed to load"
-            return "pending" if state is not None and state.state == "loading" else "ok"
-        case AdapterActivate(name=name, version=version):
-            state = _version_state(status, f"{name}@{version}")
-            if state is not None and state.state == "failed":
-                return "failed", state.reason or "failed to load"
-            if status.serving.get(name) == version and (state is None or state.state != "loading"):
-                return "ok"
-            return "pending"
-        case AdapterWarm(name=name, version=version):
-            state = _version_state(status, f"{name}@{version}")
-            if state is None or state.state == "loading":
-                return "pending"
-            return "ok" if state.state == "ready" else ("failed", state.reason or "failed to load")
-        case RouteSet():
-            route = next((r for r in status.routes if (r.task, r.tenant) == (event.task, event.tenant)), None)
-            if route is not None and event.event_id is not None and route.event_id == event.event_id:
-                return "ok"
-            refs = dict.fromkeys(ref for t in event.targets for ref in t.versions())  # a mix: every member
-            failed = [(ref, s.reason) for ref in refs
-                      if (s := _version_state(status, ref)) is not None and s.state == "failed"]
-            if failed:
-                return "failed", "; ".join(f"{ref}: {reason or 'failed to load'}" for ref, reason in failed)
-            return "pending"
-    return "ok"  # adapter.retire, route.delete: applied once read
-
-
-# ---- the fleet view -------------------------------------------------------------------------------
 
 def status_age_ms(status: WorkerStatus, now_ms: int) -> int | None:
     """How long ago the status was written, by its `ts_ms` (the record's time) and this clock: 0 for a
@@ -192,9 +61,9 @@ def describe_event(event: ControlEvent) -> str:
     match event:
         case RouteSet():
             targets = " ".join(f"{t.label()}={t.weight}" for t in event.targets)
-            return f"{tag} {_route_label(event.task, event.tenant)} {targets}"
+            return f"{tag} {route_label(event.task, event.tenant)} {targets}"
         case RouteDelete():
-            return f"{tag} {_route_label(event.task, event.tenant)}"
+            return f"{tag} {route_label(event.task, event.tenant)}"
     return f"{tag} {event.name}@{event.version}"
 
 
@@ -339,7 +208,7 @@ def render_status(log: ControlLog, statuses: dict[str, WorkerStatus], now_ms: in
         newest = log.routes(task, tenant)[0]
         offset = log.entries[control_key(newest)].offset
         targets = " ".join(f"{t.label()}={t.weight}" for t in newest.targets)
-        out.append(f"  {_route_label(task, tenant)}: newest {newest.event_id or '(no event id)'} @{offset}: "
+        out.append(f"  {route_label(task, tenant)}: newest {newest.event_id or '(no event id)'} @{offset}: "
                    f"{targets} (sticky {newest.sticky})")
         rows = []
         for w in workers:
