@@ -114,3 +114,44 @@ def test_a_tenant_fixing_lane_decodes_with_its_tenant_and_reports_what_a_header_
     assert _lane_headers(lane, [("x-tenant-id", b"\xff")])[1] == repr(b"\xff")
     open_lane = [("x-tenant-id", b"b")]
     assert _lane_headers(Lane("j"), open_lane) == (open_lane, None)  # a lane that fixes nothing: as they came
+
+
+def _drain_both(shares: LaneShares, tokens: dict[str, int], ticks: int = 4000) -> dict[str, int]:
+    """Two lanes with endless backlogs; each tick they take what they may and the oldest held job (of either
+    lane) is answered, with its lane's tokens. The tokens served per lane."""
+    held, served = [], {lane: 0 for lane in tokens}
+    for _ in range(ticks):
+        for lane in tokens:
+            for _ in range(shares.room(lane)):
+                shares.took(lane)
+                held.append(lane)
+        lane = held.pop(0)
+        shares.done(lane, tokens[lane])
+        served[lane] += tokens[lane]
+    return served
+
+
+@pytest.mark.parametrize("weights", [(1, 1), (1, 4)])
+def test_busy_lanes_share_the_work_in_tokens_by_weight(weights):
+    """Lane a's jobs are ten times the work of b's; with only the window split by jobs, a would get ten
+    times b's tokens. Served tokens over weight decide instead."""
+    shares = _shares([f"a,weight={weights[0]}", f"b,weight={weights[1]}"], window=16)
+    served = _drain_both(shares, {"a": 500, "b": 50})
+    ratio = (served["b"] / weights[1]) / (served["a"] / weights[0])
+    assert 0.8 < ratio < 1.25, (served, ratio)
+
+
+def test_a_lane_that_wakes_up_starts_level_and_earns_no_credit_for_its_idle_spell():
+    shares = _shares(["a", "b"])
+    for _ in range(100):
+        shares.took("a")
+        shares.done("a", 100)  # a served 10,000 tokens while b was idle
+    shares.took("a")
+    shares.took("b")
+    assert shares.served["b"] == shares.served["a"] == 10_000  # level: neither is ahead
+    assert not shares.ahead("a") and not shares.ahead("b")
+    for _ in range(200):  # a's one job runs long; b keeps being served
+        shares.done("b", 100)
+        shares.took("b")
+    assert shares.ahead("b") and shares.room("b") == 0  # more than a share's worth of jobs ahead: it waits
+    assert not shares.ahead("a") and shares.room("a") > 0

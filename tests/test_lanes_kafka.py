@@ -4,6 +4,7 @@ about their unloaded time while another tenant's flood drains, because the flood
 share of the in-flight window instead of holding the quiet lane's records unread."""
 
 import asyncio
+import dataclasses
 import json
 import statistics
 import time
@@ -12,7 +13,7 @@ import pytest
 
 from lorabus.schemas import AdapterPublish
 from lorabus.worker.client import publish_control, run_jobs
-from helpers import running_worker, unique, worker_config
+from helpers import committed_lag, running_worker, unique, worker_config
 
 pytestmark = pytest.mark.kafka
 
@@ -111,3 +112,69 @@ async def test_a_quiet_lane_is_served_while_another_floods(kafka, tiny_model):
     _, lanes_busy, lanes_drain, _ = runs["lanes"]
     assert single_busy[-1] > 0.3 * (single_drain - delay_s), "on one topic B should wait behind A's backlog"
     assert lanes_busy[-1] < 0.25 * (lanes_drain - delay_s) and 4 * lanes_busy[-1] < single_busy[-1], runs
+
+
+async def _until(condition, timeout_s: float = JOB_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def test_lanes_commit_per_partition_across_a_rebalance(kafka, tiny_model):
+    """Two lanes of 3 partitions, a small window (each lane's share: 4 jobs) and a rate of 20 jobs a second
+    per lane and worker (so the lanes drain for seconds): a second worker joins while both lanes drain,
+    then the first leaves. Every job is answered ok, both workers answer, no worker ever holds more than
+    twice the window, the rate holds, and the group's committed offsets reach the end of both lanes."""
+    from lorabus.worker.service import Worker
+
+    t = _lanes(unique("lrb"))
+    first = worker_config(kafka, tiny_model, lane=[f"{spec},rate=20" for spec in _lane_flags(t)], max_inflight=8,
+                          worker_id="ln-1")
+    second = dataclasses.replace(first, worker_id="ln-2")
+    jobs = {lane: [_job(f"{lane}-{i}", max_new=8) for i in range(200)] for lane in ("a", "b")}
+    peak = {"ln-1": 0, "ln-2": 0}
+    workers: dict = {}
+
+    async def sample():
+        while True:
+            for name, w in workers.items():
+                peak[name] = max(peak[name], len(w.inflight))
+            await asyncio.sleep(0.01)
+
+    sampler = asyncio.create_task(sample())
+    w1 = workers["ln-1"] = Worker(first)
+    run1 = asyncio.create_task(w1.run())
+    try:
+        answered = [asyncio.create_task(run_jobs(kafka, t[f"jobs.{lane}"], t[f"res.{lane}"], jobs[lane], 300))
+                    for lane in ("a", "b")]
+        await _until(lambda: w1.consuming)
+        started = time.monotonic()
+        await _until(lambda: w1.metrics.jobs_consumed._value.get() >= 60)
+        took = time.monotonic() - started
+        rate = 60 / took
+        # Two lanes of 20 jobs/s, each with a burst of one second: 60 jobs take at least (60 - 40) / 40 s.
+        assert took >= 0.9 * (60 - 2 * 20) / (2 * 20), f"two lanes of 20 jobs/s each took {rate:.0f} jobs/s"
+        w2 = workers["ln-2"] = Worker(second)
+        run2 = asyncio.create_task(w2.run())
+        await _until(lambda: w2.metrics.jobs_consumed._value.get() >= 20)
+        w1.stop()  # graceful: answers what it holds, commits, leaves the group
+        await asyncio.wait_for(run1, 60)
+        results = [await task for task in answered]
+        for lane, topic in (("a", t["jobs.a"]), ("b", t["jobs.b"])):
+            deadline = time.monotonic() + 30
+            while (lag := await committed_lag(kafka, first.group_id, topic)) and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            assert lag == 0, f"lane {lane}: committed offsets {lag} records short of the end"
+        w2.stop()
+        await asyncio.wait_for(run2, 60)
+    finally:
+        sampler.cancel()
+    for lane, got in zip(("a", "b"), results):
+        assert set(got) == {job_id for job_id, _ in jobs[lane]}, f"lane {lane}: unanswered jobs"
+        assert all(r.status == "ok" for answers in got.values() for r in answers)
+    by_worker = {r.worker for got in results for answers in got.values() for r in answers}
+    assert by_worker == {"ln-1", "ln-2"}, by_worker
+    assert max(peak.values()) <= 2 * first.max_inflight, peak
+    print(f"\nlanes across a rebalance: 400 jobs answered, first worker alone took {rate:.0f} jobs/s from two lanes "
+          f"of rate 20, peak held {peak}, committed lag 0 on both lanes")

@@ -5,6 +5,7 @@ within the drain timeout plus a few seconds, with no traceback and every Kafka c
 runs with a short rate-limit window (--log-rate-limit-ms), so a short outage spans several windows."""
 
 import json
+import os
 import re
 import signal
 import time
@@ -27,7 +28,8 @@ AIOKAFKA_LINES_PER_WINDOW = 10  # as the old bound: 30 lines in the ~3 windows o
 
 
 @pytest.mark.kafka
-async def test_sigterm_during_broker_outage_exits_0_with_a_quiet_log(tiny_model, tmp_path):
+@pytest.mark.parametrize("lanes", [False, True], ids=["one jobs topic", "lanes"])
+async def test_sigterm_during_broker_outage_exits_0_with_a_quiet_log(tiny_model, tmp_path, lanes):
     broker = PrivateBroker(tmp_path / "broker")
     broker.start()
     worker = None
@@ -39,7 +41,9 @@ async def test_sigterm_during_broker_outage_exits_0_with_a_quiet_log(tiny_model,
                                                topics["dlq"]: 1})
         worker = start_worker_process(broker.bootstrap, tiny_model, topics, f"g-{tag}", log_path,
                                       drain_timeout_ms=DRAIN_TIMEOUT_MS, status_interval_ms=500,
-                                      control_wait_ms=500, log_format="json", log_rate_limit_ms=LOG_RATE_LIMIT_MS)
+                                      control_wait_ms=500, log_format="json", log_rate_limit_ms=LOG_RATE_LIMIT_MS,
+                                      # the jobs topic as one of two lanes (a list flag: os.pathsep-separated)
+                                      **({"lane": f"{topics['jobs']}{os.pathsep}{topics['jobs']}-idle"} if lanes else {}))
         jobs = [("ready", {"id": "ready", "tenant": "t", "prompt_ids": [5, 6], "max_new_tokens": 2}),
                 ("lost", {"id": "lost", "tenant": "acme", "adapter": "nope@v9", "prompt": SECRET})]
         answers = await run_jobs(broker.bootstrap, topics["jobs"], topics["results"],

@@ -14,7 +14,10 @@ A lane is a jobs topic with:
 Without lanes a worker reads its one jobs topic as before: a lane of weight 1 that fixes nothing.
 
 Share of the window. A lane is busy while it holds a job; each lane's share is `max_inflight` split by
-weight among the busy lanes and itself. A lane holding its share or more is paused (its partitions stay
+weight among the busy lanes and itself. Lanes that stay busy also share the work by weight: each lane's
+served tokens over its weight (its virtual service, as the engine's fairness counts tenants) may run at
+most a share's worth of jobs ahead of the least-served busy lane, else it waits; a lane that wakes up
+starts level with the busy ones, so an idle spell earns no credit. A lane holding its share or more is paused (its partitions stay
 assigned, nothing is fetched), so when a quiet lane's first record arrives, the flooding lane's share
 shrinks at once and the quiet lane's records are fetched at the next poll instead of after the backlog.
 All lanes together hold at most twice `--max-inflight` (`hard_bound`) while shares shift: the flood's
@@ -38,6 +41,10 @@ _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 # aiokafka's 500 ms default made a flood drain 1.5x slower with one idle lane beside it; 50 ms costs
 # 20 empty fetches a second when all is idle.
 LANES_FETCH_MAX_WAIT_MS = 50
+# The running mean of an answered job's tokens, which sizes how far a lane may run ahead of the others in
+# served work (a share's worth of jobs): a prior, then a mean over about the last JOB_TOKENS_WINDOW jobs.
+JOB_TOKENS_PRIOR = 64.0
+JOB_TOKENS_WINDOW = 64
 _OPTIONS = {"tenant", "weight", "max-inflight", "rate", "results"}
 
 
@@ -176,8 +183,8 @@ class LaneTable:
 
 
 class LaneShares:
-    """How many jobs each lane holds, and which lanes must pause: over their share of the window, their
-    own bound, or their rate."""
+    """How many jobs each lane holds, and which lanes must pause: over their share of the window, ahead of
+    the other busy lanes in the work they were served, over their own bound, or over their rate."""
 
     def __init__(self, table: LaneTable, max_inflight: int, clock: Callable[[], float] = time.monotonic):
         self.table, self.max_inflight, self.clock = table, max_inflight, clock
@@ -185,20 +192,32 @@ class LaneShares:
         # lanes hold up to their shares plus what one poll brought while shares shifted.
         self.hard_bound = 2 * max_inflight if table.configured else max_inflight
         self.held: dict[str, int] = {}  # topic → jobs held
-        self._tokens: dict[str, tuple[float, float]] = {}  # topic → (rate tokens, clock() when counted)
+        # topic → virtual service: the tokens of its answered jobs over its weight (the engine's fairness,
+        # per lane). A lane that wakes up starts level with the busy lanes, not behind them.
+        self.served: dict[str, float] = {}
+        self.job_tokens = JOB_TOKENS_PRIOR  # tokens of an answered job, a running mean: the unit of the slack
+        self._bucket: dict[str, tuple[float, float]] = {}  # topic → (rate allowance, clock() when counted)
 
     def took(self, topic: str) -> None:
+        if not self.held.get(topic):
+            busy = [self.served.get(t, 0.0) for t, n in self.held.items() if n > 0]
+            if busy:
+                self.served[topic] = max(self.served.get(topic, 0.0), min(busy))
         self.held[topic] = self.held.get(topic, 0) + 1
         lane = self.table.lane(topic)
         if lane.rate:
-            self._tokens[topic] = (self._refill(lane) - 1, self.clock())
+            self._bucket[topic] = (self._refill(lane) - 1, self.clock())
 
-    def done(self, topic: str) -> None:
+    def done(self, topic: str, tokens: int = 0) -> None:
+        """A job of `topic`'s lane was answered, with `tokens` of work (prompt and generated; 0: none done)."""
         left = self.held.get(topic, 0) - 1
         if left > 0:
             self.held[topic] = left
         else:
             self.held.pop(topic, None)
+        if tokens > 0:
+            self.served[topic] = self.served.get(topic, 0.0) + tokens / self.table.lane(topic).weight
+            self.job_tokens += (tokens - self.job_tokens) / JOB_TOKENS_WINDOW
 
     def share(self, topic: str) -> int:
         """The jobs `topic`'s lane may hold now: the window split by weight among the busy lanes and it."""
@@ -208,9 +227,19 @@ class LaneShares:
         lane_max = self.table.lane(topic).max_inflight
         return min(share, lane_max) if lane_max else share
 
+    def ahead(self, topic: str) -> bool:
+        """Whether `topic`'s lane was served more than its share's worth of tokens beyond the least-served
+        other busy lane: then it waits for that lane (the least-served lane is never ahead)."""
+        others = [self.served.get(t, 0.0) for t, n in self.held.items() if n > 0 and t != topic]
+        if not others:
+            return False
+        return self.served.get(topic, 0.0) - min(others) > self.job_tokens * self.share(topic)
+
     def room(self, topic: str) -> int:
         """How many more jobs `topic`'s lane may take now (0: it is paused)."""
         lane = self.table.lane(topic)
+        if self.ahead(topic):
+            return 0
         room = self.share(topic) - self.held.get(topic, 0)
         if lane.rate:
             room = min(room, int(self._refill(lane)))
@@ -218,5 +247,5 @@ class LaneShares:
 
     def _refill(self, lane: Lane) -> float:
         burst = max(1.0, lane.rate)  # a second's worth, and at least one job
-        tokens, at = self._tokens.get(lane.topic, (burst, self.clock()))
-        return min(burst, tokens + (self.clock() - at) * lane.rate)
+        allowance, at = self._bucket.get(lane.topic, (burst, self.clock()))
+        return min(burst, allowance + (self.clock() - at) * lane.rate)

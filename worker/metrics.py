@@ -270,7 +270,7 @@ class Metrics:
         if self._lane_holds is not None:
             held = GaugeMetricFamily("lorabus_lane_inflight", "Job records held (taken, not yet answered), by lane "
                                      "(jobs topic)", labels=["lane"])
-            totals: dict[str, float] = {}
+            totals: dict[str, float] = dict.fromkeys(self._lane_series, 0)  # a lane taken from once: always shown
             for lane, count in self._lane_holds().items():
                 label = lane if lane in self._lane_series else "other"
                 totals[label] = totals.get(label, 0) + count

@@ -337,7 +337,6 @@ class Worker:
                     task = asyncio.create_task(self._handle(record, offsets))
                     self.inflight.add(task)
                     task.add_done_callback(self.inflight.discard)
-                    task.add_done_callback(lambda _, topic=record.topic: self.shares.done(topic))
                     self._look_ahead(record)
             self._push_affinity()
 
@@ -366,9 +365,16 @@ class Worker:
     async def _handle(self, record, offsets: PartitionOffsets) -> None:
         """Answer one record (result or dead letter); only an answered record's offset may commit."""
         started = time.monotonic()
-        answer = await self.pipeline.answer(record)
-        tp = TopicPartition(record.topic, record.partition)
-        if not await self.output.deliver(answer.outgoing, tp, record.offset, offsets):
+        answer = None
+        try:
+            answer = await self.pipeline.answer(record)
+            tp = TopicPartition(record.topic, record.partition)
+            delivered = await self.output.deliver(answer.outgoing, tp, record.offset, offsets)
+        finally:  # also when cancelled at shutdown: the lane no longer holds it
+            result = answer.result if answer is not None else None
+            ok = result is not None and result.status == "ok"
+            self.shares.done(record.topic, result.usage.prompt_tokens + result.usage.completion_tokens if ok else 0)
+        if not delivered:
             return  # the worker is stopping: uncommitted, so the partition's next owner answers it
         seconds = time.monotonic() - started
         if answer.result is not None:
