@@ -155,3 +155,10 @@ def test_a_lane_that_wakes_up_starts_level_and_earns_no_credit_for_its_idle_spel
         shares.took("b")
     assert shares.ahead("b") and shares.room("b") == 0  # more than a share's worth of jobs ahead: it waits
     assert not shares.ahead("a") and shares.room("a") > 0
+
+
+def test_the_jobs_consumer_is_tuned_only_for_lanes():
+    assert LaneTable.from_config([], "", "", "jobs").consumer_options() == {}  # one jobs topic: as it always ran
+    assert LaneTable.from_config(["a", "b"], "", "", "jobs").consumer_options() == {"fetch_max_wait_ms": 50}
+    assert LaneTable.from_config([], "j.{tenant}", "", "jobs").consumer_options() == {
+        "fetch_max_wait_ms": 50, "metadata_max_age_ms": 30_000}

@@ -178,3 +178,24 @@ async def test_lanes_commit_per_partition_across_a_rebalance(kafka, tiny_model):
     assert max(peak.values()) <= 2 * first.max_inflight, peak
     print(f"\nlanes across a rebalance: 400 jobs answered, first worker alone took {rate:.0f} jobs/s from two lanes "
           f"of rate 20, peak held {peak}, committed lag 0 on both lanes")
+
+
+async def test_pattern_lanes_take_their_tenant_and_results_topic_from_the_topic_name(kafka, tiny_model):
+    """--lane-pattern TAG.jobs.{tenant}: every matching topic is the lane of the tenant it names (as
+    --reply-topic-pattern writes tenants: `a.b` is `a_2eb`), its results going to TAG.results.{tenant}."""
+    from lorabus.worker.topics import ensure_topics
+
+    tag = unique("pat")
+    tenants = {"acme": "acme", "a.b": "a_2eb"}
+    await ensure_topics(kafka, {f"{tag}.{kind}.{text}": 3 for kind in ("jobs", "results") for text in tenants.values()})
+    config = worker_config(kafka, tiny_model, lane_pattern=f"{tag}.jobs.{{tenant}}",
+                           lane_results_pattern=f"{tag}.results.{{tenant}}")
+    async with running_worker(config):
+        for tenant, text in tenants.items():
+            jobs = [_job(f"{text}-own"), _job(f"{text}-named", tenant=tenant), _job(f"{text}-other", tenant="zed")]
+            got = {job_id: answers[0] for job_id, answers in
+                   (await run_jobs(kafka, f"{tag}.jobs.{text}", f"{tag}.results.{text}", jobs, JOB_TIMEOUT_S)).items()}
+            assert got[f"{text}-own"].status == "ok" and got[f"{text}-named"].status == "ok", got
+            other = got[f"{text}-other"]
+            assert (other.status, other.error.code) == ("error", "forbidden"), other
+            assert f"is tenant {tenant}'s; it claims tenant zed" in other.error.message, other.error.message

@@ -41,6 +41,9 @@ _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 # aiokafka's 500 ms default made a flood drain 1.5x slower with one idle lane beside it; 50 ms costs
 # 20 empty fetches a second when all is idle.
 LANES_FETCH_MAX_WAIT_MS = 50
+# With --lane-pattern, a tenant's topic created after the worker started is found at the consumer's next
+# metadata refresh: every 30 s instead of aiokafka's 5 minutes.
+PATTERN_METADATA_MAX_AGE_MS = 30_000
 # The running mean of an answered job's tokens, which sizes how far a lane may run ahead of the others in
 # served work (a share's worth of jobs): a prior, then a mean over about the last JOB_TOKENS_WINDOW jobs.
 JOB_TOKENS_PRIOR = 64.0
@@ -155,6 +158,15 @@ class LaneTable:
         """Every jobs and results topic the configured lanes name (for the worker to create if missing)."""
         named = self.topics() + [lane.results for lane in self.lanes.values() if lane.results is not None]
         return list(dict.fromkeys(named))
+
+    def consumer_options(self) -> dict:
+        """What the jobs consumer needs set for these lanes (nothing without lanes: as it always ran)."""
+        if not self.configured:
+            return {}
+        options = {"fetch_max_wait_ms": LANES_FETCH_MAX_WAIT_MS}
+        if self.pattern:
+            options["metadata_max_age_ms"] = PATTERN_METADATA_MAX_AGE_MS
+        return options
 
     def subscription_pattern(self) -> str | None:
         """The regular expression to subscribe by, when lanes come from a pattern."""

@@ -38,7 +38,7 @@ from lorabus.worker.control_reader import ControlReader
 from lorabus.worker.health import HealthChecks, serve_http
 from lorabus.worker.kafka_security import client_options
 from lorabus.worker.lag import ConsumerLag
-from lorabus.worker.lanes import LANES_FETCH_MAX_WAIT_MS, LaneShares, LaneTable
+from lorabus.worker.lanes import LaneShares, LaneTable
 from lorabus.worker.metrics import Metrics
 from lorabus.worker.offsets import PartitionOffsets
 from lorabus.worker.output import AtLeastOnceOutput, TransactionalOutbox
@@ -128,7 +128,7 @@ class Worker:
         self.jobs = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap_servers, group_id=cfg.group_id,
                                      enable_auto_commit=False, auto_offset_reset=cfg.auto_offset_reset,
                                      group_instance_id=cfg.group_instance_id or None, max_poll_records=cfg.max_inflight,
-                                     **({"fetch_max_wait_ms": LANES_FETCH_MAX_WAIT_MS} if self.lanes.configured else {}),
+                                     **self.lanes.consumer_options(),
                                      **self.kafka_options)
         self.admin = AIOKafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers, **self.kafka_options)
         self.pipeline = AnswerPipeline(cfg, self.worker_id, self.engine, self.registry, self.control,
