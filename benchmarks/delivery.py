@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +33,10 @@ from lorabus.worker.service import Worker
 from lorabus.worker.topics import ensure_topics
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' support modules (never the repository root)
+
+from helpers import broker_at  # noqa: E402
+
 MODES = ("at-least-once", "exactly-once")
 
 
@@ -63,15 +66,6 @@ async def one_run(bootstrap: str, model: Path, mode: str, jobs: int, new_tokens:
     return jobs / elapsed
 
 
-def _broker(data: Path) -> tuple[str, bool]:
-    existing = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if existing:
-        return existing, False
-    out = subprocess.run([sys.executable, str(ROOT / "deploy" / "local-kafka"), "start", "--port", "0", "--data",
-                          str(data)], check=True, stdout=subprocess.PIPE, text=True)
-    return out.stdout.strip().splitlines()[-1], True
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=300)
@@ -80,19 +74,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         model = build_tiny_model(Path(tmp) / "model")
-        bootstrap, started = _broker(Path(tmp) / "kafka")
         rates: dict[str, list[float]] = {mode: [] for mode in MODES}
-        try:
+        with broker_at(os.environ.get("KAFKA_BOOTSTRAP_SERVERS"), Path(tmp) / "kafka") as bootstrap:
             for rep in range(args.repeats):
                 order = MODES if rep % 2 == 0 else MODES[::-1]  # interleaved: neither mode always runs first
                 for mode in order:
                     rate = asyncio.run(one_run(bootstrap, model, mode, args.jobs, args.new_tokens))
                     rates[mode].append(rate)
                     print(f"run {rep + 1}/{args.repeats} {mode}: {rate:.1f} jobs/s", flush=True)
-        finally:
-            if started:
-                subprocess.run([sys.executable, str(ROOT / "deploy" / "local-kafka"), "stop", "--data",
-                                str(Path(tmp) / "kafka")], check=False)
     print(f"\n{time.strftime('%Y-%m-%d')}, {platform.node()}, {os.cpu_count()} cores, torch threads "
           f"{torch.get_num_threads()}; {args.jobs} jobs x {args.new_tokens} token(s), {args.repeats} runs per mode\n")
     print("| mode | jobs/s median [min..max] | vs at-least-once |")

@@ -23,7 +23,6 @@ import asyncio  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from fuzz_harness import run_fuzz, summary  # noqa: E402
-from helpers import PeftOracle, make_peft_adapter  # noqa: E402
+from helpers import PeftOracle, broker_at, make_peft_adapter  # noqa: E402
 from lorabus.worker.testing import build_tiny_model  # noqa: E402
 
 ADAPTERS = {  # the test suite's three adapters (tests/conftest.py, peft_adapters)
@@ -63,14 +62,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="lorabus-fuzz-") as tmp:
         tmp = Path(tmp)
-        broker_data = None
-        bootstrap = args.bootstrap
-        if not bootstrap:
-            broker_data = tmp / "kafka"
-            out = subprocess.run([sys.executable, str(ROOT / "deploy" / "local-kafka"), "start", "--port", "0",
-                                  "--data", str(broker_data)], check=True, stdout=subprocess.PIPE, text=True, timeout=600)
-            bootstrap = out.stdout.strip().splitlines()[-1]
-        try:
+        with broker_at(args.bootstrap, tmp / "kafka") as bootstrap:
             model = build_tiny_model(tmp / "model")
             adapters = {name: make_peft_adapter(model, tmp / "adapters" / name, seed=i, **spec)
                         for i, (name, spec) in enumerate(ADAPTERS.items())}
@@ -79,10 +71,6 @@ def main() -> int:
                                           good=args.good, huge_cap=args.huge, seed=args.seed,
                                           restart=not args.no_restart, settle_s=args.settle, oracle=oracle,
                                           control_log=args.control_log))
-        finally:
-            if broker_data is not None:
-                subprocess.run([sys.executable, str(ROOT / "deploy" / "local-kafka"), "stop", "--data", str(broker_data)],
-                               check=False, timeout=180)
 
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"\nlorabus fuzz, {when}, {platform.machine()} {os.cpu_count()} CPUs, python {platform.python_version()}, "

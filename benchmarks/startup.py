@@ -46,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' support modules (never the repository root)
 
-from helpers import PrivateBroker, publish_control_bulk  # noqa: E402
+from helpers import broker_at, publish_control_bulk  # noqa: E402
 
 from lorabus.schemas import AdapterPublish  # noqa: E402
 from lorabus.worker.client import run_jobs  # noqa: E402
@@ -284,22 +284,13 @@ def main(argv=None) -> int:
         work = Path(tmp)
         model = build_tiny_model(work / "model")
         adapter = build_sample_adapter(work / "adapter", model, rank=8)
-        broker = None
-        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-        if not bootstrap:
-            broker = PrivateBroker(work / "kafka")
-            broker.start()
-            bootstrap = broker.bootstrap
-        try:
+        with broker_at(os.environ.get("KAFKA_BOOTSTRAP_SERVERS"), work / "kafka") as bootstrap:
             for size in sizes:
                 for shape in shapes if size else shapes[:1]:  # an empty log has no shape
                     run = asyncio.run(one_run(bootstrap, model, adapter, shape, size, args.tree, work,
                                               args.ready_timeout, args.job_timeout))
                     runs.append(run)
                     print(json.dumps(run), flush=True)
-        finally:
-            if broker is not None:
-                broker.stop(check=False)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     info = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu, "cores": os.cpu_count(), "tree": args.tree or str(ROOT)}

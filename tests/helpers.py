@@ -255,6 +255,21 @@ class PrivateBroker:
         return time.monotonic() - started
 
 
+@contextlib.contextmanager
+def broker_at(bootstrap: str | None, data: Path):
+    """`bootstrap` when given (a broker someone else runs), else a PrivateBroker on `data`, started here and
+    stopped on the way out: how the benchmark scripts get their broker."""
+    if bootstrap:
+        yield bootstrap
+        return
+    broker = PrivateBroker(data)
+    broker.start()
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop(check=False)
+
+
 def record_logits(engine) -> dict:
     """Wrap the engine's model runner: every logits row it computes, keyed by (request id, output position)."""
     logits, run = {}, engine.runner.run
