@@ -60,8 +60,9 @@ class AnswerPipeline:
 
     async def answer(self, record) -> Answer:
         """The answer to one record; a bug costs this record a dead letter, never its partition's commits."""
+        lane = self.lanes.lane(record.topic)
         try:
-            decided = await self._decide(record)
+            decided = await self._decide(record, lane)
         except Exception as exc:
             log.exception("record %s-%d@%d failed", record.topic, record.partition, record.offset)
             decided = _DeadLetter("internal", f"{type(exc).__name__}: {exc}")
@@ -69,13 +70,11 @@ class AnswerPipeline:
             return Answer(dead_letter_record(record, decided.code, decided.reason, self.config.dlq_topic,
                                              self.worker_id), None)
         result, reply_to = decided
-        lane = self.lanes.lane(record.topic)
         return Answer(result_record(result, reply_to or lane.results or self.config.results_topic), result)
 
-    async def _decide(self, record) -> "tuple[JobResult, str | None] | _DeadLetter":
-        """The result for a record and its reply topic (None: the lane's or the worker's results topic),
-        or why it must be dead-lettered instead."""
-        lane = self.lanes.lane(record.topic)
+    async def _decide(self, record, lane: Lane) -> "tuple[JobResult, str | None] | _DeadLetter":
+        """The result for a record of `lane` and its reply topic (None: the lane's or the worker's results
+        topic), or why it must be dead-lettered instead."""
         headers, claimed = _lane_headers(lane, record.headers)
         try:
             if record.value is not None and len(record.value) > INLINE_DECODE_BYTES:

@@ -239,20 +239,21 @@ class LaneShares:
         lane_max = self.table.lane(topic).max_inflight
         return min(share, lane_max) if lane_max else share
 
-    def ahead(self, topic: str) -> bool:
+    def ahead(self, topic: str, share: int | None = None) -> bool:
         """Whether `topic`'s lane was served more than its share's worth of tokens beyond the least-served
         other busy lane: then it waits for that lane (the least-served lane is never ahead)."""
         others = [self.served.get(t, 0.0) for t, n in self.held.items() if n > 0 and t != topic]
         if not others:
             return False
-        return self.served.get(topic, 0.0) - min(others) > self.job_tokens * self.share(topic)
+        share = self.share(topic) if share is None else share
+        return self.served.get(topic, 0.0) - min(others) > self.job_tokens * share
 
     def room(self, topic: str) -> int:
         """How many more jobs `topic`'s lane may take now (0: it is paused)."""
-        lane = self.table.lane(topic)
-        if self.ahead(topic):
+        lane, share = self.table.lane(topic), self.share(topic)
+        if self.ahead(topic, share):
             return 0
-        room = self.share(topic) - self.held.get(topic, 0)
+        room = share - self.held.get(topic, 0)
         if lane.rate:
             room = min(room, int(self._refill(lane)))
         return max(0, room)

@@ -111,7 +111,6 @@ class Worker:
         self.metrics_server = None
         self.consuming = False  # the jobs consumer has started
         self.status: StatusReporter | None = None
-        self._rooms: dict[str, int] = {}  # lane topic → jobs it may take now (apply_backpressure)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False  # set once the control log read at start-up has been applied and settled
         self._stop = asyncio.Event()
@@ -297,12 +296,13 @@ class Worker:
 
     # ---- jobs topic -------------------------------------------------------------------------------
 
-    def apply_backpressure(self) -> None:
+    def apply_backpressure(self) -> int:
         """Pause the partitions of every lane that holds its share of `max_inflight` jobs (one jobs topic:
         all of them, once `max_inflight` are held), resume the others (worker/lanes.py).
 
         Reads the consumer's own pause state each time, so a rebalance that dropped it cannot fool us;
-        pausing keeps the poll loop (and group membership) alive, unlike not polling."""
+        pausing keeps the poll loop (and group membership) alive, unlike not polling. Returns how many jobs
+        the lanes may take now, all together."""
         parts = self.jobs.assignment()
         rooms = {topic: self.shares.room(topic) for topic in {tp.topic for tp in parts}}
         full = [tp for tp in parts if rooms[tp.topic] == 0]
@@ -310,12 +310,11 @@ class Worker:
             self.jobs.pause(*full)
         paused = self.jobs.paused()
         self.jobs.resume(*[tp for tp in parts if tp in paused and rooms[tp.topic] > 0])
-        self._rooms = rooms
+        return sum(rooms.values())
 
     async def _jobs_loop(self) -> None:
         while not self._stop.is_set():
-            self.apply_backpressure()
-            room = sum(self._rooms.values())
+            room = self.apply_backpressure()
             try:
                 batches = await self.jobs.getmany(timeout_ms=100, max_records=max(room, 1))
             except KafkaError as exc:  # the consumer retries by itself; keep polling
