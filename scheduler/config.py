@@ -22,4 +22,5 @@ class EngineConfig:
     lora_backend: str = field(default="auto", metadata=dict(help="LoRA kernels: triton, torch, or auto (triton on cuda)"))
     attention_backend: str = field(default="auto", metadata=dict(help="attention over the paged KV cache: triton (reads the cache in place), torch (block-table gather + SDPA), or auto (triton on cuda, torch on cpu)"))
     cuda_graphs: bool = field(default=True, metadata=dict(help="on cuda, replay decode-only steps from CUDA graphs captured per batch-size bucket (1, 2, 4, ... max-running); ignored on cpu"))
+    max_grammars: int = field(default=256, metadata=dict(help="compiled response-format grammars kept (least recently used evicted); a job's format compiles once, then every job with the same format reuses it"))
     stop_timeout_s: float = field(default=10.0, metadata=dict(help="on stop, how long the engine may take to finish the jobs it holds (warm-ups included); the rest are answered internal"))

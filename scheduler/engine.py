@@ -27,6 +27,7 @@ import torch
 from lorabus.scheduler.adapter_manager import AdapterManager, AdapterSpec, warmup_request
 from lorabus.scheduler.config import EngineConfig
 from lorabus.scheduler.decode_graphs import choose_mode
+from lorabus.scheduler.grammar import GrammarError, Grammars
 from lorabus.scheduler.kv_cache import BlockAllocator, PagedKVCache
 from lorabus.scheduler.model import CausalLM
 from lorabus.scheduler.policy import AdapterSlots, Scheduler, SchedulerLimits
@@ -121,6 +122,7 @@ class Engine:
                                   max_running=config.max_running,
                                   decode_mode=choose_mode(config.cuda_graphs, model),
                                   max_blocks=min(num_blocks, -(-self.max_model_len // config.kv_block_size)))
+        self.grammars = Grammars(self.tokenizer, model.vocab_size, eos_ids, config.max_grammars)
         stops = StopRules(self.tokenizer, eos_ids, self.max_model_len)
         self.loop = StepLoop(self.scheduler, self.runner, self.adapters, stops, clock)
         self.adapters.notify = self.loop.wake.set
@@ -274,9 +276,28 @@ class Engine:
         ids = validate(request, self.tokenizer, self.limits)
         if request.adapter is not None and not self.adapters.knows(request.adapter):
             raise RequestError("adapter_not_found", f"adapter {request.adapter} is not registered")
+        if request.n > self.scheduler.limits.max_running:
+            raise RequestError("invalid_job", f"n {request.n} exceeds the {self.scheduler.limits.max_running} "
+                                              "sequences a batch holds (--max-running)")
         now = self.clock()
         deadline = None if request.deadline is None else now + (request.deadline - time.time())
-        return Sequence(request, ids, now, on_done, deadline=deadline, sampler=Sampler(request.params, self.device))
+        constraint = None
+        if request.output_format is not None:  # compiled (or found) before the job takes a slot
+            try:
+                constraint = self.grammars.constraint(request.output_format)
+            except GrammarError as exc:
+                raise RequestError("invalid_job", f"response_format: {exc}") from None
+        seq = Sequence(request, ids, now, on_done, deadline=deadline,
+                       sampler=Sampler(request.params, self.device, self.eos_ids, constraint))
+        for index in range(1, request.n):  # the other choices: same prompt, own sampler (seed + index)
+            choice = Sequence(request, ids, now, on_done, deadline=deadline,
+                              sampler=Sampler(request.params, self.device, self.eos_ids,
+                                              constraint.copy() if constraint is not None else None, index))
+            choice.index, choice.parent = index, seq
+            choice.logprobs = [] if request.params.logprobs is not None else None
+            choice.prompt_logprobs = None
+            seq.choices.append(choice)
+        return seq
 
     # ---- the step thread --------------------------------------------------------------------------
 

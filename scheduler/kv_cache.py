@@ -68,6 +68,11 @@ class PagedKVCache:
         self.k_blocks.index_fill_(1, blocks, 0)
         self.v_blocks.index_fill_(1, blocks, 0)
 
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one block's K/V in every layer (a choice of an n-sample job takes its prompt's last, partial block)."""
+        self.k_blocks[:, dst] = self.k_blocks[:, src]
+        self.v_blocks[:, dst] = self.v_blocks[:, src]
+
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k[layer].index_copy_(0, slots, k)
         self.v[layer].index_copy_(0, slots, v)

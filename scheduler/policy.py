@@ -102,13 +102,14 @@ class Reservation:
     spare_blocks: int
     spare_seats: int
 
-    def allows(self, done_by: int, blocks: int) -> bool:
-        """May a job that is done by step `done_by` and needs `blocks` be admitted now (and if so, book it)?"""
+    def allows(self, done_by: int, blocks: int, seats: int = 1) -> bool:
+        """May a job that is done by step `done_by` and needs `blocks` and `seats` be admitted now (and if so,
+        book it)?"""
         if done_by <= self.at:
             return True
-        if blocks <= self.spare_blocks and self.spare_seats > 0:
+        if blocks <= self.spare_blocks and seats <= self.spare_seats:
             self.spare_blocks -= blocks
-            self.spare_seats -= 1
+            self.spare_seats -= seats
             return True
         return False
 
@@ -138,8 +139,14 @@ class Scheduler:
         self._prefill_rate = limits.max_step_tokens - limits.max_running + 1
 
     def admissible(self, seq: Sequence) -> bool:
-        """False for a job that can never run: its prompt + max_new_tokens needs more KV blocks than exist."""
-        return self.blocks.blocks_for(seq.cost) <= self.blocks.num_blocks
+        """False for a job that can never run: it needs more KV blocks than exist, or more seats than a batch has."""
+        return self.blocks_needed(seq) <= self.blocks.num_blocks and seq.width <= self.limits.max_running
+
+    def blocks_needed(self, seq: Sequence) -> int:
+        """KV blocks for the job of `seq`: its prompt + max_new_tokens, and for each other choice of an n-sample
+        job what it does not share of them (the prompt's full blocks are shared)."""
+        own = self.blocks.blocks_for(seq.cost)
+        return own + len(seq.choices) * (own - len(seq.prompt_ids) // self.blocks.block_size)
 
     def reset(self) -> list[Sequence]:
         """Drop every waiting and running sequence and return them (the caller answers them); for when a
@@ -254,7 +261,7 @@ class Scheduler:
         if self.head is not None and self.head.state is not State.WAITING:  # admitted, expired or failed
             self.head = None
         if self.head is None:
-            kept_out = [s for s in overdue if self.blocks.blocks_for(s.cost) > self.blocks.num_free]
+            kept_out = [s for s in overdue if self.blocks_needed(s) > self.blocks.num_free]
             self.head = min(kept_out, key=lambda s: s.arrival, default=None)
         # The head first, then the other overdue jobs (still in fair order among themselves), then the rest.
         first = ([self.head] if self.head is not None else []) + overdue
@@ -279,7 +286,7 @@ class Scheduler:
             step.loads.append((key, slot))
 
         admitted = set()
-        prefill_ahead = sum(s.num_tokens - s.num_computed for s in self.running if not s.output_ids)
+        prefill_ahead = sum(s.num_tokens - s.num_computed for s in self.running if not s.output_ids and s.parent is None)
         self.reservation = None
         for seq in order:
             if len(self.running) >= self.limits.max_running:
@@ -300,6 +307,8 @@ class Scheduler:
         prefilling = []
         for seq in self.running:
             pending = seq.num_tokens - seq.num_computed
+            if seq.parent is not None and not seq.output_ids:  # a choice waiting for its job's prefill
+                continue
             if seq.output_ids:
                 step.batch.append((seq, 1))
                 budget -= 1
@@ -320,20 +329,25 @@ class Scheduler:
         key = seq.request.adapter
         if key is not None and (not self.slots.is_ready(key) or self.slots.slot_of[key] in self.draining):
             return False
-        need = self.blocks.blocks_for(seq.cost)
-        if need > self.blocks.num_free:
+        need = self.blocks_needed(seq)
+        if need > self.blocks.num_free or len(self.running) + seq.width > self.limits.max_running:
             return False
         done_by = self._done_by(seq, prefill_ahead)
-        if self.reservation is not None and not self.reservation.allows(done_by, need):
+        if self.reservation is not None and not self.reservation.allows(done_by, need, seq.width):
             return False
         seq.blocks = self.blocks.allocate(seq.cost)
-        seq.state = State.RUNNING
-        seq.admitted_at = now
-        seq.done_by = done_by
-        if key is not None:
-            seq.slot = self.slots.acquire(key, now)
-        self.usage[seq.request.tenant] = self.usage.get(seq.request.tenant, 0.0) + seq.cost
-        self.running.append(seq)
+        shared = len(seq.prompt_ids) // self.blocks.block_size
+        for choice in seq.choices:  # their blocks past the shared ones; the runner copies the partial one in
+            choice.blocks = self.blocks.allocate(seq.cost - shared * self.blocks.block_size)
+        seq.live = seq.width
+        for member in (seq, *seq.choices):
+            member.state = State.RUNNING
+            member.admitted_at = now
+            member.done_by = done_by
+            if key is not None:
+                member.slot = self.slots.acquire(key, now)
+            self.running.append(member)
+        self.usage[seq.request.tenant] = self.usage.get(seq.request.tenant, 0.0) + seq.cost * seq.width
         return True
 
     def _done_by(self, seq: Sequence, prefill_ahead: int) -> int:
@@ -344,23 +358,28 @@ class Scheduler:
 
     def _reserve(self, head: Sequence) -> Reservation:
         """The head's reservation: the first step at which, with no one else admitted, it fits."""
-        need = self.blocks.blocks_for(head.cost)
+        need = self.blocks_needed(head)
         free, seats = self.blocks.num_free, self.limits.max_running - len(self.running)
         at = self.steps
         ending = sorted(self.running, key=lambda s: s.done_by)
         i = 0
-        while (free < need or seats < 1) and i < len(ending):
+        while (free < need or seats < head.width) and i < len(ending):
             at = max(at, ending[i].done_by)
             while i < len(ending) and ending[i].done_by <= at:  # everything ending by then
                 free += len(ending[i].blocks)
                 seats += 1
                 i += 1
-        return Reservation(head, at, free - need, seats - 1)
+        return Reservation(head, at, free - need, seats - head.width)
 
     def finish(self, seq: Sequence, now: float) -> None:
+        """`seq` leaves the batch. The blocks of an n-sample job's choices are freed together, with its last."""
         seq.state = State.FINISHED
         self.running.remove(seq)
-        self.blocks.free(seq.blocks)
-        seq.blocks = []
         if seq.slot >= 0:
             self.slots.release(seq.slot, now)
+        job = seq.job
+        job.live -= 1
+        if job.live <= 0:
+            for member in (job, *job.choices):
+                self.blocks.free(member.blocks)
+                member.blocks = []

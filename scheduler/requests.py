@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:
     import torch
 
+    from lorabus.scheduler.grammar import OutputFormat
     from lorabus.scheduler.sampling import Sampler
 
 log = logging.getLogger(__name__)
@@ -28,12 +29,32 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How a sequence picks its tokens, in the order they apply (docs/generation.md): `logit_bias`, the penalties,
+    the `min_new_tokens` and grammar masks, then greedy or `temperature`, `top_k`, `top_p`, `min_p` sampling."""
+
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # Hugging Face's: over the prompt's and the output's tokens
+    presence_penalty: float = 0.0  # OpenAI's and vLLM's: over the output's tokens
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
+    min_new_tokens: int = 0  # until then no end-of-sequence or stop token may be drawn, and no stop string ends it
+    ignore_eos: bool = False  # end-of-sequence tokens do not end the sequence (stop_token_ids still do)
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # each generated token's logprob and this many alternatives; None: none
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens
+
+    @property
+    def plain(self) -> bool:
+        """Nothing but temperature, top-k and top-p touches the logits, and no logprobs are kept."""
+        return (self.min_p == 0.0 and self.repetition_penalty == 1.0 and self.presence_penalty == 0.0
+                and self.frequency_penalty == 0.0 and not self.logit_bias and self.min_new_tokens == 0
+                and self.logprobs is None)
 
 
 @dataclass
@@ -50,6 +71,12 @@ class Request:
     messages: list[dict[str, str]] | None = None
     # A chat's content is plain text (False) or may hold special tokens, forged turn markers included (True).
     content_special_tokens: bool = False
+    output_format: OutputFormat | None = None  # structured output: what the text must match
+    n: int = 1  # samples of the one prompt, prefilled once (Completion.choices)
+    # Streaming: on_partial(Partial) from the step thread every `stream_every` new tokens of a choice, and
+    # with its last ones; None: no partials.
+    on_partial: Callable[[Partial], None] | None = None
+    stream_every: int = 1
 
 
 class RequestError(Exception):
@@ -80,8 +107,17 @@ def validate(request: Request, tokenizer, limits: RequestLimits) -> list[int]:
     if total > limits.kv_tokens:  # it could never be admitted: answer now, not never
         raise RequestError("prompt_too_long", f"{len(ids)} prompt + {max_new} new tokens exceed the KV cache's "
                                               f"{limits.kv_tokens} tokens")
-    _check_params(request.params)
+    _check_params(request.params, limits.vocab_size)
+    if not isinstance(request.n, int) or not 1 <= request.n <= MAX_CHOICES:
+        raise RequestError("invalid_job", f"n must be an integer in [1, {MAX_CHOICES}]")
+    if len(ids) + request.n * max_new > limits.kv_tokens:  # the choices share the prompt's blocks, not their own
+        raise RequestError("prompt_too_long", f"{len(ids)} prompt + {request.n} x {max_new} new tokens exceed the "
+                                              f"KV cache's {limits.kv_tokens} tokens")
     return ids
+
+
+MAX_CHOICES = 16
+MAX_LOGPROBS = 20
 
 
 def _prompt_ids(request: Request, tokenizer, vocab_size: int) -> list[int]:
@@ -219,7 +255,7 @@ def _plain_text_ids(tokenizer, text: str) -> list[int]:
     return [token.id for split in splits for token in backend.model.tokenize(split)]
 
 
-def _check_params(params: SamplingParams) -> None:
+def _check_params(params: SamplingParams, vocab_size: int) -> None:
     """Refuse sampling numbers that have no meaning; extreme but meaningful ones are the sampler's job."""
     if not (isinstance(params.temperature, (int, float)) and math.isfinite(params.temperature)
             and params.temperature >= 0):
@@ -232,15 +268,67 @@ def _check_params(params: SamplingParams) -> None:
         raise RequestError("invalid_job", "seed must be an integer or null")
     if not all(isinstance(stop, str) for stop in params.stop):
         raise RequestError("invalid_job", "stop must be strings")
+    if not 0 <= params.min_p <= 1:
+        raise RequestError("invalid_job", "min_p must be a number in [0, 1]")
+    if not (math.isfinite(params.repetition_penalty) and params.repetition_penalty > 0):
+        raise RequestError("invalid_job", "repetition_penalty must be a finite number > 0")
+    if not all(math.isfinite(x) for x in (params.presence_penalty, params.frequency_penalty)):
+        raise RequestError("invalid_job", "presence_penalty and frequency_penalty must be finite numbers")
+    # A token id past the vocabulary would index the logits out of range: refused, not a failed step.
+    for name, ids in (("logit_bias", [i for i, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
+        if not all(isinstance(i, int) and 0 <= i < vocab_size for i in ids):
+            raise RequestError("invalid_job", f"{name} names token ids outside [0, {vocab_size})")
+    if not all(math.isfinite(bias) for _, bias in params.logit_bias):
+        raise RequestError("invalid_job", "logit_bias values must be finite numbers")
+    if not (isinstance(params.min_new_tokens, int) and 0 <= params.min_new_tokens <= params.max_new_tokens):
+        raise RequestError("invalid_job", "min_new_tokens must be an integer in [0, max_new_tokens]")
+    for name in ("logprobs", "prompt_logprobs"):
+        k = getattr(params, name)
+        if k is not None and not (isinstance(k, int) and 0 <= k <= MAX_LOGPROBS):
+            raise RequestError("invalid_job", f"{name} must be an integer in [0, {MAX_LOGPROBS}] or null")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token, its logprob, and the most likely tokens at its position as (id, text, logprob), best first."""
+
+    id: int
+    text: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()
+
+
+@dataclass
+class ChoiceOutput:
+    """One of a job's n samples."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(frozen=True)
+class Partial:
+    """A streamed piece of choice `index`: the tokens generated since its last piece, and their text."""
+
+    id: str
+    index: int
+    token_ids: list[int]
+    text: str
 
 
 @dataclass
 class Completion:
     id: str
     status: str  # "ok" | "error"
-    token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # choice 0's (also text, finish_reason and logprobs)
     text: str = ""
     finish_reason: str | None = None  # "stop" | "length"
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # the first prompt token has none
+    choices: list[ChoiceOutput] | None = None  # every choice when n > 1
     prompt_tokens: int = 0
     error_code: str | None = None
     error_message: str | None = None
@@ -281,6 +369,29 @@ class Sequence:
         # The model runner's: cache index of every position the sequence may use (set on its first step).
         self.kv_slots: torch.Tensor | None = None
         self.text: str | None = None  # set early only when a stop string cut it
+        # Generation controls: what logprobs asked for is kept as (token, logprob, top ids, top logprobs).
+        self.logprobs: list[tuple] | None = [] if request.params.logprobs is not None else None
+        self.prompt_logprobs: list[tuple | None] | None = [None] if request.params.prompt_logprobs is not None else None
+        self.finish_reason: str | None = None
+        self.streamed = 0  # output tokens already sent as partials, and their text
+        self.streamed_text = ""
+        # A job with n > 1: its first sequence (index 0) holds the others in `choices`; they share its prompt's
+        # full KV blocks and start from its last prefill logits (`shared_blocks`: what they read of its cache).
+        self.index = 0
+        self.parent: Sequence | None = None
+        self.choices: list[Sequence] = []
+        self.shared_blocks: list[int] = []
+        self.live = 0  # a parent: its choices (itself included) not yet finished, while running
+
+    @property
+    def job(self) -> Sequence:
+        """The sequence that answers the job: this one, or the first choice of its job."""
+        return self.parent or self
+
+    @property
+    def width(self) -> int:
+        """Sequences the job runs as: n."""
+        return 1 + len(self.choices)
 
     @property
     def cost(self) -> int:
@@ -301,22 +412,48 @@ class StopRules:
 
     def finish_reason(self, seq: Sequence) -> str | None:
         params = seq.request.params
-        if params.stop and self.tokenizer is not None:  # decoding every step costs: only for stop strings
-            text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-            hits = [text.find(s) for s in params.stop if s in text]
-            if hits:
-                seq.text = text[: min(hits)]
+        out = seq.output_ids
+        if len(out) >= params.min_new_tokens:  # before min_new_tokens only the length ends a sequence
+            if params.stop and self.tokenizer is not None:  # decoding every step costs: only for stop strings
+                text = self.tokenizer.decode(out, skip_special_tokens=True)
+                hits = [text.find(s) for s in params.stop if s in text]
+                if hits:
+                    seq.text = text[: min(hits)]
+                    return "stop"
+            if out[-1] in params.stop_token_ids or (out[-1] in self.eos_ids and not params.ignore_eos):
                 return "stop"
-        if seq.output_ids[-1] in self.eos_ids:
+        constraint = seq.sampler.constraint if seq.sampler is not None else None
+        if constraint is not None and constraint.complete:  # the grammar allows nothing more: it wins
             return "stop"
-        if len(seq.output_ids) >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
+        if len(out) >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None
 
     def text(self, seq: Sequence) -> str:
         if seq.text is not None:
             return seq.text
-        return self.tokenizer.decode(seq.output_ids, skip_special_tokens=True) if self.tokenizer else ""
+        if self.tokenizer is None:
+            return ""
+        out = seq.output_ids
+        if out and seq.finish_reason == "stop" and out[-1] in seq.request.params.stop_token_ids:
+            out = out[:-1]  # the stop token ends the text, as a stop string does, and is not part of it
+        return self.tokenizer.decode(out, skip_special_tokens=True)
+
+    def partial_text(self, seq: Sequence) -> str:
+        """The text so far of a sequence still running, less what may yet change: an incomplete character at
+        the end, or an end that could be the start of a stop string."""
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True).rstrip("\ufffd")
+        for stop in seq.request.params.stop:
+            for length in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:length]):
+                    text = text[:-length]
+                    break
+        return text
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token]) if self.tokenizer is not None else ""
 
 
 # ---- calls from the engine's threads into caller code ----------------------------------------------------

@@ -18,6 +18,7 @@ from lorabus.scheduler.decode_graphs import DecodeGraphs
 from lorabus.scheduler.kv_cache import PagedKVCache
 from lorabus.scheduler.model import CausalLM, PagedBatch, PrefillGroup, PrefillSpan, StepBatch
 from lorabus.scheduler.requests import Sequence, call_hook
+from lorabus.scheduler.sampling import prompt_logprobs
 
 # A sequence with this many new tokens in a step is decoding (attends over its cached context);
 # more is a prefill chunk (causal attention over the chunk and what precedes it).
@@ -25,16 +26,30 @@ DECODE_TOKENS = 1
 
 
 class StepOutput:
-    """Logits of the sequences that get a token this step, rows in `sequences` order."""
+    """The logits of a step: the row of each sequence that gets a token (`sequences`, in row order), and the
+    prompt rows of the sequences that asked for prompt logprobs (`scored`)."""
 
-    def __init__(self, sequences: list[Sequence], logits: torch.Tensor):
-        self.sequences, self.logits = sequences, logits
+    def __init__(self, sequences: list[Sequence], logits: torch.Tensor, rows: list[int],
+                 scored: list[tuple[Sequence, int, int, int]]):
+        self.sequences, self.logits, self.rows = sequences, logits, rows
+        self.scored = scored  # (sequence, first logit row, rows, position of the first)
         self._greedy = logits.argmax(dim=-1).tolist()  # one device → host copy for every greedy row
 
-    def token(self, row: int) -> int:
-        """The next token of `sequences[row]`; a sampling failure raises here, for that sequence alone."""
-        sampler = self.sequences[row].sampler
-        return self._greedy[row] if sampler.greedy else sampler.sample(self.logits[row])
+    def token(self, row: int, seq: Sequence | None = None) -> int:
+        """The next token of `sequences[row]` (or of `seq`, a choice that starts from that row's logits); a
+        sampling failure raises here, for that sequence alone."""
+        seq = seq or self.sequences[row]
+        i, sampler = self.rows[row], seq.sampler
+        if sampler.plain:
+            return self._greedy[i]
+        return sampler.select(self.logits[i], seq.prompt_ids, seq.output_ids, seq.logprobs)
+
+    def score_prompt(self, index: int) -> None:
+        """Append the logprobs of the prompt tokens that `scored[index]`'s rows predict to its sequence's."""
+        seq, first, count, past = self.scored[index]
+        next_ids = seq.prompt_ids[past + 1:past + 1 + count]  # the last row may predict the first output token
+        rows = self.logits[first:first + len(next_ids)].float().cpu()
+        seq.prompt_logprobs.extend(prompt_logprobs(rows, next_ids, seq.request.params.prompt_logprobs))
 
 
 class ModelRunner:
@@ -72,16 +87,29 @@ class ModelRunner:
         self._host_np = self._host.numpy()
 
     def run(self, batch: list[tuple[Sequence, int]]) -> StepOutput:
-        step, wants_logits = self._step_batch(batch)
+        step, wants_logits, rows, scored = self._step_batch(batch)
         started = time.perf_counter()
         logits = self.decode.forward(step)
         self.steps += 1
         call_hook(self.on_step, len(batch), step.tokens.numel(), len(step.lora.active_slots),
                   time.perf_counter() - started)
-        return StepOutput(wants_logits, logits)
+        return StepOutput(wants_logits, logits, rows, scored)
 
-    def _step_batch(self, batch: list[tuple[Sequence, int]]) -> tuple[StepBatch, list[Sequence]]:
-        """The forward pass's input, and the sequences whose last new token is their newest (they get logits)."""
+    def fork(self, parent: Sequence, choices: list[Sequence]) -> None:
+        """Start the other choices of `parent`'s job from its prefilled prompt: each reads the prompt's full
+        blocks in place and gets a copy of the last, partial one (its own output goes there next)."""
+        bs = self.kv.block_size
+        full = len(parent.prompt_ids) // bs
+        for seq in choices:
+            seq.shared_blocks = parent.blocks[:full]
+            seq.kv_slots = torch.tensor(seq.shared_blocks + seq.blocks, dtype=torch.long)
+            self.kv.clear(torch.tensor(seq.blocks, dtype=torch.long, device=self.device))
+            if len(parent.prompt_ids) % bs:
+                self.kv.copy_block(parent.blocks[full], seq.blocks[0])
+
+    def _step_batch(self, batch: list[tuple[Sequence, int]]) -> tuple[StepBatch, list[Sequence], list[int], list]:
+        """The forward pass's input; the sequences whose last new token is their newest (they get a token) and
+        their logit rows; the prompt rows of sequences that score their prompt."""
         device, kv = self.device, self.kv
         bs, null_block = kv.block_size, kv.null_block
         fresh = [seq for seq, _ in batch if seq.kv_slots is None]
@@ -90,9 +118,11 @@ class ModelRunner:
                 seq.kv_slots = torch.tensor(seq.blocks, dtype=torch.long)
             kv.clear(torch.cat([seq.kv_slots for seq in fresh]).to(device))
         in_place = self._in_place
-        num_tokens = num_decode = width = max_new = 0
+        num_tokens = num_decode = width = max_new = num_scored = 0
         for seq, n in batch:
             num_tokens += n
+            if n > DECODE_TOKENS and seq.prompt_logprobs is not None:
+                num_scored += n
             max_new = max(max_new, n)
             if in_place:
                 width = max(width, (seq.num_computed + n - 1) // bs + 1)  # blocks holding [0, past + n)
@@ -106,7 +136,7 @@ class ModelRunner:
         t, b = num_tokens, (num_rows if in_place else num_decode)
         o_dec = 4 * t
         o_ctx = o_dec + b + 1
-        o_logit, o_tbl = o_ctx + b, o_ctx + b + num_rows
+        o_logit, o_tbl = o_ctx + b, o_ctx + b + num_rows + num_scored
         size = o_tbl + b * width
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's copy has read the buffer
@@ -117,6 +147,8 @@ class ModelRunner:
         tables.fill(null_block)
         prefill_spans: list[tuple[PrefillSpan, Sequence]] = []
         wants_logits: list[Sequence] = []
+        logit_of: list[int] = []
+        scored: list[tuple[Sequence, int, int, int]] = []
         row = d = num_logits = 0
         for seq, n in batch:
             past = seq.num_computed
@@ -155,11 +187,19 @@ class ModelRunner:
                 lora_idx[row:row + n] = seq.slot
                 if not in_place:
                     prefill_spans.append((PrefillSpan(row, n, past), seq))
-            row += n
-            if past + n == seq.num_tokens:
-                buf[o_logit + num_logits] = row - 1
-                num_logits += 1
+            if n > DECODE_TOKENS and seq.prompt_logprobs is not None:  # every row: each predicts a prompt token
+                buf[o_logit + num_logits:o_logit + num_logits + n] = range(row, row + n)
+                scored.append((seq, num_logits, n, past))
+                num_logits += n
+                if past + n == seq.num_tokens:
+                    wants_logits.append(seq)
+                    logit_of.append(num_logits - 1)
+            elif past + n == seq.num_tokens:
+                buf[o_logit + num_logits] = row + n - 1
                 wants_logits.append(seq)
+                logit_of.append(num_logits)
+                num_logits += 1
+            row += n
         buf[o_dec + b] = row  # in place: the end of the last sequence's rows
         host = self._host[:size]
         if device.type == "cpu":
@@ -178,7 +218,7 @@ class ModelRunner:
                 decode_rows=no_rows, decode_blocks=no_rows.view(0, 0), decode_mask=no_rows.view(0, 1, 1, 0),
                 prefills=[], logit_rows=dev[o_logit:o_logit + num_logits],
                 paged=PagedBatch(tables_dev, ctx_lens, dev[o_dec:o_dec + b + 1], max_new))
-            return step, wants_logits
+            return step, wants_logits, logit_of, scored
         step = StepBatch(
             tokens=dev[:t],
             positions=dev[t:2 * t],
@@ -191,7 +231,7 @@ class ModelRunner:
             prefills=self._prefill_groups(prefill_spans),
             logit_rows=dev[o_logit:o_logit + num_logits],
         )
-        return step, wants_logits
+        return step, wants_logits, logit_of, scored
 
     def _prefill_groups(self, spans: list[tuple[PrefillSpan, Sequence]]) -> list[PrefillGroup]:
         """Prefill spans bucketed for batched attention: first chunks of equal length together (causal,

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from lorabus.scheduler.policy import AdapterSlots, Scheduler
-from lorabus.scheduler.requests import Completion, Sequence, StopRules, deliver
+from lorabus.scheduler.requests import (ChoiceOutput, Completion, Partial, Sequence, StopRules, TokenLogprob, call_hook,
+                                        deliver)
 
 if TYPE_CHECKING:
     from lorabus.scheduler.adapter_manager import AdapterSpec
@@ -74,12 +75,17 @@ class LoadDone:
 
 class StepOutput(Protocol):
     sequences: list[Sequence]  # the sequences that get a token this step
+    scored: list  # the sequences whose prompt rows this step scores (prompt logprobs)
 
-    def token(self, row: int) -> int: ...
+    def token(self, row: int, seq: Sequence | None = None) -> int: ...
+
+    def score_prompt(self, index: int) -> None: ...
 
 
 class Runner(Protocol):
     def run(self, batch: list[tuple[Sequence, int]]) -> StepOutput: ...
+
+    def fork(self, parent: Sequence, choices: list[Sequence]) -> None: ...
 
 
 class Loader(Protocol):
@@ -219,31 +225,82 @@ class StepLoop:
             log.exception("step failed")
             for seq, _ in batch:
                 if seq in sched.running:
-                    sched.finish(seq, self.clock())
                     self._answer_error(seq, "internal", f"{type(exc).__name__}: {exc}")
             return
         for seq, n in batch:
             seq.num_computed += n
         now = self.clock()
+        for index, (seq, *_) in enumerate(output.scored):
+            try:
+                output.score_prompt(index)
+            except Exception as exc:
+                self._fail(seq, exc, now)
         for row, seq in enumerate(output.sequences):
             try:
-                self._advance(seq, output.token(row), now)
+                if seq.choices and not seq.output_ids and not seq.answered:
+                    self._fork(seq, output, row, now)
+                if not seq.job.answered:
+                    self._advance(seq, output.token(row), now)
             except Exception as exc:
-                log.exception("job %s failed after the forward pass", seq.request.id)
-                if seq in sched.running:
-                    sched.finish(seq, now)
-                self._answer_error(seq, "internal", f"{type(exc).__name__}: {exc}")
+                self._fail(seq, exc, now)
+
+    def _fail(self, seq: Sequence, exc: Exception, now: float) -> None:
+        """A failure of one sequence's own work: its job is answered `internal`, its neighbours carry on."""
+        log.exception("job %s failed after the forward pass", seq.request.id)
+        self._answer_error(seq, "internal", f"{type(exc).__name__}: {exc}", now)
+
+    def _fork(self, parent: Sequence, output: StepOutput, row: int, now: float) -> None:
+        """The prompt of an n-sample job is prefilled: its other choices start from the same cache and logits."""
+        self.runner.fork(parent, parent.choices)
+        for seq in parent.choices:
+            seq.num_computed = parent.num_computed
+            self._advance(seq, output.token(row, seq), now)
 
     def _advance(self, seq: Sequence, token: int, now: float) -> None:
-        """Append the sequence's next token; finish and answer it if that ends it."""
+        """Append the sequence's next token; stream it, and finish the sequence if that ends it."""
         if seq.first_token_at is None:
             seq.first_token_at = now
         seq.output_ids.append(token)
         reason = self.stops.finish_reason(seq)
         if reason is not None:
+            seq.finish_reason = reason
             self.scheduler.finish(seq, now)
-            self._answer(seq, Completion(seq.request.id, "ok", token_ids=list(seq.output_ids),
-                                         text=self.stops.text(seq), finish_reason=reason, **self._timings(seq)))
+        self._stream(seq, done=reason is not None)
+        if reason is not None and seq.job.live == 0:  # every choice of the job is done
+            self._answer(seq.job, self._completion(seq.job))
+
+    def _stream(self, seq: Sequence, done: bool) -> None:
+        """Hand the job's caller the tokens since the last partial, every `stream_every` tokens and at the end."""
+        request = seq.request
+        new = len(seq.output_ids) - seq.streamed
+        if request.on_partial is None or not new or (new < request.stream_every and not done):
+            return
+        tokens = seq.output_ids[seq.streamed:]
+        text = self.stops.text(seq) if done else self.stops.partial_text(seq)
+        sent = seq.streamed_text
+        if not text.startswith(sent):  # a stop string cut into what was sent: nothing more to add
+            text = sent
+        seq.streamed, seq.streamed_text = len(seq.output_ids), text
+        call_hook(request.on_partial, Partial(request.id, seq.index, tokens, text[len(sent):]))
+
+    def _completion(self, job: Sequence) -> Completion:
+        choices = [job, *job.choices]
+        outputs = [ChoiceOutput(seq.index, list(seq.output_ids), self.stops.text(seq), seq.finish_reason,
+                                self._logprobs(seq.logprobs)) for seq in choices]
+        first = outputs[0]
+        return Completion(job.request.id, "ok", token_ids=first.token_ids, text=first.text,
+                          finish_reason=first.finish_reason, logprobs=first.logprobs,
+                          prompt_logprobs=self._logprobs(job.prompt_logprobs),
+                          choices=outputs if len(outputs) > 1 else None, **self._timings(job))
+
+    def _logprobs(self, entries: list | None) -> list[TokenLogprob | None] | None:
+        """Logprob entries with the text of every token they name."""
+        if entries is None:
+            return None
+        text = self.stops.token_text
+        return [None if e is None else
+                TokenLogprob(e[0], text(e[0]), e[1], tuple((i, text(i), lp) for i, lp in zip(e[2], e[3])))
+                for e in entries]
 
     # ---- answers ----------------------------------------------------------------------------------
 
@@ -257,9 +314,14 @@ class StepLoop:
             "prompt_tokens": len(seq.prompt_ids),
         }
 
-    def _answer_error(self, seq: Sequence, code: str, message: str) -> None:
-        self._answer(seq, Completion(seq.request.id, "error", error_code=code, error_message=message,
-                                     **self._timings(seq)))
+    def _answer_error(self, seq: Sequence, code: str, message: str, now: float | None = None) -> None:
+        """Answer the job of `seq` with an error; its choices still running stop."""
+        job = seq.job
+        for member in (job, *job.choices):
+            if member in self.scheduler.running:
+                self.scheduler.finish(member, self.clock() if now is None else now)
+        self._answer(job, Completion(job.request.id, "error", error_code=code, error_message=message,
+                                     **self._timings(job)))
 
     def _answer(self, seq: Sequence, completion: Completion) -> None:
         with self._answer_lock:

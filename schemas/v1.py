@@ -9,7 +9,7 @@ such as `max_tokens` is an error rather than a silently ignored field) and every
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
@@ -40,6 +40,15 @@ MAX_TOP_K = 2**31 - 1
 MAX_DEADLINE_MS = 2**53  # the largest integer a JSON producer can write exactly
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1024
 MAX_MESSAGES = 256  # chat turns per job; their total text is bounded by the worker's max_prompt_bytes
+# Generation controls (README "Jobs"): the engines users compare us with (vLLM, OpenAI) use these bounds.
+MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty, as OpenAI's API
+MAX_REPETITION_PENALTY = 100.0  # Hugging Face's repetition_penalty divides by it: > 0
+MAX_LOGIT_BIAS, MAX_BIAS_ENTRIES = 100.0, 1024
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGPROBS = 20
+MAX_CHOICES = 16
+MAX_PATTERN_CHARS = 4096
+MAX_CHOICE_ENTRIES, MAX_CHOICE_CHARS = 256, 1024
 TokenId = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN_ID)]
 # Kafka's own rule for topic names.
 Topic = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
@@ -80,6 +89,32 @@ class MixMember(msgspec.Struct, forbid_unknown_fields=True):
             raise ValueError("a mix member's `weight` must not be 0")
 
 
+class JsonSchemaFormat(msgspec.Struct, tag="json_schema", tag_field="type", forbid_unknown_fields=True):
+    """Output that validates against a JSON schema (the grammar engine's subset of JSON Schema)."""
+
+    schema: dict[str, Any]
+
+
+class JsonObjectFormat(msgspec.Struct, tag="json_object", tag_field="type", forbid_unknown_fields=True):
+    """Any JSON object."""
+
+
+class RegexFormat(msgspec.Struct, tag="regex", tag_field="type", forbid_unknown_fields=True):
+    """Output that matches a regular expression, whole."""
+
+    pattern: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_PATTERN_CHARS)]
+
+
+class ChoiceFormat(msgspec.Struct, tag="choice", tag_field="type", forbid_unknown_fields=True):
+    """Output that is exactly one of `choices`."""
+
+    choices: Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CHOICE_CHARS)]],
+                       msgspec.Meta(min_length=1, max_length=MAX_CHOICE_ENTRIES)]
+
+
+ResponseFormat = Union[JsonSchemaFormat, JsonObjectFormat, RegexFormat, ChoiceFormat]
+
+
 class Job(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     id: NonEmpty
     tenant: NonEmpty | None = None  # required, but a header may supply it
@@ -102,6 +137,23 @@ class Job(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # A chat only: true reads special-token text inside `content` as special tokens (it can then forge turns),
     # false as plain text; None = the worker's --content-special-tokens (off by default).
     content_special_tokens: bool | None = None
+    # Generation controls (README "Generation controls"); every one applies to this job alone.
+    min_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
+    repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=MAX_REPETITION_PENALTY)] = 1.0
+    presence_penalty: Annotated[float, msgspec.Meta(ge=-MAX_PENALTY, le=MAX_PENALTY)] = 0.0
+    frequency_penalty: Annotated[float, msgspec.Meta(ge=-MAX_PENALTY, le=MAX_PENALTY)] = 0.0
+    # Token id (a JSON object's keys are text: "42") → bias added to its logit.
+    logit_bias: Annotated[dict[TokenId, Annotated[float, msgspec.Meta(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]],
+                          msgspec.Meta(max_length=MAX_BIAS_ENTRIES)] | None = None
+    min_new_tokens: Annotated[int, msgspec.Meta(ge=0, le=MAX_NEW_TOKENS)] = 0
+    ignore_eos: bool = False
+    stop_token_ids: Annotated[list[TokenId], msgspec.Meta(max_length=MAX_STOP_TOKEN_IDS)] = []
+    logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)] | None = None
+    prompt_logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)] | None = None
+    response_format: ResponseFormat | None = None
+    n: Annotated[int, msgspec.Meta(ge=1, le=MAX_CHOICES)] = 1
+    stream: bool = False
+    stream_every_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_NEW_TOKENS)] = 1
 
     def __post_init__(self) -> None:
         given = [name for name in ("prompt", "prompt_ids", "messages") if getattr(self, name) is not None]
@@ -120,6 +172,8 @@ class Job(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("`messages` must not be empty")
         if self.content_special_tokens is not None and self.messages is None:
             raise ValueError("`content_special_tokens` applies only to a chat (`messages`)")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError("`min_new_tokens` must not exceed `max_new_tokens`")
 
     def prompt_bytes(self) -> int:
         """UTF-8 bytes of the job's prompt text: `prompt`, or every message's `content` together (0 for
@@ -149,9 +203,35 @@ class MixUsed(msgspec.Struct):
     weight: float
 
 
+class TopLogprob(msgspec.Struct):
+    id: int
+    text: str
+    logprob: float
+
+
+class TokenLogprob(msgspec.Struct):
+    """A token's log-probability, and the `top` most likely tokens at its position (most likely first)."""
+
+    id: int
+    text: str
+    logprob: float
+    top: list[TopLogprob] = []
+
+
+class Choice(msgspec.Struct, kw_only=True):
+    """One of a job's `n` samples."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: list[TokenLogprob] | None = None
+
+
 class JobResult(msgspec.Struct, kw_only=True):
     id: str
-    status: Literal["ok", "error"]
+    # "partial": a streamed piece (best-effort; README "Streaming"), then the job's one "ok" or "error" result.
+    status: Literal["ok", "error", "partial"]
     adapter: str | None = None
     adapter_version: str | None = None
     mix: list[MixUsed] | None = None  # a mix job: every member's resolved version, in the job's order
@@ -163,6 +243,12 @@ class JobResult(msgspec.Struct, kw_only=True):
     usage: Usage = msgspec.field(default_factory=lambda: Usage(0, 0))
     error: ErrorInfo | None = None
     worker: str = ""
+    # Generation controls: choice 0's logprobs, the prompt's (the first token has none: null), every choice
+    # when n > 1 (the fields above are then choice 0's), and which choice a partial record continues.
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    choices: list[Choice] | None = None
+    index: int | None = None
 
 
 # Every control event may carry an id (the CLI sets one) and its creation time, for provenance.

@@ -75,14 +75,14 @@ def test_sampler_maps_any_int_seed_deterministically():
 
 def test_a_failure_after_the_forward_pass_fails_only_its_job(tiny_model, peft_adapters, oracle, monkeypatch):
     adapters = dict(list(peft_adapters.items())[:2])
-    original = Sampler.sample
+    original = Sampler.select
 
-    def sample(self, logits):
+    def select(self, logits, *args):
         if self.params.seed == 666:
             raise RuntimeError("injected sampling failure")
-        return original(self, logits)
+        return original(self, logits, *args)
 
-    monkeypatch.setattr(Sampler, "sample", sample)
+    monkeypatch.setattr(Sampler, "select", select)
     engine = _engine(tiny_model, adapters)
     try:
         greedy = _greedy_neighbours(oracle, adapters)

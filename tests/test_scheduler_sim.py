@@ -102,9 +102,13 @@ def checked(method):
 class SimOutput:
     def __init__(self, sequences: list[Sequence]):
         self.sequences = sequences
+        self.scored = []  # no prompt logprobs in the sims
 
-    def token(self, row: int) -> int:
+    def token(self, row: int, seq: Sequence | None = None) -> int:
         return SIM_TOKEN
+
+    def score_prompt(self, index: int) -> None:
+        raise AssertionError("the sims score no prompt")
 
 
 class SimRunner:
@@ -118,6 +122,9 @@ class SimRunner:
         self.sim.max_step_seen = max(self.sim.max_step_seen, dt)
         self.sim.now += dt
         return SimOutput([seq for seq, n in batch if seq.num_computed + n == seq.num_tokens])
+
+    def fork(self, parent: Sequence, choices: list[Sequence]) -> None:
+        """The cache holds nothing here: the choices just start."""
 
 
 class SimLoader:

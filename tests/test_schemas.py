@@ -133,3 +133,64 @@ def test_non_utf8_header_key_is_an_invalid_job():
     with pytest.raises(JobError, match="header key") as err:
         decode_job(_raw(), [(b"x-\xff".decode("utf-8", "surrogateescape"), b"v")])
     assert err.value.job_id == "j-1"
+
+
+# ---- generation controls (docs/generation.md) --------------------------------------------------------
+
+def test_generation_controls_decode_with_their_defaults_and_types():
+    from lorabus.schemas import ChoiceFormat, JsonSchemaFormat, RegexFormat
+
+    plain = decode_job(_raw())
+    assert (plain.min_p, plain.repetition_penalty, plain.presence_penalty, plain.frequency_penalty, plain.logit_bias,
+            plain.min_new_tokens, plain.ignore_eos, plain.stop_token_ids, plain.logprobs, plain.prompt_logprobs,
+            plain.response_format, plain.n, plain.stream) == (0.0, 1.0, 0.0, 0.0, None, 0, False, [], None, None,
+                                                               None, 1, False)
+    job = decode_job(_raw(logit_bias={"42": -100, "7": 2.5}, stop_token_ids=[3], logprobs=20, n=16,
+                          response_format={"type": "json_schema", "schema": {"type": "array"}}))
+    assert job.logit_bias == {42: -100.0, 7: 2.5}  # JSON object keys are text: they decode as token ids
+    assert job.response_format == JsonSchemaFormat(schema={"type": "array"})
+    assert decode_job(_raw(response_format={"type": "regex", "pattern": "a+"})).response_format == RegexFormat("a+")
+    assert decode_job(_raw(response_format={"type": "choice", "choices": ["y", "n"]})).response_format == \
+        ChoiceFormat(["y", "n"])
+
+
+@pytest.mark.parametrize("fields,fragment", [
+    (dict(min_p=1.5), "min_p"),
+    (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(repetition_penalty=101), "repetition_penalty"),
+    (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=-3), "frequency_penalty"),
+    (dict(logit_bias={"-1": 1}), "logit_bias"),
+    (dict(logit_bias={"x": 1}), "logit_bias"),
+    (dict(logit_bias={"5": 101}), "logit_bias"),
+    (dict(logit_bias={str(i): 1 for i in range(1025)}), "logit_bias"),
+    (dict(min_new_tokens=65), "min_new_tokens"),
+    (dict(stop_token_ids=list(range(65))), "stop_token_ids"),
+    (dict(logprobs=21), "logprobs"),
+    (dict(prompt_logprobs=-1), "prompt_logprobs"),
+    (dict(n=0), "n"),
+    (dict(n=17), "n"),
+    (dict(stream_every_tokens=0), "stream_every_tokens"),
+    (dict(response_format={"type": "grammar"}), "response_format"),
+    (dict(response_format={"type": "json_schema"}), "schema"),
+    (dict(response_format={"type": "json_schema", "schema": []}), "schema"),
+    (dict(response_format={"type": "regex", "pattern": ""}), "pattern"),
+    (dict(response_format={"type": "regex", "pattern": "a" * 4097}), "pattern"),
+    (dict(response_format={"type": "choice", "choices": []}), "choices"),
+    (dict(response_format={"type": "json_object", "extra": 1}), "extra"),
+])
+def test_generation_controls_out_of_bounds_are_invalid_jobs(fields, fragment):
+    with pytest.raises(JobError) as err:
+        decode_job(_raw(**fields))
+    assert err.value.code == "invalid_job" and err.value.job_id == "j-1"
+    assert fragment in err.value.message
+
+
+def test_a_schema_in_any_key_order_is_one_grammar():
+    from lorabus.worker.wire import output_format
+
+    first = decode_job(_raw(response_format={"type": "json_schema", "schema": {"type": "array", "items": {"type": "string"}}}))
+    second = decode_job(b'{"id": "j", "tenant": "t", "prompt": "x", "response_format": '
+                        b'{"schema": {"items": {"type": "string"}, "type": "array"}, "type": "json_schema"}}')
+    assert output_format(first.response_format) == output_format(second.response_format)
+    assert output_format(first.response_format).kind == "json_schema"

@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
-from lorabus.scheduler import Completion, Request, SamplingParams
-from lorabus.schemas import Job, JobResult, MixUsed, Usage
+import json
+
+import msgspec
+
+from lorabus.scheduler import Completion, OutputFormat, Request, SamplingParams, TokenLogprob
+from lorabus.schemas import (Choice, ChoiceFormat, Job, JobResult, JsonObjectFormat, JsonSchemaFormat, MixUsed,
+                             RegexFormat, TokenLogprob as WireLogprob, TopLogprob, Usage)
 from lorabus.worker.registry import ResolvedAdapter
 
 
@@ -17,9 +22,46 @@ def to_request(job: Job, adapter: ResolvedAdapter | None, content_special_tokens
         messages=[{"role": m.role, "content": m.content} for m in job.messages] if job.messages is not None else None,
         content_special_tokens=(job.content_special_tokens if job.content_special_tokens is not None
                                 else content_special_tokens),
-        params=SamplingParams(job.max_new_tokens, job.temperature, job.top_p, job.top_k, job.seed, tuple(job.stop)),
+        params=sampling_params(job),
         deadline=job.deadline_ms / 1000 if job.deadline_ms is not None else None,
+        output_format=output_format(job.response_format),
+        n=job.n,
+        stream_every=job.stream_every_tokens,
     )
+
+
+def sampling_params(job: Job) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=job.max_new_tokens, temperature=job.temperature, top_p=job.top_p, top_k=job.top_k,
+        seed=job.seed, stop=tuple(job.stop), min_p=job.min_p, repetition_penalty=job.repetition_penalty,
+        presence_penalty=job.presence_penalty, frequency_penalty=job.frequency_penalty,
+        logit_bias=tuple(sorted((job.logit_bias or {}).items())), min_new_tokens=job.min_new_tokens,
+        ignore_eos=job.ignore_eos, stop_token_ids=tuple(job.stop_token_ids), logprobs=job.logprobs,
+        prompt_logprobs=job.prompt_logprobs)
+
+
+def output_format(fmt) -> OutputFormat | None:
+    """The engine's form of a job's response_format; a schema as canonical text (sorted keys), so the same
+    schema written in any key order compiles once."""
+    match fmt:
+        case None:
+            return None
+        case JsonSchemaFormat(schema=schema):
+            return OutputFormat("json_schema", msgspec.json.encode(schema, order="sorted").decode())
+        case JsonObjectFormat():
+            return OutputFormat("json_object")
+        case RegexFormat(pattern=pattern):
+            return OutputFormat("regex", pattern)
+        case ChoiceFormat(choices=choices):
+            return OutputFormat("choice", json.dumps(choices, ensure_ascii=False))
+    raise TypeError(f"unknown response format {type(fmt).__name__}")
+
+
+def wire_logprobs(entries: list[TokenLogprob | None] | None) -> list | None:
+    if entries is None:
+        return None
+    return [None if e is None else WireLogprob(e.id, e.text, e.logprob, [TopLogprob(*top) for top in e.top])
+            for e in entries]
 
 
 def provenance(adapter: ResolvedAdapter | None) -> dict:
@@ -35,8 +77,15 @@ def provenance(adapter: ResolvedAdapter | None) -> dict:
 
 
 def ok_result(job: Job, adapter: ResolvedAdapter | None, completion: Completion, worker: str) -> JobResult:
+    choices = None
+    if completion.choices is not None:
+        choices = [Choice(index=c.index, text=c.text, token_ids=c.token_ids, finish_reason=c.finish_reason,
+                          logprobs=wire_logprobs(c.logprobs)) for c in completion.choices]
+    generated = sum(len(c.token_ids) for c in completion.choices) if completion.choices else len(completion.token_ids)
     return JobResult(
         id=job.id, status="ok", **provenance(adapter), text=completion.text, token_ids=completion.token_ids,
-        finish_reason=completion.finish_reason, usage=Usage(completion.prompt_tokens, len(completion.token_ids)), worker=worker,
+        finish_reason=completion.finish_reason, usage=Usage(completion.prompt_tokens, generated), worker=worker,
+        logprobs=wire_logprobs(completion.logprobs), prompt_logprobs=wire_logprobs(completion.prompt_logprobs),
+        choices=choices,
     )
 
