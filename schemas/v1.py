@@ -230,7 +230,7 @@ class Choice(msgspec.Struct, kw_only=True):
 
 class JobResult(msgspec.Struct, kw_only=True):
     id: str
-    # "partial": a streamed piece (best-effort; README "Streaming"), then the job's one "ok" or "error" result.
+    # "partial": a streamed piece (best-effort; docs/wire-contract.md "Streaming"), then the job's one "ok" or "error" result.
     status: Literal["ok", "error", "partial"]
     adapter: str | None = None
     adapter_version: str | None = None

@@ -865,3 +865,39 @@ def test_claiming_slots_for_many_overdue_adapters_skips_only_futile_searches(see
     assert sched.draining == reference.draining
     assert (slots.key_of, slots.slot_of, slots.ready) == (reference.slots.key_of, reference.slots.slot_of,
                                                           reference.slots.ready)
+
+
+def test_an_n_sample_job_shares_its_prompt_blocks_takes_n_seats_and_frees_them_with_its_last_choice():
+    """A job with n = 3: its choices hold only the blocks past the prompt's full ones, wait out the prefill,
+    take a seat each from admission, and the job's blocks come back when its last choice finishes."""
+    blocks = BlockAllocator(num_blocks=20, block_size=4)
+    sched = Scheduler(SchedulerLimits(max_running=4, max_step_tokens=64), blocks, AdapterSlots(1))
+    request = Request("n3", "t", prompt_ids=[1] * 10, params=SamplingParams(max_new_tokens=6), n=3)
+    job = Sequence(request, [1] * 10, 0.0, lambda c: None)
+    job.choices = [Sequence(request, [1] * 10, 0.0, lambda c: None) for _ in range(2)]
+    for index, choice in enumerate(job.choices, start=1):
+        choice.index, choice.parent = index, job
+    # 16 tokens = 4 blocks for the first; the others share the prompt's 2 full blocks: 2 of their own each.
+    assert sched.blocks_needed(job) == 4 + 2 * 2
+    too_wide = Sequence(Request("n5", "t", prompt_ids=[1], params=SamplingParams(1), n=5), [1], 0.0, lambda c: None)
+    too_wide.choices = [Sequence(too_wide.request, [1], 0.0, lambda c: None) for _ in range(4)]
+    assert not sched.admissible(too_wide)  # 5 seats in a batch of 4: it could never run
+    sched.add(job)
+    alone = Sequence(Request("one", "t", prompt_ids=[1, 2], params=SamplingParams(2)), [1, 2], 0.0, lambda c: None)
+    sched.add(alone)
+    step = sched.schedule(0.0)
+    assert [seq.request.id for seq in sched.running] == ["n3", "n3", "n3", "one"]
+    assert [(seq.request.id, n) for seq, n in step.batch] == [("n3", 10), ("one", 2)]  # the choices wait
+    assert blocks.num_free == 20 - 8 - 1 and [len(c.blocks) for c in job.choices] == [2, 2]
+    # After the prefill the choices decode with their job (the step loop hands them its first logits).
+    job.num_computed = 10
+    for member in (job, *job.choices):
+        member.output_ids.append(7)
+        member.num_computed = 10
+    step = sched.schedule(0.1)
+    assert sum(1 for seq, n in step.batch if seq.request.id == "n3" and n == 1) == 3
+    sched.finish(job.choices[0], 0.2)
+    sched.finish(job, 0.2)
+    assert blocks.num_free == 20 - 8 - 1  # the last choice still reads the prompt's blocks
+    sched.finish(job.choices[1], 0.3)
+    assert blocks.num_free == 20 - 1 and all(not m.blocks for m in (job, *job.choices))

@@ -4,6 +4,8 @@
 Errors are values here: whatever is wrong with a record becomes an error result with a code (or a dead
 letter), never an exception out of `answer`. Decoding a large record and tokenizing run off the event
 loop; the engine hand-off is `Engine.submit(..., on_done)`, whose callback resolves an asyncio future.
+A streamed job's partial results leave as the engine makes them (worker/streaming.py), all of them
+before its final result is handed over.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from lorabus.schemas import Job, JobError, JobResult, decode_job, error_result
 from lorabus.worker import logs
 from lorabus.worker.config import WorkerConfig
 from lorabus.worker.control_reader import ControlReader
+from lorabus.worker.kafka_security import client_options
 from lorabus.worker.lanes import Lane, LaneTable
 from lorabus.worker.metrics import Metrics
 from lorabus.worker.output import Outgoing, dead_letter_record, result_record
 from lorabus.worker.registry import AdapterRegistry, ResolvedAdapter
 from lorabus.worker.reply_topics import ReplyTopics
+from lorabus.worker.streaming import JobStream, PartialSender
 from lorabus.worker.wire import ok_result, provenance, to_request
 
 log = logging.getLogger(__name__)
@@ -57,6 +61,12 @@ class AnswerPipeline:
         self.config, self.worker_id, self.engine, self.registry = config, worker_id, engine, registry
         self.control, self.reply_topics, self.lanes, self.metrics = control, reply_topics, lanes, metrics
         self.on_resolved = on_resolved  # (record, adapter key): which adapters a partition brings
+        self.partials = PartialSender(config.bootstrap_servers, metrics, config.log_rate_limit_ms / 1000,
+                                      **client_options(config.security))
+
+    async def stop(self) -> None:
+        """Close what streamed jobs opened (the partials producer)."""
+        await self.partials.stop()
 
     async def answer(self, record) -> Answer:
         """The answer to one record; a bug costs this record a dead letter, never its partition's commits."""
@@ -119,7 +129,11 @@ class AnswerPipeline:
             return self._error(job, resolved, "adapter_load_failed", failure), reply_to
         if job.deadline_ms is not None and time.time() * 1000 > job.deadline_ms:
             return self._error(job, resolved, "deadline_exceeded", "the job's deadline passed before it ran"), reply_to
-        resolved, completion = await self._generate_or_fall_back(job, resolved)
+        stream = None
+        if job.stream:  # its partials go where its result goes
+            stream = JobStream(self.partials, job.id, reply_to or lane.results or self.config.results_topic,
+                               self.worker_id, asyncio.get_running_loop())
+        resolved, completion = await self._generate_or_fall_back(job, resolved, stream)
         if completion.status != "ok":
             return self._error(job, resolved, completion.error_code, completion.error_message), reply_to
         self.metrics.observe_completion(completion)
@@ -147,7 +161,7 @@ class AnswerPipeline:
             members.append((spec, weight))
         self.engine.register(mix_spec(members))
 
-    async def _generate_or_fall_back(self, job: Job, resolved: ResolvedAdapter | None
+    async def _generate_or_fall_back(self, job: Job, resolved: ResolvedAdapter | None, stream: JobStream | None
                                      ) -> tuple[ResolvedAdapter | None, Completion]:
         """Generate on `resolved`. If its version (a mix: a member's) fails to load now (e.g. its file
         changed since it last loaded here), a job that named no exact version is served by what serves
@@ -156,7 +170,13 @@ class AnswerPipeline:
         thread, in that order), so resolving again sees it; a version is never tried twice for one job."""
         tried: set[str] = set()
         while True:
-            completion = await self._generate(to_request(job, resolved, self.config.content_special_tokens))
+            request = to_request(job, resolved, self.config.content_special_tokens)
+            if stream is not None:
+                stream.provenance = provenance(resolved)
+                request.on_partial = stream.on_partial
+            completion = await self._generate(request)
+            if stream is not None:  # the final result follows every partial on its topic
+                await stream.flush()
             if completion.error_code != "adapter_load_failed" or resolved is None:
                 return resolved, completion
             tried.add(resolved.key)

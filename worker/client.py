@@ -240,10 +240,12 @@ async def run_jobs(
     isolation_level: str = "read_uncommitted",
     keys: list[bytes] | None = None,
     security: KafkaSecurity | None = None,
+    on_partial=None,
 ) -> dict[str, list[JobResult]]:
     """Send (job id, raw record value) pairs and wait until every id has a result; returns id → results.
     Records are keyed by `keys` when given (e.g. worker/affinity.py's), by job id otherwise.
-    Use `isolation_level="read_committed"` to see only the results of committed transactions."""
+    Use `isolation_level="read_committed"` to see only the results of committed transactions.
+    Partial records (streamed jobs) are never results: they go to `on_partial` as they arrive, if given."""
     options = client_options(security)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level=isolation_level,
                                 **options)
@@ -263,7 +265,10 @@ async def run_jobs(
             for records in (await consumer.getmany(timeout_ms=200)).values():
                 for record in records:
                     result = decode_result(record.value)
-                    if result.id in wanted:
+                    if result.status == "partial":
+                        if on_partial is not None and result.id in wanted:
+                            on_partial(result)
+                    elif result.id in wanted:
                         results.setdefault(result.id, []).append(result)
                         if on_result is not None:
                             on_result(result)

@@ -132,6 +132,10 @@ class Metrics:
                                    "error code", ["status"], registry=r)
         self.jobs_failed = Counter("lorabus_jobs_failed", "Jobs answered with an error", ["code"], registry=r)
         self.dead_letters = Counter("lorabus_dead_letters", "Records sent to the dead-letter topic", registry=r)
+        self.partials = Counter("lorabus_partials", "Streamed partial results, by outcome: sent (acknowledged) or "
+                                "failed (dropped: partials are best-effort, never retried)", ["outcome"], registry=r)
+        for outcome in ("sent", "failed"):  # both series from the start, so a rate of failures reads 0, not absent
+            self.partials.labels(outcome)
         self.tokens_generated = Counter("lorabus_tokens_generated", "Completion tokens generated", registry=r)
         self.prompt_tokens = Counter("lorabus_prompt_tokens", "Prompt tokens of the jobs answered ok", registry=r)
         self.batch_size = Histogram("lorabus_batch_size", "Sequences per forward pass", buckets=BATCH_BUCKETS, registry=r)

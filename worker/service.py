@@ -204,6 +204,7 @@ class Worker:
                                  _bounded("the control consumer", stop_consumer(self.control.consumer)),
                                  _bounded("the status reporter", self.status.stop()),
                                  _bounded("the result producer", self.output.stop()),
+                                 _bounded("the partials producer", self.pipeline.stop()),
                                  _bounded("the admin client", self.admin.close()))
             await asyncio.to_thread(self.engine.stop)
             if self.metrics_server is not None:

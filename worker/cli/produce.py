@@ -1,5 +1,6 @@
 """`lorabus produce`: send the jobs of a JSONL file (or stdin) and print their results; exit 1 when a
-result is missing or an error."""
+result is missing or an error. With --stream, jobs stream (unless they say otherwise) and each partial
+result is printed as it arrives, one JSON line of its job id, choice index and new text."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from lorabus.worker.cli.flags import UsageError, _client_flags, _security_from
 _JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
-def _read_jobs(file: str) -> tuple[list[tuple[str, bytes]], list[dict]]:
+def _read_jobs(file: str, stream: bool = False) -> tuple[list[tuple[str, bytes]], list[dict]]:
     """(job id, record value) pairs and the parsed jobs of a JSONL file ("-": stdin); UsageError names the
-    file's line (counting blank lines) and what is wrong with it."""
+    file's line (counting blank lines) and what is wrong with it. `stream`: a job that does not set
+    "stream" is sent with "stream": true."""
     try:
         source = open(file, "rb") if file != "-" else sys.stdin.buffer
     except OSError as exc:
@@ -38,6 +40,9 @@ def _read_jobs(file: str) -> tuple[list[tuple[str, bytes]], list[dict]]:
                                  "one job object per line")
             if not isinstance(job.get("id"), str):
                 raise UsageError(f"{where}: the job has no string \"id\" to wait for")
+            if stream and "stream" not in job:
+                job["stream"] = True
+                line = json.dumps(job, ensure_ascii=False)
             jobs.append((job["id"], line.encode()))
             parsed.append(job)
     return jobs, parsed
@@ -62,7 +67,7 @@ def cmd_produce(args) -> int:
     from lorabus.worker.client import run_jobs, topic_partitions
 
     try:
-        jobs, parsed = _read_jobs(args.file)
+        jobs, parsed = _read_jobs(args.file, args.stream)
     except UsageError as exc:
         print(f"lorabus produce: {exc}", file=sys.stderr)
         return 2
@@ -78,7 +83,8 @@ def cmd_produce(args) -> int:
         keys = [job_key(job, keyer) for job in parsed]
     try:
         results = asyncio.run(run_jobs(args.bootstrap_servers, args.jobs_topic, args.results_topic, jobs, args.timeout,
-                                       on_result=lambda r: print(json.dumps(_plain(r)), flush=True), keys=keys,
+                                       on_result=lambda r: print(json.dumps(_plain(r)), flush=True),
+                                       on_partial=_print_partial if args.stream else None, keys=keys,
                                        security=_security_from(args)))
     except _kafka_errors() as exc:
         print(f"lorabus produce: cannot send to {args.jobs_topic} / read {args.results_topic}: {_why(exc)}",
@@ -92,6 +98,11 @@ def cmd_produce(args) -> int:
     if errors:
         print(f"lorabus produce: {errors}", file=sys.stderr)
     return 1 if missing or errors else 0
+
+
+def _print_partial(partial) -> None:
+    print(json.dumps({"id": partial.id, "status": "partial", "index": partial.index, "text": partial.text},
+                     ensure_ascii=False), flush=True)
 
 
 def _plain(result) -> dict:
@@ -109,4 +120,8 @@ def add_produce_command(sub) -> None:
     produce.add_argument("--key", choices=("affinity", "id"), default="affinity",
                          help="record keys: 'affinity' keeps one adapter's jobs on few partitions (salted by its "
                               "traffic share), 'id' spreads jobs by job id [affinity]")
+    produce.add_argument("--stream", action="store_true",
+                         help="stream the jobs (those that do not set \"stream\") and print each partial result as "
+                              "it arrives: {\"id\", \"status\": \"partial\", \"index\", \"text\"}, the text "
+                              "new since the job's previous partial of that choice")
     produce.set_defaults(func=cmd_produce)
