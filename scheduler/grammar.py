@@ -4,7 +4,7 @@ the logits to the tokens the grammar allows next.
 Built on llguidance (Microsoft's grammar engine, which vLLM also uses): it compiles JSON schemas, regular
 expressions and Lark grammars in Rust, bounds every compile and every mask step by fuel and size limits (a
 hostile schema or regex is refused, not served for minutes), and never raises on a grammar error. Each
-grammar is compiled once and cached, keyed by the format's canonical text; every sequence gets a copy of
+grammar is compiled once and cached, keyed by the format's compact text; every sequence gets a copy of
 the compiled matcher, so sequences with different formats share a batch, each masked by its own.
 """
 
@@ -15,6 +15,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 ALLOWED = 200  # what llguidance's one-byte-per-token mask holds for an allowed token (0: not allowed)
@@ -28,7 +29,8 @@ class GrammarError(Exception):
 @dataclass(frozen=True)
 class OutputFormat:
     """What a sequence's output must match. `kind` is json_schema, json_object, regex or choice; `spec` is the
-    schema as canonical JSON text (sorted keys), the pattern, or the choices as a JSON list."""
+    schema as compact JSON text (in its written key order, which is the output's property order), the pattern,
+    or the choices as a JSON list."""
 
     kind: str
     spec: str = ""
@@ -59,9 +61,10 @@ class Constraint:
 
     def mask(self, logits: torch.Tensor) -> None:
         """Set the logits [V] of the tokens the grammar does not allow next to -inf, in place."""
-        allowed = torch.frombuffer(bytearray(self._matcher.compute_logit_bias()), dtype=torch.uint8)
-        width = min(allowed.numel(), logits.numel())
-        logits[:width].masked_fill_(allowed[:width] != ALLOWED, float("-inf"))
+        # numpy for the comparison: one small single-threaded pass, where torch's may wait for its thread pool.
+        allowed = np.frombuffer(self._matcher.compute_logit_bias(), dtype=np.uint8)
+        width = min(allowed.size, logits.numel())
+        logits[:width].masked_fill_(torch.from_numpy(allowed[:width] != ALLOWED), float("-inf"))
         logits[width:] = float("-inf")
 
     def advance(self, token: int) -> bool:

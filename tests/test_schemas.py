@@ -186,11 +186,15 @@ def test_generation_controls_out_of_bounds_are_invalid_jobs(fields, fragment):
     assert fragment in err.value.message
 
 
-def test_a_schema_in_any_key_order_is_one_grammar():
+def test_a_schema_keeps_its_written_property_order():
+    """The grammar writes properties in the schema's order: reordering them is another format (and output)."""
     from lorabus.worker.wire import output_format
 
-    first = decode_job(_raw(response_format={"type": "json_schema", "schema": {"type": "array", "items": {"type": "string"}}}))
-    second = decode_job(b'{"id": "j", "tenant": "t", "prompt": "x", "response_format": '
-                        b'{"schema": {"items": {"type": "string"}, "type": "array"}, "type": "json_schema"}}')
-    assert output_format(first.response_format) == output_format(second.response_format)
-    assert output_format(first.response_format).kind == "json_schema"
+    schema = b'{"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}}}'
+    job = decode_job(b'{"id": "j", "tenant": "t", "prompt": "x", "response_format": {"type": "json_schema", "schema": '
+                     + schema + b'}}')
+    fmt = output_format(job.response_format)
+    assert fmt.kind == "json_schema" and list(json.loads(fmt.spec)["properties"]) == ["ok", "n"]
+    again = decode_job(b'{"id": "k", "tenant": "t", "prompt": "y", "response_format": {"schema": ' + schema
+                       + b', "type": "json_schema"}}')
+    assert output_format(again.response_format) == fmt  # the same schema is the same (cached) grammar

@@ -41,13 +41,13 @@ def sampling_params(job: Job) -> SamplingParams:
 
 
 def output_format(fmt) -> OutputFormat | None:
-    """The engine's form of a job's response_format; a schema as canonical text (sorted keys), so the same
-    schema written in any key order compiles once."""
+    """The engine's form of a job's response_format. A schema keeps its written key order: the grammar writes an
+    object's properties in the order the schema lists them (as OpenAI's and vLLM's do)."""
     match fmt:
         case None:
             return None
         case JsonSchemaFormat(schema=schema):
-            return OutputFormat("json_schema", msgspec.json.encode(schema, order="sorted").decode())
+            return OutputFormat("json_schema", msgspec.json.encode(schema).decode())
         case JsonObjectFormat():
             return OutputFormat("json_object")
         case RegexFormat(pattern=pattern):
