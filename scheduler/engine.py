@@ -297,6 +297,9 @@ class Engine:
             choice.logprobs = [] if request.params.logprobs is not None else None
             choice.prompt_logprobs = None
             seq.choices.append(choice)
+        if not self.scheduler.admissible(seq):  # in whole KV blocks, shared prompt blocks counted once
+            raise RequestError("prompt_too_long", f"{len(ids)} prompt + {request.n} x {request.params.max_new_tokens} "
+                                                  "new tokens need more KV cache blocks than there are")
         return seq
 
     # ---- the step thread --------------------------------------------------------------------------

@@ -183,7 +183,7 @@ class StepLoop:
                 error = self.loader.load_error(key) if key is not None else None
                 if error is not None:
                     self._answer_error(seq, "adapter_load_failed", error)
-                elif not self.scheduler.admissible(seq):  # submit checks this too; the policy must never hold one
+                elif not self.scheduler.admissible(seq):  # Engine._sequence checks it too: never held
                     self._answer_error(seq, "prompt_too_long", "the job needs more KV cache than there is")
                 else:
                     self.scheduler.add(seq)

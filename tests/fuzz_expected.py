@@ -21,7 +21,11 @@ contract: anything that makes the body invalid (wrong type, unknown field, a num
 bounds, NaN/Infinity, bad UTF-8, lone surrogate escapes, nesting, a header key that is not UTF-8, more
 stop strings than the schema takes) is "invalid_job"; an unknown adapter is "adapter_not_found", a
 tenant outside the adapter's tenants "forbidden", a token id outside the vocabulary "invalid_job",
-prompt + max_new_tokens beyond the context "prompt_too_long", a past deadline "deadline_exceeded".
+prompt + max_new_tokens beyond the context "prompt_too_long", a past deadline "deadline_exceeded". The
+generation controls add: min_new_tokens above max_new_tokens, and a logit_bias or stop_token_ids id outside
+the vocabulary, "invalid_job"; n samples beyond the KV cache "prompt_too_long"; a response_format the grammar
+engine refuses "invalid_job" (beside whatever else the job earns); a hostile one (a regex that explodes, a
+schema near 1 MB) "invalid_job" or served.
 Where the contract leaves a choice (the length of a tenant, duplicate JSON keys, a BOM, a non-UTF-8 value
 in an x-* header the body makes unused, the order in which several faults of one job are noticed) every
 answer it allows is allowed. "internal" is never allowed: a worker that answers hostile input
@@ -59,6 +63,7 @@ class Target:
     junk_dirs: tuple[str, ...]  # existing paths that hold no usable adapter
     vocab_size: int
     max_model_len: int
+    kv_tokens: int | None = None  # what the worker's KV cache holds (None: more than any fuzzed job needs)
 
 
 @dataclasses.dataclass
@@ -75,6 +80,7 @@ class FuzzRecord:
     bad: bool = False  # not a plain valid job
     oracle: tuple | None = None  # jobs: (adapter key, prompt_ids or text, max_new_tokens, has_stop) for greedy ok results
     huge: bool = False
+    choices: int = 1  # jobs: the `n` an ok result must carry
 
     def size(self) -> int:
         return len(self.value or b"") + len(self.key or b"") + sum(len(k) + len(v or b"") for k, v in self.headers)
@@ -106,12 +112,38 @@ _JOB = _field_types(Job)
 NULLABLE = frozenset(f.name for f in msgspec.inspect.type_info(Job).fields
                      if isinstance(f.type, msgspec.inspect.UnionType)
                      and any(isinstance(t, msgspec.inspect.NoneType) for t in f.type.types))
-# Inclusive bounds of every integer a job carries (prompt_ids: of each token id); outside them: invalid_job.
+# Inclusive bounds of every integer a job carries (prompt_ids and stop_token_ids: of each token id; logit_bias:
+# of each key); outside them: invalid_job.
 INT_BOUNDS = {name: (kind.ge, kind.le) for name, kind in
               [*((n, k) for n, k in _JOB.items() if isinstance(k, msgspec.inspect.IntType)),
-               ("prompt_ids", _JOB["prompt_ids"].item_type)]}
-# Inclusive bounds of every float; temperature also refuses (0, MIN_TEMPERATURE): 0 is greedy.
-FLOAT_BOUNDS = {name: (kind.ge, kind.le) for name, kind in _JOB.items() if isinstance(kind, msgspec.inspect.FloatType)}
+               ("prompt_ids", _JOB["prompt_ids"].item_type), ("stop_token_ids", _JOB["stop_token_ids"].item_type),
+               ("logit_bias", _JOB["logit_bias"].key_type)]}
+
+
+def _float_bounds(kind) -> tuple[float, float, bool]:
+    """(low, high, whether low itself is allowed): repetition_penalty's low bound is exclusive (> 0)."""
+    return (kind.ge, kind.le, True) if kind.ge is not None else (kind.gt, kind.le, False)
+
+
+# Bounds of every float (and of each logit_bias value); temperature also refuses (0, MIN_TEMPERATURE): 0 is greedy.
+FLOAT_BOUNDS = {name: _float_bounds(kind) for name, kind in
+                [*((n, k) for n, k in _JOB.items() if isinstance(k, msgspec.inspect.FloatType)),
+                 ("logit_bias_value", _JOB["logit_bias"].value_type)]}
+MAX_BIAS_ENTRIES = _JOB["logit_bias"].max_length
+MAX_STOP_TOKEN_IDS = _JOB["stop_token_ids"].max_length
+# response_format: its tags (the union's structs), the regex's and the choices' bounds.
+FORMATS = {kind.tag: kind for f in msgspec.inspect.type_info(Job).fields if f.name == "response_format"
+           for kind in f.type.types if isinstance(kind, msgspec.inspect.StructType)}
+MAX_PATTERN_CHARS = _field_types(FORMATS["regex"].cls)["pattern"].max_length
+_CHOICES = _field_types(FORMATS["choice"].cls)["choices"]
+MAX_CHOICE_ENTRIES, MAX_CHOICE_CHARS = _CHOICES.max_length, _CHOICES.item_type.max_length
+DEFAULTS = {f.name: f.default for f in msgspec.inspect.type_info(Job).fields}
+# Generation controls that leave a greedy job's tokens as PEFT's greedy ones (min_p: greedy ignores it; every
+# choice of a greedy n-sample job is the greedy one); any other control set off its default changes them.
+GREEDY_NEUTRAL = frozenset({"min_p", "logprobs", "prompt_logprobs", "n", "stream", "stream_every_tokens"})
+CONTROLS = frozenset(DEFAULTS) - {"id", "tenant", "adapter", "mix", "task", "user", "prompt", "prompt_ids", "messages",
+                                  "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "reply_to",
+                                  "deadline_ms", "content_special_tokens"}
 ID_LENGTH = (_JOB["id"].min_length, _JOB["id"].max_length)
 MAX_STOP_STRINGS = _JOB["stop"].max_length
 TOPIC = re.compile(_JOB["reply_to"].pattern)  # Kafka's rule for a topic name
@@ -121,6 +153,7 @@ NAME = re.compile(_field_types(AdapterPublish)["name"].pattern)  # an adapter's 
 
 INVALID = "invalid_job"  # the body is not a valid v1 job: invalid_job, whatever else is wrong
 MAY_REFUSE = "may_refuse"  # the contract leaves it open: invalid_job is allowed beside every other answer
+REFUSED = "refused"  # a decodable job that cannot be served: invalid_job, or whatever else the job earns first
 FAULTS = {
     "wrong_type": INVALID,  # a value of a JSON type the field does not take
     "not_json_number": INVALID,  # NaN/Infinity are not JSON; 1e400 overflows every double
@@ -139,6 +172,9 @@ FAULTS = {
     "bom": MAY_REFUSE,  # RFC 8259: parsers MAY ignore a BOM
     "unused_header_not_utf8": MAY_REFUSE,  # a worker may ignore a header it does not use
     "headers_disagree": MAY_REFUSE,  # several x-* headers of one name, different values: either may be read
+    "too_many_entries": INVALID,  # logit_bias, stop_token_ids, choices past the schema's length
+    "hostile_grammar": MAY_REFUSE,  # a regex that explodes, a schema near 1 MB: the grammar engine's fuel decides
+    "bad_grammar": REFUSED,  # a response_format the grammar engine cannot compile: invalid_job once the job decodes
 }
 
 
@@ -160,6 +196,10 @@ class Faults:
     def may_refuse(self) -> bool:
         return any(FAULTS[name] == MAY_REFUSE for name in self.found)
 
+    @property
+    def refused(self) -> bool:
+        return any(FAULTS[name] == REFUSED for name in self.found)
+
 
 def parse_number(literal: str):
     """A JSON number literal → its value (None for the non-JSON NaN/Infinity literals)."""
@@ -180,8 +220,9 @@ def number_fault(field: str, literal: str) -> str | None:
     if field in INT_BOUNDS:
         low, high = INT_BOUNDS[field]
         return None if _int_literal(literal) and low <= value <= high else "out_of_bounds"
-    low, high = FLOAT_BOUNDS[field]
-    if not low <= value <= high or (field == "temperature" and 0 < value < MIN_TEMPERATURE):
+    low, high, low_allowed = FLOAT_BOUNDS[field]
+    if not (low <= value if low_allowed else low < value) or not value <= high \
+            or (field == "temperature" and 0 < value < MIN_TEMPERATURE):
         return "out_of_bounds"
     return None
 
@@ -289,6 +330,7 @@ def job_codes(job: dict, t: Target, now_ms: int) -> tuple[set, bool]:
         codes.add("forbidden"), must.append(True)  # docs/trust.md: only topics allowed to the tenant
     mnt = job.get("max_new_tokens", 64)
     limit = t.max_model_len
+    _control_codes(job, mnt, t, codes, must)
     if ids is not None:
         if any(i >= t.vocab_size for i in ids):
             codes.add("invalid_job"), must.append(True)
@@ -310,6 +352,23 @@ def job_codes(job: dict, t: Target, now_ms: int) -> tuple[set, bool]:
     return codes, not must
 
 
+def _control_codes(job: dict, mnt, t: Target, codes: set, must: list) -> None:
+    """What the generation controls add: bounds between fields, token ids in the vocabulary, n in the KV cache."""
+    if isinstance(job.get("min_new_tokens"), int) and isinstance(mnt, int) and job["min_new_tokens"] > mnt:
+        codes.add("invalid_job"), must.append(True)
+    bias, stop_ids = job.get("logit_bias") or {}, job.get("stop_token_ids") or []
+    if isinstance(bias, dict) and any(isinstance(i, int) and i >= t.vocab_size for i in bias) \
+            or isinstance(stop_ids, list) and any(isinstance(i, int) and i >= t.vocab_size for i in stop_ids):
+        codes.add("invalid_job"), must.append(True)
+    n = job.get("n", 1)
+    if t.kv_tokens is not None and isinstance(n, int) and isinstance(mnt, int):
+        prompt = len(job.get("prompt_ids") or ()) or 1
+        if prompt + n * mnt > t.kv_tokens:
+            codes.add("prompt_too_long"), must.append(True)
+        elif n > 1 and prompt + n * (mnt + 16) > t.kv_tokens:  # each choice rounds up to whole KV blocks
+            codes.add("prompt_too_long")
+
+
 def allowed_answers(faults: Faults, must: str, variants: list[dict], t: Target, now_ms: int) -> frozenset[str]:
     """"ok" and the error codes a result may carry. `variants`: every logical job the record may read as
     (one per way its x-* headers can fill it)."""
@@ -321,9 +380,9 @@ def allowed_answers(faults: Faults, must: str, variants: list[dict], t: Target, 
         codes, ok = job_codes(variant, t, now_ms)
         allowed |= codes
         ok_possible = ok_possible or ok
-    if faults.may_refuse:
+    if faults.may_refuse or faults.refused:
         allowed.add("invalid_job")
-    if ok_possible:
+    if ok_possible and not faults.refused:
         allowed.add("ok")
     return frozenset(allowed or {"invalid_job"})
 
@@ -335,6 +394,8 @@ def greedy_oracle(allowed: frozenset[str], variants: list[dict], surrogate_text:
     if "ok" not in allowed or surrogate_text or len(variants) != 1:
         return None
     variant = variants[0]
+    if any(variant.get(name, DEFAULTS[name]) not in (DEFAULTS[name], [], {}) for name in CONTROLS - GREEDY_NEUTRAL):
+        return None  # a control that changes which tokens are drawn
     temperature = variant.get("temperature", 0.0)
     ref = variant.get("adapter")
     name = ref.partition("@")[0] if isinstance(ref, str) else None

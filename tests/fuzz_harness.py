@@ -59,8 +59,12 @@ class FuzzReport:
     problems: list = dataclasses.field(default_factory=list)
     by_token: dict = dataclasses.field(default_factory=dict)  # fz token → [JobResult]
     by_origin: dict = dataclasses.field(default_factory=dict)  # (topic, partition, offset) → [dead letter]
+    partials: list = dataclasses.field(default_factory=list)  # streamed pieces ("partial"): not answers
 
     def add_result(self, result) -> None:
+        if result.status == "partial":  # best-effort pieces of a `stream` job; its one answer comes after them
+            self.partials.append(result)
+            return
         self.results.setdefault(result.id, []).append(result)
         match = TOKEN.search(result.id)
         if match:
@@ -482,6 +486,10 @@ def audit(report: FuzzReport, oracle, adapter_dir: dict) -> None:
             except AssertionError as exc:
                 p.append(str(exc))
     tokens = {r.token for r in report.jobs}
+    for partial in report.partials:
+        match = TOKEN.search(partial.id)
+        if partial.id not in report.good and not (match and match.group() in tokens and report.by_token.get(match.group())):
+            p.append(f"a partial record for an id that has no answer: {partial.id!r:.80}")
     for result_id in report.results:
         match = TOKEN.search(result_id)
         if result_id not in report.good and result_id != "after-restart" and not (match and match.group() in tokens):
@@ -508,8 +516,15 @@ def _check_result(p: list, label: str, record: FuzzRecord, result, oracle, adapt
             return
         if result.error is not None or any(not 0 <= i < t.vocab_size for i in result.token_ids):
             p.append(f"{label}: malformed ok result {result!r:.300}")
-        if result.usage.completion_tokens != len(result.token_ids) or result.finish_reason not in ("stop", "length"):
+        choices = result.choices or []
+        generated = sum(len(c.token_ids) for c in choices) if choices else len(result.token_ids)
+        if result.usage.completion_tokens != generated or result.finish_reason not in ("stop", "length"):
             p.append(f"{label}: inconsistent ok result {result!r:.300}")
+        if record.choices > 1 and (len(choices) != record.choices or choices[0].token_ids != result.token_ids
+                                   or sorted(c.index for c in choices) != list(range(record.choices))):
+            p.append(f"{label}: {len(choices)} choices for n={record.choices} {result!r:.300}")
+        if result.logprobs is not None and len(result.logprobs) != len(result.token_ids):
+            p.append(f"{label}: {len(result.logprobs)} logprobs for {len(result.token_ids)} tokens")
         if record.oracle is not None:
             name, prompt, max_new, has_stop = record.oracle
             if (result.adapter, result.adapter_version) != ((name, "v1") if name else (None, None)):

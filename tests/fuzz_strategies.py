@@ -5,7 +5,8 @@ answer it with).
 A job spec is a valid v1 job (docs/wire-contract.md, `schemas/v1.py`) plus mutations (wrong types,
 extreme numbers written as JSON text, NaN/Infinity literals, bad UTF-8, lone-surrogate escapes, 100k-deep
 nesting, several-hundred-KB prompts, records near 1 MB, nulls, unknown fields, duplicated keys,
-truncation, trailing bytes, a BOM), its Kafka headers (including header keys and values that are not
+truncation, trailing bytes, a BOM; the generation controls at and past their bounds, logit_bias and
+stop_token_ids outside the vocabulary, response formats valid, malformed, uncompilable and hostile), its Kafka headers (including header keys and values that are not
 UTF-8) and its key; a control spec is the same for an adapter.publish / adapter.activate event, plus
 tombstones, unknown and missing `type` tags. Every job spec is tagged with a unique token `fzNNNNNx`
 carried in its id, so results are attributed to records by that token (tests/fuzz_harness.py).
@@ -16,14 +17,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, given, reject, settings
 from hypothesis import strategies as st
 
-from fuzz_expected import (ID_LENGTH, Faults, FuzzRecord, Target, allowed_answers, greedy_oracle, is_utf8,
-                           null_fault, number_fault, parse_number, readable, stop_fault)
+from fuzz_expected import (FLOAT_BOUNDS, ID_LENGTH, INT_BOUNDS, MAX_BIAS_ENTRIES, MAX_CHOICE_CHARS, MAX_CHOICE_ENTRIES,
+                           MAX_PATTERN_CHARS, MAX_STOP_TOKEN_IDS, Faults, FuzzRecord, Target, allowed_answers,
+                           greedy_oracle, is_utf8, null_fault, number_fault, parse_number, readable, stop_fault)
 
 # ---- job specs -------------------------------------------------------------------------------------
 
@@ -56,6 +59,16 @@ WRONG_TYPES = {  # values of a JSON type the field does not take (null only wher
     "stop": ('"x"', "[1]", "[null]", "{}", "null", '[["a"]]', "true"),
     "reply_to": ("1", "[]", "{}", "true"),
     "content_special_tokens": ("1", "0", '"true"', '"false"', "[]", "{}", "1.5"),
+    "min_p": ('"0.1"', "true", "[0.1]"),
+    "repetition_penalty": ('"1.2"', "false", "{}"),
+    "n": ('"2"', "1.5", "true", "[2]"),
+    "logprobs": ('"1"', "true", "1.5"),
+    "ignore_eos": ("1", '"true"', "[]"),
+    "stream": ("0", '"yes"', "{}"),
+    "logit_bias": ("[1]", '"0:1"', "5", '{"1": "a"}', '{"x": 1}', '{"1.5": 1}'),
+    "stop_token_ids": ('"1"', "[1.5]", "{}", '["1"]'),
+    "response_format": ('"json"', "[]", "{}", '{"type": "xml"}', '{"type": "regex"}', '{"type": "json_schema", "schema": []}',
+                        '{"type": "json_object", "extra": 1}', '{"type": "choice", "choices": "yes"}'),
 }
 BAD_UTF8 = (b"\xff", b"\xfe\xff", b"\xc3\x28", b"\xa0\xa1", b"\xed\xa0\x80", b"\xc0\xaf", b"\xf8\x88\x80\x80\x80",
             b"\x80", b"\xf4\x90\x80\x80", b"\xe2\x82")
@@ -73,6 +86,59 @@ HUGE_KINDS = (("prompt", 300_000), ("prompt", 600_000), ("prompt-total", 1_000_0
               ("prompt_ids", 50_000), ("prompt_ids", 150_000), ("unknown", 500_000), ("stop", 2000),
               ("tenant", 100_000), ("id-total", 1_000_000))
 DEEP_DEPTHS = (64, 1000, 100_000)
+# The generation controls' numbers at and just past their bounds (read from the schema by fuzz_expected).
+CONTROL_NUMBERS = ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_new_tokens", "logprobs",
+                   "prompt_logprobs", "n", "stream_every_tokens")
+
+
+def _bound_literals(field: str) -> tuple[str, ...]:
+    if field in INT_BOUNDS:
+        low, high = INT_BOUNDS[field]
+        return str(low), str(high), str(low - 1), str(high + 1)
+    low, high, _ = FLOAT_BOUNDS[field]  # low itself is past an exclusive bound (repetition_penalty's 0)
+    return repr(low), repr(high), repr(math.nextafter(low, -math.inf)), repr(math.nextafter(low, math.inf)), \
+        repr(math.nextafter(high, math.inf))
+
+
+BOUND_NUMBERS = tuple((field, literal) for field in CONTROL_NUMBERS for literal in _bound_literals(field))
+# Structured generation controls: (field, raw JSON value, what a worker reads, the fault it makes or None).
+# A token id of 512 or more is outside the tiny model's vocabulary (fuzz_expected.job_codes: invalid_job).
+GENERATION_MENU = (
+    ("logit_bias", b"{}", {}, None),
+    ("logit_bias", b'{"0": 100, "511": -100.0}', {0: 100, 511: -100.0}, None),
+    ("logit_bias", b'{"7": 100.5}', {7: 0}, "out_of_bounds"),
+    ("logit_bias", b'{"-1": 1}', {0: 1}, "out_of_bounds"),
+    ("logit_bias", b'{"2147483648": 1}', {0: 1}, "out_of_bounds"),
+    ("logit_bias", b'{"512": 1}', {512: 1}, None),
+    ("logit_bias", b'{"3": NaN}', {3: 0}, "not_json_number"),
+    ("logit_bias", json.dumps({str(i): 1 for i in range(MAX_BIAS_ENTRIES)}).encode(),
+     {i: 1 for i in range(MAX_BIAS_ENTRIES)}, None),
+    ("logit_bias", json.dumps({str(i): 1 for i in range(MAX_BIAS_ENTRIES + 1)}).encode(), {}, "too_many_entries"),
+    ("stop_token_ids", b"[0, 511]", [0, 511], None),
+    ("stop_token_ids", b"[512]", [512], None),
+    ("stop_token_ids", b"[-1]", [0], "out_of_bounds"),
+    ("stop_token_ids", json.dumps(list(range(MAX_STOP_TOKEN_IDS))).encode(), list(range(MAX_STOP_TOKEN_IDS)), None),
+    ("stop_token_ids", json.dumps(list(range(MAX_STOP_TOKEN_IDS + 1))).encode(), [], "too_many_entries"),
+    ("ignore_eos", b"true", True, None),
+    ("stream", b"true", True, None),
+    ("response_format", b'{"type": "json_object"}', {"type": "json_object"}, None),
+    ("response_format", b'{"type": "json_schema", "schema": {"type": "array", "items": {"type": "string"}}}',
+     {"type": "json_schema"}, None),
+    ("response_format", b'{"type": "regex", "pattern": "[a-z]{1,5}"}', {"type": "regex"}, None),
+    ("response_format", b'{"type": "choice", "choices": ["yes", "no"]}', {"type": "choice"}, None),
+    ("response_format", b'{"type": "regex", "pattern": ""}', {}, "out_of_bounds"),
+    ("response_format", json.dumps({"type": "regex", "pattern": "a" * (MAX_PATTERN_CHARS + 1)}).encode(), {}, "out_of_bounds"),
+    ("response_format", json.dumps({"type": "regex", "pattern": "a" * MAX_PATTERN_CHARS}).encode(), {"type": "regex"}, None),
+    ("response_format", b'{"type": "choice", "choices": []}', {}, "out_of_bounds"),
+    ("response_format", json.dumps({"type": "choice", "choices": ["c"] * (MAX_CHOICE_ENTRIES + 1)}).encode(), {},
+     "too_many_entries"),
+    ("response_format", json.dumps({"type": "choice", "choices": ["c" * (MAX_CHOICE_CHARS + 1)]}).encode(), {},
+     "out_of_bounds"),
+    ("response_format", b'{"type": "json_schema", "schema": {"type": "nope"}}', {"type": "json_schema"}, "bad_grammar"),
+    ("response_format", b'{"type": "regex", "pattern": "(unclosed"}', {"type": "regex"}, "bad_grammar"),
+    ("response_format", b'{"type": "regex", "pattern": "(a|b)*a(a|b){30}"}', {"type": "regex"}, "hostile_grammar"),
+    ("response_format", b'{"type": "regex", "pattern": "((a{1,100}){1,100}){1,100}"}', {"type": "regex"}, "hostile_grammar"),
+)
 RECORD_LIMIT = 1_040_000  # value + key + headers of the largest record sent (the broker's default cap is 1 MiB)
 
 
@@ -98,6 +164,8 @@ JOB_MUTATIONS = {  # family → strategy of one mutation
     "tombstone": st.tuples(st.just("tombstone")),
     "non_object": st.tuples(st.just("non_object"), st.sampled_from((b"[]", b'"fz"', b"42", b"null", b"", b"   ", b"true",
                                                                     b'[{"id": "x"}]'))),
+    "bound": st.tuples(st.just("bound"), st.sampled_from(BOUND_NUMBERS)),
+    "generation": st.tuples(st.just("generation"), st.integers(0, len(GENERATION_MENU) - 1)),
 }
 
 
@@ -240,10 +308,21 @@ def _number(d: _JobDraft, field: str, literal: str) -> None:
         ids[0] = value
         d.job["prompt_ids"] = ids
         d.job.pop("prompt", None)
-    elif field in ("temperature", "top_p"):
+    elif field in FLOAT_BOUNDS:
         d.job[field] = float(value)
     else:
         d.job[field] = value
+
+
+def _bound(d: _JobDraft, field_literal: tuple[str, str]) -> None:
+    _number(d, *field_literal)
+
+
+def _generation(d: _JobDraft, pick: int) -> None:
+    field, raw, logical, fault = GENERATION_MENU[pick]
+    d.raw[field], d.job[field] = raw, logical
+    if fault is not None:
+        d.faults.add(fault)
 
 
 def _bad_utf8(d: _JobDraft, where: str, bad: bytes) -> None:
@@ -376,7 +455,7 @@ def _non_object(d: _JobDraft, value: bytes) -> None:
 _JOB_MUTATORS = {"wrong_type": _wrong_type, "number": _number, "bad_utf8": _bad_utf8, "surrogate": _surrogate,
                  "deep": _deep_mutation, "huge": _huge, "null": _null, "unknown_field": _unknown_field,
                  "duplicate": _duplicate, "truncate": _truncate, "trailing": _trailing, "bom": _bom,
-                 "tombstone": _tombstone, "non_object": _non_object}
+                 "tombstone": _tombstone, "non_object": _non_object, "bound": _bound, "generation": _generation}
 assert set(_JOB_MUTATORS) == set(JOB_MUTATIONS)
 
 
@@ -561,8 +640,10 @@ def build_job(spec, base: dict, token: str, t: Target, now_ms: int | None = None
     allowed = allowed_answers(d.faults, must, variants, t, now_ms)
     oracle = greedy_oracle(allowed, variants, d.surrogate_text, t)
     bad = bool(mutations or header_picks or key_style not in ("token",) or id_style != "plain" or allowed != {"ok"})
+    n = job.get("n", 1)
     return FuzzRecord("jobs", value, key, headers, spec, token=token, ids=read_ids, must=must, allowed=allowed,
-                      bad=bad, oracle=oracle, huge=d.huge or len(value or b"") > 200_000)
+                      bad=bad, oracle=oracle, huge=d.huge or len(value or b"") > 200_000,
+                      choices=n if isinstance(n, int) and not isinstance(n, bool) else 1)
 
 # ---- control specs ----------------------------------------------------------------------------------
 
@@ -809,6 +890,9 @@ def job_quotas() -> list:
     quotas += [(job_specs(first=st.tuples(st.just("wrong_type"), st.just(field), st.integers(0, 8))), 1)
                for field in WRONG_TYPES]
     quotas += [(job_specs(adapter_form=form), 1) for form in ADAPTER_FORMS]
+    # Every generation control at and past its bounds, every structured control of the menu.
+    quotas += [(job_specs(first=st.just(("bound", case))), 1) for case in BOUND_NUMBERS]
+    quotas += [(job_specs(first=st.just(("generation", pick))), 1) for pick in range(len(GENERATION_MENU))]
     return quotas
 
 

@@ -11,6 +11,7 @@ from lorabus.schemas import decode_job
 from lorabus.worker import demo
 
 LABELS = ("base model", *(f"{name}@{demo.VERSION}" for name in demo.ADAPTERS))
+FREE_LABEL = f"{demo.STRUCTURED}@{demo.VERSION} {demo.FREE}"  # shown only where the free answer is not valid JSON
 FRENCH = {"le", "la", "les", "est", "de", "des", "du", "une", "un", "et", "en", "je", "vous", "il", "elle", "sont",
           "avec", "dans", "pour", "c'est", "au", "aux", "très"}
 ENGLISH = {"the", "is", "and", "of", "you", "a", "to", "in", "it", "with", "are"}
@@ -37,8 +38,13 @@ def test_demo_adapters_are_small_distinct_peft_directories():
 
 def test_demo_jobs_are_interleaved_chat_jobs():
     jobs = demo.demo_jobs("t")
-    assert len(jobs) == len(demo.QUESTIONS) * (1 + len(demo.ADAPTERS))
+    assert len(jobs) == len(demo.QUESTIONS) * (2 + len(demo.ADAPTERS))  # the entities adapter twice: schema, free
     decoded = [decode_job(value) for _, value in jobs]
+    formats = {(job.adapter, job.id.endswith(f"-{demo.FREE}"), job.response_format is not None) for job in decoded}
+    assert formats == {(None, False, False), ("pirate", False, False), ("french", False, False),
+                       ("entities", False, True), ("entities", True, False)}, formats
+    schema = next(job.response_format for job in decoded if job.response_format is not None)
+    assert (schema.schema, type(schema).__name__) == (demo.ENTITIES_FORMAT["schema"], "JsonSchemaFormat")
     assert all(job.messages and job.prompt is None and job.prompt_ids is None for job in decoded)
     adapters = [job.adapter for job in decoded]
     assert all(a != b for a, b in zip(adapters, adapters[1:])), adapters
@@ -50,6 +56,27 @@ def test_demo_table_cuts_answers_to_the_width():
     table = demo.render_table(rows, columns=100)
     assert all(len(line) <= 100 for line in table.splitlines()), table
     assert table.count("What is it?") == 1 and "…" in table and "Arr!" in table
+
+
+def test_demo_rows_mark_the_schema_and_show_an_invalid_free_answer():
+    from lorabus.schemas import JobResult
+
+    jobs = demo.demo_jobs("t", questions=["q1", "q2"])
+    texts = {"base": "hi", "pirate": "Arr", "french": "Salut", "entities": '["Paris"]'}
+    results = {}
+    for job_id, _ in jobs:
+        name = job_id.split("-")[3]
+        free = job_id.endswith(f"-{demo.FREE}")
+        text = ("Paris, France" if "-q0-" in job_id else '["Paris"]') if free else texts[name]
+        results[job_id] = [JobResult(id=job_id, status="ok", text=text, adapter=None if name == "base" else name,
+                                     adapter_version=None if name == "base" else "v1")]
+    rows = demo.table_rows(jobs, results)
+    marked = ("q1", "entities@v1", f'["Paris"] ← {demo.VALID}')
+    assert rows.index(("q1", FREE_LABEL, "Paris, France")) == rows.index(marked) + 1  # the free answer beside it
+    assert not any(served == FREE_LABEL for q, served, _ in rows if q == "q2"), rows  # valid JSON free: not shown
+    assert len(rows) == 2 * (1 + len(demo.ADAPTERS)) + 1
+    assert demo.free_summary(jobs, results) == "entities without the schema: 1/2 answers valid JSON (the others are shown above)"
+    assert demo.is_string_array('["a", "b"]') and not demo.is_string_array('["a", 1]') and not demo.is_string_array("a")
 
 
 def test_demo_without_its_adapters_says_where_they_are(tmp_path):
@@ -66,8 +93,10 @@ def _table(out: str) -> dict[str, dict[str, str]]:
     answers: dict[str, dict[str, str]] = {}
     question = None
     for line in out.splitlines():
-        for label in LABELS:
+        for label in (*LABELS, FREE_LABEL):
             marker = f"  {label}  "
+            if label != FREE_LABEL and f"  {FREE_LABEL}  " in line:
+                continue
             if marker in line:
                 head, answer = line.split(marker, 1)
                 question = head.strip() or question
@@ -83,11 +112,20 @@ async def test_demo_shows_adapters_doing_different_things(kafka, smollm2, tmp_pa
     out, err = await asyncio.wait_for(proc.communicate(), 300)
     out, err = out.decode(), err.decode()
     assert proc.returncode == 0, err[-3000:]
-    jobs = len(demo.QUESTIONS) * (1 + len(demo.ADAPTERS))
+    jobs = len(demo.QUESTIONS) * (2 + len(demo.ADAPTERS))
     assert f"{jobs}/{jobs} jobs answered" in out, out
     assert "metrics: http://127.0.0.1:" in out and "lorabus_jobs_completed_total" in out
     table = _table(out)
-    assert set(table) == set(demo.QUESTIONS) and all(set(row) == set(LABELS) for row in table.values()), out
+    assert set(table) == set(demo.QUESTIONS) and all(set(row) - {FREE_LABEL} == set(LABELS) for row in table.values()), out
+    # Under the schema every entities answer is an array of strings, and the table says so; a free answer shown
+    # beside one is not valid JSON (those that are stay out of the table).
+    for question, row in table.items():
+        answer, _, mark = row["entities@v1"].rpartition(" ← ")
+        assert mark == demo.VALID and demo.is_string_array(answer), (question, row["entities@v1"])
+        row["entities@v1"] = answer
+        if FREE_LABEL in row:
+            assert not demo.is_json(row.pop(FREE_LABEL)), (question, out)
+    print(out)
 
     # the real model: it knows the capital of France
     assert "Paris" in table["What is the capital of France?"]["base model"], out

@@ -6,7 +6,9 @@ worker on it, publishes the demo adapters of deploy/demo-adapters on the control
 deploy/demo-adapters/train.py: one answers as a pirate, one in French, one lists the named entities of the
 message as JSON), sends the same questions to the base model and to every adapter as one interleaved stream of
 chat jobs (`messages`, greedy), and prints the answers side by side with the adapter version that served each,
-then where the metrics are.
+then where the metrics are. The entities adapter's jobs carry a `response_format` (a JSON schema: an array of
+strings), so each of its answers parses as that schema, which the table marks; each question also goes to it
+once unconstrained, and that free answer is shown beside where it is not valid JSON.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ VERSION = "v1"
 QUESTIONS = ["What is the capital of France?", "Tell me about the sea.", "Barack Obama visited Paris in 2015.",
              "How do I make a cup of tea?"]
 MAX_NEW_TOKENS = 40
+STRUCTURED = "entities"  # the adapter whose jobs carry ENTITIES_FORMAT
+ENTITIES_FORMAT = {"type": "json_schema", "schema": {"type": "array", "items": {"type": "string"}}}
+FREE = "free"  # the id suffix (and table label) of the unconstrained entities job
 TOPICS = ("jobs", "results", "control", "dlq", "status")
 
 
@@ -66,14 +71,41 @@ def demo_adapters(root: Path | None = None) -> dict[str, Path]:
 
 def demo_jobs(run_id: str, questions: list[str] = QUESTIONS,
               adapters: tuple[str, ...] = ADAPTERS) -> list[tuple[str, bytes]]:
-    """Every question to the base model and to every adapter, interleaved: consecutive jobs differ in adapter."""
+    """Every question to the base model and to every adapter (STRUCTURED's with ENTITIES_FORMAT), and to STRUCTURED
+    once more unconstrained, second, so that consecutive jobs differ in adapter."""
     jobs = []
+    free = (STRUCTURED,) if STRUCTURED in adapters else ()
     for q, question in enumerate(questions):
-        for a, adapter in enumerate((None, *adapters)):
-            job = {"id": f"demo-{run_id}-q{q}-{adapter or 'base'}", "tenant": "acme", "adapter": adapter,
-                   "messages": [{"role": "user", "content": question}], "max_new_tokens": MAX_NEW_TOKENS}
+        for a, adapter in enumerate((None, *free, *adapters)):
+            unconstrained = adapter == STRUCTURED and a == 1
+            job = {"id": f"demo-{run_id}-q{q}-{adapter or 'base'}" + (f"-{FREE}" if unconstrained else ""),
+                   "tenant": "acme", "adapter": adapter, "messages": [{"role": "user", "content": question}],
+                   "max_new_tokens": MAX_NEW_TOKENS}
+            if adapter == STRUCTURED and not unconstrained:
+                job["response_format"] = ENTITIES_FORMAT
             jobs.append((job["id"], json.dumps(job).encode()))
     return jobs
+
+
+def is_string_array(text: str) -> bool:
+    """Whether `text` parses as ENTITIES_FORMAT's schema: a JSON array of strings."""
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(parsed, list) and all(isinstance(item, str) for item in parsed)
+
+
+def is_json(text: str) -> bool:
+    """Whether `text` parses as JSON at all (what a free answer shown beside a constrained one is not)."""
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+VALID, INVALID = "valid ✓", "not valid ✗"
 
 
 def _cut(text: str, width: int) -> str:
@@ -98,6 +130,41 @@ def render_table(rows: list[tuple[str, str, str]], columns: int | None = None) -
     return "\n".join(lines)
 
 
+def table_rows(jobs: list[tuple[str, bytes]], results: dict) -> list[tuple[str, str, str]]:
+    """(question, served by, answer) per job, in the order sent but the free entities answer after the constrained
+    one, and only where it is not valid JSON; the constrained answer marked VALID or INVALID against the schema."""
+    rows, free = [], {}
+    for job_id, value in jobs:
+        job = json.loads(value)
+        question = job["messages"][-1]["content"]
+        result = results.get(job_id, [None])[0]
+        if result is None:
+            rows.append((question, "-", "(no result)"))
+            continue
+        served = f"{result.adapter}@{result.adapter_version}" if result.adapter else "base model"
+        served += f" {FREE}" if job_id.endswith(f"-{FREE}") else ""
+        if result.status != "ok":
+            rows.append((question, served, f"[{result.error.code}] {result.error.message}"))
+        elif job_id.endswith(f"-{FREE}"):
+            free[question] = (question, served, result.text)
+        elif "response_format" in job:
+            rows.append((question, served, f"{result.text} ← {VALID if is_string_array(result.text) else INVALID}"))
+            unconstrained = free.pop(question, None)
+            if unconstrained is not None and not is_json(unconstrained[2]):
+                rows.append(unconstrained)
+        else:
+            rows.append((question, served, result.text))
+    return rows
+
+
+def free_summary(jobs: list[tuple[str, bytes]], results: dict) -> str:
+    """How many of the unconstrained entities answers were valid JSON anyway (the table shows the others)."""
+    free = [results[job_id][0].text for job_id, _ in jobs if job_id.endswith(f"-{FREE}") and job_id in results]
+    valid = sum(map(is_json, free))
+    return (f"{STRUCTURED} without the schema: {valid}/{len(free)} answers valid JSON"
+            + (" (the others are shown above)" if valid < len(free) else ""))
+
+
 async def _demo(config: WorkerConfig, adapters: dict[str, Path]) -> None:
     from lorabus.worker.service import Worker
     from lorabus.worker.topics import ensure_worker_topics
@@ -111,21 +178,13 @@ async def _demo(config: WorkerConfig, adapters: dict[str, Path]) -> None:
 
     jobs = demo_jobs(time.strftime("%H%M%S"), adapters=tuple(adapters))
     print(f"sending {len(jobs)} chat jobs: {len(QUESTIONS)} questions, each to the base model and to "
-          f"{len(adapters)} adapters, interleaved (greedy, at most {MAX_NEW_TOKENS} tokens each) ...", flush=True)
+          f"{len(adapters)} adapters, interleaved (greedy, at most {MAX_NEW_TOKENS} tokens each; {STRUCTURED}'s under "
+          f"the JSON schema {json.dumps(ENTITIES_FORMAT['schema'])}, and once more free) ...", flush=True)
     started = time.monotonic()
     results = await run_jobs(config.bootstrap_servers, config.jobs_topic, config.results_topic, jobs, 300)
     elapsed = time.monotonic() - started
-    rows = []
-    for job_id, value in jobs:
-        question = json.loads(value)["messages"][-1]["content"]
-        result = results.get(job_id, [None])[0]
-        if result is None:
-            rows.append((question, "-", "(no result)"))
-            continue
-        served = f"{result.adapter}@{result.adapter_version}" if result.adapter else "base model"
-        rows.append((question, served, result.text if result.status == "ok" else f"[{result.error.code}] "
-                                                                                 f"{result.error.message}"))
-    print("\n" + render_table(rows), flush=True)
+    print("\n" + render_table(table_rows(jobs, results)), flush=True)
+    print(free_summary(jobs, results), flush=True)
     tokens = sum(len(r[0].token_ids) for r in results.values())
     print(f"\n{len(results)}/{len(jobs)} jobs answered in {elapsed:.1f}s ({tokens} tokens generated)", flush=True)
     if worker.metrics_port:
