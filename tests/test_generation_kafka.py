@@ -40,11 +40,13 @@ async def test_generation_controls_through_the_broker_match_hf(kafka, tiny_model
                            response_format={"type": "json_schema", "schema": {"type": "frobnicate"}}),
     }
     config = worker_config(kafka, tiny_model)
-    async with running_worker(config):
+    async with running_worker(config) as worker:
         await publish_control(kafka, config.control_topic,
                               [AdapterPublish(name, "v1", str(path)) for name, path in peft_adapters.items()])
         records = [(job_id, json.dumps({"id": job_id, "tenant": "t", **job}).encode()) for job_id, job in jobs.items()]
         results = await run_jobs(kafka, config.jobs_topic, config.results_topic, records, timeout_s=60)
+        # Jobs with different settings shared forward passes: some step ran sequences of several adapters.
+        assert _steps_above(worker.metrics.step_adapters, 1) > 0
     answers = {job_id: result for job_id, (result,) in results.items()}
     for job_id, reason in (("bias-past-vocab", "logit_bias"), ("min-p-2", "min_p"), ("bad-schema", "frobnicate")):
         error = answers[job_id].error
@@ -84,3 +86,10 @@ async def test_generation_controls_through_the_broker_match_hf(kafka, tiny_model
     got = good["n3"]
     assert [c.index for c in got.choices] == [0, 1, 2] and got.token_ids == got.choices[0].token_ids
     assert got.usage.completion_tokens == sum(len(c.token_ids) for c in got.choices)
+
+
+def _steps_above(histogram, bound: float) -> float:
+    """Observations of a Prometheus histogram above `bound` (one of its bucket bounds)."""
+    buckets = {sample.labels["le"]: sample.value for sample in histogram.collect()[0].samples
+               if sample.name.endswith("_bucket")}
+    return buckets["+Inf"] - buckets[str(float(bound))]
