@@ -16,12 +16,17 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from helpers import PrivateBroker, make_peft_adapter  # noqa: E402
+from s3_store import s3_fixture  # noqa: E402
 from lorabus.worker.aiokafka_compat import use_python_record_builder  # noqa: E402
 from lorabus.worker.model_store import fetch_model  # noqa: E402
 from lorabus.worker.testing import build_tiny_model  # noqa: E402
 
 # Before any producer exists: test producers may send header keys that are not UTF-8 (helpers.RawHeaderKey).
 use_python_record_builder()
+
+# A real S3-compatible store (deploy/local-s3: S3Proxy) of the test's own, with an empty bucket "adapters";
+# a test may stop() and restart() it (same port and data) for outage checks.
+s3 = s3_fixture()
 
 
 @pytest.fixture(scope="session")
