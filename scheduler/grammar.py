@@ -20,6 +20,10 @@ import torch
 
 ALLOWED = 200  # what llguidance's one-byte-per-token mask holds for an allowed token (0: not allowed)
 MAX_GRAMMAR_ERROR = 512  # a compile error may quote the schema
+# JSON with its separators fixed (", " and ": "): JSON's free whitespace let sampled outputs run on in
+# newlines until max_new_tokens (5.7% of SmolLM2 jobs under an adapter, docs/benchmarks.md). A schema may
+# still ask for free whitespace with its own "x-guidance": {"whitespace_flexible": true}.
+JSON_OPTIONS = {"whitespace_flexible": False}
 
 
 class GrammarError(Exception):
@@ -40,9 +44,9 @@ class OutputFormat:
         import llguidance
 
         if self.kind == "json_schema":
-            return llguidance.LLMatcher.grammar_from_json_schema(self.spec)
+            return llguidance.LLMatcher.grammar_from_json_schema(self.spec, defaults=JSON_OPTIONS)
         if self.kind == "json_object":
-            return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}')
+            return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=JSON_OPTIONS)
         if self.kind == "regex":
             return llguidance.LLMatcher.grammar_from_regex(self.spec)
         if self.kind == "choice":

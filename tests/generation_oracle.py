@@ -151,7 +151,7 @@ def grammar(kind: str, spec) -> str:
     import llguidance
 
     if kind == "json_schema":
-        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(spec))
+        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(spec), defaults={"whitespace_flexible": False})
     if kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(spec)
     assert kind == "choice", kind

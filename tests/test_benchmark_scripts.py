@@ -2,6 +2,7 @@
 repository root (a script by path: its own folder on sys.path, never the root), and the kernel bench as
 `python -P -m lorabus.kernels.bench`. `--help` imports everything a script needs without running it."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -23,3 +24,18 @@ def test_kernel_bench_starts_as_documented():
     done = subprocess.run([sys.executable, "-P", "-m", "lorabus.kernels.bench", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "usage:" in done.stdout, done.stderr[-2000:]
+
+
+def test_generation_bench_runs_its_smallest_settings(tmp_path):
+    """Every part of benchmarks/generation.py runs end to end on the tiny model and reports its figures."""
+    out = tmp_path / "generation.json"
+    smallest = ["--model-shape", "tiny", "--repeats", "1", "--jobs", "2", "--max-new", "2", "--tp-prompt-len", "4",
+                "--prompt-len", "8", "--n-new", "2", "--per-schema", "1", "--json", str(out)]
+    done = subprocess.run([sys.executable, "benchmarks/generation.py", *smallest], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert len(report["throughput"]["ratio"]) == len(report["n"]["speedup"]) == 1, report
+    for mode in ("base", "adapter"):
+        rows = report["validity"][mode]["formats"]
+        assert len(rows) == 5 and all(row["jobs"] == 1 and row["valid"] == row["stop"] for row in rows.values()), rows
