@@ -20,10 +20,11 @@ import torch
 
 ALLOWED = 200  # what llguidance's one-byte-per-token mask holds for an allowed token (0: not allowed)
 MAX_GRAMMAR_ERROR = 512  # a compile error may quote the schema
-# JSON with its separators fixed (", " and ": "): JSON's free whitespace let sampled outputs run on in
-# newlines until max_new_tokens (5.7% of SmolLM2 jobs under an adapter, docs/benchmarks.md). A schema may
-# still ask for free whitespace with its own "x-guidance": {"whitespace_flexible": true}.
-JSON_OPTIONS = {"whitespace_flexible": False}
+# JSON with its separators fixed to json.dumps's (", " and ": "): JSON's free whitespace let sampled outputs run
+# on in newlines until max_new_tokens (5.7% of SmolLM2 jobs under an adapter, docs/benchmarks.md), and compact
+# separators (",") derail a model trained on json.dumps's output. A schema may still ask for free whitespace
+# with its own "x-guidance": {"whitespace_flexible": true}.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class GrammarError(Exception):

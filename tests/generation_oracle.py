@@ -144,6 +144,10 @@ def llg_tokenizer(model_dir: Path, vocab_size: int):
     return llguidance.hf.from_tokenizer(peft_oracle(model_dir).tokenizer, n_vocab=vocab_size)
 
 
+# The engine's JSON options (scheduler/grammar.py), written out: the oracle must compile the same grammar.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
 def grammar(kind: str, spec) -> str:
     """llguidance's grammar for a response format: a JSON schema (a dict), a regex, or a list of choices."""
     import json
@@ -151,7 +155,7 @@ def grammar(kind: str, spec) -> str:
     import llguidance
 
     if kind == "json_schema":
-        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(spec), defaults={"whitespace_flexible": False})
+        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(spec), defaults=JSON_OPTIONS)
     if kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(spec)
     assert kind == "choice", kind

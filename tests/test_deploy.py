@@ -2,7 +2,9 @@
 Grafana provisioning and the Prometheus configs. Every YAML file parses; every flag and LORABUS_*
 variable they set is one the worker reads (the settings each worker would run with are parsed by the
 real `lorabus worker` parser); every lorabus_* metric they name is exported; ports, probes, grace
-periods, topic settings and the KEDA trigger match the code's defaults. No Docker, cluster or broker."""
+periods, topic settings and the KEDA trigger match the code's defaults; adapters come from the object store
+(the store's service and credentials, a bounded disk tier) with no shared volume required. No Docker,
+cluster or broker."""
 
 import ast
 import os
@@ -78,6 +80,12 @@ def config_map() -> dict[str, str]:
     return k8s()[("ConfigMap", "lorabus-config")]["data"]
 
 
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes quantity of bytes ("24Gi", "512Mi", "1G", "100")."""
+    number, unit = re.fullmatch(r"(\d+)([KMGT]i?)?", quantity).groups()
+    return int(number) * (1024 if unit and unit.endswith("i") else 1000) ** ("KMGT".index(unit[0]) + 1 if unit else 0)
+
+
 def secret_refs(container: dict) -> set[tuple[str, str, str]]:
     """(variable, Secret, key) of the variables a container takes from Secrets."""
     return {(item["name"], item["valueFrom"]["secretKeyRef"]["name"], item["valueFrom"]["secretKeyRef"]["key"])
@@ -150,7 +158,7 @@ def test_every_yaml_file_parses():
         assert docs and all(isinstance(d, dict) for d in docs), path
     kinds = {kind for kind, _ in k8s()}
     assert {"ConfigMap", "Deployment", "Service", "Job", "ScaledObject", "TriggerAuthentication",
-            "ServiceMonitor", "PersistentVolumeClaim"} <= kinds
+            "ServiceMonitor", "PersistentVolumeClaim", "Secret"} <= kinds
     for (kind, name), doc in k8s().items():
         assert doc["apiVersion"] and name.startswith("lorabus"), (kind, name)
 
@@ -210,6 +218,47 @@ def test_k8s_worker_settings_parse(monkeypatch):
     assert config.security.security_protocol == "SASL_SSL" and config.security.sasl_password == "from-secretKeyRef"
     assert ("LORABUS_SASL_PASSWORD", "lorabus-kafka", "password") in secret_refs(container)
     assert {"configMapRef": {"name": "lorabus-config"}} in container["envFrom"]
+
+
+def test_k8s_workers_fetch_adapters_from_the_store_without_a_shared_volume(monkeypatch):
+    objects, container = k8s(), worker_container()
+    secret = objects[("Secret", "lorabus-store")]
+    assert set(secret["stringData"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}  # boto3's chain, no flags
+    assert {"secretRef": {"name": "lorabus-store"}} in container["envFrom"]
+    env = {**config_map(), **{item["name"]: item.get("value", "x") for item in container["env"]}}
+    config = worker_config(monkeypatch, env, container["args"])
+    assert config.s3_endpoint_url == config_map()["LORABUS_S3_ENDPOINT_URL"] and config.s3_endpoint_url
+    assert config.s3_addressing_style in flags.ADDRESSING_STYLES
+    # The disk tier is a volume of the pod's own, larger than the tier's bound (downloads may overshoot it).
+    spec = objects[("Deployment", "lorabus-worker")]["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    tier = volumes[mounts[config.adapter_disk_cache_dir]]
+    assert quantity_bytes(tier["emptyDir"]["sizeLimit"]) > config.adapter_disk_cache_bytes
+    # The ReadWriteMany volume stays an option: defined, but no pod needs it.
+    assert objects[("PersistentVolumeClaim", "lorabus-adapters")]["spec"]["accessModes"] == ["ReadWriteMany"]
+    pods = [d["spec"]["template"]["spec"] for d in objects.values() if "template" in d.get("spec", {})]
+    assert len(pods) == 2 and not [v for pod in pods for v in pod.get("volumes", []) if "persistentVolumeClaim" in v]
+
+
+def test_compose_workers_fetch_adapters_from_its_store(monkeypatch):
+    services = compose()["services"]
+    store = services["s3"]
+    assert store["image"].startswith("andrewgaul/s3proxy:") and store["environment"]["JCLOUDS_PROVIDER"] == "filesystem"
+    store_port = store["environment"]["S3PROXY_ENDPOINT"].rsplit(":", 1)[1]
+    upload = services["adapters-upload"]
+    for name, service in [*worker_services().items(), ("adapters-upload", upload)]:
+        env = service["environment"]
+        assert env["LORABUS_S3_ENDPOINT_URL"] == f"http://s3:{store_port}", name
+        # The keys the store is started with, from the same shell variables.
+        assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (
+            store["environment"]["S3PROXY_IDENTITY"], store["environment"]["S3PROXY_CREDENTIAL"]), name
+    for service in worker_services().values():
+        config = worker_config(monkeypatch, service["environment"], service.get("command", []))
+        assert config.s3_addressing_style == "path"  # S3Proxy's addresses
+        assert 0 < config.adapter_disk_cache_bytes and "volumes" not in service  # nothing shared between workers
+    assert upload["image"] == next(iter(worker_services().values()))["image"]  # boto3 and the demo adapters
+    assert "adapters/" in upload["command"][0] and "/v1/" in upload["command"][0]
 
 
 def test_compose_worker_settings_parse(monkeypatch):

@@ -94,7 +94,7 @@ def test_publish_checks_the_local_adapter_directory(adapter_dir, tmp_path):
     (adapter_dir / "adapter_model.bin").write_bytes(b"pickle")
     (problem,) = validate_event(AdapterPublish("fin", "v1", f"file://{adapter_dir}"), empty)
     assert problem == f"adapter path file://{adapter_dir} has no adapter_model.safetensors"
-    for path, text in (("s3://bucket/fin", "only local directories and file:// URIs"),
+    for path, text in (("https://host/fin", "only local directories and file:// URIs"),
                        ("file://otherhost/a", "names host 'otherhost'"), ("relative/dir", "is not absolute")):
         (problem,) = validate_event(AdapterPublish("fin", "v1", path), empty)
         assert text in problem, problem

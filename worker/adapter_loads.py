@@ -5,6 +5,8 @@ route should serve next (`AdapterRegistry.to_load`) is warmed up (loaded, one du
 engine, at most `max_warmups` at a time so a log of many names never queues thousands ahead of jobs.
 Every finished load, a warm-up's or a job's, lands in `AdapterHealth`; a failure moves the name on to
 its next version, and is tried again later in case its file is restored (worker/load_retry.py).
+A version published in the object store (`s3://`) is fetched into the disk tier first (`StoreFetches`,
+worker/store_fetches.py: loading meanwhile); a failed fetch is a failed load, and its retry fetches again.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import time
 from typing import Callable
 
 from lorabus.scheduler import Completion, Engine
-from lorabus.worker.adapter_paths import AdapterPathError, confine_adapter_path
+from lorabus.worker.adapter_paths import AdapterPathError, confine_adapter_path, is_store_path
 from lorabus.worker.config import WorkerConfig
 from lorabus.worker.control_log import ControlLog
 from lorabus.worker.load_retry import LoadRetries
 from lorabus.worker.metrics import Metrics
 from lorabus.worker.registry import AdapterHealth, AdapterRegistry, Load, is_mix_key
+from lorabus.worker.store_fetches import StoreFetches
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,7 @@ class AdapterLoads:
         # of thousands would only evict the others. From True on, every event and every finished load asks
         # for what serves next.
         self.active = False
+        self.fetches = StoreFetches(config, engine, control_log, registry, health, metrics, self._fetched)
         self._retries = LoadRetries(config.adapter_retry_ms / 1000, config.adapter_retry_max_ms / 1000, self._retry)
         self._queue: collections.deque[str] = collections.deque()
         self._queued: set[str] = set()
@@ -77,6 +81,10 @@ class AdapterLoads:
         """Load a version and run one dummy step on it; traffic moves to it only once it is ready. Queued
         behind the warm-ups already asked for."""
         self.health.set(key, Load.LOADING)
+        if not self.fetches.fetch(key):  # else queued once its copy is on disk here (_fetched)
+            self._enqueue(key)
+
+    def _enqueue(self, key: str) -> None:
         if key not in self._queued:
             self._queued.add(key)
             self._queue.append(key)
@@ -108,8 +116,17 @@ class AdapterLoads:
                 continue
             if self.health.state(key) is not Load.LOADING:  # a job's load got there first
                 continue
+            if self.fetches.fetch(key):  # re-published (or evicted) while it waited: queued again once fetched
+                continue
             self._warming += 1
             self.engine.warm(key, self._warm_done(key))
+
+    def _fetched(self, key: str, error: str | None) -> None:
+        """A store version's fetch ended: warm it up if it is loading, or record why it cannot load."""
+        if error is not None:
+            self._loaded(key, Load.FAILED, error)
+        elif self.health.state(key) is Load.LOADING:
+            self._enqueue(key)
 
     def _warm_done(self, key: str) -> Callable[[Completion], None]:
         def done(c: Completion) -> None:  # on an engine thread
@@ -157,20 +174,23 @@ class AdapterLoads:
             self._changed.set()
 
     def _retry(self, key: str) -> None:
-        """A failed version's next try: loaded again as at publish, while it still fails here and the engine
-        holds what is published (a re-publish whose path was refused keeps failing until the next one)."""
+        """A failed version's next try: loaded again as at publish (a store version: fetched again), while it
+        still fails here and the engine holds what is published (a re-publish whose path was refused keeps
+        failing until the next one)."""
         name, _, version = key.partition("@")
         publish = self.control_log.published(name, version)
-        spec = self.engine.spec(key)
-        if self.stopping() or publish is None or spec is None or self.health.state(key) is not Load.FAILED:
-            self._retries.settled(key)
-            return
-        try:
-            path = confine_adapter_path(publish.path, self.config.adapter_root)
-        except AdapterPathError:
-            path = None
-        if (spec.path, spec.sha256) != (path, publish.sha256):
+        if self.stopping() or publish is None or self.health.state(key) is not Load.FAILED or not (
+                is_store_path(publish.path) or self._registered(key, publish.path, publish.sha256)):
             self._retries.settled(key)
             return
         log.info("trying adapter %s again (it failed: %s)", key, self.health.failure(key))
         self.load(key)
+
+    def _registered(self, key: str, path: str, sha256: str | None) -> bool:
+        """Whether the engine holds the local version as published (its path confined as at publish)."""
+        spec = self.engine.spec(key)
+        try:
+            return spec is not None and (spec.path, spec.sha256) == (confine_adapter_path(path, self.config.adapter_root),
+                                                                     sha256)
+        except AdapterPathError:
+            return False

@@ -3,6 +3,10 @@
 A control event names a path the worker will read; without confinement whoever can write the control
 topic can make the worker open any file it can read. With roots configured, the published path and
 the files the loader reads from it must resolve (symlinks followed) under one of the roots.
+
+An `s3://bucket/prefix/` path is no local path and never comes here: the roots do not apply to it, the
+worker downloads it into its disk tier (worker/store_fetches.py), and `local_path` refuses it like any
+other scheme.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import os
 from urllib.parse import unquote, urlsplit
 
 FILE_SCHEME = "file://"
+STORE_SCHEME = "s3://"  # an adapter in the object store (worker/adapter_store.py)
 # The files the adapter loader opens inside an adapter directory (scheduler/adapters.py).
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _LOCAL_HOSTS = ("", "localhost")
@@ -18,6 +23,11 @@ _LOCAL_HOSTS = ("", "localhost")
 
 class AdapterPathError(ValueError):
     """A published adapter path that the roots do not allow; the message is the reason."""
+
+
+def is_store_path(path: str) -> bool:
+    """Whether a published path names the object store rather than a local directory."""
+    return path.startswith(STORE_SCHEME)
 
 
 def local_path(path: str) -> str:

@@ -29,6 +29,7 @@ from lorabus.worker.metrics import Metrics
 from lorabus.worker.output import Outgoing, dead_letter_record, result_record
 from lorabus.worker.registry import AdapterRegistry, ResolvedAdapter
 from lorabus.worker.reply_topics import ReplyTopics
+from lorabus.worker.store_fetches import StoreFetches
 from lorabus.worker.streaming import JobStream, PartialSender
 from lorabus.worker.wire import ok_result, provenance, to_request
 
@@ -57,10 +58,11 @@ class _DeadLetter:
 class AnswerPipeline:
     def __init__(self, config: WorkerConfig, worker_id: str, engine: Engine, registry: AdapterRegistry,
                  control: ControlReader, reply_topics: ReplyTopics, lanes: LaneTable, metrics: Metrics,
-                 on_resolved: Callable[[object, str], None]):
+                 on_resolved: Callable[[object, str], None], fetches: StoreFetches):
         self.config, self.worker_id, self.engine, self.registry = config, worker_id, engine, registry
         self.control, self.reply_topics, self.lanes, self.metrics = control, reply_topics, lanes, metrics
         self.on_resolved = on_resolved  # (record, adapter key): which adapters a partition brings
+        self.fetches = fetches  # s3:// versions: a job waits for its adapter's download, as for a cold load
         self.partials = PartialSender(config.bootstrap_servers, metrics, config.log_rate_limit_ms / 1000,
                                       **client_options(config.security))
 
@@ -146,6 +148,11 @@ class AnswerPipeline:
             except TimeoutError:
                 log.warning("control topic not caught up within %d ms", self.config.control_wait_ms)
         resolved = self.registry.resolve_job(job)
+        # An s3:// version not on disk here yet: wait for its download, as for a cold load (before a mix is
+        # built: its members' specs come with their copies). What serves may have changed meanwhile (the
+        # version failed): resolved again.
+        while await self.fetches.ready(resolved):
+            resolved = self.registry.resolve_job(job)
         if resolved is not None and resolved.mix:
             self._register_mix(resolved)
         return resolved
@@ -157,7 +164,8 @@ class AnswerPipeline:
         for member, weight in resolved.mix:
             spec = self.engine.spec(member.key)
             if spec is None:  # published with a path this worker refuses: nothing to mix
-                raise JobError("adapter_load_failed", f"adapter {member.key} cannot be loaded on this worker")
+                raise JobError("adapter_load_failed", self.registry.load_failure(member)
+                               or f"adapter {member.key} cannot be loaded on this worker")
             members.append((spec, weight))
         self.engine.register(mix_spec(members))
 

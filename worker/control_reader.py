@@ -1,6 +1,8 @@
 """The worker's reader of the control topic: every record in order, admitted or skipped by the fleet's one
 rule (`admit_record`: signature, key, freshness), folded into the `ControlLog`, and acted on (new versions
-registered with the engine and warmed up through `AdapterLoads`).
+registered with the engine and warmed up through `AdapterLoads`). A local path is confined to the adapter
+roots (worker/adapter_paths.py); an `s3://` one is not (the roots are for local paths): it is registered
+once fetched into the disk tier (worker/store_fetches.py).
 
 No record and no broker error ends the reader: what it cannot apply is counted and logged as ignored.
 A large batch gives the event loop back every CONTROL_SLICE_S, so heartbeats, health pages and jobs
@@ -21,7 +23,7 @@ from aiokafka.errors import KafkaError
 from lorabus.scheduler import AdapterSpec, Engine
 from lorabus.schemas import AdapterActivate, AdapterPublish, AdapterWarm
 from lorabus.worker.adapter_loads import AdapterLoads
-from lorabus.worker.adapter_paths import AdapterPathError, confine_adapter_path
+from lorabus.worker.adapter_paths import AdapterPathError, confine_adapter_path, is_store_path
 from lorabus.worker.config import WorkerConfig
 from lorabus.worker.control_log import ControlLog, SignedControl, SkippedRecord, admit_record
 from lorabus.worker.metrics import Metrics
@@ -163,12 +165,8 @@ class ControlReader:
                 key = adapter_key(name, version)
                 if before is None or (before.path, before.sha256) != (event.path, event.sha256):
                     self.health.forget(key)  # new content: whatever loaded or failed before says nothing
-                try:
-                    path = confine_adapter_path(event.path, self.config.adapter_root)
-                except AdapterPathError as exc:  # published, but never loaded: its jobs get adapter_load_failed
-                    self.health.set(key, Load.FAILED, f"{key}: {exc}")
-                    raise ControlRejected(str(exc)) from None
-                self.engine.register(AdapterSpec(key, path, event.sha256))
+                if not is_store_path(event.path):  # an s3:// version is registered once fetched (AdapterLoads)
+                    self._register(key, event)
                 # A new version is tried at once, so status (and --wait) can tell it loads; at start-up
                 # only what serves is loaded, once the whole log is read (AdapterLoads.start).
                 if self.loads.active and self.health.state(key) is None:
@@ -182,3 +180,12 @@ class ControlReader:
                     log.info("warm-up of %s@%s skipped: that version is not published", name, version)
                 else:
                     self.loads.load(adapter_key(name, version))
+
+    def _register(self, key: str, event: AdapterPublish) -> None:
+        """Register a local version with the engine, its path confined to the adapter roots."""
+        try:
+            path = confine_adapter_path(event.path, self.config.adapter_root)
+        except AdapterPathError as exc:  # published, but never loaded: its jobs get adapter_load_failed
+            self.health.set(key, Load.FAILED, f"{key}: {exc}")
+            raise ControlRejected(str(exc)) from None
+        self.engine.register(AdapterSpec(key, path, event.sha256))

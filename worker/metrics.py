@@ -21,6 +21,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from lorabus.worker import package_version
+from lorabus.worker.adapter_store import KINDS as STORE_FAILURE_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,14 @@ class Metrics:
                                       buckets=LATENCY_BUCKETS, registry=r)
         self.adapter_load_failures = Counter("lorabus_adapter_load_failures", "Adapter versions that failed to load here",
                                              registry=r)
+        self.store_download = Histogram("lorabus_adapter_store_download_seconds", "Adapter downloads from the object "
+                                        "store into the disk tier (list, get, verify); store downloads only",
+                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.store_fetches = Counter("lorabus_adapter_store_fetches", "Fetches of s3:// adapter versions, by outcome: ok "
+                                     "(downloaded), cached (in the disk tier already), or the store's failure kind",
+                                     ["outcome"], registry=r)
+        for outcome in ("ok", "cached", *STORE_FAILURE_KINDS):  # every series from the start: a rate reads 0, not absent
+            self.store_fetches.labels(outcome)
         self.routed_jobs = Counter("lorabus_routed_jobs", "Jobs routed by task, by the version that served them "
                                    f"(at most {MAX_ROUTED_SERIES} label sets; later ones are counted as 'other')",
                                    ["task", "adapter", "version", "status"], registry=r)

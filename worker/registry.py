@@ -166,6 +166,14 @@ class AdapterRegistry:
             return Load.FAILED  # retired or never published: a route through it cannot serve
         return self.health.state(ref)
 
+    def serves(self, key: str) -> bool:
+        """Whether version `key` takes traffic here now: its name's jobs, or a route in force through it."""
+        name, _, version = key.partition("@")
+        if self.serving(name) == version:
+            return True
+        routes = (self.route_in_force(*route_key) for route_key in self._routes_through.get(name, ()))
+        return any(key in target.versions() for route in routes if route is not None for target in route.targets)
+
     def to_load(self) -> list[str]:
         """Versions to warm up now: for each name and each task, the next in serving order that has not
         been tried here, unless an earlier one has loaded or is loading. Names first (sorted), then

@@ -132,7 +132,7 @@ class Worker:
         self.admin = AIOKafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers, **self.kafka_options)
         self.pipeline = AnswerPipeline(cfg, self.worker_id, self.engine, self.registry, self.control,
                                        ReplyTopics(ReplyRules.from_config(cfg), self.admin.list_topics),
-                                       self.lanes, self.metrics, self._resolved)
+                                       self.lanes, self.metrics, self._resolved, self.loads.fetches)
         log_every_s = cfg.log_rate_limit_ms / 1000
         if cfg.exactly_once:
             # Stable across restarts with a group instance id, so a restarted worker fences its predecessor.
@@ -205,7 +205,8 @@ class Worker:
                                  _bounded("the status reporter", self.status.stop()),
                                  _bounded("the result producer", self.output.stop()),
                                  _bounded("the partials producer", self.pipeline.stop()),
-                                 _bounded("the admin client", self.admin.close()))
+                                 _bounded("the admin client", self.admin.close()),
+                                 _bounded("the adapter downloads", self.loads.fetches.stop()))
             await asyncio.to_thread(self.engine.stop)
             if self.metrics_server is not None:
                 await asyncio.to_thread(self.metrics_server.shutdown)
@@ -351,7 +352,7 @@ class Worker:
             key = self.registry.resolve(hint, "").key
         except (JobError, ValueError):  # malformed, unknown yet, or tenant-restricted: the job itself will tell
             return
-        if self.adapter_health.failure(key) is None:
+        if self.adapter_health.failure(key) is None and self.engine.spec(key) is not None:  # s3://: once fetched
             self.engine.prefetch(key, free_slot_only=True)
 
     def _push_affinity(self) -> None:

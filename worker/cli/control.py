@@ -15,15 +15,17 @@ import msgspec
 
 from lorabus.worker.cli import broker
 from lorabus.worker.cli.broker import _kafka_errors, _why
-from lorabus.worker.cli.flags import _client_flags, _control_key_flags, _prog, _security_from, _signed_control, \
-    _status_read_flags
+from lorabus.worker.adapter_store import StoreSettings
+from lorabus.worker.cli.flags import UsageError, _client_flags, _control_key_flags, _prog, _security_from, \
+    _signed_control, _status_read_flags, _store_flags, _store_settings
 
 WAIT_POLL_S = 0.5  # how often --wait reads the status topic
 
 
-def _send_control(args, event) -> int:
+def _send_control(args, event, store: StoreSettings = StoreSettings()) -> int:
     """Send one control event: signed when a control key is given, checked first (the worker's schema
-    rules always; the control log's state and the local adapter directory unless --force), then with
+    rules always; unless --force the control log's state and a publish's adapter files, in the local
+    directory or in the object store reached with `store`), then with
     --wait follow it on the status topic until every live worker has an outcome.
     Exit codes: 0 sent (and, with --wait, ok everywhere), 1 failed on a worker or a broker error,
     2 refused before sending, 3 --wait timed out, 4 --wait saw no live worker."""
@@ -52,7 +54,7 @@ def _send_control(args, event) -> int:
         except _kafka_errors() as exc:
             print(f"{prog}: cannot read control topic {args.control_topic}: {_why(exc)}", file=sys.stderr)
             return 1
-        problems = validate_event(event, log)
+        problems = validate_event(event, log, store=store)
         if problems:
             for problem in problems:
                 print(f"{prog}: {problem}", file=sys.stderr)
@@ -136,7 +138,12 @@ def _publish_event(args):
 
 
 def cmd_publish(args) -> int:
-    return _send_control(args, _publish_event(args))
+    try:
+        store = _store_settings(args)
+    except UsageError as exc:
+        print(f"{_prog(args)}: {exc}", file=sys.stderr)
+        return 2
+    return _send_control(args, _publish_event(args), store)
 
 
 def cmd_activate(args) -> int:
@@ -210,9 +217,11 @@ def _name_version_arguments(parser) -> None:
 
 def _publish_arguments(parser) -> None:
     _name_version_arguments(parser)
-    parser.add_argument("path", help="the adapter directory (or file:// URI) as the workers see it")
-    parser.add_argument("--sha256", help="sha256 of adapter_model.safetensors, checked by every worker")
+    parser.add_argument("path", help="the adapter directory (or file:// URI) as the workers see it, or its prefix in "
+                                     "the object store, s3://bucket/prefix/")
+    parser.add_argument("--sha256", help="sha256 of adapter_model.safetensors, checked here and by every worker")
     parser.add_argument("--tenants", help="comma-separated tenants allowed (default: all)")
+    _store_flags(parser)  # where an s3:// path is checked: the workers' store settings
 
 
 def _route_arguments(parser) -> None:
@@ -251,13 +260,13 @@ def add_control_command(subparsers, name: str) -> None:
     text, func, arguments = CONTROL_COMMANDS[name]
     parser = subparsers.add_parser(name, help=text, description=text + ". Checked before sending (exit 2, nothing "
                                    "sent): the worker's schema rules, and unless --force the control log's state and "
-                                   "the local adapter directory.")
+                                   "a publish's adapter files (local directory or s3:// prefix).")
     _client_flags(parser, "control_topic", "status_topic")
     _status_read_flags(parser)
     _control_key_flags(parser, "sign with the first key of this file (or env:NAME) of 'keyid:secret' lines, and check "
                                "against the control log as workers with these keys read it")
     parser.add_argument("--force", action="store_true",
-                        help="skip the checks against the control log and the adapter directory (not the schema ones)")
+                        help="skip the checks against the control log and the adapter files (not the schema ones)")
     parser.add_argument("--wait", action="store_true",
                         help="follow the event on the status topic until every live worker has applied it; "
                              "exit 0 all ok, 1 a failure, 3 timeout, 4 no live worker")

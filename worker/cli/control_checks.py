@@ -1,20 +1,24 @@
 """A control event checked without Kafka: what is wrong with it before it is sent (`check_schema`, the
-workers' schema rules; `validate_event`, against the control log's state and the local adapter
-directory), and what a worker's status says about it after (`event_outcome`). Used by the control
-commands (control.py); pure functions of a `ControlLog` (worker/control_log.py) and `WorkerStatus`
-records."""
+workers' schema rules; `validate_event`, against the control log's state and the adapter a publish names,
+a local directory or an `s3://bucket/prefix/` in the object store), and what a worker's status says about
+it after (`event_outcome`). Used by the control commands (control.py); functions of a `ControlLog`
+(worker/control_log.py), `WorkerStatus` records and, for a publish, the adapter's files."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Literal
 
 import msgspec
+from botocore.exceptions import BotoCoreError, ClientError
 
 from lorabus.scheduler.adapters import file_sha256
 from lorabus.schemas import (AdapterActivate, AdapterPublish, AdapterRetire, AdapterWarm, ControlEvent, RouteDelete,
                              RouteSet, WorkerStatus)
-from lorabus.worker.adapter_paths import ADAPTER_FILES, AdapterPathError, local_path
+from lorabus.worker.adapter_paths import ADAPTER_FILES, AdapterPathError, is_store_path, local_path
+from lorabus.worker.adapter_store import (WEIGHTS_FILE, StoreError, StoreSettings, _store_error, make_client,
+                                          parse_s3_uri)
 from lorabus.worker.control_log import ControlLog
 
 Outcome = Literal["pending", "ok"] | tuple[Literal["failed"], str]
@@ -31,15 +35,16 @@ def check_schema(event: ControlEvent) -> ControlEvent:
         raise ValueError(" ".join(str(exc).split())) from None
 
 
-def validate_event(event: ControlEvent, log: ControlLog, *, force: bool = False) -> list[str]:
+def validate_event(event: ControlEvent, log: ControlLog, *, force: bool = False,
+                   store: StoreSettings = StoreSettings()) -> list[str]:
     """What is wrong with sending `event` onto a control log in state `log` (empty: nothing).
 
     Checks the state (versions named must be published, a route to delete must exist) and, for a
-    publish, the adapter directory when it is local. `force` allows retiring the version the log
-    activates or a name's only live version."""
+    publish, the adapter's files: in the local directory, or in the object store reached with `store`
+    for an s3:// path. `force` allows retiring the version the log activates or a name's only live version."""
     match event:
         case AdapterPublish():
-            return _publish_problems(event)
+            return _publish_problems(event, store)
         case AdapterActivate() | AdapterWarm():
             return _unpublished(log, event.name, event.version)
         case AdapterRetire(name=name, version=version):
@@ -82,7 +87,9 @@ def route_label(task: str, tenant: str | None) -> str:
     return f"task {task} (" + ("every tenant" if tenant is None else f"tenant {tenant}") + ")"
 
 
-def _publish_problems(event: AdapterPublish) -> list[str]:
+def _publish_problems(event: AdapterPublish, store: StoreSettings) -> list[str]:
+    if is_store_path(event.path):
+        return _store_publish_problems(event, store)
     try:
         directory = local_path(event.path)
     except AdapterPathError as exc:
@@ -99,6 +106,38 @@ def _publish_problems(event: AdapterPublish) -> list[str]:
         if actual != event.sha256.lower():
             problems.append(f"sha256 {event.sha256} does not match {weights} (its sha256 is {actual})")
     return problems
+
+
+def _store_publish_problems(event: AdapterPublish, store: StoreSettings) -> list[str]:
+    """The prefix as a worker's disk tier will fetch it (worker/adapter_store.py): both files listed directly
+    under it, and with a sha256 the weights' bytes hashing to it (downloaded here, as each worker will).
+    Every store failure (no bucket, access denied, no credentials, no answer) is one line."""
+    try:
+        bucket, prefix = parse_s3_uri(event.path)
+    except StoreError as exc:
+        return [f"adapter path {exc.reason}"]
+    try:
+        client = make_client(store)
+    except ValueError as exc:  # an endpoint that is not a URL
+        return [f"--s3-endpoint-url {store.endpoint_url!r}: {exc}"]
+    weights, what = f"s3://{bucket}/{prefix}{WEIGHTS_FILE}", event.path
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+        keys = {obj["Key"] for page in pages for obj in page.get("Contents", [])}
+        problems = [f"adapter path {event.path} has no {name}" for name in ADAPTER_FILES if prefix + name not in keys]
+        if problems or event.sha256 is None:
+            return problems
+        what, digest = weights, hashlib.sha256()
+        for chunk in client.get_object(Bucket=bucket, Key=prefix + WEIGHTS_FILE)["Body"].iter_chunks(1 << 20):
+            digest.update(chunk)
+    except (ClientError, BotoCoreError, ConnectionError, TimeoutError) as exc:
+        error = _store_error(exc, what)
+        # Credentials are boto3's, not ours: say where they come from, never what they are.
+        hint = " (credentials: boto3's chain, e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
+        return [f"adapter path {error.reason}" + (hint if error.kind == "denied" else "")]
+    if digest.hexdigest() != event.sha256.lower():
+        return [f"sha256 {event.sha256} does not match {weights} (its sha256 is {digest.hexdigest()})"]
+    return []
 
 
 # ---- after sending --------------------------------------------------------------------------------

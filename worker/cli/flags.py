@@ -1,7 +1,8 @@
 """The `lorabus` commands' flags, built once from the typed config: every `WorkerConfig` / `EngineConfig` /
 `KafkaSecurity` field is a flag and a `LORABUS_<FLAG>` environment variable (flags win over the
 environment), and the parsed flags become those dataclasses again. Also the flags every Kafka client
-command shares (broker, topics, status size limit, control key) and `UsageError`."""
+command shares (broker, topics, status size limit, control key), the workers' object-store flags a publish
+check needs, and `UsageError`."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import dataclasses
 import os
 
 from lorabus.scheduler import EngineConfig
+from lorabus.worker.adapter_store import StoreSettings
 from lorabus.worker.config import WorkerConfig
 from lorabus.worker.kafka_security import KafkaSecurity
+from lorabus.worker.store_fetches import store_settings
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, cls, skip=("engine",)) -> None:
@@ -131,3 +134,22 @@ def _control_key_flags(parser: argparse.ArgumentParser, key_help: str) -> None:
                         default=os.environ.get("LORABUS_CONTROL_MAX_SKEW_MS", str(default)),
                         help="the workers' replay window for signed events [env LORABUS_CONTROL_MAX_SKEW_MS, "
                              f"default {default}]")
+
+
+# The workers' object-store settings (WorkerConfig.s3_*: the same flags, variables and defaults), so `publish`
+# checks an s3:// path where and as the workers will fetch it. Credentials are no flags: boto3's chain.
+STORE_FIELDS = ("s3_endpoint_url", "s3_region", "s3_addressing_style", "s3_ca_bundle")
+ADDRESSING_STYLES = ("auto", "path", "virtual")
+
+
+def _store_flags(parser: argparse.ArgumentParser) -> None:
+    _add_config_flags(parser, WorkerConfig, skip=[f.name for f in dataclasses.fields(WorkerConfig)
+                                                  if f.name not in STORE_FIELDS])
+
+
+def _store_settings(args) -> StoreSettings:
+    """The store settings of --s3-* (an empty value: boto3's own resolution); UsageError when unusable."""
+    if args.s3_addressing_style not in ADDRESSING_STYLES:
+        raise UsageError(f"--s3-addressing-style {args.s3_addressing_style!r} (or LORABUS_S3_ADDRESSING_STYLE): "
+                         f"use {', '.join(ADDRESSING_STYLES)}")
+    return store_settings(WorkerConfig(**{name: getattr(args, name) for name in STORE_FIELDS}))

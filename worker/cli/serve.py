@@ -12,7 +12,7 @@ import sys
 
 from lorabus.scheduler import EngineConfig
 from lorabus.worker.cli.broker import _why
-from lorabus.worker.cli.flags import UsageError, _add_config_flags, _check_env_values, _config_from
+from lorabus.worker.cli.flags import ADDRESSING_STYLES, UsageError, _add_config_flags, _check_env_values, _config_from
 from lorabus.worker.config import WorkerConfig
 from lorabus.worker.kafka_security import KafkaSecurity, KafkaSecurityError, client_options
 
@@ -50,6 +50,10 @@ def _check_worker_config(config: WorkerConfig) -> None:
             raise UsageError(f"--device {device}: {where}")
     if config.auto_offset_reset not in ("earliest", "latest"):
         raise UsageError(f"--auto-offset-reset {config.auto_offset_reset!r}: use earliest or latest")
+    if config.s3_addressing_style not in ADDRESSING_STYLES:
+        raise UsageError(f"--s3-addressing-style {config.s3_addressing_style!r}: use {', '.join(ADDRESSING_STYLES)}")
+    if config.s3_max_downloads < 1 or config.adapter_disk_cache_bytes < 1:
+        raise UsageError("--s3-max-downloads and --adapter-disk-cache-bytes must be at least 1")
     try:
         client_options(config.security)
     except KafkaSecurityError as exc:
