@@ -39,3 +39,22 @@ def test_generation_bench_runs_its_smallest_settings(tmp_path):
     for mode in ("base", "adapter"):
         rows = report["validity"][mode]["formats"]
         assert len(rows) == 5 and all(row["jobs"] == 1 and row["valid"] == row["stop"] for row in rows.values()), rows
+
+
+def test_cold_tiers_bench_runs_its_smallest_settings(tmp_path):
+    """benchmarks/cold_tiers.py times every tier end to end (S3Proxy, the disk tier, the engine) on the tiny model:
+    the store tier downloads, the store, disk and host tiers load in the engine, the slot tier loads nothing."""
+    out = tmp_path / "cold_tiers.json"
+    smallest = ["--model", "tiny", "--adapters", "2", "--repeats", "1", "--slots", "2", "--workdir", str(tmp_path),
+                "--json", str(out)]
+    done = subprocess.run([sys.executable, "benchmarks/cold_tiers.py", *smallest], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    by_tier = {tier: [s for s in report["samples"] if s["tier"] == tier] for tier in ("store", "disk", "host", "slot")}
+    assert all(len(samples) == 2 for samples in by_tier.values()), report["samples"]
+    assert all(0 < s["fetch_s"] < s["first_token_s"] for s in by_tier["store"]), by_tier["store"]
+    assert all(s["load_s"] > 0 for tier in ("store", "disk", "host") for s in by_tier[tier]), report["samples"]
+    assert all(s["load_s"] == 0 < s["first_token_s"] for s in by_tier["slot"]), by_tier["slot"]
+    assert "| store |" in done.stdout and "10 Gbit/s" in done.stdout, done.stdout
+    assert not list(tmp_path.glob("cold-tiers-*")), "the run's store and disk tiers were left behind"

@@ -7,6 +7,9 @@ then registered with the engine as the local directory they now are, and loaded 
   job needs a version whose copy is not on disk here (`ready`, awaited before the job goes to the engine,
   as a cold load is). One fetch per version at a time, whoever asks; each runs on a thread
   (`asyncio.to_thread`), at most `s3_max_downloads` at once, so jobs of resident adapters never wait on one.
+  Fetches nobody waits for (publishes, what serves at start-up) take at most `s3_max_downloads - 1` of those
+  slots: a publish of a thousand versions leaves a slot to the fetch a job waits for, and a job's version
+  still queued behind them is fetched at once (its queued fetch gives way).
 - `unavailable` (the store away, throttled) is tried again after `StoreSettings.retry_delay` for as long as
   the version stays published as it was: the version stays loading and its jobs wait. Any other failure
   ends the fetch: the version fails here with the store's reason (its jobs get adapter_load_failed, status
@@ -23,6 +26,7 @@ then registered with the engine as the local directory they now are, and loaded 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -78,8 +82,10 @@ class StoreFetches:
         self._tier: DiskTier | None = None
         self._tier_lock = threading.Lock()
         self._copies: dict[str, _Copy] = {}
-        self._fetching: dict[str, tuple[Source, asyncio.Task]] = {}
+        self._fetching: dict[str, tuple[Source, asyncio.Task, bool]] = {}  # key → (source, task, a job waits)
+        self._downloading: set[str] = set()  # keys whose download holds a slot
         self._slots = asyncio.Semaphore(config.s3_max_downloads)
+        self._background = asyncio.Semaphore(max(1, config.s3_max_downloads - 1))
         self._gets = threading.local()  # GetObject calls of the fetch on this thread: 0 = found in the tier
 
     def fetch(self, key: str) -> bool:
@@ -100,13 +106,21 @@ class StoreFetches:
             source = self._source(adapter.key)
             if source is None or self.health.failure(adapter.key) is not None or self._on_disk(adapter.key, source):
                 continue
-            await asyncio.shield(self._start(adapter.key, source))  # a job cancelled at shutdown leaves it running
+            while True:
+                task = self._start(adapter.key, source, urgent=True)
+                try:
+                    await asyncio.shield(task)  # a job cancelled at shutdown leaves the fetch running
+                    break
+                except asyncio.CancelledError:
+                    if asyncio.current_task().cancelling() or not task.cancelled():
+                        raise
+                    # a queued fetch that gave way to another job's: wait for that one
             waited = True
         return waited
 
     async def stop(self) -> None:
         """Cancel the fetches (a download on its thread runs out; its result is dropped) and drop the pins."""
-        tasks = [task for _, task in self._fetching.values()]
+        tasks = [task for _, task, _ in self._fetching.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -125,20 +139,24 @@ class StoreFetches:
         copy = self._copies.get(key)
         return copy is not None and copy.source == source and copy.path.is_dir()
 
-    def _start(self, key: str, source: Source) -> asyncio.Task:
+    def _start(self, key: str, source: Source, urgent: bool = False) -> asyncio.Task:
         running = self._fetching.get(key)
         if running is not None and running[0] == source:
-            return running[1]
+            queued = not running[2] and key not in self._downloading
+            if not (urgent and queued):
+                return running[1]
+            running[1].cancel()  # queued behind fetches nobody waits for, and now a job does
         # A fetch of an older publish runs out on its own; its result is dropped.
-        task = asyncio.create_task(self._run(key, source), name=f"fetch {key}")
-        self._fetching[key] = (source, task)
+        task = asyncio.create_task(self._run(key, source, urgent), name=f"fetch {key}")
+        self._fetching[key] = (source, task, urgent)
         return task
 
-    async def _run(self, key: str, source: Source) -> None:
+    async def _run(self, key: str, source: Source, urgent: bool) -> None:
         try:
-            outcome = await self._download(key, source)
+            outcome = await self._download(key, source, urgent)
         finally:
-            if self._fetching.get(key) == (source, asyncio.current_task()):
+            running = self._fetching.get(key)
+            if running is not None and running[1] is asyncio.current_task():
                 del self._fetching[key]
         if self._source(key) != source:  # re-published or retired meanwhile: that publish's fetch reports
             if isinstance(outcome, Path):
@@ -151,13 +169,17 @@ class StoreFetches:
             outcome = None
         self.on_done(key, outcome)
 
-    async def _download(self, key: str, source: Source) -> Path | str:
+    async def _download(self, key: str, source: Source, urgent: bool) -> Path | str:
         """The version's directory in the tier (pinned), or why it cannot be had."""
         for attempt in itertools.count():
             try:
-                async with self._slots:
+                async with contextlib.nullcontext() if urgent else self._background, self._slots:
                     self._repin()
-                    return await asyncio.to_thread(self._fetch_on_thread, *source)
+                    self._downloading.add(key)
+                    try:
+                        return await asyncio.to_thread(self._fetch_on_thread, *source)
+                    finally:
+                        self._downloading.discard(key)
             except StoreError as exc:
                 self.metrics.store_fetches.labels(exc.kind).inc()
                 if exc.kind != "unavailable":
