@@ -168,7 +168,7 @@ class Bench:
                                                       max_cpu_loras=4 * args.slots, kv_cache_mb=64))
         self.loads: dict[str, float] = {}
         self.job_ids = itertools.count()
-        self.engine.on_load = lambda key, seconds, error: self.loads.__setitem__(key, seconds)
+        self.engine.on_load = lambda key, seconds, error, source: self.loads.__setitem__(key, seconds)
         self.engine.start()
         self.fillers = [f"filler-{k}" for k in range(args.slots - 1)]
         self.bumper = "bumper"  # pushes a host-tier adapter out of its slot; never kept by affinity

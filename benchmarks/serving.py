@@ -277,7 +277,7 @@ class Lorabus:
     def _hook(self, engine: Engine) -> None:
         self.loads: list[float] = []  # the loader's own timing of each load: disk/host cache → device slot
         self.step_adapters: list[int] = []  # distinct adapters per forward pass
-        engine.on_load = lambda key, seconds, error: self.loads.append(seconds)
+        engine.on_load = lambda key, seconds, error, source: self.loads.append(seconds)
         engine.on_step = lambda seqs, tokens, adapters, seconds: self.step_adapters.append(adapters)
 
     def close(self) -> None:

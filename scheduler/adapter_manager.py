@@ -50,6 +50,7 @@ WARMUP_TENANT = "__warmup__"
 # Mixes are registered by the jobs that ask for them, so any weights a producer sends make a new one: the
 # manager remembers at most this many, least recently asked forgotten first (its next job registers it again).
 MAX_MIX_SPECS = 4096
+HOST, DISK = "host", "disk"  # the tiers a load's weights come from (on_load's source)
 MIX_PREFIX = "mix:"  # a mix's key: no adapter name can start so (names have no ':')
 
 
@@ -128,12 +129,13 @@ class AdapterManager:
         self._errors: dict[str, str] = {}  # key → why it failed to load
         self._mix_lock = threading.Lock()  # register runs on the caller's threads
         self._queue: queue.SimpleQueue = queue.SimpleQueue()  # (spec, slot) to load; None stops the loader
-        self._done: queue.SimpleQueue = queue.SimpleQueue()  # (spec, slot, error, seconds)
+        self._done: queue.SimpleQueue = queue.SimpleQueue()  # (spec, slot, error, seconds, failed member, source)
         self._thread: threading.Thread | None = None
         # Called from the loader thread when a load finishes (the engine wakes its step thread).
         self.notify: Callable[[], None] = lambda: None
-        # Optional metrics hook, called from the step thread: on_load(key, seconds, error).
-        self.on_load: Callable[[str, float, str | None], None] | None = None
+        # Optional metrics hook, called from the step thread: on_load(key, seconds, error, source), source the
+        # tier the weights came from: "host" (the host cache) or "disk" (the adapter's files; a mix: built).
+        self.on_load: Callable[[str, float, str | None, str], None] | None = None
 
     # ---- any thread -------------------------------------------------------------------------------
 
@@ -183,39 +185,43 @@ class AdapterManager:
         while (item := self._queue.get()) is not None:
             spec, slot = item
             started = time.perf_counter()
-            error, member = None, None
+            error, member, source = None, None, DISK
             try:
-                self._load(spec, slot)
+                source = self._load(spec, slot)
             except AdapterLoadError as exc:
                 error, member = str(exc), getattr(exc, "member", None)
             except Exception as exc:  # a loader bug must answer the jobs, not kill the thread
                 log.exception("loading %s failed", spec.key)
                 error = f"{spec.key}: {type(exc).__name__}: {exc}"
-            self._done.put((spec, slot, error, time.perf_counter() - started, member))
+            self._done.put((spec, slot, error, time.perf_counter() - started, member, source))
             self.notify()
 
-    def _load(self, spec: AdapterSpec, slot: int | None) -> None:
-        weights = self._host_weights(spec)
+    def _load(self, spec: AdapterSpec, slot: int | None) -> str:
+        """Load `spec` (into `slot`, or the host cache only); the tier its weights came from."""
+        weights, source = self._host_weights(spec)
         if slot is not None:
             self.pool.write(slot, weights)
+        return source
 
-    def _host_weights(self, spec: AdapterSpec) -> AdapterWeights:
-        """The adapter's weights from the host cache, else read from disk (a mix: built from its members')."""
+    def _host_weights(self, spec: AdapterSpec) -> tuple[AdapterWeights, str]:
+        """The adapter's weights from the host cache, else read from disk (a mix: built from its members'), and
+        which of the two it was."""
         weights = self.host_cache.get(spec)
-        if weights is None:
-            if spec.members:
-                members = [(self._member_weights(member), weight) for member, weight in spec.members]
-                weights = combine_adapters(spec.key, members, self.max_rank, self.dtype)
-            else:
-                weights = read_adapter(spec.key, spec.path, self.shapes, self.max_rank, self.dtype, spec.sha256)
-            if self.device.type == "cuda":  # pinned pages let the host → device copy run async
-                weights.modules = {k: (a.pin_memory(), b.pin_memory(), s) for k, (a, b, s) in weights.modules.items()}
-            self.host_cache.put(spec, weights)
-        return weights
+        if weights is not None:
+            return weights, HOST
+        if spec.members:
+            members = [(self._member_weights(member), weight) for member, weight in spec.members]
+            weights = combine_adapters(spec.key, members, self.max_rank, self.dtype)
+        else:
+            weights = read_adapter(spec.key, spec.path, self.shapes, self.max_rank, self.dtype, spec.sha256)
+        if self.device.type == "cuda":  # pinned pages let the host → device copy run async
+            weights.modules = {k: (a.pin_memory(), b.pin_memory(), s) for k, (a, b, s) in weights.modules.items()}
+        self.host_cache.put(spec, weights)
+        return weights, DISK
 
     def _member_weights(self, member: AdapterSpec) -> AdapterWeights:
         try:
-            return self._host_weights(member)
+            return self._host_weights(member)[0]
         except AdapterLoadError as exc:
             raise MemberLoadError(member, str(exc)) from None
 
@@ -234,14 +240,14 @@ class AdapterManager:
         done = []
         while True:
             try:
-                spec, slot, error, seconds, member = self._done.get_nowait()
+                spec, slot, error, seconds, member, source = self._done.get_nowait()
             except queue.Empty:
                 return done
             if member is not None:  # a mix failed on a member's files: that member failed, as if loaded alone
-                call_hook(self.on_load, member.key, seconds, error)
+                call_hook(self.on_load, member.key, seconds, error, DISK)
                 if self._specs.get(member.key) == member:
                     self._errors[member.key] = error
-            call_hook(self.on_load, spec.key, seconds, error)
+            call_hook(self.on_load, spec.key, seconds, error, source)
             stale = self._specs.get(spec.key) != spec
             if error is not None and not stale:
                 self._errors[spec.key] = error

@@ -150,12 +150,13 @@ class Engine:
         self.runner.on_step = hook
 
     @property
-    def on_load(self) -> Callable[[str, float, str | None], None] | None:
-        """on_load(key, seconds, error) after every adapter load."""
+    def on_load(self) -> Callable[[str, float, str | None, str], None] | None:
+        """on_load(key, seconds, error, source) after every adapter load; source: "host" (the host cache) or
+        "disk" (the adapter's files)."""
         return self.adapters.on_load
 
     @on_load.setter
-    def on_load(self, hook: Callable[[str, float, str | None], None] | None) -> None:
+    def on_load(self, hook: Callable[[str, float, str | None, str], None] | None) -> None:
         self.adapters.on_load = hook
 
     @property

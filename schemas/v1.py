@@ -365,6 +365,9 @@ class VersionStatus(msgspec.Struct, forbid_unknown_fields=False):
     adapter: str  # "name@version"
     state: LoadState
     reason: str | None = None
+    # Where its last load here came from: "store" (downloaded from the object store), "disk" (its files, or the
+    # disk tier's copy), "host" (the host-memory tier); None until it loads.
+    source: str | None = None
 
 
 class RouteStatus(msgspec.Struct, forbid_unknown_fields=False):

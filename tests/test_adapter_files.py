@@ -196,7 +196,7 @@ def test_a_mix_that_failed_on_a_member_builds_once_the_member_loads_again(tiny_m
     engine.register(mix)
     ids = oracle.prompt_ids(PROMPT)
     loads = []
-    engine.on_load = lambda key, _seconds, error: loads.append((key, error))
+    engine.on_load = lambda key, _seconds, error, _source: loads.append((key, error))
     engine.start()
     try:
         original = change(member, "delete")

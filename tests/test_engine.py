@@ -56,9 +56,29 @@ def test_more_adapters_than_device_slots(tiny_model, peft_adapters):
     prompts = ["the quick brown fox", "hello world", "jobs arrive on kafka"] * 4
     _parity(tiny_model, peft_adapters, EngineConfig(kv_cache_mb=16, max_loras=1), prompts,
             on_step=lambda seqs, tokens, adapters, seconds: step_adapters.append(adapters),
-            on_load=lambda key, seconds, error: loads.append((key, error)))
+            on_load=lambda key, seconds, error, source: loads.append((key, error, source)))
     assert step_adapters and max(step_adapters) == 1, f"adapters per step: {step_adapters}"
-    assert {key for key, _ in loads} == set(peft_adapters) and all(error is None for _, error in loads), loads
+    assert {key for key, *_ in loads} == set(peft_adapters) and all(error is None for _, error, _ in loads), loads
+    assert {source for *_, source in loads} == {"disk"}, loads  # each read its files once
+
+
+def test_a_load_says_which_tier_it_read(tiny_model, peft_adapters):
+    """on_load's source: an adapter's first load reads its files ("disk"); loaded back into the one device slot
+    after another took it, it comes from the host-memory tier ("host")."""
+    first, second = list(peft_adapters)[:2]
+    engine = Engine(str(tiny_model), EngineConfig(kv_cache_mb=16, max_loras=1))
+    loads = []
+    engine.on_load = lambda key, seconds, error, source: loads.append((key, error, source))
+    for name in (first, second):
+        engine.register(AdapterSpec(name, str(peft_adapters[name])))
+    engine.start()
+    try:
+        for i, name in enumerate((first, second, first)):
+            done = engine.generate(Request(f"r{i}", "t", name, prompt="hello world", params=SamplingParams(2)), 60)
+            assert done.status == "ok", done
+    finally:
+        engine.stop()
+    assert loads == [(first, None, "disk"), (second, None, "disk"), (first, None, "host")], loads
 
 
 def test_hot_adapter_and_staggered_prefills_match_peft(tiny_model, peft_adapters, tmp_path, monkeypatch):

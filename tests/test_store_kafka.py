@@ -142,14 +142,18 @@ async def test_store_adapters_serve_fail_with_the_stores_reason_and_outlast_an_o
         check_failed(results[7], "not_found: s3://adapters/a/v2/")
         assert (_fetches(worker, "ok"), _fetches(worker, "corrupt"), _fetches(worker, "not_found")) == (2, 1, 2)
         assert _downloads(worker) == 2
+        loads = worker.metrics.registry.get_sample_value("lorabus_adapter_load_seconds_count", {"source": "disk"})
+        assert loads >= 2, loads  # a@v1 and b@v1 read from the disk tier's copies into the engine
 
         def shows_failures(records):
             if not records or records[-1].value is None:
                 return False
             status = decode_status(records[-1].value)
             reasons = {v.adapter: v.reason or "" for v in status.versions if v.state == "failed"}
+            sources = {v.adapter: v.source for v in status.versions if v.state == "ready"}
             return (status.serving.get("a"), status.activated.get("a")) == ("v1", "v2") and \
-                "does not match the published" in reasons.get("bad@v1", "") and "not_found" in reasons.get("gone@v1", "")
+                "does not match the published" in reasons.get("bad@v1", "") and "not_found" in reasons.get("gone@v1", "") \
+                and sources.get("a@v1") == sources.get("b@v1") == "store"  # their loads read the downloaded copies
 
         assert shows_failures(await read_topic(kafka, config.status_topic, JOB_TIMEOUT_S, shows_failures))
 

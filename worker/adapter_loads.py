@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 # Queuing what serves at start-up gives the event loop back this often (tens of thousands of names).
 START_SLICE_S = 0.02
+STORE = "store"  # VersionStatus.source of a load that read a copy just downloaded from the object store
 
 
 class AdapterLoads:
@@ -54,9 +55,9 @@ class AdapterLoads:
         """The engine's on_load hook for loads a job asked for (warm-ups report through their answers)."""
         self._loop = loop
 
-        def on_load(key: str, _seconds: float, error: str | None) -> None:  # on an engine thread
+        def on_load(key: str, _seconds: float, error: str | None, source: str) -> None:  # on an engine thread
             if not is_mix_key(key):  # a mix is no published version: its members' loads are what health tracks
-                self._from_engine(self._loaded, key, Load.READY if error is None else Load.FAILED, error)
+                self._from_engine(self._loaded, key, Load.READY if error is None else Load.FAILED, error, source)
 
         return on_load
 
@@ -152,8 +153,11 @@ class AdapterLoads:
         except RuntimeError:  # the worker has stopped: nothing left to tell
             pass
 
-    def _loaded(self, key: str, state: Load | None, reason: str | None) -> None:
-        """A load finished: record it; a failure moves on to the next version in order."""
+    def _loaded(self, key: str, state: Load | None, reason: str | None, source: str | None = None) -> None:
+        """A load finished (`source`: the tier the engine read it from, when the engine says): record it; a
+        failure moves on to the next version in order."""
+        if state is Load.READY and source is not None:  # before the state: a status built on it says where from
+            self.health.sources[key] = STORE if source == "disk" and self.fetches.from_store(key) else source
         if state is None:
             if self.health.state(key) is Load.LOADING:
                 self.health.forget(key)

@@ -153,8 +153,9 @@ class Metrics:
                               buckets=TOKEN_BUCKETS, registry=r)
         self.cold_start = Histogram("lorabus_adapter_cold_start_seconds",
                                     "Job for a non-resident adapter arrives → its first token", buckets=LATENCY_BUCKETS, registry=r)
-        self.adapter_load = Histogram("lorabus_adapter_load_seconds", "Adapter load (disk or host cache → device slot)",
-                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.adapter_load = Histogram("lorabus_adapter_load_seconds", "Adapter load (disk or host cache → device slot), "
+                                      "by the tier it read: source=disk|host", ["source"], buckets=LATENCY_BUCKETS,
+                                      registry=r)
         self.adapter_load_failures = Counter("lorabus_adapter_load_failures", "Adapter versions that failed to load here",
                                              registry=r)
         self.store_download = Histogram("lorabus_adapter_store_download_seconds", "Adapter downloads from the object "

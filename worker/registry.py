@@ -39,6 +39,7 @@ class AdapterHealth:
     def __init__(self):
         self.states: dict[str, Load] = {}
         self.reasons: dict[str, str] = {}
+        self.sources: dict[str, str] = {}  # where each version's last load came from (VersionStatus.source)
         self.loading: set[str] = set()  # the keys in state LOADING (asked often: never a scan of every state)
         self._watchers: list[Callable[[str], None]] = []
 
@@ -68,6 +69,7 @@ class AdapterHealth:
     def forget(self, key: str) -> None:
         known = self.states.pop(key, None) is not None
         self.reasons.pop(key, None)
+        self.sources.pop(key, None)
         self.loading.discard(key)
         if known:
             self._tell(key)

@@ -289,10 +289,10 @@ class Worker:
 
         on_adapter_load = self.loads.watch_engine(self._loop)
 
-        def on_load(key, seconds, error):
+        def on_load(key, seconds, error, source):
             if error is None:
-                m.adapter_load.observe(seconds)
-            on_adapter_load(key, seconds, error)
+                m.adapter_load.labels(source).observe(seconds)
+            on_adapter_load(key, seconds, error, source)
 
         self.engine.on_step, self.engine.on_load = on_step, on_load
 

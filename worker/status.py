@@ -154,7 +154,7 @@ class StatusReporter:
                 state = health.states.get(ref)
                 if state is not None and ref not in given and clog.published(*ref.split("@", 1)) is not None:
                     given.add(ref)
-                    yield _version_part(VersionStatus(ref, state.value, health.reasons.get(ref)))
+                    yield _version_part(VersionStatus(ref, state.value, health.reasons.get(ref), health.sources.get(ref)))
 
         routes = []
         for task, tenant in clog.route_keys():  # a handful: all built, then merged in by recency
@@ -202,7 +202,8 @@ def _route_refs(route: RouteSet | RouteDelete | RouteStatus) -> dict[str, None]:
 # without quotes or backslashes (UTF-8 and JSON escapes only add bytes); `_cut` encodes the record it
 # builds to check the real size. Each size counts one separator (a comma).
 _WIDEST_COUNT = 10**15  # more entries than any worker holds: a count's widest
-_VERSION_FIXED = len(encode(VersionStatus("", ""))) - len("null") + 1  # {"adapter":"","state":"","reason":null}
+# {"adapter":"","state":"","reason":null,"source":null}, less the nulls, plus a comma
+_VERSION_FIXED = len(encode(VersionStatus("", ""))) - 2 * len("null") + 1
 
 
 class _Part(NamedTuple):
@@ -227,8 +228,8 @@ def _name_part(name: str, serving: str | None, activated: str | None) -> _Part:
 
 
 def _version_part(version: VersionStatus) -> _Part:
-    reason = len("null") if version.reason is None else len(version.reason) + len('""')
-    return _Part(version=version, size=_VERSION_FIXED + len(version.adapter) + len(version.state) + reason)
+    reason, source = (len("null") if text is None else len(encode(text)) for text in (version.reason, version.source))
+    return _Part(version=version, size=_VERSION_FIXED + len(version.adapter) + len(version.state) + reason + source)
 
 
 def _route_order(route: RouteStatus) -> tuple[str, str]:

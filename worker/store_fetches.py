@@ -84,6 +84,7 @@ class StoreFetches:
         self._copies: dict[str, _Copy] = {}
         self._fetching: dict[str, tuple[Source, asyncio.Task, bool]] = {}  # key → (source, task, a job waits)
         self._downloading: set[str] = set()  # keys whose download holds a slot
+        self._downloaded: set[str] = set()  # keys whose copy came from the store and has not been loaded since
         self._slots = asyncio.Semaphore(config.s3_max_downloads)
         self._background = asyncio.Semaphore(max(1, config.s3_max_downloads - 1))
         self._gets = threading.local()  # GetObject calls of the fetch on this thread: 0 = found in the tier
@@ -153,7 +154,7 @@ class StoreFetches:
 
     async def _run(self, key: str, source: Source, urgent: bool) -> None:
         try:
-            outcome = await self._download(key, source, urgent)
+            outcome, downloaded = await self._download(key, source, urgent)
         finally:
             running = self._fetching.get(key)
             if running is not None and running[1] is asyncio.current_task():
@@ -165,12 +166,23 @@ class StoreFetches:
         if isinstance(outcome, Path):
             self._forget(key)
             self._copies[key] = _Copy(source, outcome, pinned=True)
+            if downloaded:
+                self._downloaded.add(key)
+            else:
+                self._downloaded.discard(key)
             self.engine.register(AdapterSpec(key, str(outcome), source[1]))
             outcome = None
         self.on_done(key, outcome)
 
-    async def _download(self, key: str, source: Source, urgent: bool) -> Path | str:
-        """The version's directory in the tier (pinned), or why it cannot be had."""
+    def from_store(self, key: str) -> bool:
+        """Whether the engine's load of `key` that just ended read a copy downloaded for it (asked once per load)."""
+        downloaded = key in self._downloaded
+        self._downloaded.discard(key)
+        return downloaded
+
+    async def _download(self, key: str, source: Source, urgent: bool) -> tuple[Path | str, bool]:
+        """The version's directory in the tier (pinned) and whether it was downloaded now, or why it cannot be
+        had."""
         for attempt in itertools.count():
             try:
                 async with contextlib.nullcontext() if urgent else self._background, self._slots:
@@ -183,17 +195,17 @@ class StoreFetches:
             except StoreError as exc:
                 self.metrics.store_fetches.labels(exc.kind).inc()
                 if exc.kind != "unavailable":
-                    return f"{key}: {exc}"
+                    return f"{key}: {exc}", False
                 delay = self.settings.retry_delay(attempt)
                 log.warning("fetching adapter %s: %s; trying again in %.1f s", key, exc, delay)
                 await asyncio.sleep(delay)
                 if self._source(key) != source:
-                    return f"{key}: {exc}"  # dropped by _run: no longer what is published
+                    return f"{key}: {exc}", False  # dropped by _run: no longer what is published
             except Exception as exc:  # the local disk (a tier directory it cannot write) or a bug: this version fails
                 log.exception("fetching adapter %s failed", key)
-                return f"{key}: disk tier {tier_dir(self.config)}: {type(exc).__name__}: {exc}"
+                return f"{key}: disk tier {tier_dir(self.config)}: {type(exc).__name__}: {exc}", False
 
-    def _fetch_on_thread(self, uri: str, sha256: str | None) -> Path:
+    def _fetch_on_thread(self, uri: str, sha256: str | None) -> tuple[Path, bool]:
         tier = self._open_tier()
         self._gets.count = 0
         started = time.monotonic()
@@ -203,7 +215,7 @@ class StoreFetches:
             self.metrics.store_fetches.labels("ok").inc()
         else:
             self.metrics.store_fetches.labels("cached").inc()
-        return path
+        return path, self._gets.count > 0
 
     def _open_tier(self) -> DiskTier:
         with self._tier_lock:

@@ -195,6 +195,9 @@ def render_status(log: ControlLog, statuses: dict[str, WorkerStatus], now_ms: in
             row = [w, f"serves {serves}", f"resident {' '.join(resident) or '-'}"]
             if loading:
                 row.append(f"loading {' '.join(loading)}")
+            loaded = [f"{_version_of(v.adapter)} from {v.source}" for v in mine if v.state == "ready" and v.source]
+            if loaded:
+                row.append(f"last loads: {', '.join(loaded)}")
             rows.append(row)
             for v in mine:
                 if v.state == "failed":
