@@ -252,7 +252,7 @@ def test_fleet_json_has_the_log_state_and_each_status():
     assert [(w, s["live"], s["behind"]) for w, s in view["workers"].items()] == [("w1", True, 0), ("w2", True, 0),
                                                                                  ("w3", False, 2)]
     assert view["workers"]["w2"]["versions"][1] == {"adapter": "fin@v3", "state": "failed",
-                                                    "reason": "fin@v3: sha256 mismatch"}
+                                                    "reason": "fin@v3: sha256 mismatch", "source": None}
 
 
 def test_a_worker_is_silent_after_three_of_its_intervals():

@@ -156,6 +156,8 @@ class Metrics:
         self.adapter_load = Histogram("lorabus_adapter_load_seconds", "Adapter load (disk or host cache → device slot), "
                                       "by the tier it read: source=disk|host", ["source"], buckets=LATENCY_BUCKETS,
                                       registry=r)
+        for source in ("disk", "host"):  # every series exists from the start (a dashboard's rate finds them)
+            self.adapter_load.labels(source)
         self.adapter_load_failures = Counter("lorabus_adapter_load_failures", "Adapter versions that failed to load here",
                                              registry=r)
         self.store_download = Histogram("lorabus_adapter_store_download_seconds", "Adapter downloads from the object "
