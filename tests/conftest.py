@@ -29,6 +29,14 @@ use_python_record_builder()
 s3 = s3_fixture()
 
 
+@pytest.fixture
+def store(s3, monkeypatch):
+    """`s3` with its keys in boto3's chain (the environment), as operators hand them to in-process workers."""
+    for name, value in s3.credentials_env().items():
+        monkeypatch.setenv(name, value)
+    return s3
+
+
 @pytest.fixture(scope="session")
 def kafka(tmp_path_factory) -> str:
     """Bootstrap address of a real Apache Kafka broker."""

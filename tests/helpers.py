@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -373,3 +374,60 @@ async def record_offsets(kafka: str, topic: str) -> tuple[list[int], int]:
     one-partition topic. Compaction leaves gaps: read_topic's `to_end` goes by position, not a count."""
     end = await end_offset(kafka, topic)
     return [r.offset for r in await read_topic(kafka, topic, 30, to_end=True) if r.offset < end], end
+
+
+async def until(condition, timeout_s: float) -> None:
+    """Wait (polling) until `condition()` holds; fail the test past `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+class OracleJobs:
+    """Jobs j1, j2, ... through the broker on one prompt, each checked against PEFT (ok) or for its error.
+    `check_versions`: an ok result must also name the version its weights are checked against; `alive` is
+    called after every batch (to fail fast on a dead worker)."""
+
+    def __init__(self, kafka, config, oracle, dirs, prompt: str, max_new: int, timeout_s: float,
+                 check_versions: bool = False, alive=lambda: None):
+        self.kafka, self.config, self.oracle, self.dirs = kafka, config, oracle, dirs
+        self.max_new, self.timeout_s, self.check_versions, self.alive = max_new, timeout_s, check_versions, alive
+        self.ids = oracle.prompt_ids(prompt)
+        self.count = 0
+
+    async def run(self, refs: list[str | None]) -> list:
+        """One job per ref ("name@version", "name", or None for the base model), sent together."""
+        from lorabus.worker.client import run_jobs
+
+        jobs = []
+        for ref in refs:
+            self.count += 1
+            job = {"id": f"j{self.count}", "tenant": "acme", "prompt_ids": self.ids, "max_new_tokens": self.max_new}
+            if ref is not None:
+                job["adapter"] = ref
+            jobs.append((job["id"], json.dumps(job).encode()))
+        results = await run_jobs(self.kafka, self.config.jobs_topic, self.config.results_topic, jobs, self.timeout_s)
+        self.alive()
+        assert len(results) == len(jobs), f"unanswered: {sorted({i for i, _ in jobs} - results.keys())}"
+        return [results[job_id][0] for job_id, _ in jobs]
+
+    def check_ok(self, result, weights_of: str | None) -> None:
+        """`result` is ok with PEFT's tokens for the weights `dirs[weights_of]` (None: the base model)."""
+        assert result.status == "ok", result
+        if self.check_versions:
+            assert (f"{result.adapter}@{result.adapter_version}" if result.adapter else None) == weights_of, result
+        self.oracle.assert_matches(self.dirs.get(weights_of), self.ids, result.token_ids, self.max_new, result.id)
+
+    @staticmethod
+    def check_failed(result, reason: str) -> None:
+        assert (result.status, result.error.code) == ("error", "adapter_load_failed"), result
+        assert reason in result.error.message, result.error.message
+
+    async def served(self, ref: str | None, weights_of: str | None = None) -> None:
+        (result,) = await self.run([ref])
+        self.check_ok(result, weights_of or ref)
+
+    async def failed(self, ref: str, reason: str) -> None:
+        (result,) = await self.run([ref])
+        self.check_failed(result, reason)

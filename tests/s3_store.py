@@ -69,6 +69,22 @@ class LocalS3:
             keys.append(key)
         return keys
 
+    def credentials_env(self) -> dict[str, str]:
+        """boto3's chain as operators hand it to workers (environment variables): this store's keys, and the
+        checksum settings S3Proxy 2.6 needs (../shared/NOTES.md)."""
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+                "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}
+
+    def publish(self, adapter_dir: Path, name: str, version: str = "v1"):
+        """Upload an adapter to adapters/<name>/<version>/; its publish event there, with the weights' sha256."""
+        from lorabus.scheduler.adapters import file_sha256
+        from lorabus.schemas import AdapterPublish
+
+        self.upload_dir(adapter_dir, "adapters", f"{name}/{version}")
+        return AdapterPublish(name, version, f"s3://adapters/{name}/{version}/",
+                              file_sha256(Path(adapter_dir) / "adapter_model.safetensors"))
+
 
 @contextlib.contextmanager
 def running_s3(data: Path, buckets=()) -> Iterator[LocalS3]:

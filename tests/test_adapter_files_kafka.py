@@ -18,7 +18,8 @@ from lorabus.worker.client import publish_control, run_jobs
 from lorabus.worker.registry import Load
 from lorabus.worker.topics import ensure_topics
 from file_changes import CHANGES, REASONS, change, copy_adapter, restore
-from helpers import MixOracle, PeftOracle, read_topic, running_worker, start_worker_process, unique, worker_config
+from helpers import (MixOracle, OracleJobs, PeftOracle, read_topic, running_worker, start_worker_process, unique, until,
+                     worker_config)
 
 pytestmark = pytest.mark.kafka
 
@@ -33,43 +34,7 @@ JOB_TIMEOUT_S = 60
 RECOVERY_TIMEOUT_S = 30
 
 
-class Jobs:
-    """Jobs through the broker, each checked against PEFT (ok) or for its error; `alive` fails fast on a dead worker."""
-
-    def __init__(self, kafka, config, oracle, dirs, alive=lambda: None):
-        self.kafka, self.config, self.oracle, self.dirs, self.alive = kafka, config, oracle, dirs, alive
-        self.ids = oracle.prompt_ids(PROMPT)
-        self.count = 0
-
-    async def run(self, refs: list[str | None]) -> list:
-        """One job per ref ("name@version", "name", or None for the base model), sent together."""
-        jobs = []
-        for ref in refs:
-            self.count += 1
-            job = {"id": f"j{self.count}", "tenant": "acme", "prompt_ids": self.ids, "max_new_tokens": MAX_NEW}
-            if ref is not None:
-                job["adapter"] = ref
-            jobs.append((job["id"], json.dumps(job).encode()))
-        results = await run_jobs(self.kafka, self.config.jobs_topic, self.config.results_topic, jobs, JOB_TIMEOUT_S)
-        self.alive()
-        assert len(results) == len(jobs), f"unanswered: {sorted({i for i, _ in jobs} - results.keys())}"
-        return [results[job_id][0] for job_id, _ in jobs]
-
-    def check_ok(self, result, weights_of: str | None) -> None:
-        assert result.status == "ok", result
-        self.oracle.assert_matches(self.dirs.get(weights_of), self.ids, result.token_ids, MAX_NEW, result.id)
-
-    async def served(self, ref: str | None, weights_of: str | None = None) -> None:
-        (result,) = await self.run([ref])
-        self.check_ok(result, weights_of or ref)
-
-    async def failed(self, ref: str, reason: str) -> None:
-        (result,) = await self.run([ref])
-        assert (result.status, result.error.code) == ("error", "adapter_load_failed"), result
-        assert reason in result.error.message, result.error.message
-
-
-async def _change_in_each_tier(jobs: Jobs, how: str, targets: dict, held=None) -> None:
+async def _change_in_each_tier(jobs: OracleJobs, how: str, targets: dict, held=None) -> None:
     """For each tier: put its own version of `t` there, change its file `how` with jobs flowing, push it out
     to disk, restore the file. `held(key)` (in-process workers) says (in a device slot, in the host cache).
     Call it once every version's publish-time warm-up is done, so none lands in a tier behind its back."""
@@ -117,13 +82,6 @@ def _settled(worker, events: int) -> bool:
     return worker.control_offset >= events and Load.LOADING not in worker.adapter_health.states.values()
 
 
-async def _until(condition, timeout_s: float = JOB_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
-
-
 def _publish_events(peft_adapters, tmp_path):
     targets, events = {}, []
     for tier in TIERS:
@@ -147,8 +105,9 @@ async def test_a_changed_file_affects_only_its_version_in_each_tier(kafka, tiny_
             return key in engine.resident(), engine.adapters.spec(key) in engine.adapters.host_cache
 
         await publish_control(kafka, config.control_topic, events)
-        await _until(lambda: _settled(worker, len(events)))
-        await _change_in_each_tier(Jobs(kafka, config, PeftOracle(tiny_model), dirs), how, targets, held)
+        await until(lambda: _settled(worker, len(events)), JOB_TIMEOUT_S)
+        jobs = OracleJobs(kafka, config, PeftOracle(tiny_model), dirs, PROMPT, MAX_NEW, JOB_TIMEOUT_S)
+        await _change_in_each_tier(jobs, how, targets, held)
 
 
 async def test_a_truncated_file_never_kills_the_worker(kafka, tiny_model, peft_adapters, tmp_path):
@@ -167,7 +126,7 @@ async def test_a_truncated_file_never_kills_the_worker(kafka, tiny_model, peft_a
                                        + (tmp_path / "worker.log").read_text()[-3000:])
 
     try:
-        jobs = Jobs(kafka, config, PeftOracle(tiny_model), dirs, alive)
+        jobs = OracleJobs(kafka, config, PeftOracle(tiny_model), dirs, PROMPT, MAX_NEW, JOB_TIMEOUT_S, alive=alive)
         await jobs.served(None)  # the worker is up
         await publish_control(kafka, topics["control"], events)
 
@@ -195,11 +154,11 @@ async def test_the_switch_to_a_version_whose_file_broke_falls_back(kafka, tiny_m
                            **RETRY)
     dirs = {"fin@v1": v1, "fin@v2": peft_adapters["all-r8-rslora"], "other@v1": peft_adapters["mlp-r16-patterns"]}
     async with running_worker(config) as worker:
-        jobs = Jobs(kafka, config, PeftOracle(tiny_model), dirs)
+        jobs = OracleJobs(kafka, config, PeftOracle(tiny_model), dirs, PROMPT, MAX_NEW, JOB_TIMEOUT_S)
         await publish_control(kafka, config.control_topic, [AdapterPublish("fin", "v1", str(v1)),
                                                             AdapterPublish("fin", "v2", str(v2), sha2),
                                                             AdapterPublish("other", "v1", str(dirs["other@v1"]))])
-        await _until(lambda: _settled(worker, 3))
+        await until(lambda: _settled(worker, 3), JOB_TIMEOUT_S)
         await jobs.served("fin@v2")
         await jobs.served("fin", "fin@v1")  # v1 in the only slot and the only host entry: v2 on disk only
         assert worker.adapter_health.state("fin@v2") is Load.READY
@@ -208,7 +167,7 @@ async def test_the_switch_to_a_version_whose_file_broke_falls_back(kafka, tiny_m
 
         original = change(v2, "overwrite")
         (offset,) = await publish_control(kafka, config.control_topic, [AdapterActivate("fin", "v2")])
-        await _until(lambda: worker.control_offset > offset)
+        await until(lambda: worker.control_offset > offset, JOB_TIMEOUT_S)
         # First a mix naming "fin": it is built on fin@v2, whose read fails; that is fin@v2's failure, and the
         # mix is served with fin@v1 instead.
         mix_job = {"id": "mix-1", "tenant": "acme", "prompt_ids": jobs.ids, "max_new_tokens": MAX_NEW,
@@ -224,7 +183,8 @@ async def test_the_switch_to_a_version_whose_file_broke_falls_back(kafka, tiny_m
             if result.adapter == "fin":
                 assert result.adapter_version == "v1", result
             jobs.check_ok(result, f"{result.adapter}@{result.adapter_version}" if result.adapter else None)
-        await _until(lambda: "sha256" in (worker.adapter_health.failure("fin@v2") or ""))  # failed, shown in status
+        # failed, shown in status
+        await until(lambda: "sha256" in (worker.adapter_health.failure("fin@v2") or ""), JOB_TIMEOUT_S)
         await jobs.failed("fin@v2", "sha256")
 
         restore(v2, original)

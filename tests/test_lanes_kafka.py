@@ -13,7 +13,7 @@ import pytest
 
 from lorabus.schemas import AdapterPublish
 from lorabus.worker.client import publish_control, run_jobs
-from helpers import committed_lag, running_worker, unique, worker_config
+from helpers import committed_lag, running_worker, unique, until, worker_config
 
 pytestmark = pytest.mark.kafka
 
@@ -114,13 +114,6 @@ async def test_a_quiet_lane_is_served_while_another_floods(kafka, tiny_model):
     assert lanes_busy[-1] < 0.25 * (lanes_drain - delay_s) and 4 * lanes_busy[-1] < single_busy[-1], runs
 
 
-async def _until(condition, timeout_s: float = JOB_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
-
-
 async def test_lanes_commit_per_partition_across_a_rebalance(kafka, tiny_model):
     """Two lanes of 3 partitions, a small window (each lane's share: 4 jobs) and a rate of 20 jobs a second
     per lane and worker (so the lanes drain for seconds): a second worker joins while both lanes drain,
@@ -148,16 +141,16 @@ async def test_lanes_commit_per_partition_across_a_rebalance(kafka, tiny_model):
     try:
         answered = [asyncio.create_task(run_jobs(kafka, t[f"jobs.{lane}"], t[f"res.{lane}"], jobs[lane], 300))
                     for lane in ("a", "b")]
-        await _until(lambda: w1.consuming)
+        await until(lambda: w1.consuming, JOB_TIMEOUT_S)
         started = time.monotonic()
-        await _until(lambda: w1.metrics.jobs_consumed._value.get() >= 60)
+        await until(lambda: w1.metrics.jobs_consumed._value.get() >= 60, JOB_TIMEOUT_S)
         took = time.monotonic() - started
         rate = 60 / took
         # Two lanes of 20 jobs/s, each with a burst of one second: 60 jobs take at least (60 - 40) / 40 s.
         assert took >= 0.9 * (60 - 2 * 20) / (2 * 20), f"two lanes of 20 jobs/s each took {rate:.0f} jobs/s"
         w2 = workers["ln-2"] = Worker(second)
         run2 = asyncio.create_task(w2.run())
-        await _until(lambda: w2.metrics.jobs_consumed._value.get() >= 20)
+        await until(lambda: w2.metrics.jobs_consumed._value.get() >= 20, JOB_TIMEOUT_S)
         w1.stop()  # graceful: answers what it holds, commits, leaves the group
         await asyncio.wait_for(run1, 60)
         results = [await task for task in answered]

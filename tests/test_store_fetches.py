@@ -3,10 +3,8 @@ versions at once holds at most s3_max_downloads - 1 download slots, so the fetch
 once, and a job's version still queued behind them is fetched ahead of them; every fetch is reported once."""
 
 import asyncio
-import hashlib
 import time
 
-from lorabus.schemas import AdapterPublish
 from lorabus.worker.config import WorkerConfig
 from lorabus.worker.control_log import ControlLog
 from lorabus.worker.metrics import Metrics
@@ -27,18 +25,12 @@ class Registrations:
         self.keys.append(spec.key)
 
 
-async def test_a_job_waiting_for_a_version_goes_ahead_of_a_large_publish(s3, monkeypatch, peft_adapters, tmp_path):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
-    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
-    monkeypatch.setenv("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
+async def test_a_job_waiting_for_a_version_goes_ahead_of_a_large_publish(store, monkeypatch, peft_adapters, tmp_path):
     adapter = next(iter(peft_adapters.values()))
-    sha256 = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
     control, health = ControlLog(), AdapterHealth()
     for i in range(VERSIONS):  # distinct prefixes (the tier keys a copy by uri and sha256)
-        s3.upload_dir(adapter, "adapters", f"a/v{i}")
-        control.apply(i, AdapterPublish("a", f"v{i}", f"s3://adapters/a/v{i}/", sha256))
-    config = WorkerConfig(s3_endpoint_url=s3.endpoint, s3_addressing_style="path", s3_max_downloads=2,
+        control.apply(i, store.publish(adapter, "a", f"v{i}"))
+    config = WorkerConfig(s3_endpoint_url=store.endpoint, s3_addressing_style="path", s3_max_downloads=2,
                           adapter_disk_cache_dir=str(tmp_path / "tier"))
     engine, reports = Registrations(), []
     fetches = StoreFetches(config, engine, control, AdapterRegistry(control, health), health, Metrics(),

@@ -6,21 +6,19 @@ with a wrong secret key serves what its tier holds, fails the next version with 
 jobs' answers and in its status) while its name's traffic stays on the version before, and logs no secret."""
 
 import asyncio
-import hashlib
-import json
 import logging
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from lorabus.scheduler import EngineConfig
-from lorabus.schemas import AdapterActivate, AdapterPublish
+from lorabus.scheduler.adapters import file_sha256
+from lorabus.schemas import AdapterActivate
 from lorabus.worker import cli
-from lorabus.worker.client import publish_control, read_statuses, run_jobs
+from lorabus.worker.client import publish_control, read_statuses
 from lorabus.worker.registry import Load
-from helpers import PeftOracle, end_offset, make_peft_adapter, running_worker, worker_config
+from helpers import OracleJobs, PeftOracle, end_offset, make_peft_adapter, running_worker, until, worker_config
 
 pytestmark = pytest.mark.kafka
 
@@ -34,25 +32,6 @@ V1 = ("a@v1", "b@v1", "c@v1")
 REFUSAL = "denied: ListObjectsV2 s3://adapters/a/v3/: SignatureDoesNotMatch (HTTP 403)"
 
 
-@pytest.fixture
-def store(s3, monkeypatch):
-    """The test's S3Proxy, its keys handed to the in-process workers the way operators do: boto3's chain."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
-    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
-    monkeypatch.setenv("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
-    return s3
-
-
-def _sha256(adapter_dir) -> str:
-    return hashlib.sha256((adapter_dir / WEIGHTS).read_bytes()).hexdigest()
-
-
-def _upload(s3, adapter_dir, name: str, version: str) -> AdapterPublish:
-    s3.upload_dir(adapter_dir, "adapters", f"{name}/{version}")
-    return AdapterPublish(name, version, f"s3://adapters/{name}/{version}/", _sha256(adapter_dir))
-
-
 def _fetches(worker, outcome: str) -> float:
     return worker.metrics.registry.get_sample_value("lorabus_adapter_store_fetches_total", {"outcome": outcome}) or 0
 
@@ -61,41 +40,9 @@ def _downloads(worker) -> float:
     return worker.metrics.registry.get_sample_value("lorabus_adapter_store_download_seconds_count") or 0
 
 
-async def _until(condition, timeout_s: float = JOB_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
-
-
 def _sharing(w1, w2) -> bool:
     """Both workers in the group, the jobs topic split between them."""
     return bool(w1.partitions) and bool(w2.partitions) and len(set(w1.partitions) | set(w2.partitions)) == PARTITIONS
-
-
-class Jobs:
-    """Jobs through the broker, keyed by id so they spread over the partitions; results by worker."""
-
-    def __init__(self, kafka, config, oracle, dirs):
-        self.kafka, self.config, self.oracle, self.dirs = kafka, config, oracle, dirs
-        self.ids = oracle.prompt_ids(PROMPT)
-        self.count = 0
-
-    async def run(self, refs: list[str]) -> list:
-        jobs = []
-        for ref in refs:
-            self.count += 1
-            job = {"id": f"j{self.count}", "tenant": "acme", "prompt_ids": self.ids, "max_new_tokens": MAX_NEW,
-                   "adapter": ref}
-            jobs.append((job["id"], json.dumps(job).encode()))
-        results = await run_jobs(self.kafka, self.config.jobs_topic, self.config.results_topic, jobs, JOB_TIMEOUT_S)
-        assert len(results) == len(jobs), f"unanswered: {sorted({i for i, _ in jobs} - results.keys())}"
-        return [results[job_id][0] for job_id, _ in jobs]
-
-    def check_ok(self, result, key: str) -> None:
-        assert result.status == "ok", result
-        assert f"{result.adapter}@{result.adapter_version}" == key, result
-        self.oracle.assert_matches(self.dirs[key], self.ids, result.token_ids, MAX_NEW, result.id)
 
 
 async def test_two_workers_fetch_once_each_fetch_together_and_a_wrong_key_fails_only_the_new_version(
@@ -112,15 +59,16 @@ async def test_two_workers_fetch_once_each_fetch_together_and_a_wrong_key_fails_
                            s3_endpoint_url=store.endpoint, s3_addressing_style="path", adapter_retry_ms=600_000)
     tiers = {"w-1": tmp_path / "tier-1", "w-2": tmp_path / "tier-2"}
     configs = {wid: replace(config, worker_id=wid, adapter_disk_cache_dir=str(tier)) for wid, tier in tiers.items()}
-    jobs = Jobs(kafka, config, PeftOracle(tiny_model), dirs)
-    events = [_upload(store, dirs[key], key[0], "v1") for key in V1]
-    v3 = _upload(store, a3, "a", "v3")
+    jobs = OracleJobs(kafka, config, PeftOracle(tiny_model), dirs, PROMPT, MAX_NEW, JOB_TIMEOUT_S, check_versions=True)
+    events = [store.publish(dirs[key], key[0], "v1") for key in V1]
+    v3 = store.publish(a3, "a", "v3")
 
     async with running_worker(configs["w-1"]) as w1:
         async with running_worker(configs["w-2"]) as w2:
-            await _until(lambda: _sharing(w1, w2))
+            await until(lambda: _sharing(w1, w2), JOB_TIMEOUT_S)
             await publish_control(kafka, config.control_topic, events)
-            await _until(lambda: all(w.control_offset >= 3 and not w.adapter_health.loading for w in (w1, w2)))
+            await until(lambda: all(w.control_offset >= 3 and not w.adapter_health.loading for w in (w1, w2)),
+                        JOB_TIMEOUT_S)
 
             # 1. Each worker downloads each version once, into its own tier, and both answer.
             results = await jobs.run(list(V1) * 4)
@@ -137,7 +85,7 @@ async def test_two_workers_fetch_once_each_fetch_together_and_a_wrong_key_fails_
             store.upload_dir(a2, "adapters", "a/v2")
             before = await end_offset(kafka, config.control_topic)
             publish = asyncio.create_task(asyncio.to_thread(cli.main, [
-                "rollout", "publish", "a", "v2", "s3://adapters/a/v2/", "--sha256", _sha256(a2), "--wait",
+                "rollout", "publish", "a", "v2", "s3://adapters/a/v2/", "--sha256", file_sha256(a2 / WEIGHTS), "--wait",
                 "--timeout", str(JOB_TIMEOUT_S), "--bootstrap-servers", kafka, "--control-topic", config.control_topic,
                 "--status-topic", config.status_topic, "--s3-endpoint-url", store.endpoint,
                 "--s3-addressing-style", "path"]))
@@ -155,9 +103,11 @@ async def test_two_workers_fetch_once_each_fetch_together_and_a_wrong_key_fails_
         # 3. w-2 back with a wrong secret: its tier still serves what it holds; a@v3 is refused by the store.
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", WRONG_SECRET)  # w-1's client keeps the key it was made with
         async with running_worker(configs["w-2"]) as w2:
-            await _until(lambda: _sharing(w1, w2) and w2.control_offset >= 5 and not w2.adapter_health.loading)
+            await until(lambda: _sharing(w1, w2) and w2.control_offset >= 5 and not w2.adapter_health.loading,
+                        JOB_TIMEOUT_S)
             await publish_control(kafka, config.control_topic, [v3, AdapterActivate("a", "v3")])
-            await _until(lambda: w1.adapter_health.state("a@v3") is Load.READY and w2.adapter_health.failure("a@v3"))
+            await until(lambda: w1.adapter_health.state("a@v3") is Load.READY and w2.adapter_health.failure("a@v3"),
+                        JOB_TIMEOUT_S)
             results = await jobs.run(["a@v3", "a", "b@v1"] * 4)
             for ref, result in zip(["a@v3", "a", "b@v1"] * 4, results):
                 if result.worker == "w-2" and ref == "a@v3":
