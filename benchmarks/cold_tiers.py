@@ -21,7 +21,8 @@ rotated by one per adapter and repeat. Each repeat has fresh disk tiers and fres
 nothing of one repeat is warm in the next. Reported per tier: p50 and p99 (nearest rank: of 20 samples
 the slowest) of every repeat, as median [min..max] over the repeats, and the p50 of the fetch part
 (fetch + register) and of the engine's own load. The OS page cache is not dropped (that needs root):
-the store's and the disk tier's files are read from memory, as on a worker with spare RAM.
+the store's and the disk tier's files are read from memory, as on a worker with spare RAM. With --json, a
+PNG beside it charts the first-token p50 and p99 per tier.
 
 The slot layout: S-1 device slots hold filler adapters the engine is told to keep (affinity 1); the one
 left holds whatever ran last, so every load (and the host tier's push-out) evicts from that slot.
@@ -53,6 +54,9 @@ from lorabus.scheduler import AdapterSpec, Engine, EngineConfig, Request, Sampli
 from lorabus.worker.adapter_store import DiskTier, StoreSettings, make_client
 from lorabus.worker.model_store import fetch_model
 from lorabus.worker.testing import build_sample_adapter, build_tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling charts.py, also under -P / PYTHONSAFEPATH
+import charts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_S3 = ROOT / "deploy" / "local-s3"
@@ -311,6 +315,17 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def draw(report: dict, json_path: str) -> list[Path]:
+    """The chart beside the JSON: a job's first token, p50 and p99, by the tier its adapter came from."""
+    tiers, m = report["tiers"], report["machine"]
+    groups = {tier: {"p50": tiers[tier]["first_token_50_ms"], "p99": tiers[tier]["first_token_99_ms"]}
+              for tier in TIERS}
+    subtitle = (f"{Path(report['model']).name}, {m['cpu']}, {m['torch_threads']} torch threads; "
+                f"median [min..max] of {report['config']['repeats']} repeats")
+    return [charts.bar_chart(charts.png_beside(json_path), "Cold start by tier: arrival to first token", "ms",
+                             groups, log_y=True, subtitle=subtitle)]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct",
@@ -337,10 +352,13 @@ def main(argv=None) -> None:
     report = run(args, log)
     report["machine"]["load_average_start"] = load_before
     report["wall_s"] = round(time.perf_counter() - started, 1)
+    report["script"] = "cold_tiers"
     print(markdown(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
         log(f"wrote {args.json}")
+        for png in draw(report, args.json):
+            log(f"wrote {png}")
 
 
 if __name__ == "__main__":

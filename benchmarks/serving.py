@@ -28,7 +28,8 @@ Two arrival patterns: "saturated" (every job submitted at t=0, i.e. peak through
 one adapter). Reported per N and system: generated tokens/s, p50/p99 end-to-end latency
 (submission → last token) and p50/p99 TTFT (submission → first token; for the baselines the first
 token of the job's batch, taken when the first logits processor call of its `generate` returns),
-each also as a ratio to lorabus. Cold start = a never-seen adapter on local disk → first token of a
+each also as a ratio to lorabus (with --json, a PNG beside it charts the saturated throughput against N per
+system). Cold start = a never-seen adapter on local disk → first token of a
 4-token prompt on an otherwise idle server, measured sequentially on --cold-samples adapters.
 
 EOS never ends a sequence early: the benchmark model has no eos token (`eos_token_id` removed from
@@ -86,6 +87,9 @@ import torch
 
 from lorabus.scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
 from lorabus.worker.testing import build_sample_adapter, build_tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling charts.py, also under -P / PYTHONSAFEPATH
+import charts  # noqa: E402
 
 SHAPES = {
     "tiny": {},  # worker.testing.TINY_MODEL: hidden 64, 2 layers
@@ -858,6 +862,22 @@ def goals(report: dict) -> list[str]:
     return out
 
 
+def draw(report: dict, json_path: str) -> list[Path]:
+    """The chart beside the JSON: saturated throughput against the number of distinct adapters, per system."""
+    runs = [r for r in report["runs"] if r["mode"] == "saturated"]
+    if not runs:
+        return []
+    series: dict[str, dict[float, list[float]]] = {}
+    for r in runs:
+        series.setdefault(r["system"], {}).setdefault(r["adapters"], []).append(r["tok_s"])
+    m, cfg = report["machine"], report["config"]
+    subtitle = (f"{cfg.get('model') or cfg.get('model_shape')} model, {m['cpu']}, {m['torch_threads']} torch threads; "
+                f"median [min..max] of {cfg.get('repeats')} repeats")
+    return [charts.line_chart(charts.png_beside(json_path), "Throughput against distinct adapters (saturated)",
+                              "distinct adapters (Zipf popularity)", "generated tokens/s", series, log_x=True, log_y=True,
+                              subtitle=subtitle)]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer jobs, N in {1, 8, 64} (~2-3 min on 2 CPU cores)")
@@ -935,11 +955,14 @@ def main(argv=None) -> None:
         report["cold_1b"] = cold_1b(args, log)
     report["goals"] = goals(report)
     report["wall_s"] = round(time.perf_counter() - started, 1)
+    report["script"] = "serving"
     text = markdown(report)
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))
         log(f"wrote {args.json}")
+        for png in draw(report, args.json):
+            log(f"wrote {png}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SCRIPTS = sorted(path.name for path in (ROOT / "benchmarks").glob("*.py"))
 
 
@@ -58,3 +59,22 @@ def test_cold_tiers_bench_runs_its_smallest_settings(tmp_path):
     assert all(s["load_s"] == 0 < s["first_token_s"] for s in by_tier["slot"]), by_tier["slot"]
     assert "| store |" in done.stdout and "10 Gbit/s" in done.stdout, done.stdout
     assert not list(tmp_path.glob("cold-tiers-*")), "the run's store and disk tiers were left behind"
+    assert (tmp_path / "cold_tiers.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_serving_bench_draws_its_chart_and_charts_redraws_it(tmp_path):
+    """benchmarks/serving.py writes a PNG beside its JSON, and benchmarks/charts.py redraws it from the JSON alone."""
+    out = tmp_path / "serving.json"
+    smallest = ["--model-shape", "tiny", "--adapters", "1", "2", "--jobs", "4", "--max-new", "2", "--repeats", "1",
+                "--no-poisson", "--cold-samples", "1", "--systems", "lorabus", "peft-mixed", "--workdir", str(tmp_path),
+                "--json", str(out)]
+    done = subprocess.run([sys.executable, "benchmarks/serving.py", *smallest], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    png = tmp_path / "serving.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    png.unlink()
+    done = subprocess.run([sys.executable, "-P", "benchmarks/charts.py", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == str(png), done.stderr[-2000:]
+    assert png.read_bytes()[:8] == PNG_MAGIC
