@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/step.py [--model DIR] [--model-shape small] [--batch 64] [--prompt-len 128]
                               [--repeats 5] [--steps 4] [--threads 1] [--prefill-prompts 32]
                               [--prefill-len 16] [--json out.json]
-                              [--device cuda] [--attention-backend auto] [--no-cuda-graphs]
+                              [--device cuda] [--attention-backend auto] [--versus-attention torch]
+                              [--no-cuda-graphs]
                               [--adapter-mix distinct|zipf]
 
 Three engine variants, each an `Engine` (not started: this script calls its step loop's `iterate()`
@@ -41,7 +42,11 @@ phase hooks then synchronize the device around each hooked call (the breakdown s
 unhooked totals do not), and with CUDA graphs on (the default there) the hooks are not installed at all
 (Python hooks cannot run inside a replayed graph): only the totals are measured, so run once more with
 --no-cuda-graphs for the breakdown. --attention-backend picks the engine's attention (auto: triton on
-CUDA, torch on CPU).
+CUDA, seats on CPU; torch is the block-table gather). Every table names the CPU model (/proc/cpuinfo).
+
+--versus-attention BACKEND adds the base and 64-adapter engines on another attention backend to the same
+interleaved rounds (e.g. torch, the block-table gather, against the default seats on CPU): a before / after
+comparison within one run, reported under the table as step time and x its ceiling.
 
 --prefill-*: batched prefill of --prefill-prompts prompts of ~--prefill-len tokens (lengths
 len-4..len+4) to their first token, the engine (base model, fresh sequences, one `iterate()` per
@@ -72,6 +77,19 @@ from serving import RANK, build_assets, machine, model_assets, zipf_choice  # no
 
 VARIANTS = ("base", "1 adapter", "64 adapters")
 CEILINGS = {"base": "plain", "1 adapter": "plain + 1 LoRA", "64 adapters": "plain + stacked LoRA"}
+
+
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (the platform's processor string where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
 
 
 def mmm(values, fmt=".2f") -> str:
@@ -200,10 +218,11 @@ def phases(acc: dict[str, float], found: set[str], step_s: float, calls: dict[st
 # ---- the engine variants ------------------------------------------------------------------------
 
 
-def make_engine(model_dir: Path, adapters, batch: int, kv_mb: int, args) -> Engine:
+def make_engine(model_dir: Path, adapters, batch: int, kv_mb: int, args, attention: str | None = None) -> Engine:
     engine = Engine(str(model_dir), EngineConfig(device=args.device, max_lora_rank=RANK, max_running=batch,
                                                  max_loras=max(1, min(64, len(adapters))), kv_cache_mb=kv_mb,
-                                                 max_step_tokens=512, attention_backend=args.attention_backend,
+                                                 max_step_tokens=512,
+                                                 attention_backend=attention or args.attention_backend,
                                                  cuda_graphs=args.cuda_graphs))
     for key, path in adapters:
         engine.register(AdapterSpec(key, str(path)))
@@ -407,7 +426,9 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", default="/tmp/lorabus-bench-serving")
     p.add_argument("--json")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton"))
+    p.add_argument("--attention-backend", default="auto", choices=("auto", "seats", "torch", "triton"))
+    p.add_argument("--versus-attention", choices=("seats", "torch", "triton"),
+                   help="also run the base and 64-adapter engines with this attention, interleaved with the rest")
     p.add_argument("--adapter-mix", default="distinct", choices=("distinct", "zipf"),
                    help="the 64-adapter variant: sequence i on adapter i mod 64, or adapters drawn Zipf(1.1)")
     p.add_argument("--cuda-graphs", default=True, action=argparse.BooleanOptionalAction,
@@ -448,12 +469,20 @@ def main(argv=None) -> None:
         "1 adapter": make_engine(model_dir, adapters[:1], args.batch, kv_mb, args),
         "64 adapters": make_engine(model_dir, adapters, args.batch, kv_mb, args),
     }
+    versus = {}  # the same variants on another attention backend: before / after in one interleaved run
+    if args.versus_attention:
+        versus = {f"base [{args.versus_attention}]": "base", f"64 adapters [{args.versus_attention}]": "64 adapters"}
+        engines[f"base [{args.versus_attention}]"] = make_engine(model_dir, [], args.batch, kv_mb, args,
+                                                                 args.versus_attention)
+        engines[f"64 adapters [{args.versus_attention}]"] = make_engine(model_dir, adapters, args.batch, kv_mb, args,
+                                                                        args.versus_attention)
     if args.adapter_mix == "zipf":
         assignment = zipf_choice(random.Random(0), n_adapters, args.batch)
     else:
         assignment = [i % n_adapters for i in range(args.batch)]
     per_seq_keys = {"base": [None] * args.batch, "1 adapter": [keys[0]] * args.batch,
                     "64 adapters": [keys[j] for j in assignment]}
+    per_seq_keys.update({name: per_seq_keys[variant] for name, variant in versus.items()})
     for name, engine in engines.items():
         t0 = time.perf_counter()
         seqs = fill(engine, per_seq_keys[name], prompts, max_new, log)
@@ -487,7 +516,7 @@ def main(argv=None) -> None:
                 k = (rep * args.steps + r) % len(names)
                 for name in names[k:] + names[:k]:
                     is_engine = name in engines
-                    timers.on = hook_on and is_engine
+                    timers.on = hook_on and name in VARIANTS
                     if timers.on:
                         timers.acc, timers.calls = defaultdict(float), defaultdict(int)
                     t0 = time.perf_counter()
@@ -500,7 +529,7 @@ def main(argv=None) -> None:
                         raise RuntimeError(f"{name}: {len(engines[name].scheduler.running)} sequences running, "
                                            f"not {args.batch}")
                     if hook_on:
-                        if is_engine:
+                        if name in VARIANTS:
                             hooked_s[name] += dt
                             for key, v in timers.acc.items():
                                 acc[name][key] += v
@@ -521,12 +550,16 @@ def main(argv=None) -> None:
         engine.adapters.stop(2.0)
     ctx_end = plains["plain"].ctx
 
-    report = {"machine": machine(), "config": vars(args), "context": [ctx0, ctx_end],
+    report = {"machine": machine(), "cpu_model": cpu_model(), "attention": engines["base"].model.attention.name,
+              "config": vars(args), "context": [ctx0, ctx_end],
               "missing_hooks": missing, "totals_ms": {n: [v * 1e3 for v in vs] for n, vs in totals.items()},
               "phases_ms": {n: [{k: (None if v is None else v * 1e3) for k, v in d.items()} for d in ds]
                             for n, ds in hooked.items()}}
     report["x_ceiling"] = {v: [e / c for e, c in zip(totals[v], totals[CEILINGS[v]])] for v in VARIANTS}
     report["x_plain"] = {v: [e / c for e, c in zip(totals[v], totals["plain"])] for v in VARIANTS}
+    report["versus"] = {name: {"ms": [t * 1e3 for t in totals[name]],
+                               "x_ceiling": [e / c for e, c in zip(totals[name], totals[CEILINGS[variant]])]}
+                        for name, variant in versus.items()}
     # throughput with 64 adapters over throughput with one, paired per repeat: the engine's, and the ceiling's
     # (the fastest loop for one adapter, dense LoRA, over the ideal loop for 64: pre-stacked per-token LoRA)
     report["x_64_vs_1"] = {
@@ -546,7 +579,8 @@ def markdown(report: dict) -> str:
     reps = cfg["repeats"]
     mix = ", 64-adapter variant's adapters drawn Zipf(1.1)" if cfg.get("adapter_mix") == "zipf" else ""
     lines.append(f"**decode step, {cfg['batch']} running sequences{mix}, context {report['context'][0]}→{report['context'][1]}**, "
-                 f"{cfg['threads']} torch thread(s); ms per step, median [min..max] of {reps} repeats "
+                 f"{cfg['threads']} torch thread(s), {report['cpu_model']}, {report['attention']} attention; "
+                 f"ms per step, median [min..max] of {reps} repeats "
                  f"(each the mean of {cfg['steps']} interleaved steps); phases from hooked steps")
     lines.append("")
     lines.append("| ms per step | " + " | ".join(VARIANTS) + " |")
@@ -561,13 +595,18 @@ def markdown(report: dict) -> str:
     lines.append("| **engine step / ceiling** | " + " | ".join(f"**{mmm(report['x_ceiling'][v])}x**" for v in VARIANTS) + " |")
     lines.append("| engine step / plain loop (no LoRA) | " + " | ".join(f"{mmm(report['x_plain'][v])}x" for v in VARIANTS) + " |")
     lines.append("")
+    for name, figures in report.get("versus", {}).items():
+        lines.append(f"- interleaved with these, {name}: {mmm(figures['ms'])} ms per step, "
+                     f"{mmm(figures['x_ceiling'])}x its ceiling")
+    if report.get("versus"):
+        lines.append("")
     if report["missing_hooks"]:
         lines.append(f"Hooks not found (phases n/a): {', '.join(report['missing_hooks'])}")
         lines.append("")
     pf = report.get("prefill")
     if pf:
         lines.append(f"**batched prefill**: {pf['prompts']} prompts of {pf['lengths'][0]}-{pf['lengths'][1]} tokens to "
-                     f"the first token (HF: one left-padded batch of width {pf['padded_width']}); "
+                     f"the first token (HF: one left-padded batch of width {pf['padded_width']}), {report['cpu_model']}; "
                      f"engine steps per batch: {pf['engine_steps']}; median [min..max] of {len(pf['hf_ms'])} repeats")
         lines.append("")
         lines.append("| lorabus ms | HF generate(max_new_tokens=1) ms | lorabus speed / HF |")

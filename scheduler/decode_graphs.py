@@ -74,6 +74,9 @@ class DecodeGraphs:
         device = model.device
         if mode == "graphs" and not capturable(model):
             raise ValueError("CUDA graphs need a cuda device, the triton attention and the triton LoRA kernels")
+        if mode == "padded" and getattr(model.attention, "seats", None) is not None:
+            # The padded body reads block tables only: the seats would miss the step's K/V.
+            raise ValueError("padded decode steps need the torch or triton attention, not seats")
         self.model, self.kv, self.num_slots, self.mode = model, kv, num_slots, mode
         self.buckets = batch_buckets(max_batch)
         self.max_blocks = max_blocks

@@ -7,13 +7,17 @@ with no transformers model in between. The forward pass is our own so that a ste
 and decode tokens of many sequences without padding, read and write the paged KV cache, and apply each
 token's own LoRA adapter through `AdapterPool.apply` (the Triton/torch kernels) on the fused projections.
 
-Attention over the paged cache goes through one interface, `CausalLM._attention`, with a backend chosen
-once when the engine attaches the cache (`EngineConfig.attention_backend`, auto = triton on CUDA, torch
-elsewhere): `BlockTableAttention` (torch: each sequence's K/V read a whole block at a time into reused
-buffers, then SDPA; decode rows in one call, prefill spans batched by `PrefillGroup`) and
+Attention over the paged cache goes through one interface, `CausalLM._attention(layer, q, k, v, step)`,
+with a backend chosen once when the engine attaches the cache (`EngineConfig.attention_backend`, auto =
+triton on CUDA, seats elsewhere): `SeatAttention` (seats: each running sequence's K/V also kept in one
+contiguous row, scheduler/seat_kv.py, which decode rows read in place as one strided view, then SDPA; what
+has no seat goes the torch way), `BlockTableAttention` (torch: each sequence's K/V read a whole block at a
+time into reused buffers, then SDPA; decode rows in one call, prefill spans batched by `PrefillGroup`) and
 `TritonPagedAttention` (kernels/paged_attention_triton.py reads the cache in place: one launch per layer
 for the whole step, decode rows being chunks of one query, prefill chunks attending their cached prefix
-and causally to themselves). Triton is imported only by the triton backend.
+and causally to themselves). The three take the same arguments, so any can be timed against another on
+the same step. First prefill chunks (no cached prefix) attend their own new K/V on every torch backend:
+no cache read. Triton is imported only by the triton backend.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from lorabus import kernels
 from lorabus.scheduler.arch import ACTIVATIONS, GROUPS, ModelSpec
 from lorabus.scheduler.kv_cache import PagedKVCache
 from lorabus.scheduler.lora import AdapterPool
+from lorabus.scheduler.seat_kv import SeatKV, SeatStep
 
 SINGLE_FILE, SHARD_INDEX = "model.safetensors", "model.safetensors.index.json"
 
@@ -88,16 +93,19 @@ class PrefillGroup:
 
     Row r of span s is query `q_index[s * length + r]`; `valid` picks the real rows of the padded
     [S * length] result (None: every row is real) and `rows` says where they go. Keys come a block at a
-    time from `blocks` [S, NB] (padded with the cache's null block). `mask` [S, 1, length, NB * block]
-    is causal over each span's past and its own rows; None means every span starts at position 0 with
-    exactly `length` rows, so a causal call over the first `length` keys is exact."""
+    time from `blocks` [S, NB] (padded with the cache's null block), or, in a `fresh` group (every span
+    starts at position 0), from the step's own new K/V rows `q_index`: no cache read. `mask`
+    [S, 1, length, keys] (keys: NB * block, or `length` when fresh) is causal over each span's past and
+    its own rows; None means every span starts at position 0 with exactly `length` rows, so a causal call
+    over the first `length` keys is exact."""
 
     length: int
     q_index: torch.Tensor  # [S * length]
     valid: torch.Tensor | None  # [R] positions in the padded result that are real rows
     rows: torch.Tensor  # [R] their rows in the step
     blocks: torch.Tensor  # [S, NB]
-    mask: torch.Tensor | None  # [S, 1, length, NB * block_size]
+    mask: torch.Tensor | None  # [S, 1, length, NB * block_size or length]
+    fresh: bool = False
 
 
 @dataclass
@@ -114,6 +122,7 @@ class StepBatch:
     prefills: list[PrefillGroup]
     logit_rows: torch.Tensor  # [N] rows whose next-token logits are wanted
     paged: "PagedBatch | None" = None  # the in-place backend's layout (then the decode/prefill fields are empty)
+    seats: SeatStep | None = None  # the seat backend's seated rows (then the decode fields hold only the others)
 
 
 @dataclass
@@ -157,34 +166,44 @@ class BlockTableAttention:
 
     def _gather_scratch(self, step: StepBatch) -> list[torch.Tensor]:
         """K and V buffers big enough for the largest block-table read of this step."""
-        need = max([step.decode_blocks.numel()] + [g.blocks.numel() for g in step.prefills]) * self._block_numel
+        need = max([step.decode_blocks.numel()] + [g.blocks.numel() for g in step.prefills if not g.fresh])
+        need *= self._block_numel
         if not self._scratch or self._scratch[0].numel() < need:
             self._scratch = [torch.empty(need, dtype=self.dtype, device=self.device) for _ in range(2)]
         return self._scratch
 
-    def __call__(self, layer: int, q: torch.Tensor, step: StepBatch) -> torch.Tensor:
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StepBatch) -> torch.Tensor:
+        num_tokens = q.shape[0]
+        if not step.prefills and step.seats is None:  # decode only: every row is a decode row, in order
+            k_buf, v_buf = self._gather_scratch(step)
+            return self._decode(q, self.kv.k_blocks[layer], self.kv.v_blocks[layer], step, k_buf,
+                                v_buf).reshape(num_tokens, -1)
+        out = torch.empty_like(q)
+        self._attend(layer, q, k, v, step, out)
+        return out.reshape(num_tokens, -1)
+
+    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StepBatch,
+                out: torch.Tensor) -> None:
+        """Into `out`: the block-table decode rows, and every prefill group."""
         k_cache, v_cache = self.kv.k_blocks[layer], self.kv.v_blocks[layer]
         k_buf, v_buf = self._gather_scratch(step)
-        num_tokens = q.shape[0]
-        if not step.prefills:  # decode only: every row is a decode row, in order
-            return self._decode(q, k_cache, v_cache, step, k_buf, v_buf).reshape(num_tokens, -1)
-        out = torch.empty_like(q)
         if step.decode_rows.numel():
             out.index_copy_(0, step.decode_rows, self._decode(q[step.decode_rows], k_cache, v_cache, step,
                                                                    k_buf, v_buf))
         for group in step.prefills:
             s, n = group.blocks.shape[0], group.length
             qp = q.index_select(0, group.q_index).view(s, n, *q.shape[1:]).transpose(1, 2)  # [S, H, n, D]
-            kp = gather_blocks(k_cache, group.blocks, k_buf)  # [S, Hkv, C, D]
-            vp = gather_blocks(v_cache, group.blocks, v_buf)
-            if group.mask is None:  # every span starts at 0 with n rows: causal over the first n keys
-                op = F.scaled_dot_product_attention(qp, kp[:, :, :n], vp[:, :, :n], is_causal=True,
+            if group.fresh:  # every span starts at 0: its keys are its own new K/V (padded rows repeat the last)
+                kp = k.index_select(0, group.q_index).view(s, n, *k.shape[1:]).transpose(1, 2)
+                vp = v.index_select(0, group.q_index).view(s, n, *v.shape[1:]).transpose(1, 2)
+                op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=group.mask, is_causal=group.mask is None,
                                                     enable_gqa=True)
             else:
+                kp = gather_blocks(k_cache, group.blocks, k_buf)  # [S, Hkv, C, D]
+                vp = gather_blocks(v_cache, group.blocks, v_buf)
                 op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=group.mask, enable_gqa=True)
             op = op.transpose(1, 2).reshape(s * n, *q.shape[1:])
             out.index_copy_(0, group.rows, op if group.valid is None else op.index_select(0, group.valid))
-        return out.reshape(num_tokens, -1)
 
     @staticmethod
     def _decode(qd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step: StepBatch,
@@ -194,6 +213,39 @@ class BlockTableAttention:
         vd = gather_blocks(v_cache, step.decode_blocks, v_buf)
         od = F.scaled_dot_product_attention(qd.unsqueeze(2), kd, vd, attn_mask=step.decode_mask, enable_gqa=True)
         return od.squeeze(2)
+
+
+class SeatAttention(BlockTableAttention):
+    """The seats backend: new K/V also go to their sequence's seat row (scheduler/seat_kv.py) and the
+    seated decode rows read their context there in place, one masked SDPA over a strided view; decode rows
+    without a seat and prefill chunks go the torch way (block gather, or fresh K/V)."""
+
+    name = "seats"
+
+    def __init__(self, kv: PagedKVCache, dtype: torch.dtype, device: torch.device):
+        super().__init__(kv, dtype, device)
+        self.seats = SeatKV(kv)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StepBatch) -> torch.Tensor:
+        plan = step.seats
+        if plan is None:
+            return super().__call__(layer, q, k, v, step)
+        self.seats.write(layer, plan, k, v)
+        if plan.in_order:  # a decode-only step whose rows are the seats in order: one SDPA, nothing moved
+            return self._read_seats(layer, q, plan).reshape(q.shape[0], -1)
+        out = torch.empty_like(q)
+        if plan.hi > plan.lo:
+            od = self._read_seats(layer, q.index_select(0, plan.q_rows), plan)
+            out.index_copy_(0, plan.out_rows, od if plan.keep is None else od.index_select(0, plan.keep))
+        if step.decode_rows.numel() or step.prefills:
+            self._attend(layer, q, k, v, step, out)
+        return out.reshape(q.shape[0], -1)
+
+    def _read_seats(self, layer: int, qs: torch.Tensor, plan: SeatStep) -> torch.Tensor:
+        """[W, H, D] attention of seats lo..hi's queries `qs` over their rows' first `context` keys."""
+        ks = self.seats.k[layer, plan.lo:plan.hi, :, :plan.context]  # [W, Hkv, C, D], a view
+        vs = self.seats.v[layer, plan.lo:plan.hi, :, :plan.context]
+        return F.scaled_dot_product_attention(qs.unsqueeze(2), ks, vs, attn_mask=plan.mask, enable_gqa=True).squeeze(2)
 
 
 class TritonPagedAttention:
@@ -209,7 +261,7 @@ class TritonPagedAttention:
         self.kv, self.block_size = kv, kv.block_size
         self.scale = head_dim ** -0.5  # SDPA's default, as the torch backend uses
 
-    def __call__(self, layer: int, q: torch.Tensor, step: StepBatch) -> torch.Tensor:
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StepBatch) -> torch.Tensor:
         p = step.paged
         out = torch.empty_like(q)
         self._launch(q, self.kv.k[layer], self.kv.v[layer], p.blocks, p.context_lens, p.cu_seqlens,
@@ -217,11 +269,17 @@ class TritonPagedAttention:
         return out.view(q.shape[0], -1)
 
 
+ATTENTION_BACKENDS = ("auto", "seats", "torch", "triton")
+
+
 def make_attention(backend: str, kv: PagedKVCache, head_dim: int, dtype: torch.dtype, device: torch.device):
-    """The attention backend `backend` (auto, torch or triton) over `kv`."""
-    if kernels.resolve_attention_backend(backend, device) == "triton":
+    """The attention backend `backend` (auto, seats, torch or triton) over `kv`: auto is triton on CUDA,
+    seats elsewhere."""
+    if backend == "seats":
+        return SeatAttention(kv, dtype, device)
+    if kernels.resolve_attention_backend(backend, device) == "triton":  # also refuses an unknown name
         return TritonPagedAttention(kv, head_dim)
-    return BlockTableAttention(kv, dtype, device)
+    return SeatAttention(kv, dtype, device) if backend == "auto" else BlockTableAttention(kv, dtype, device)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -284,7 +342,7 @@ class CausalLM:
         self._qkv_split = spec.widths("qkv")
         self.pool: AdapterPool | None = None
         self.kv: PagedKVCache | None = None
-        self.attention: BlockTableAttention | TritonPagedAttention | None = None
+        self.attention: BlockTableAttention | SeatAttention | TritonPagedAttention | None = None
 
     def _load_group(self, checkpoint: Checkpoint, layer: int, group: str):
         """A group's weight [out, in] with its modules fused along out, and its bias (None if no module has one)."""
@@ -306,7 +364,7 @@ class CausalLM:
         return cls(ModelSpec.from_dir(model_dir), Checkpoint(model_dir), device, dtype)
 
     def attach(self, pool: AdapterPool, kv: PagedKVCache, attention_backend: str = "torch") -> None:
-        """Use this adapter pool and KV cache, with attention by `attention_backend` (auto, torch, triton)."""
+        """Use this adapter pool and KV cache, with attention by `attention_backend` (ATTENTION_BACKENDS)."""
         self.pool, self.kv = pool, kv
         self.attention = make_attention(attention_backend, kv, self.head_dim, self.dtype, self.device)
 
@@ -329,7 +387,7 @@ class CausalLM:
             q = _apply_rope(q, cos, sin)
             k = _apply_rope(k, cos, sin)
             kv.write(i, step.write_slots, k, v)
-            attn = self._attention(i, q, step)
+            attn = self._attention(i, q, k, v, step)
             o = F.linear(attn, layer.o, layer.o_bias)
             pool.apply(i, "o", attn, o, lora)
             h = h + o
@@ -344,6 +402,8 @@ class CausalLM:
         h = _rms_norm(h[step.logit_rows], self.norm, self.eps)
         return F.linear(h, self.lm_head).float()
 
-    def _attention(self, layer: int, q: torch.Tensor, step: StepBatch) -> torch.Tensor:
-        """[T, H * D] attention of each row's query over its sequence's context (the chosen backend)."""
-        return self.attention(layer, q, step)
+    def _attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   step: StepBatch) -> torch.Tensor:
+        """[T, H * D] attention of each row's query (its new K/V k, v, already in the cache) over its
+        sequence's context (the chosen backend)."""
+        return self.attention(layer, q, k, v, step)

@@ -59,8 +59,9 @@ class ModelRunner:
     A sequence's `kv_slots` holds, from its first step on, its block table as a CPU int64 tensor (its
     blocks are zeroed then: attention reads whole blocks, also past the sequence's context in the last).
     The layout follows the model's attention backend: decode tables, masks and prefill groups for the
-    torch backend; one block table, context length and row range per sequence (`PagedBatch`) for a
-    backend that reads the cache in place."""
+    torch backend; the same for the seats backend, less the decode rows of sequences that hold a seat
+    (`SeatKV.plan` lays out what they write and read there); one block table, context length and row range
+    per sequence (`PagedBatch`) for a backend that reads the cache in place."""
 
     def __init__(self, model: CausalLM, kv: PagedKVCache, num_slots: int, device: torch.device,
                  max_step_tokens: int = 512, max_running: int = 64, decode_mode: str = "eager", max_blocks: int = 0):
@@ -73,6 +74,9 @@ class ModelRunner:
         self.on_step = None
         self._pin = device.type == "cuda"
         self._in_place = model.attention.in_place
+        self._seats = getattr(model.attention, "seats", None)  # the seat backend's rows (scheduler/seat_kv.py)
+        if self._seats is not None:
+            self._seats.max_seats = max_running
         self._copied: torch.cuda.Event | None = None  # the last step's host → device copy
         self._host = self._host_np = None
         self._reserve(7 * max_step_tokens + max_running * (3 + 8))
@@ -116,8 +120,11 @@ class ModelRunner:
         if fresh:
             for seq in fresh:
                 seq.kv_slots = torch.tensor(seq.blocks, dtype=torch.long)
-            kv.clear(torch.cat([seq.kv_slots for seq in fresh]).to(device))
+            # Only its own blocks: the first `cached_blocks` hold a cached prompt prefix other sequences read.
+            kv.clear(torch.cat([seq.kv_slots[seq.cached_blocks:] for seq in fresh]).to(device))
         in_place = self._in_place
+        seat_plan = self._seats.plan(batch, device) if self._seats is not None else None
+        seated = self._seats.seat_index if seat_plan is not None else {}  # their decode rows read their seats
         num_tokens = num_decode = width = max_new = num_scored = 0
         for seq, n in batch:
             num_tokens += n
@@ -126,7 +133,7 @@ class ModelRunner:
             max_new = max(max_new, n)
             if in_place:
                 width = max(width, (seq.num_computed + n - 1) // bs + 1)  # blocks holding [0, past + n)
-            elif n == DECODE_TOKENS:
+            elif n == DECODE_TOKENS and id(seq) not in seated:
                 num_decode += 1
                 width = max(width, seq.num_computed // bs + 1)  # blocks holding positions [0, past]
         num_rows = len(batch)
@@ -166,7 +173,7 @@ class ModelRunner:
                 positions[row] = past
                 write[row] = blocks[past // bs] * bs + past % bs
                 lora_idx[row] = seq.slot
-                if not in_place:
+                if not in_place and id(seq) not in seated:
                     buf[o_dec + d] = row
                     buf[o_ctx + d] = past + 1
                     nb = past // bs + 1
@@ -230,12 +237,14 @@ class ModelRunner:
             decode_mask=(torch.arange(width * bs, device=device)[None, :] < ctx_lens[:, None])[:, None, None, :],
             prefills=self._prefill_groups(prefill_spans),
             logit_rows=dev[o_logit:o_logit + num_logits],
+            seats=seat_plan,
         )
         return step, wants_logits, logit_of, scored
 
     def _prefill_groups(self, spans: list[tuple[PrefillSpan, Sequence]]) -> list[PrefillGroup]:
         """Prefill spans bucketed for batched attention: first chunks of equal length together (causal,
-        no padding); the rest by power-of-two query length and context blocks (padded and masked)."""
+        no padding); the rest by power-of-two query length and context blocks (padded and masked), first
+        chunks apart (they read no cache: their keys are their own new rows)."""
         if not spans:
             return []
         bs, device = self.kv.block_size, self.device
@@ -249,7 +258,7 @@ class ModelRunner:
             if span.past == 0 and (0, span.length) in buckets:
                 continue
             nb = -(-(span.past + span.length) // bs)
-            key = (1, (span.length - 1).bit_length(), (nb - 1).bit_length())
+            key = (1, span.past == 0, (span.length - 1).bit_length(), (nb - 1).bit_length())
             buckets.setdefault(key, []).append((span, seq))
         groups = []
         for key, members in buckets.items():
@@ -257,7 +266,8 @@ class ModelRunner:
             starts = np.fromiter((span.start for span, _ in members), np.int64, s)
             lengths = np.fromiter((span.length for span, _ in members), np.int64, s)
             pasts = np.fromiter((span.past for span, _ in members), np.int64, s)
-            counts = -(-(pasts + lengths) // bs)  # blocks each span's context spans
+            fresh = key[0] == 0 or key[1]  # keys from the step's own rows: no block table
+            counts = np.zeros_like(pasts) if fresh else -(-(pasts + lengths) // bs)  # blocks each span reads
             n, width = int(lengths.max()), int(counts.max())
             tables = np.full((s, width), self.kv.null_block, dtype=np.int64)
             for i, (_, seq) in enumerate(members):
@@ -273,8 +283,9 @@ class ModelRunner:
                 rows = q_index[valid]
                 # Query i of a span sees keys up to its own position (padded rows: the last real one's).
                 last = pasts[:, None] + clipped  # [S, n]
-                mask = torch.from_numpy(np.arange(width * bs)[None, None, :] <= last[:, :, None])[:, None].to(device)
+                keys = n if fresh else width * bs
+                mask = torch.from_numpy(np.arange(keys)[None, None, :] <= last[:, :, None])[:, None].to(device)
                 valid = torch.from_numpy(valid).to(device)
             groups.append(PrefillGroup(n, torch.from_numpy(q_index).to(device), valid, torch.from_numpy(rows).to(device),
-                                       torch.from_numpy(tables).to(device), mask))
+                                       torch.from_numpy(tables).to(device), mask, bool(fresh)))
         return groups

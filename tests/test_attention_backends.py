@@ -1,5 +1,6 @@
-"""The engine's two attention backends agree: torch (block-table gather + SDPA) and triton (the paged-attention
-kernel reading the cache in place, interpreted on CPU), over ragged contexts, chunked prefill over cached
+"""The engine's three attention backends agree: torch (block-table gather + SDPA), seats (each sequence's K/V
+also in one contiguous row, read in place) and triton (the paged-attention kernel reading the cache in place,
+interpreted on CPU), over ragged contexts, chunked prefill over cached
 prefixes, mixed decode/prefill steps, several sequences with and without an adapter, and GQA."""
 
 import os
@@ -13,6 +14,7 @@ import torch
 from lorabus.kernels import resolve_attention_backend
 from lorabus.scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
 from lorabus.scheduler.model import TritonPagedAttention
+from lorabus.scheduler.requests import State
 from helpers import record_logits, submit_all
 
 MAX_NEW = 6
@@ -66,6 +68,22 @@ def test_triton_matches_torch_in_the_engine(tiny_model, peft_adapters):
         torch.testing.assert_close(triton_logits[key], expected, rtol=1e-4, atol=1e-4, msg=str(key))
 
 
+def test_seats_match_torch_in_the_engine(tiny_model, peft_adapters):
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (3, 9, 30, 17, 12, 5)]  # more jobs than seats
+    adapter = peft_adapters["all-r8-rslora"]
+    torch_tokens, torch_logits, _ = _run(tiny_model, adapter, "torch", prompts)
+    seat_tokens, seat_logits, seat_engine = _run(tiny_model, adapter, "seats", prompts)
+    assert seat_engine.model.attention.name == "seats"
+    assert seat_tokens == torch_tokens
+    assert seat_logits.keys() == torch_logits.keys() and len(torch_logits) == len(prompts) * MAX_NEW
+    for key, expected in torch_logits.items():
+        torch.testing.assert_close(seat_logits[key], expected, rtol=1e-5, atol=1e-5, msg=str(key))
+    seats = seat_engine.model.attention.seats
+    assert seats.k.shape[1] == 4  # seats for max_running sequences, no more: the finished gave theirs back
+    assert all(seq.state is State.FINISHED for seq in seats.holders)  # given back at the next step
+
+
 def test_backend_resolution():
     assert resolve_attention_backend("auto", torch.device("cpu")) == "torch"
     assert resolve_attention_backend("auto", torch.device("cuda")) == "triton"
@@ -75,12 +93,12 @@ def test_backend_resolution():
 
 
 def test_cpu_engine_does_not_import_triton(tiny_model):
-    """On CPU the auto backend is torch, and building the engine imports no Triton kernel module."""
+    """On CPU the auto backend is seats, and building the engine imports no Triton kernel module."""
     code = (
         "import sys\n"
         "from lorabus.scheduler import Engine, EngineConfig\n"
         f"engine = Engine({str(tiny_model)!r}, EngineConfig(kv_cache_mb=4))\n"
-        "assert engine.model.attention.name == 'torch', engine.model.attention\n"
+        "assert engine.model.attention.name == 'seats', engine.model.attention\n"
         "loaded = sorted(m for m in sys.modules if m.startswith('lorabus.kernels.') and 'triton' in m)\n"
         "assert not loaded, loaded\n"
         "print('ok')\n"
