@@ -14,16 +14,15 @@ Three strategies:
     per segment. Per-segment launches cost ~0.1 ms each on CPU, which dominated
     steps that mix a dozen adapters.
   * `apply_slot_major` (AdapterPool.apply on backend "torch"): shrink and expand
-    fused over the pool's slot-major layout. Segments are batched as strided
-    views of the pool (a run of slots), or one index_select of the active
-    slots when they are far apart, or one GEMM per segment on views (long
-    prefill runs); a step mixing both is cut in two, the short segments
-    batched and the long ones one GEMM each, unless every segment is
-    decode-sized and one row per token (its weights gathered per token) is
-    cheaper than the second pass; the scale multiplies the
-    [tokens, R] intermediate; columns
-    past the batch's largest true rank are skipped. No per-call checks: the
-    pool resolved them at construction.
+    fused over the pool's slot-major layout, by one of several exact plans
+    (`candidate_plans`): segments batched as strided views of the pool (a run
+    of slots), or one index_select of the active slots, or of each token's
+    slot, or one GEMM per segment on views, or a step cut in two (the short
+    segments batched, the long ones one GEMM each). Which is fastest depends on
+    the CPU and the shapes: the caller measures them (kernels/plan_tuner.py)
+    and passes its choice. The scale multiplies the [tokens, R] intermediate;
+    columns past the batch's largest true rank are skipped. No per-call
+    checks: the pool resolved them at construction.
   * "gather" (gather + bmm): every token gathers its own adapter matrix and
     does a batched mat-vec. The textbook baseline; memory grows with
     T * R * H, so it runs in token chunks of at most _GATHER_CHUNK_BYTES.
@@ -39,8 +38,13 @@ from .mapping import LoRAMapping, restrict_mapping, slot_grid, token_slots
 _GATHER_CHUNK_BYTES = 256 << 20
 
 
-# Pad segments into one bmm when the padding at most doubles the work (and there is more than one).
+# Pad segments into one bmm when the padding at most doubles the work (and there is more than one); the same
+# bound picks the short segments of a length split.
 _MAX_PAD_RATIO = 2.0
+# A padded grid of apply_slot_major with more cells per token than this is not a candidate plan: its cost, and
+# the time to tune it, grow with the padding (a 512-token prefill beside decode tokens would pad every row to
+# 512). Below it, padding may still pay for reading the weights as views instead of copying them: timing decides.
+_MAX_CANDIDATE_PAD = 8.0
 
 
 def _one_adapter_for_all(m: LoRAMapping) -> bool:
@@ -138,92 +142,84 @@ def _chunks(n: int, bytes_per_token: int):
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
-def grid_plan(m: LoRAMapping) -> str | None:
-    """How apply_slot_major batches the segments: "span" (weights as a view of the pool's slots
-    active[0]..active[-1]), "active" (one index_select of the active slots), or None (one GEMM per segment)."""
-    return plan_segments(m.active_slots, m.max_seg_len, m.sorted_tokens.shape[0])
-
-
-def plan_segments(active_slots, longest: int, num_tokens: int) -> str | None:
-    """`grid_plan` from the numbers alone: segments of `active_slots` (ascending), the longest of them
-    `longest` tokens, `num_tokens` in all."""
-    num_segments = len(active_slots)
-    if num_segments < 2:
-        return None
+def _grids(active_slots, longest: int, num_tokens: int, max_pad: float = _MAX_CANDIDATE_PAD) -> list[str]:
+    """The padded grids that batch these segments with at most `max_pad` cells per token."""
+    if len(active_slots) < 2:
+        return []
     span = active_slots[-1] - active_slots[0] + 1
-    if span * longest <= _MAX_PAD_RATIO * num_tokens:
-        return "span"
-    if num_segments * longest <= _MAX_PAD_RATIO * num_tokens:
-        return "active"
-    return None
+    return [name for name, rows in (("span", span), ("active", len(active_slots)))
+            if rows * longest <= max_pad * num_tokens]
 
 
-# Per-token rows ("token" plan: every token gathers its own adapter's weights, one bmm for the step) replace
-# the short/long split of a step without a grid when its segments are all decode-sized and the duplicate
-# weight rows they gather stay under this many bytes: the split's second pass costs about a dozen small ops,
-# the duplicates a copy each. Measured on replayed serving steps (64 adapters, Zipf, batch 32, 1 thread):
-# per-token rows 1.3x faster at hidden 256 (~1.2 MB of duplicates) and 576 (~2.8 MB), 1.4x slower at 2048 (~10 MB).
-TOKEN_ROWS_MAX_SEGMENT = 16
-TOKEN_ROWS_MAX_DUPLICATE_BYTES = 4 << 20
+def shape_class(m: LoRAMapping) -> str:
+    """The key a tuned plan is kept under: tokens with an adapter, segments, longest segment and the span of
+    the active slots, each rounded up to a power of two."""
+    span = m.active_slots[-1] - m.active_slots[0] + 1 if m.active_slots else 0
+    return (f"t{round_pow2(m.sorted_tokens.shape[0])}.s{round_pow2(len(m.active_slots))}"
+            f".l{round_pow2(m.max_seg_len)}.p{round_pow2(span)}")
 
 
-# Gathering a step's adapter weights into one batch (the "active" and "token" grids, the short half of a
-# split) pays while one slot's A and B at the step's rank take at most this many bytes; above it a GEMM per
-# segment on views of the pool is cheaper than the copies. Measured on replayed serving steps (qkv group, 1
-# thread): hidden 2048 (655 KB per rank-16 slot) 1.1-1.4x faster without gathers at 64 and 512 adapters,
-# hidden 1024 (327 KB) mixed (decode 1.2x slower, prefill steps 1.2x faster), hidden 256-576 gathers win.
-GATHER_MAX_ROW_BYTES = 256 << 10
+def round_pow2(n: int) -> int:
+    """n rounded up to a power of two (0 stays 0)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
-def _plan(m: LoRAMapping, row_bytes: int) -> tuple[str | None, bool]:
-    """apply_slot_major's grid for `m` (None: per segment, or split), and whether gathering weights pays
-    for rows of `row_bytes` (one slot's A and B at the step's rank)."""
-    gather = row_bytes <= GATHER_MAX_ROW_BYTES
-    plan = grid_plan(m)
-    if plan == "active" and not gather:
-        return None, gather
-    if (plan is None and gather and len(m.active_slots) > 1 and m.max_seg_len <= TOKEN_ROWS_MAX_SEGMENT
-            and (m.sorted_tokens.shape[0] - len(m.active_slots)) * row_bytes <= TOKEN_ROWS_MAX_DUPLICATE_BYTES):
-        return "token", gather
-    return plan, gather
+def candidate_plans(m: LoRAMapping) -> list[str]:
+    """The plans apply_slot_major can run `m` with, the untuned default first; empty when the whole batch is
+    on one adapter (one GEMM, nothing to choose). Plans: "span" / "active" (a padded grid, weights as views or
+    gathered), "token" (every token gathers its own adapter's weights: a grid of one-cell rows), "segment"
+    (one GEMM per segment on views), and "split+<grid>" (the short segments batched in <grid>, the long ones
+    one GEMM each: `length_split`). The untuned order: a grid padded at most _MAX_PAD_RATIO, a split, one GEMM
+    per segment, per-token rows, then grids padded more."""
+    if _one_adapter_for_all(m):
+        return []
+    grids = _grids(m.active_slots, m.max_seg_len, m.sorted_tokens.shape[0])
+    plans = _grids(m.active_slots, m.max_seg_len, m.sorted_tokens.shape[0], _MAX_PAD_RATIO)
+    split = length_split(m)
+    if split is not None:
+        short = split[0]
+        plans += [f"split+{g}" for g in _grids(short.active_slots, short.max_seg_len, short.sorted_tokens.shape[0])]
+        plans.append("split+token")
+    plans.append("segment")
+    if len(m.active_slots) > 1:
+        plans.append("token")
+    return plans + [g for g in grids if g not in plans]
 
 
-def _length_split(m: LoRAMapping, gather: bool = True) -> tuple[LoRAMapping, LoRAMapping] | None:
-    """`m` cut into its short segments, batched in one grid (a view of the pool's slots, or gathered when
-    `gather`), and its long ones, one GEMM each; or None when `m` has a grid as a whole or no grid of at least
-    two segments exists. A step where one sequence prefills beside many decoding ones has no grid as a whole
-    (the long segment would pad every row), and without the split pays a GEMM per segment (measured 2-3x
-    slower per projection group at 13-28 segments, hidden 256-576, 1 thread). Cached on the mapping: every
-    layer of the step reuses it."""
-    cache = m.__dict__.setdefault("_length_split", {})
-    if gather not in cache:
-        if grid_plan(m) is not None:
-            cache[gather] = None
-            return None
+def length_split(m: LoRAMapping) -> tuple[LoRAMapping, LoRAMapping] | None:
+    """`m` cut into its short segments (the most, shortest first, that still have a padded grid within
+    _MAX_PAD_RATIO) and its long ones, strictly longer; None when no such cut of at least two short segments
+    exists. A step where one sequence prefills beside many decoding ones has no grid as a whole (the long
+    segment would pad every row): the split batches the short ones and runs the long ones one GEMM each.
+    Cached on the mapping: every layer of the step reuses it."""
+    cache = m.__dict__
+    if "_length_split" not in cache:
         by_len = sorted(zip(m.seg_lens, m.active_slots))
         parts, tokens = None, 0
         for k, (n, _) in enumerate(by_len, 1):
             tokens += n
             short = sorted(s for _, s in by_len[:k])
-            plan = plan_segments(short, n, tokens)
-            if 2 <= k < len(by_len) and (plan == "span" or (plan == "active" and gather)):
+            if 2 <= k < len(by_len) and n < by_len[k][0] and _grids(short, n, tokens, _MAX_PAD_RATIO):
                 parts = (short, sorted(s for _, s in by_len[k:]))
-        cache[gather] = None if parts is None else tuple(restrict_mapping(m, tuple(p)) for p in parts)
-    return cache[gather]
+        cache["_length_split"] = None if parts is None else tuple(restrict_mapping(m, tuple(p)) for p in parts)
+    return cache["_length_split"]
 
 
 def apply_slot_major(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs, scale: torch.Tensor,
-                     offsets, m: LoRAMapping, rank: int, slot_ranks=None) -> None:
+                     offsets, m: LoRAMapping, rank: int, slot_ranks=None, plan: str | None = None) -> None:
     """y[tok, off_s:off_s+H_s] += B_s[slot] (scale[slot, s] * A_s[slot] x[tok]), shrink and expand in one go.
 
     The adapter pool's CPU layout, read without weight copies: a [L, R, S, H_in] slot-major, rank-major
     (a[slot, :r] is one contiguous [r*S, H_in] matrix for every r), bs S tensors [L, H_out_s, R], scale
     [L, S] fp32, `rank` the largest true rank among the batch's slots (columns past it are zero padding
     and are skipped; with `slot_ranks`, each slot's own true rank, a segment done on its own runs at
-    its slot's rank). Segments are batched as views of the pool (or one index_select of the active
-    slots, or of each token's slot: `_token_rows_pay`), or done one GEMM each on views (long prefill runs), or
-    both (`_length_split`); the scale multiplies the rank-sized intermediate, and y's rows are updated with one index_add_ (fp32) or one read-add-write (fp16/bf16,
-    rounded once). Rows without an adapter are untouched.
+    its slot's rank). `plan`, one of `candidate_plans(m)` (default: the first), says how segments are
+    run: batched as views of the pool ("span"), one index_select of the active slots ("active") or of each
+    token's slot ("token"), one GEMM each on views ("segment"), or a `length_split` ("split+<grid>"); every
+    plan gives the same result to fp32 rounding, and which is fastest depends on the machine and the shapes
+    (kernels/plan_tuner.py measures it). The scale multiplies the rank-sized intermediate, and y's rows are
+    updated with one index_add_ (fp32) or one read-add-write (fp16/bf16, rounded once). Rows without an
+    adapter are untouched.
     """
     S, H = a.shape[2:]
     r = rank
@@ -239,13 +235,13 @@ def apply_slot_major(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs, scal
         if rows is not y:
             y.copy_(rows)
         return
-    plan, gather = _plan(m, r * (S * H + sum(widths)) * a.element_size())
-    if plan is None:
-        parts = _length_split(m, gather)
-        if parts is not None:
-            for part in parts:
-                apply_slot_major(x, y, a, bs, scale, offsets, part, rank, slot_ranks)
-            return
+    plan = plan or candidate_plans(m)[0]
+    if plan.startswith("split+"):
+        short, long = length_split(m)
+        apply_slot_major(x, y, a, bs, scale, offsets, short, rank, slot_ranks, plan.removeprefix("split+"))
+        apply_slot_major(x, y, a, bs, scale, offsets, long, rank, slot_ranks, "segment")
+        return
+    if plan == "segment":
         tok = m.sorted_tokens.long()
         xs = x.index_select(0, tok).float()
         t = torch.empty(tok.shape[0] * r * S, dtype=torch.float32, device=x.device)

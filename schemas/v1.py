@@ -402,6 +402,9 @@ class WorkerStatus(msgspec.Struct, tag="worker.status", tag_field="type", forbid
     routes_omitted: int = 0  # (task, tenant) routes not in `routes`
     versions_omitted: int = 0  # versions not in `versions`
     names_omitted: int = 0  # adapter names in neither `serving` nor `activated`
+    # The CPU LoRA path's measured plan per "group shape class" (docs/kernels.md, "Plans by measurement"), at
+    # most MAX_STATUS_PLANS of them; empty on the Triton path and from workers before this field.
+    plans: dict[str, str] = {}
 
 
 class AdapterRef(msgspec.Struct, frozen=True):

@@ -82,16 +82,23 @@ def test_a_load_says_which_tier_it_read(tiny_model, peft_adapters):
 
 
 def test_hot_adapter_and_staggered_prefills_match_peft(tiny_model, peft_adapters, tmp_path, monkeypatch):
-    """Steps without a padded grid on the CPU LoRA path still match PEFT: a hot adapter decoding several
-    sequences beside single ones (each token gathers its own weights) and a long prompt prefilling beside
-    decoding sequences (short segments batched, the long one alone). The step loop runs here, on adapters
-    warmed beforehand and with reordering off, so the batches do not depend on timing."""
-    from lorabus.kernels import torch_ops
+    """Steps without a padded grid on the CPU LoRA path match PEFT whichever plan runs them: a hot adapter
+    decoding several sequences beside single ones (each token gathering its own weights, or a GEMM per
+    segment) and a long prompt prefilling beside decoding sequences (short segments batched, the long one
+    alone). The plan tuner's choice is replaced by a rotation through each shape's candidates, so successive
+    steps of one shape run every plan. The step loop runs here, on adapters warmed beforehand and with
+    reordering off, so the batches do not depend on timing."""
+    from lorabus.kernels.plan_tuner import PlanTuner
 
-    plans, splits = [], []
-    plan, length_split = torch_ops._plan, torch_ops._length_split
-    monkeypatch.setattr(torch_ops, "_plan", lambda *a: plans.append(plan(*a)[0]) or plan(*a))
-    monkeypatch.setattr(torch_ops, "_length_split", lambda *a: splits.append(length_split(*a)) or length_split(*a))
+    plans, turns = [], {}
+
+    def rotate(self, group, shape, candidates):
+        names = list(candidates)
+        turn = turns[group, shape] = turns.get((group, shape), -1) + 1
+        plans.append(names[turn % len(names)])
+        return plans[-1]
+
+    monkeypatch.setattr(PlanTuner, "choose", rotate)
     adapters = dict(peft_adapters)
     for i in range(2):
         adapters[f"extra{i}"] = make_peft_adapter(tiny_model, tmp_path / f"extra{i}", seed=10 + i, r=4, lora_alpha=8,
@@ -99,7 +106,7 @@ def test_hot_adapter_and_staggered_prefills_match_peft(tiny_model, peft_adapters
     hot, b, c, d, e = adapters
     oracle = PeftOracle(tiny_model)
     engine = Engine(str(tiny_model), EngineConfig(kv_cache_mb=16, max_running=8, max_lora_rank=16,
-                                                  max_wait_ms=600_000))
+                                                  max_wait_ms=600_000, plan_tuning="first-use"))
     for name, path in adapters.items():
         engine.register(AdapterSpec(name, str(path)))
     engine.adapters.start()
@@ -123,7 +130,7 @@ def test_hot_adapter_and_staggered_prefills_match_peft(tiny_model, peft_adapters
         assert all(w.status == "ok" for w in done), done
         requests = [Request(f"r{i}", "t", name, prompt_ids=oracle.prompt_ids(prompt), params=SamplingParams(n))
                     for i, (name, prompt, n) in enumerate(specs)]
-        assert len(requests[-2].prompt_ids) > torch_ops.TOKEN_ROWS_MAX_SEGMENT
+        assert len(requests[-2].prompt_ids) > 16  # a prefill segment far longer than the decode ones
         done.clear()
         plans.clear()
         for request in requests:
@@ -131,8 +138,8 @@ def test_hot_adapter_and_staggered_prefills_match_peft(tiny_model, peft_adapters
         run_until(len(requests))
     finally:
         engine.stop()
-    assert "token" in plans, f"no decode step gathered per token: {plans}"
-    assert any(s is not None for s in splits), "no step split a long prefill segment from short ones"
+    assert {"token", "segment"} <= set(plans), f"no decode step gathered per token or ran per segment: {plans}"
+    assert any(p.startswith("split+") for p in plans), f"no step split a long prefill segment from short ones: {plans}"
     oracle.assert_answers(adapters, requests, {c.id: c for c in done})
 
 

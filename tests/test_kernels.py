@@ -502,7 +502,7 @@ def test_adapter_pool_slot_major_views_share_storage():
     assert pool._rank["qk"] == [0, 0, 0] and not storage.any()
 
 
-def _check_slot_major(gen, idx, L, R, S, H, mapping=None):
+def _check_slot_major(gen, idx, L, R, S, H, mapping=None, plan=None):
     """apply_slot_major on random slot-major weights (L slots, rank R, S slices of width H) equals
     y + scale * B(A x) per token in float64; rows without an adapter keep their bits."""
     from lorabus.kernels import torch_ops
@@ -513,7 +513,8 @@ def _check_slot_major(gen, idx, L, R, S, H, mapping=None):
     x = torch.randn(len(idx), H, generator=gen)
     y0 = torch.randn(len(idx), S * H, generator=gen)
     y = y0.clone()
-    torch_ops.apply_slot_major(x, y, a, bs, scale, [s * H for s in range(S)], mapping or make_lora_mapping(idx, L), R)
+    torch_ops.apply_slot_major(x, y, a, bs, scale, [s * H for s in range(S)], mapping or make_lora_mapping(idx, L), R,
+                               plan=plan)
     ref = y0.double().clone()
     for i, slot in enumerate(idx.tolist()):
         for s in range(S):
@@ -525,50 +526,52 @@ def _check_slot_major(gen, idx, L, R, S, H, mapping=None):
 
 
 def test_slot_major_batches_short_segments_beside_a_long_one(gen):
-    """A prefill run beside single decode tokens has no padded grid as a whole; apply_slot_major then
-    batches the short segments in one grid and runs the long one alone, with the float64 result."""
+    """A prefill run beside single decode tokens has no padded grid as a whole; apply_slot_major's split plans
+    batch the short segments in one grid and run the long one alone, with the float64 result."""
     from lorabus.kernels import torch_ops
 
     idx = torch.tensor([3, 7, 7, 1, 9] + [5] * 20 + [10, -1, 2])
     m = make_lora_mapping(idx, 12)
-    assert torch_ops.grid_plan(m) is None
-    short, long = torch_ops._length_split(m)
+    plans = torch_ops.candidate_plans(m)
+    assert plans[0].startswith("split+") and "segment" in plans  # no grid within 2 cells per token: split first
+    short, long = torch_ops.length_split(m)
     assert (short.active_slots, long.active_slots) == ((1, 2, 3, 7, 9, 10), (5,))
-    assert torch_ops.grid_plan(short) is not None
-    _check_slot_major(gen, idx, L=12, R=8, S=2, H=20, mapping=m)
-    # Segments of one length throughout have a grid already: nothing to split.
-    assert torch_ops._length_split(make_lora_mapping(torch.tensor([0, 0, 1, 1, 2, 2]), 12)) is None
+    for plan in plans:
+        _check_slot_major(gen, idx, L=12, R=8, S=2, H=20, mapping=m, plan=plan)
+    # Segments of one length throughout have a grid already and nothing to split.
+    assert torch_ops.length_split(make_lora_mapping(torch.tensor([0, 0, 1, 1, 2, 2]), 12)) is None
 
 
-def test_slot_major_plans_decode_steps_by_weight_bytes(gen):
-    """A decode step where a hot adapter holds several tokens has no grid: with small adapter rows every token
-    gathers its own weights (one "token" grid); with rows above GATHER_MAX_ROW_BYTES nothing is gathered (one
-    GEMM per segment on views). Both give the float64 result."""
+def test_slot_major_decode_step_with_a_hot_adapter(gen):
+    """A decode step where a hot adapter holds several tokens has no grid: every token gathering its own weights
+    ("token") and one GEMM per segment on views ("segment") are its candidates, and both give the float64
+    result at small and large adapter rows."""
     from lorabus.kernels import torch_ops
 
     idx = torch.tensor([6, 2, 6, 9, 6, 0, 6, 4, 6, 11, 6, 2])  # a hot slot (6 tokens) beside singles
     m = make_lora_mapping(idx, 12)
-    assert torch_ops.grid_plan(m) is None
-    assert torch_ops._plan(m, 1024) == ("token", True)
-    assert torch_ops._plan(m, torch_ops.GATHER_MAX_ROW_BYTES + 1) == (None, False)
-    # One slot's A and B: 2 KB (per-token gather), then 512 KB (one GEMM per segment).
-    _check_slot_major(gen, idx, L=12, R=8, S=2, H=16)
-    _check_slot_major(gen, idx, L=12, R=16, S=2, H=2048)
+    assert {"token", "segment"} <= set(torch_ops.candidate_plans(m))
+    for plan in ("token", "segment"):
+        _check_slot_major(gen, idx, L=12, R=8, S=2, H=16, mapping=m, plan=plan)
+        _check_slot_major(gen, idx, L=12, R=16, S=2, H=2048, mapping=m, plan=plan)
 
 
 def test_adapter_pool_groups_slots_by_rank_bucket(gen, monkeypatch):
-    """With a pool of max rank 32, a step mixing ranks 4, 8, 16 and 32 runs the CPU path once per rank
-    bucket at that bucket's rank (4 and 8 share the bucket of 8) when that saves most of the work; a slot
-    not targeting the group costs nothing; the result is still y + scale * B(A x) per token."""
+    """With a pool of max rank 32, a step mixing ranks 4, 8, 16 and 32 runs the CPU path in one call at rank
+    32 or once per rank bucket at that bucket's rank (4 and 8 share the bucket of 8), whichever the pool's
+    tuner measured faster; a slot not targeting the group costs nothing; the result is still
+    y + scale * B(A x) per token."""
     from types import SimpleNamespace
 
     from lorabus.kernels import torch_ops
+    from lorabus.kernels.plan_tuner import PlanTuner
     from lorabus.scheduler.lora import AdapterPool, rank_bucket
 
     assert [rank_bucket(r) for r in (1, 4, 8, 9, 16, 17, 32)] == [8, 8, 8, 16, 16, 32, 32]
     H = 24
     pool = AdapterPool({"p": (H, H), "u": (H, H)}, 1, 6, 32, torch.float32, torch.device("cpu"), backend="torch",
                        groups={"g": ("p",), "other": ("u",)})
+    pool.tuner = PlanTuner("first-use")
     ranks = {0: 4, 1: 16, 2: 8, 3: 32, 4: 16}
     weights = {}
     for slot, r in ranks.items():
@@ -576,24 +579,24 @@ def test_adapter_pool_groups_slots_by_rank_bucket(gen, monkeypatch):
         weights[slot] = (a, b, 0.5 + slot)
         pool.write(slot, SimpleNamespace(modules={(0, "p"): weights[slot]}))
     pool.write(5, SimpleNamespace(modules={(0, "u"): (torch.randn(2, H), torch.randn(H, 2), 1.0)}))  # not on "p"
-    idx = torch.tensor([0, 2, 0, 2, -1, 1, 4, 0, 2, 3, 5, 0, 2])  # most tokens on the low ranks
-    calls = []
-    original = torch_ops.apply_slot_major
-    monkeypatch.setattr(torch_ops, "apply_slot_major",
-                        lambda *args: calls.append((args[7], args[6].active_slots)) or original(*args))
-    x = torch.randn(len(idx), H, generator=gen)
-    y0 = torch.randn(len(idx), H, generator=gen)
-    y = y0.clone()
-    pool.apply(0, "g", x, y, make_lora_mapping(idx, 6))
-    assert sorted(calls) == [(8, (0, 2)), (16, (1, 4)), (32, (3,))]
-    _check_pool_rows(y, y0, x, idx, weights)
-    # Interleaved ranks, one token each: the rank-16 bucket's view of the pool would span the rank-8 slot
-    # anyway, so splitting saves nothing and the step runs in one call (at its largest rank, 16).
-    idx, calls[:] = torch.tensor([4, 2, 1]), []
-    y = y0[:3].clone()
-    pool.apply(0, "g", x[:3], y, make_lora_mapping(idx, 6))
-    assert calls == [(16, (1, 2, 4))]
-    _check_pool_rows(y, y0[:3], x[:3], idx, weights)
+    x = torch.randn(13, H, generator=gen)
+    y0 = torch.randn(13, H, generator=gen)
+    expected = {"by-rank": [(8, (0, 2)), (16, (1, 4)), (32, (3,))], "one-call": [(32, (0, 1, 2, 3, 4, 5))]}
+    for idx in (torch.tensor([0, 2, 0, 2, -1, 1, 4, 0, 2, 3, 5, 0, 2]), torch.tensor([4, 2, 1, 0, 3])):
+        pool.apply(0, "g", x[:len(idx)], y0[:len(idx)].clone(), make_lora_mapping(idx, 6))  # measures the plans
+        mapping = make_lora_mapping(idx, 6)
+        calls = []
+        original = torch_ops.apply_slot_major
+        monkeypatch.setattr(torch_ops, "apply_slot_major",
+                            lambda *args: calls.append((args[7], args[6].active_slots)) or original(*args))
+        y = y0[:len(idx)].clone()
+        pool.apply(0, "g", x[:len(idx)], y, mapping)
+        monkeypatch.undo()
+        [chosen] = [row["plan"] for row in pool.plans() if row["shape"].startswith(torch_ops.shape_class(mapping))
+                    and ".ranks" in row["shape"]]
+        present = set(mapping.active_slots)
+        assert sorted(calls) == [(r, tuple(s for s in slots if s in present)) for r, slots in expected[chosen]]
+        _check_pool_rows(y, y0[:len(idx)], x[:len(idx)], idx, weights)
 
 
 def _check_pool_rows(y, y0, x, idx, weights):

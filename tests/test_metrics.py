@@ -199,8 +199,13 @@ def test_every_metric_is_in_the_reference(tiny_model):
 
     reference = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
     metrics = Metrics()
-    metrics.watch_engine(Engine(str(tiny_model), EngineConfig(kv_cache_mb=4)).stats)
+    engine = Engine(str(tiny_model), EngineConfig(kv_cache_mb=4, max_loras=4))
+    metrics.watch_engine(engine.stats, engine.plans)
     families, _ = _families(metrics)
+    # One lorabus_lora_plan_info series (value 1) per plan the engine tuned at start-up.
+    plans = {(s.labels["group"], s.labels["shape"], s.labels["plan"]): s.value
+             for s in families["lorabus_lora_plan_info"].samples}
+    assert plans and plans == {(p["group"], p["shape"], p["plan"]): 1 for p in engine.plans()}
     names = {name + ("_total" if family.type == "counter" else "") for name, family in families.items()
              if name.startswith("lorabus_")}
     assert len(names) >= 30

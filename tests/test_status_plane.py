@@ -40,7 +40,8 @@ def _wide_routes_fleet(routes: int = 100, targets: int = 64) -> tuple[ControlLog
 @contextlib.asynccontextmanager
 async def _reporter(log: ControlLog, health: AdapterHealth, max_bytes: int, registry=None):
     """A status reporter of a worker holding `log` and `health` (never started: no broker needed)."""
-    engine = SimpleNamespace(resident=lambda: [], host_cached=lambda: 0)
+    engine = SimpleNamespace(resident=lambda: [], host_cached=lambda: 0,
+                             plans=lambda: [dict(group="qkv", shape="t32.s16.l8.p32.r16", plan="token")])
     worker = SimpleNamespace(control_log=log, registry=registry or AdapterRegistry(log, health), adapter_health=health,
                              engine=engine, worker_id="w1", control_offset=log.end_offset, inflight={},
                              config=SimpleNamespace(status_max_bytes=max_bytes))
@@ -57,6 +58,7 @@ async def test_a_small_status_is_sent_whole():
         status = reporter.snapshot()
     assert not status.truncated and len(status.routes) == 2 and len(status.serving) == 4
     assert [v.state for v in status.versions] == ["failed"] * 4
+    assert decode_status(encode(status)).plans == {"qkv t32.s16.l8.p32.r16": "token"}  # the engine's LoRA plans
 
 
 @pytest.mark.parametrize("max_bytes", [16 * 1024, 64 * 1024, 256 * 1024])
@@ -169,6 +171,13 @@ def test_the_view_says_why_a_worker_is_not_live_and_what_was_cut():
     assert any(line.startswith("  w2 ") and "live (truncated: 40 routes, 1 version, 2 names left out)" in line
                for line in lines), lines
     assert any(line.split()[:3] == ["w2", "serves", "(not"] and "reported)" in line for line in lines), lines
+    assert not any("lora plans" in line for line in lines)  # workers without plans (the Triton path, older ones)
+    statuses["w1"] = fake_status("w1", 1, plans={"qkv t32.s16.l8.p32.r16": "token", "o t2.s2.l1.p8.r16": "segment"})
+    lines = render_status(log, statuses, NOW).splitlines()
+    start = lines.index("lora plans (measured, per projection group and step shape class):")
+    assert [line.split() for line in lines[start + 1:start + 4]] == [
+        ["WORKER", "GROUP", "SHAPE", "PLAN"], ["w1", "o", "t2.s2.l1.p8.r16", "segment"],
+        ["w1", "qkv", "t32.s16.l8.p32.r16", "token"]]
 
 
 # ---- escaping ----------------------------------------------------------------------------------------

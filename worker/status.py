@@ -49,6 +49,8 @@ MAX_STATUS_BYTES = 1_000_000
 # On stop, the tombstone and then the producer's close wait at most this long each: the worker's whole
 # shutdown step for the reporter is bounded (service.CLOSE_TIMEOUT_S), and a broker away never answers.
 STOP_TIMEOUT_S = 2.0
+# A record shows at most this many LoRA plans (a few dozen in practice: one per projection group and step shape).
+MAX_STATUS_PLANS = 128
 
 
 def _ms() -> int:
@@ -129,7 +131,8 @@ class StatusReporter:
             worker=w.worker_id, ts_ms=_ms(), started_ms=self.started_ms, control_offset=w.control_offset,
             serving={}, activated={}, versions=[], resident=sorted(w.engine.resident()),
             host_cached=w.engine.host_cached(), routes=[], jobs_inflight=len(w.inflight),
-            interval_ms=self.interval_ms)
+            interval_ms=self.interval_ms,
+            plans={f"{p['group']} {p['shape']}": p["plan"] for p in w.engine.plans()[:MAX_STATUS_PLANS]})
         status = _cut(head, self._parts(), self._totals, self.max_bytes)
         if status.truncated != self.truncated:
             self.truncated = status.truncated

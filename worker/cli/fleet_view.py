@@ -171,6 +171,10 @@ def render_status(log: ControlLog, statuses: dict[str, WorkerStatus], now_ms: in
                      str(behind) if behind else "0 (up to date)", str(s.jobs_inflight), " ".join(s.resident) or "-"])
     if workers:
         out += _table(rows, "  ")
+    plans = [[w, *key.split(" ", 1), plan] for w in workers for key, plan in sorted(statuses[w].plans.items())]
+    if plans:
+        out.append("lora plans (measured, per projection group and step shape class):")
+        out += _table([["WORKER", "GROUP", "SHAPE", "PLAN"], *plans], "  ")
     skipped = getattr(statuses, "skipped", ())
     if skipped:
         out.append(f"status records skipped as invalid: {len(skipped)}")
