@@ -29,10 +29,11 @@ from lorabus.scheduler.config import EngineConfig
 from lorabus.scheduler.decode_graphs import choose_mode
 from lorabus.scheduler.grammar import GrammarError, Grammars
 from lorabus.scheduler.kv_cache import BlockAllocator, PagedKVCache
+from lorabus.scheduler.lora import plan_tuner, startup_steps
 from lorabus.scheduler.model import CausalLM
 from lorabus.scheduler.policy import AdapterSlots, Scheduler, SchedulerLimits
-from lorabus.scheduler.requests import (Completion, Request, RequestError, RequestLimits, Sequence, StopRules, deliver,
-                                        validate)
+from lorabus.scheduler.requests import (Completion, Request, RequestError, RequestLimits, Sequence, StopRules, call_hook,
+                                        deliver, validate)
 from lorabus.scheduler.runner import ModelRunner
 from lorabus.scheduler.sampling import Sampler
 from lorabus.scheduler.step_loop import REPLAN_S, STOPPED, Invalidate, Outcome, Prefetch, StepLoop, Submit
@@ -113,10 +114,15 @@ class Engine:
         max_step_tokens = config.max_step_tokens or STEP_TOKENS.get(self.device.type, STEP_TOKENS["cpu"])
         self.scheduler = Scheduler(
             SchedulerLimits(config.max_running, max(max_step_tokens, config.max_running), config.max_wait_ms / 1000),
-            BlockAllocator(num_blocks, config.kv_block_size),
+            BlockAllocator(num_blocks, config.kv_block_size, config.prefix_cache, publishable=self.kv.finite),
             AdapterSlots(self.adapters.max_loras),
         )
         self.limits = RequestLimits(model.vocab_size, self.max_model_len, num_blocks * config.kv_block_size)
+        pool = self.adapters.pool
+        pool.tuner = plan_tuner(pool, config.plan_tuning, config.plan_cache_dir)
+        if config.plan_tuning == "startup":  # before any step, so serving does not pay for tuning mid-run
+            pool.tune(startup_steps(config.max_running, self.adapters.max_loras, self.scheduler.limits.max_step_tokens),
+                      config.plan_tuning_budget_s)
         self.runner = ModelRunner(model, self.kv, self.adapters.max_loras, self.device,
                                   max_step_tokens=self.scheduler.limits.max_step_tokens,
                                   max_running=config.max_running,
@@ -131,6 +137,9 @@ class Engine:
         self._stop_at: float | None = None  # time.monotonic() past which a stopping step thread gives up
         self._closed = False  # stop() is done with the step thread: submissions are answered at once
         self._intake_lock = threading.Lock()
+        # on_iteration() on the step thread after each iteration of the step loop, i.e. after the answers of
+        # one step: a caller that collects on_done answers can hand them over in one go (worker/handoff.py).
+        self.on_iteration: Callable[[], None] | None = None
         log.info(
             "engine: %s %s, %d adapter slots (rank %d), %d host adapters, KV %d tokens, %d step tokens, "
             "%s attention, %s decode",
@@ -215,21 +224,28 @@ class Engine:
 
     def submit(self, request: Request, on_done: Callable[[Completion], None]) -> None:
         """Queue a request; `on_done` is called exactly once, from the step thread (or here on bad input)."""
-        try:
-            seq = self._sequence(request, on_done)
-        except RequestError as exc:
-            deliver(on_done, Completion(request.id, "error", error_code=exc.code, error_message=exc.message))
-            return
-        except Exception as exc:  # a request we could not even read must still be answered
-            log.exception("submit of %s failed", request.id)
-            deliver(on_done, Completion(request.id, "error", error_code="internal",
-                                        error_message=f"{type(exc).__name__}: {exc}"))
-            return
+        self.submit_many([(request, on_done)])
+
+    def submit_many(self, submissions: list[tuple[Request, Callable[[Completion], None]]]) -> None:
+        """Queue several requests in one call (a worker hands over every job of one poll from one thread):
+        each is checked and tokenized as `submit` does, and a bad one is answered here, alone; the rest reach
+        the step thread together, under one intake lock. Each `on_done` is called exactly once."""
+        seqs = []
+        for request, on_done in submissions:
+            try:
+                seqs.append(self._sequence(request, on_done))
+            except RequestError as exc:
+                deliver(on_done, Completion(request.id, "error", error_code=exc.code, error_message=exc.message))
+            except Exception as exc:  # a request we could not even read must still be answered
+                log.exception("submit of %s failed", request.id)
+                deliver(on_done, Completion(request.id, "error", error_code="internal",
+                                            error_message=f"{type(exc).__name__}: {exc}"))
         with self._intake_lock:
             if not self._closed:
-                self.loop.put(Submit(seq))
+                self.loop.put_many([Submit(seq) for seq in seqs])
                 return
-        deliver(on_done, Completion(request.id, "error", error_code="internal", error_message=STOPPED))
+        for seq in seqs:
+            deliver(seq.on_done, Completion(seq.request.id, "error", error_code="internal", error_message=STOPPED))
 
     def warm(self, key: str, on_done: Callable[[Completion], None]) -> None:
         """Load an adapter and run one dummy step on it, so live traffic never pays its first-step costs.
@@ -258,7 +274,18 @@ class Engine:
             "host_adapters": len(self.adapters.host_cache),
             "kv_blocks": self.scheduler.blocks.num_blocks,
             "kv_blocks_used": self.scheduler.blocks.num_blocks - self.scheduler.blocks.num_free,
+            "kv_blocks_cached": self.scheduler.blocks.num_cached,
+            "prefix_cache_queried_tokens": self.scheduler.blocks.queried_tokens,
+            "prefix_cache_hit_tokens": self.scheduler.blocks.hit_tokens,
         }
+
+    def prefix_cache_stats(self) -> dict[str, int]:
+        """The prefix cache since start: prompt tokens of admitted jobs looked up (those in full blocks before
+        each one's last prompt token: what the cache could serve) and found cached (their prefill skipped),
+        and the blocks it holds now (`stats` exports the same)."""
+        blocks = self.scheduler.blocks
+        return {"queried_tokens": blocks.queried_tokens, "hit_tokens": blocks.hit_tokens,
+                "cached_blocks": blocks.num_cached}
 
     def resident(self) -> list[str]:
         """The adapters loaded in a device slot."""
@@ -268,6 +295,11 @@ class Engine:
     def spec(self, key: str) -> AdapterSpec | None:
         """The registered spec of `key` (what a mix of it is built from); None if it is not registered."""
         return self.adapters.spec(key)
+
+    def plans(self) -> list[dict]:
+        """The CPU LoRA path's plan choices (kernels/plan_tuner.py): group, shape class, plan, source and each
+        candidate's time (µs). Empty on the Triton path, which has no plans to choose."""
+        return self.adapters.pool.plans()
 
     def host_cached(self) -> int:
         """How many adapters the host-memory tier holds."""
@@ -290,6 +322,8 @@ class Engine:
                 raise RequestError("invalid_job", f"response_format: {exc}") from None
         seq = Sequence(request, ids, now, on_done, deadline=deadline,
                        sampler=Sampler(request.params, self.device, self.eos_ids, constraint))
+        spec = self.adapters.spec(request.adapter) if request.adapter is not None else None
+        seq.adapter_parts = tuple(member.key for member, _ in spec.members) if spec is not None else ()
         for index in range(1, request.n):  # the other choices: same prompt, own sampler (seed + index)
             choice = Sequence(request, ids, now, on_done, deadline=deadline,
                               sampler=Sampler(request.params, self.device, self.eos_ids,
@@ -310,6 +344,7 @@ class Engine:
         while True:
             if self._stop_at is not None and time.monotonic() >= self._stop_at:
                 loop.abort()
+                call_hook(self.on_iteration)
                 return
             try:
                 outcome = loop.iterate()
@@ -319,8 +354,10 @@ class Engine:
                     loop.fail_all(exc)
                 except Exception:
                     log.exception("answering the jobs of a failed iteration failed")
+                call_hook(self.on_iteration)
                 loop.wake.wait(REPLAN_S)  # a failure that repeats must not spin a core
                 continue
+            call_hook(self.on_iteration)
             if outcome is Outcome.IDLE:
                 if self._stopping and loop.inbox_empty():
                     return

@@ -134,6 +134,9 @@ class Scheduler:
         self.steps = 0  # schedule() calls that returned a batch: the clock of `Sequence.done_by`
         self.head: Sequence | None = None  # the overdue job the KV cache keeps out, holding a reservation
         self.reservation: Reservation | None = None  # the head's, as of the last schedule()
+        # Adapter key → how many times its content changed (Engine.register over new content): part of the
+        # prefix cache's identity, so K/V computed with older content is never hit again.
+        self.epochs: dict[str, int] = {}
         # Prefill tokens a step gives the prefilling sequences (in running order), at the least: one
         # decode token goes to each of the at most max_running - 1 other sequences first.
         self._prefill_rate = limits.max_step_tokens - limits.max_running + 1
@@ -295,7 +298,7 @@ class Scheduler:
                 self.reservation = self._reserve(self.head)  # the head (first in order) is still waiting
             if self._admit(seq, now, prefill_ahead):
                 admitted.add(id(seq))
-                prefill_ahead += len(seq.prompt_ids)
+                prefill_ahead += len(seq.prompt_ids) - seq.num_computed
                 if seq is self.head:
                     self.head = None
         if self.head is not None and self.reservation is None:
@@ -329,16 +332,27 @@ class Scheduler:
         key = seq.request.adapter
         if key is not None and (not self.slots.is_ready(key) or self.slots.slot_of[key] in self.draining):
             return False
+        if len(self.running) + seq.width > self.limits.max_running:
+            return False
         need = self.blocks_needed(seq)
-        if need > self.blocks.num_free or len(self.running) + seq.width > self.limits.max_running:
+        hits = self._cached_prefix(seq, need)
+        # Cached blocks take no fresh ones, but an idle one leaves the free count when taken.
+        if need - len(hits) + self.blocks.idle_among(hits) > self.blocks.num_free:
             return False
         done_by = self._done_by(seq, prefill_ahead)
+        # Against a reservation every block counts: a cached one it holds past `at` is not freed by then either.
         if self.reservation is not None and not self.reservation.allows(done_by, need, seq.width):
             return False
-        seq.blocks = self.blocks.allocate(seq.cost)
-        shared = len(seq.prompt_ids) // self.blocks.block_size
+        bs = self.blocks.block_size
+        if self._looks_up(seq):
+            # Before allocating, which may evict idle cached blocks. Looked up: what the cache could have served.
+            self.blocks.acquire(hits, self._shareable(seq) * bs)
+        seq.blocks = hits + self.blocks.allocate(seq.cost - len(hits) * bs)
+        seq.cached_blocks = len(hits)
+        seq.num_computed = len(hits) * bs
+        shared = len(seq.prompt_ids) // bs
         for choice in seq.choices:  # their blocks past the shared ones; the runner copies the partial one in
-            choice.blocks = self.blocks.allocate(seq.cost - shared * self.blocks.block_size)
+            choice.blocks = self.blocks.allocate(seq.cost - shared * bs)
         seq.live = seq.width
         for member in (seq, *seq.choices):
             member.state = State.RUNNING
@@ -349,6 +363,45 @@ class Scheduler:
             self.running.append(member)
         self.usage[seq.request.tenant] = self.usage.get(seq.request.tenant, 0.0) + seq.cost * seq.width
         return True
+
+    def _cached_prefix(self, seq: Sequence, need: int) -> list[int]:
+        """The prefix cache's blocks for `seq`'s prompt (none if the cache is off, or if even all it could hit
+        would not make `need` blocks fit). A job that scores its prompt (prompt logprobs) computes every
+        prompt row, so it looks nothing up; it still publishes its prompt's blocks."""
+        if not self.blocks.prefix_cache:
+            return []
+        seq.prefix_identity = self._identity(seq)
+        limit = self._shareable(seq)
+        if not self._looks_up(seq) or need - limit > self.blocks.num_free:
+            return []
+        return self.blocks.cached_prefix(seq.prefix_identity, seq.prompt_ids, limit)
+
+    def _looks_up(self, seq: Sequence) -> bool:
+        return self.blocks.prefix_cache and seq.request.params.prompt_logprobs is None
+
+    def _shareable(self, seq: Sequence) -> int:
+        """Prompt blocks a sequence may share: the full ones before the block of its last prompt token, whose
+        logits a sequence must compute itself (its first token comes from them)."""
+        return (len(seq.prompt_ids) - 1) // self.blocks.block_size
+
+    def _identity(self, seq: Sequence) -> tuple:
+        """What a block's K/V depend on besides the tokens: the adapter (None: the base model), a mix's
+        members, and how many times each one's content changed."""
+        epochs = self.epochs
+        return tuple((key, epochs.get(key, 0)) for key in (seq.request.adapter, *seq.adapter_parts))
+
+    def publish(self, seq: Sequence) -> None:
+        """`seq` computed its prompt and drew its first token: its shareable prompt blocks join the prefix
+        cache, under the identity it was admitted with, unless its adapter's content changed since (it ran
+        on the outdated slot). A sequence that failed before this point never publishes."""
+        if seq.prefix_identity is not None and seq.prefix_identity == self._identity(seq):
+            self.blocks.publish(seq.prefix_identity, seq.prompt_ids, seq.blocks[:self._shareable(seq)])
+
+    def invalidate_prefixes(self, key: str) -> None:
+        """`key` was re-published with new content: no cached prefix computed with the old one (its own, or
+        a mix's that has it as a member) is hit again, and those no sequence holds are free again."""
+        self.epochs[key] = self.epochs.get(key, 0) + 1
+        self.blocks.drop(lambda identity: any(part == key for part, _ in identity))
 
     def _done_by(self, seq: Sequence, prefill_ahead: int) -> int:
         """The step by which `seq`, admitted now behind `prefill_ahead` prompt tokens still to prefill, is
@@ -366,7 +419,7 @@ class Scheduler:
         while (free < need or seats < head.width) and i < len(ending):
             at = max(at, ending[i].done_by)
             while i < len(ending) and ending[i].done_by <= at:  # everything ending by then
-                free += len(ending[i].blocks)
+                free += self.blocks.held_only_by(ending[i].blocks)
                 seats += 1
                 i += 1
         return Reservation(head, at, free - need, seats - head.width)

@@ -382,6 +382,12 @@ class Sequence:
         self.choices: list[Sequence] = []
         self.shared_blocks: list[int] = []
         self.live = 0  # a parent: its choices (itself included) not yet finished, while running
+        # The prefix cache's (docs/scheduling.md, "Prefix caching"): a mix's member keys (re-publishing one
+        # changes what the mix computes), the adapter identity the sequence was admitted under, and how many
+        # of its first blocks came from the cache (shared with other sequences: never zeroed, never written).
+        self.adapter_parts: tuple[str, ...] = ()
+        self.prefix_identity: tuple | None = None
+        self.cached_blocks = 0
 
     @property
     def job(self) -> Sequence:

@@ -2,8 +2,9 @@
 
 One `StepLoop.iterate` takes the submissions and adapter messages from the inbox, takes the finished
 adapter loads, asks the scheduling policy for a step, answers the jobs past their deadline, hands the
-step's loads to the loader, runs the batch, appends each sequence's token, and finishes and answers the
-sequences that are done. It owns no thread and no clock: the engine (scheduler/engine.py) calls it on
+step's loads to the loader, runs the batch, publishes the prompt blocks of each sequence whose prompt is
+computed to the prefix cache, appends each sequence's token, and finishes and answers the sequences that
+are done. It owns no thread and no clock: the engine (scheduler/engine.py) calls it on
 its step thread with the model runner, the adapter manager and the monotonic clock, and
 tests/test_scheduler_sim.py calls the very same code with a simulated runner and loader on a fake clock,
 so the policy the simulations check is the one the engine runs.
@@ -112,7 +113,12 @@ class StepLoop:
 
     def put(self, message: Message) -> None:
         """Hand a message to the loop (from any thread)."""
-        self._inbox.put(message)
+        self.put_many([message])
+
+    def put_many(self, messages: list[Message]) -> None:
+        """Hand several messages to the loop (from any thread), with one wake-up."""
+        for message in messages:
+            self._inbox.put(message)
         self.wake.set()
 
     def inbox_empty(self) -> bool:
@@ -192,6 +198,7 @@ class StepLoop:
                 self.loader.prefetch(key, slots, wanted, self.clock(), free_slot_only)
             case Invalidate(old):
                 self.loader.invalidate(old, slots)
+                self.scheduler.invalidate_prefixes(old.key)
 
     def _take_loads(self) -> None:
         for done in self.loader.finished():
@@ -240,7 +247,10 @@ class StepLoop:
                 if seq.choices and not seq.output_ids and not seq.answered:
                     self._fork(seq, output, row, now)
                 if not seq.job.answered:
-                    self._advance(seq, output.token(row), now)
+                    token = output.token(row)
+                    if not seq.output_ids and seq.parent is None:  # its prompt is computed and sound: share it
+                        sched.publish(seq)
+                    self._advance(seq, token, now)
             except Exception as exc:
                 self._fail(seq, exc, now)
 

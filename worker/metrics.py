@@ -38,6 +38,12 @@ MAX_LANE_SERIES = 200  # lanes (jobs topics) with series of their own; the rest 
 HALF_LIFE_S = 600.0
 SWAP_FACTOR = 2.0
 FORGET_BELOW = 0.01  # a decayed count this small is dropped (with its adapter's series total)
+# Engine stats that only rise: exported as counters lorabus_<name>_total, the rest as lorabus_engine_<name> gauges.
+ENGINE_COUNTERS = {
+    "prefix_cache_queried_tokens": "Prompt tokens of admitted jobs looked up in the prefix cache (full blocks "
+                                   "before each job's last prompt token)",
+    "prefix_cache_hit_tokens": "Prompt tokens found in the prefix cache (their prefill skipped)",
+}
 
 
 class TopAdapterCounter:
@@ -184,7 +190,7 @@ class Metrics:
         self.lane_tokens = Counter("lorabus_lane_tokens", "Prompt and generated tokens of the jobs answered ok, "
                                    "by lane (jobs topic)", ["lane"], registry=r)
         self._lane_series: set[str] = set()
-        self._engine_stats = None
+        self._engine_stats = self._engine_plans = None
         self._output_counts = None
         self._lane_holds = None
         r.register(self)
@@ -267,8 +273,10 @@ class Metrics:
                 self._lag_series.discard(series)
                 self.consumer_lag.remove(*series)
 
-    def watch_engine(self, stats_fn) -> None:
-        self._engine_stats = stats_fn
+    def watch_engine(self, stats_fn, plans_fn=None) -> None:
+        """`stats_fn() -> {name: value}` (lorabus_engine_*) and `plans_fn() -> [{group, shape, plan, ...}]`
+        (lorabus_lora_plan_info), read at scrape time."""
+        self._engine_stats, self._engine_plans = stats_fn, plans_fn
 
     def watch_lanes(self, holds_fn) -> None:
         """`holds_fn() -> {lane: jobs held}`: read at scrape time as lorabus_lane_inflight."""
@@ -282,7 +290,16 @@ class Metrics:
         """Engine gauges (adapter residency, queue depth, KV use) and output counters, read at scrape time."""
         if self._engine_stats is not None:
             for name, value in self._engine_stats().items():
-                yield GaugeMetricFamily(f"lorabus_engine_{name}", f"Engine {name.replace('_', ' ')}", value=value)
+                if name in ENGINE_COUNTERS:
+                    yield CounterMetricFamily(f"lorabus_{name}", ENGINE_COUNTERS[name], value=value)
+                else:
+                    yield GaugeMetricFamily(f"lorabus_engine_{name}", f"Engine {name.replace('_', ' ')}", value=value)
+        if self._engine_plans is not None:
+            plans = GaugeMetricFamily("lorabus_lora_plan_info", "The CPU LoRA path's plan per projection group and "
+                                      "step shape class, chosen by measurement (value 1)", labels=["group", "shape", "plan"])
+            for row in self._engine_plans():
+                plans.add_metric([row["group"], row["shape"], row["plan"]], 1)
+            yield plans
         if self._lane_holds is not None:
             held = GaugeMetricFamily("lorabus_lane_inflight", "Job records held (taken, not yet answered), by lane "
                                      "(jobs topic)", labels=["lane"])
