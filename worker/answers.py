@@ -3,7 +3,8 @@
 
 Errors are values here: whatever is wrong with a record becomes an error result with a code (or a dead
 letter), never an exception out of `answer`. Decoding a large record and tokenizing run off the event
-loop; the engine hand-off is `Engine.submit(..., on_done)`, whose callback resolves an asyncio future.
+loop; the engine hand-off batches the jobs of one loop turn into one `Engine.submit_many` and their
+answers into one loop callback per step (worker/handoff.py).
 A streamed job's partial results leave as the engine makes them (worker/streaming.py), all of them
 before its final result is handed over.
 """
@@ -23,6 +24,7 @@ from lorabus.schemas import Job, JobError, JobResult, decode_job, error_result
 from lorabus.worker import logs
 from lorabus.worker.config import WorkerConfig
 from lorabus.worker.control_reader import ControlReader
+from lorabus.worker.handoff import EngineHandoff
 from lorabus.worker.kafka_security import client_options
 from lorabus.worker.lanes import Lane, LaneTable
 from lorabus.worker.metrics import Metrics
@@ -63,6 +65,7 @@ class AnswerPipeline:
         self.control, self.reply_topics, self.lanes, self.metrics = control, reply_topics, lanes, metrics
         self.on_resolved = on_resolved  # (record, adapter key): which adapters a partition brings
         self.fetches = fetches  # s3:// versions: a job waits for its adapter's download, as for a cold load
+        self.handoff = EngineHandoff(engine)
         self.partials = PartialSender(config.bootstrap_servers, metrics, config.log_rate_limit_ms / 1000,
                                       **client_options(config.security))
 
@@ -199,13 +202,8 @@ class AnswerPipeline:
             resolved = fallback
 
     async def _generate(self, request: Request) -> Completion:
-        """The hand-off to the engine: submit from a thread, await the completion on this loop."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Completion] = loop.create_future()
-        # submit tokenizes the prompt: a thread keeps that off the event loop.
-        await asyncio.to_thread(self.engine.submit, request,
-                                lambda c: loop.call_soon_threadsafe(_resolve_future, future, c))
-        return await future
+        """The hand-off to the engine: batched with the other jobs of this loop turn (worker/handoff.py)."""
+        return await self.handoff.generate(request)
 
     def _error(self, job: Job, resolved: ResolvedAdapter | None, code: str, message: str) -> JobResult:
         return error_result(job.id, code, message, self.worker_id, **provenance(resolved))
@@ -245,8 +243,3 @@ def _prompt_text(job: Job) -> str | None:
     if job.prompt is not None:
         return job.prompt
     return msgspec.json.encode(job.messages).decode() if job.messages is not None else None
-
-
-def _resolve_future(future: asyncio.Future, completion: Completion) -> None:
-    if not future.done():
-        future.set_result(completion)

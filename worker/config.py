@@ -40,6 +40,7 @@ class WorkerConfig:
     worker_id: str = field(default="", metadata=_doc("name reported in results (default host-pid)"))
     max_prompt_bytes: int = field(default=1 << 20, metadata=_doc("prompt text longer than this (UTF-8 bytes) is answered invalid_job before it is tokenized"))
     exactly_once: bool = field(default=False, metadata=_doc("commit results and offsets in one Kafka transaction per batch; readers use read_committed"))
+    max_uncommitted_bytes: int = field(default=32 << 20, metadata=_doc("exactly-once: answers handed over and waiting for their transaction may hold this many bytes (records plus about 512 bytes each); past it fetching pauses until a commit makes room. A job's in-flight seat is free once its answer is handed over, so this, not max_inflight, bounds what waits between commits"))
     control_key: str = field(default="", metadata=_doc("file (or env:NAME) of 'keyid:secret' lines; when set, control events must be signed with one of them"))
     control_max_skew_ms: int = field(default=300000, metadata=_doc("with --control-key: a signed event whose ts_ms is further than this from the broker's time on its record, or older than the newest event applied under its key by more than this, is refused as a replay (README \"Trust boundaries\"); allow for the publishers' clock error and their send retries"))
     adapter_root: list[str] = field(default_factory=list, metadata=_doc("directory adapter paths must lie under (repeatable; env: os.pathsep-separated); empty = any path"))

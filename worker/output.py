@@ -6,11 +6,15 @@ letter), and only a delivered one lets its offset commit. Each output mode owns 
 transient broker errors until the send succeeds or the worker gives up on stopping; `commit` commits
 each partition's offsets up to its first record not yet delivered.
 
-`TransactionalOutbox` (`--exactly-once`): the worker hands every answer to `deliver`, which waits
-until the answer is committed. Every `commit_interval_ms` the outbox opens one transaction, writes the
-queued answers that lie below the offset they make committable in their partition, adds those offsets,
-and commits. An answer past a record still running waits for it (written earlier, it would be answered
-a second time by whoever re-reads the partition from its committed offset after a crash).
+`TransactionalOutbox` (`--exactly-once`): the worker hands every answer to `deliver`, which queues it
+and returns at once: the job's in-flight seat is free from then on, and its offset stays pending (never
+committed) until its transaction commits. Every `commit_interval_ms` the outbox opens one transaction,
+writes the queued answers that lie below the offset they make committable in their partition, adds
+those offsets, and commits. An answer past a record still running waits for it (written earlier, it
+would be answered a second time by whoever re-reads the partition from its committed offset after a
+crash). What waits is bounded in memory: past `max_queued_bytes` the outbox is `full` and the worker
+pauses fetching until a commit makes room; `deliver` itself never waits, so the answer that closes a
+gap is always taken.
 A reader with `isolation_level="read_committed"` then sees each result exactly once: a worker killed
 mid-transaction leaves it aborted, and the next owner of the partition answers those records again.
 
@@ -55,6 +59,9 @@ ORIGINAL_SIZE_HEADER = "x-dlq-original-size"    # the value's length in bytes be
 RETRY_S = 0.5
 # An answer its topic refuses for good (deleted, not authorized) is retried this often.
 RETRY_PERMANENT_S = 5.0
+# What a queued answer costs beyond its record's bytes (the Python objects holding it), so that a memory
+# bound in bytes also bounds many tiny answers.
+QUEUED_OVERHEAD_BYTES = 512
 # A transaction left open by a killed worker blocks read_committed readers until this runs out (or a
 # restart with the same transactional id fences it); ours last about one commit interval.
 TRANSACTION_TIMEOUT_MS = 10_000
@@ -180,6 +187,8 @@ class AtLeastOnceOutput:
         for offset, state in offsets.values():
             state.committed = offset
 
+    full = False  # its answers wait for no transaction: nothing to bound beyond the in-flight jobs
+
     async def deliver(self, outgoing: Outgoing, tp: TopicPartition, offset: int, offsets: PartitionOffsets) -> bool:
         """Send an answer; True once the broker holds it, False if the worker gave up (stopping)."""
         while True:
@@ -216,16 +225,24 @@ class _Queued:
     tp: TopicPartition
     offset: int
     offsets: PartitionOffsets
-    committed: asyncio.Future
+    size: int  # what it counts against the outbox's memory bound
+
+
+def queued_size(outgoing: Outgoing) -> int:
+    """The bytes an answer holds while it waits for its transaction."""
+    return (QUEUED_OVERHEAD_BYTES + len(outgoing.value or b"") + len(outgoing.key or b"")
+            + sum(len(k) + len(v or b"") for k, v in outgoing.headers))
 
 
 class TransactionalOutbox:
     def __init__(self, bootstrap: str, transactional_id: str, group_id: str, log_every_s: float = 10.0,
-                 **producer_options):
+                 max_queued_bytes: int = 32 << 20, **producer_options):
         self.bootstrap, self.transactional_id, self.group_id = bootstrap, transactional_id, group_id
         self.producer_options = producer_options
         self.producer: AIOKafkaProducer | None = None
         self._queue: list[_Queued] = []
+        self.max_queued_bytes = max_queued_bytes
+        self.queued_bytes = 0
         self._lock = asyncio.Lock()  # one transaction at a time
         self.transactions = 0
         self.failed_transactions = 0
@@ -243,22 +260,32 @@ class TransactionalOutbox:
                                          enable_idempotence=True, **self.producer_options)
         await self.producer.start()
 
+    @property
+    def queued(self) -> int:
+        """Answers handed over and waiting for their transaction."""
+        return len(self._queue)
+
+    @property
+    def full(self) -> bool:
+        """The queued answers hold `max_queued_bytes`: take no more jobs until a commit makes room."""
+        return self.queued_bytes >= self.max_queued_bytes
+
     async def stop(self) -> None:
         """Give up on what is still queued (never committed: the partitions' next owners answer it)."""
-        for item in self._queue:
-            if not item.committed.done():
-                item.committed.set_result(False)
-        self._queue.clear()
+        self._keep(lambda q: False)
         if self.producer is not None:
             await self.producer.stop()
 
     async def deliver(self, outgoing: Outgoing, tp: TopicPartition, offset: int, offsets: PartitionOffsets) -> bool:
-        """Queue an answer; True once it is committed, False if the worker stopped first."""
+        """Queue an answer for the next transaction that can take it; False if its partition was revoked
+        (its next owner answers it). Never waits: the `full` outbox pushes back on fetching instead, so an
+        answer that closes a gap below queued ones always gets in."""
         if offsets.revoked:
             return False
-        committed = asyncio.get_running_loop().create_future()
-        self._queue.append(_Queued(outgoing, tp, offset, offsets, committed))
-        return await committed
+        item = _Queued(outgoing, tp, offset, offsets, queued_size(outgoing))
+        self._queue.append(item)
+        self.queued_bytes += item.size
+        return True
 
     async def commit(self, only: set[TopicPartition] | None = None) -> None:
         """Write the queued answers (of `only`'s partitions, if given) and their offsets in one transaction."""
@@ -298,20 +325,20 @@ class TransactionalOutbox:
                 return
             self.transactions += 1
             done = {id(q) for q in batch}
-            self._queue = [q for q in self._queue if id(q) not in done]
+            self._keep(lambda q: id(q) not in done)
             for q in batch:
                 q.offsets.done(q.offset)
-                q.committed.set_result(True)
             for tp, offset in commit.items():
                 states[tp].committed = offset
 
     def _drop_revoked(self) -> None:
         # Answers of a partition that moved to another worker after its revocation commit: writing them
         # would show a second result and commit offsets the new owner manages. It answers them instead.
-        for q in self._queue:
-            if q.offsets.revoked:
-                q.committed.set_result(False)
-        self._queue = [q for q in self._queue if not q.offsets.revoked]
+        self._keep(lambda q: not q.offsets.revoked)
+
+    def _keep(self, keep) -> None:
+        self._queue = [q for q in self._queue if keep(q)]
+        self.queued_bytes = sum(q.size for q in self._queue)
 
     def _failed(self, exc: Exception) -> None:
         self.failed_transactions += 1

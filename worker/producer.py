@@ -140,6 +140,7 @@ class ResultProducer:
         self._swap: asyncio.Task | None = None          # replacing a broken producer
         self._retiring: set[asyncio.Task] = set()       # old producers flushing, then closing
         self._halt: asyncio.Future | None = None        # done once stopping is set or stop() runs
+        self._waits: set[asyncio.Future] = set()        # woken by _set_halt: sends waiting on aiokafka
         self._watch: asyncio.Task | None = None
         self._closed = False
         self._logs = LogRateLimit(log_every_s)
@@ -193,6 +194,8 @@ class ResultProducer:
     def _set_halt(self) -> None:
         if self._halt is not None and not self._halt.done():
             self._halt.set_result(None)
+        for wait in list(self._waits):
+            _wake(wait)
 
     # ---- sending ----------------------------------------------------------------------------------
 
@@ -278,10 +281,28 @@ class ResultProducer:
 
     # ---- internals --------------------------------------------------------------------------------
 
-    async def _until(self, aw: asyncio.Future) -> bool:
-        """Wait for `aw` unless we are told to stop first (then False; `aw` is left running)."""
-        done, _ = await asyncio.wait({aw, self._halt}, return_when=asyncio.FIRST_COMPLETED)
-        return aw in done
+    async def _until(self, aw: asyncio.Future, timeout: float | None = None) -> bool:
+        """Wait for `aw` unless we are told to stop first or `timeout` passes (then False; `aw` is left running).
+
+        Not `asyncio.wait({aw, self._halt})`: every waiting send would hang a callback on the one halt
+        future, and removing it again costs as many steps as there are sends waiting (a quadratic cost
+        per poll's worth of results). Here each wait has its own future, which halt wakes from a set."""
+        if aw.done():
+            return True
+        if self._halt.done():
+            return False
+        loop = asyncio.get_running_loop()
+        wait = loop.create_future()
+        aw.add_done_callback(lambda _, wait=wait: _wake(wait))
+        timer = loop.call_later(timeout, _wake, wait) if timeout is not None else None
+        self._waits.add(wait)
+        try:
+            await wait
+        finally:
+            self._waits.discard(wait)
+            if timer is not None:
+                timer.cancel()
+        return aw.done()
 
     async def _sleep(self, seconds: float) -> bool:
         """Back off; False if told to stop meanwhile."""
@@ -292,11 +313,9 @@ class ResultProducer:
         """The record's metadata once acknowledged (raises its error); None if told to stop."""
         waited = 0.0
         while True:
-            done, _ = await asyncio.wait({delivery, self._halt}, timeout=self.stall_warn_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if delivery in done:
+            if await self._until(delivery, self.stall_warn_s):
                 return delivery.result()
-            if done:
+            if self._halt.done():
                 return None
             waited += self.stall_warn_s
             if waited == self.stall_warn_s:
@@ -390,3 +409,8 @@ class ResultProducer:
                     time.monotonic() - self._trouble_since, kinds, self.recreations)
         self._trouble_since, self._trouble_sends, self._trouble_stalls = None, 0, 0
         self._trouble_kinds.clear()
+
+
+def _wake(wait: asyncio.Future) -> None:
+    if not wait.done():
+        wait.set_result(None)

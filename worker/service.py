@@ -4,9 +4,10 @@ Three asyncio tasks share one event loop: the control reader (worker/control_rea
 control log → engine, with worker/adapter_loads.py deciding what loads), the jobs reader (one task per
 record through the answer pipeline, worker/answers.py: decode → validate → resolve → engine → one
 `Outgoing`), and the committer. The engine runs on its own threads; the only hand-off is
-`Engine.submit(..., on_done)`. How answers leave and when offsets commit is the output mode's job
-(worker/output.py): at-least-once by default, one transaction per commit interval with `--exactly-once`.
-Either way a record's offset commits only once every record before it in its partition has been answered.
+`Engine.submit_many`, in batches both ways (worker/handoff.py). How answers leave and when offsets commit is
+the output mode's job (worker/output.py): at-least-once by default, one transaction per commit interval with
+`--exactly-once`. Either way a record's offset commits only once every record before it in its partition
+has been answered, and a job's in-flight seat is free once its answer is handed to the output.
 
 No record can stop this process: decoding errors of any kind become `invalid_job` answers or dead
 letters, the control reader skips what it cannot apply, and CPU-heavy decoding and tokenizing run off
@@ -138,7 +139,8 @@ class Worker:
             # Stable across restarts with a group instance id, so a restarted worker fences its predecessor.
             txn_id = f"lorabus-{cfg.group_id}-{cfg.group_instance_id or self.worker_id}"
             self.output = TransactionalOutbox(cfg.bootstrap_servers, txn_id, cfg.group_id, log_every_s=log_every_s,
-                                              linger_ms=2, **self.kafka_options)
+                                              max_queued_bytes=cfg.max_uncommitted_bytes, linger_ms=2,
+                                              **self.kafka_options)
         else:
             self.producer = ResultProducer(cfg.bootstrap_servers, self._give_up, log_every_s=log_every_s,
                                            **self.kafka_options)
@@ -244,8 +246,6 @@ class Worker:
             log.warning("%d held jobs not answered within %d ms; left uncommitted for the next owner",
                         len(late), self.config.drain_timeout_ms)
             self._give_up.set()
-            if isinstance(self.output, TransactionalOutbox):
-                await self.output.stop()
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
@@ -277,7 +277,7 @@ class Worker:
 
     def _hook_metrics(self) -> None:
         m = self.metrics
-        m.watch_engine(self.engine.stats)
+        m.watch_engine(self.engine.stats, self.engine.plans)
         m.inflight.set_function(lambda: len(self.inflight))
         m.watch_lanes(lambda: dict(self.shares.held))
         m.watch_output(self.output.counters)
@@ -300,13 +300,15 @@ class Worker:
 
     def apply_backpressure(self) -> int:
         """Pause the partitions of every lane that holds its share of `max_inflight` jobs (one jobs topic:
-        all of them, once `max_inflight` are held), resume the others (worker/lanes.py).
+        all of them, once `max_inflight` are held; every one while the exactly-once outbox is full), resume the
+        others (worker/lanes.py).
 
         Reads the consumer's own pause state each time, so a rebalance that dropped it cannot fool us;
         pausing keeps the poll loop (and group membership) alive, unlike not polling. Returns how many jobs
         the lanes may take now, all together."""
         parts = self.jobs.assignment()
-        rooms = {topic: self.shares.room(topic) for topic in {tp.topic for tp in parts}}
+        outbox_full = self.output.full
+        rooms = {topic: 0 if outbox_full else self.shares.room(topic) for topic in {tp.topic for tp in parts}}
         full = [tp for tp in parts if rooms[tp.topic] == 0]
         if full:
             self.jobs.pause(*full)
