@@ -47,6 +47,8 @@ from lorabus.worker.topics import ensure_topics
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' support modules (never the repository root)
 
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the sibling charts.py, also under -P
+import charts  # noqa: E402
 from helpers import broker_at  # noqa: E402
 
 SYSTEMS = ("worker-at-least-once", "worker-exactly-once", "engine", "raw")
@@ -218,23 +220,11 @@ def summary(values: list[float]) -> str:
     return f"{statistics.median(values):,.0f} [{min(values):,.0f}..{max(values):,.0f}]"
 
 
-def chart(path: Path, rates: dict[str, list[float]], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(rates)
-    medians = [statistics.median(rates[n]) for n in names]
-    low = [m - min(rates[n]) for m, n in zip(medians, names)]
-    high = [max(rates[n]) - m for m, n in zip(medians, names)]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.bar(names, medians, yerr=[low, high], capsize=4, color=["#4c72b0", "#55a868", "#c44e52", "#8172b2"])
-    ax.set_ylabel("jobs/s (median, min..max)")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def draw(report: dict, json_path: str) -> list[Path]:
+    """The chart beside the JSON: each system's jobs/s, median with [min..max]."""
+    groups = {name: {"jobs/s": rates} for name, rates in report["rates"].items()}
+    return [charts.bar_chart(charts.png_beside(json_path), "The Kafka path: one-token jobs", "jobs/s", groups,
+                             log_y=True, subtitle=report["header"])]
 
 
 def main(argv=None) -> int:
@@ -288,10 +278,10 @@ def main(argv=None) -> int:
         print(f"{key}: {value:.2f}x")
     if args.json:
         out = Path(args.json)
-        out.write_text(json.dumps({"header": head, "cpu": cpu, "torch_threads": torch.get_num_threads(),
-                                   "jobs": args.jobs, "rates": rates, "ratios": ratios}, indent=1))
-        chart(out.with_suffix(".png"), rates, head)
-        print(f"wrote {out} and {out.with_suffix('.png')}")
+        report = {"script": "kafka_path", "header": head, "cpu": cpu, "torch_threads": torch.get_num_threads(),
+                  "jobs": args.jobs, "rates": rates, "ratios": ratios}
+        out.write_text(json.dumps(report, indent=1))
+        print(f"wrote {out} and {', '.join(map(str, draw(report, args.json)))}")
     return 0
 
 
