@@ -9,12 +9,15 @@ numbers as the script's markdown table. matplotlib runs on its Agg backend (no d
 from __future__ import annotations
 
 import statistics
+import textwrap
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+SUBTITLE_WIDTH = 80  # characters per subtitle line at the figures' 7-inch width
 
 
 def png_beside(json_path: str | Path, suffix: str = "") -> Path:
@@ -71,6 +74,7 @@ def bar_chart(path: Path, title: str, ylabel: str, groups: dict[str, dict[str, l
 
 
 def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str, subtitle: str) -> None:
+    subtitle = textwrap.fill(subtitle, SUBTITLE_WIDTH)  # a long machine line would run off the figure
     ax.set_title(f"{title}\n{subtitle}" if subtitle else title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -66,6 +66,16 @@ async def one_run(bootstrap: str, model: Path, mode: str, jobs: int, new_tokens:
     return jobs / elapsed
 
 
+def cpu_model() -> str:
+    """The CPU's model name, printed beside every table (tuning fitted to one CPU has lost on another)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                        platform.processor())
+    except OSError:
+        return platform.processor()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=300)
@@ -82,7 +92,7 @@ def main(argv=None) -> int:
                     rate = asyncio.run(one_run(bootstrap, model, mode, args.jobs, args.new_tokens))
                     rates[mode].append(rate)
                     print(f"run {rep + 1}/{args.repeats} {mode}: {rate:.1f} jobs/s", flush=True)
-    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.node()}, {os.cpu_count()} cores, torch threads "
+    print(f"\n{time.strftime('%Y-%m-%d')}, {cpu_model()}, {os.cpu_count()} cores, torch threads "
           f"{torch.get_num_threads()}; {args.jobs} jobs x {args.new_tokens} token(s), {args.repeats} runs per mode\n")
     print("| mode | jobs/s median [min..max] | vs at-least-once |")
     print("|---|---|---|")
