@@ -431,3 +431,21 @@ class OracleJobs:
     async def failed(self, ref: str, reason: str) -> None:
         (result,) = await self.run([ref])
         self.check_failed(result, reason)
+
+
+FAILING_SEED = 666  # the seed whose sampling `fail_sampling` makes raise
+
+
+def fail_sampling(monkeypatch, seed: int = FAILING_SEED) -> None:
+    """Make every sampler of a job with this seed raise when it draws a token (an engine failure after the
+    forward pass that belongs to that job alone)."""
+    from lorabus.scheduler.sampling import Sampler
+
+    original = Sampler.select
+
+    def select(self, logits, *args):
+        if self.params.seed == seed:
+            raise RuntimeError("injected sampling failure")
+        return original(self, logits, *args)
+
+    monkeypatch.setattr(Sampler, "select", select)

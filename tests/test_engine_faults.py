@@ -11,6 +11,7 @@ import torch
 from lorabus.scheduler import AdapterSpec, Engine, EngineConfig, Request, SamplingParams
 from lorabus.scheduler.adapters import read_adapter
 from lorabus.scheduler.sampling import Sampler
+from helpers import FAILING_SEED, fail_sampling
 from helpers import PeftOracle, submit_all
 
 PROMPTS = ["the quick brown fox", "hello world", "summarize: the meeting moved to thursday",
@@ -75,19 +76,12 @@ def test_sampler_maps_any_int_seed_deterministically():
 
 def test_a_failure_after_the_forward_pass_fails_only_its_job(tiny_model, peft_adapters, oracle, monkeypatch):
     adapters = dict(list(peft_adapters.items())[:2])
-    original = Sampler.select
-
-    def select(self, logits, *args):
-        if self.params.seed == 666:
-            raise RuntimeError("injected sampling failure")
-        return original(self, logits, *args)
-
-    monkeypatch.setattr(Sampler, "select", select)
+    fail_sampling(monkeypatch)
     engine = _engine(tiny_model, adapters)
     try:
         greedy = _greedy_neighbours(oracle, adapters)
         bad = Request("bad", "t", "qv-r4", prompt="hello world",
-                      params=SamplingParams(MAX_NEW, temperature=0.7, seed=666))
+                      params=SamplingParams(MAX_NEW, temperature=0.7, seed=FAILING_SEED))
         # A failing on_done must not take its neighbours down either.
         boom = Request("boom", "t", None, prompt="hello world", params=SamplingParams(2))
         engine.submit(boom, lambda c: 1 / 0)

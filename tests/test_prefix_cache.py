@@ -22,7 +22,7 @@ from lorabus.scheduler.kv_cache import BlockAllocator
 from lorabus.scheduler.model import ATTENTION_BACKENDS
 from lorabus.scheduler.policy import AdapterSlots, Scheduler, SchedulerLimits
 from lorabus.scheduler.requests import Sequence
-from lorabus.scheduler.sampling import Sampler
+from helpers import FAILING_SEED, fail_sampling
 
 BS = 4  # tokens per KV block in these tests: short prompts span several blocks
 MAX_NEW = 4
@@ -235,14 +235,7 @@ def _poisoned(weights):
 
 
 def test_nan_and_failed_sequences_publish_nothing(tiny_model, peft_adapters, oracle, monkeypatch):
-    original = Sampler.select
-
-    def select(self, logits, *args):
-        if self.params.seed == 666:
-            raise RuntimeError("injected sampling failure")
-        return original(self, logits, *args)
-
-    monkeypatch.setattr(Sampler, "select", select)
+    fail_sampling(monkeypatch)
     engine = _engine(tiny_model, {QV: peft_adapters[QV]})
     poison = AdapterSpec("poison@1", str(peft_adapters[QV]))
     engine.register(poison)
@@ -252,7 +245,7 @@ def test_nan_and_failed_sequences_publish_nothing(tiny_model, peft_adapters, ora
     try:
         assert engine.generate(_greedy(poison.key, S1, "nan"), 60).status == "ok"
         assert engine.generate(_greedy(poison.key, S1, "nan-again"), 60).status == "ok"
-        failed = engine.generate(_greedy(QV, S1, "failed", temperature=0.7, seed=666), 60)
+        failed = engine.generate(_greedy(QV, S1, "failed", temperature=0.7, seed=FAILING_SEED), 60)
         assert failed.status == "error" and "injected" in failed.error_message
         assert engine.prefix_cache_stats()["cached_blocks"] == 0 and hits.delta() == 0
         clean = [engine.generate(_greedy(QV, S1, f"clean-{i}"), 60) for i in range(2)]
