@@ -104,6 +104,9 @@ class AdapterPool:
         self._targets: dict[str, set[int]] = {group: set() for group in groups}
         # True rank per group and slot (largest over layers and slices), 0 when the slot does not target it.
         self._rank: dict[str, list[int]] = {group: [0] * max_loras for group in groups}
+        # Counts the writes and clears of slots: a step's LoRA mapping (and the plans cached on it) stays valid
+        # for a later step with the same token slots while this is unchanged (scheduler/runner.py).
+        self.version = 0
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         # Chooses the torch path's plans; the engine installs one that measures (scheduler/engine.py).
         self.tuner = PlanTuner("off")
@@ -123,6 +126,7 @@ class AdapterPool:
                 self._rank[group][slot] = max(self._rank[group][slot], rank)
         if self._copy_stream is not None:
             self._copy_stream.synchronize()
+        self.version += 1
 
     def clear(self, slot: int) -> None:
         for layer in range(len(self.a)):
@@ -135,6 +139,7 @@ class AdapterPool:
             slots.discard(slot)
         for ranks in self._rank.values():
             ranks[slot] = 0
+        self.version += 1
 
     def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor, mapping: "kernels.LoRAMapping") -> None:
         """y[:, slice] += scale · B(A x) for each token's own adapter slot, all slices in one launch each."""

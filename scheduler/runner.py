@@ -78,6 +78,8 @@ class ModelRunner:
         if self._seats is not None:
             self._seats.max_seats = max_running
         self._copied: torch.cuda.Event | None = None  # the last step's host → device copy
+        # The last step's LoRA mapping, its token slots and the pool's version then (`_lora_mapping`).
+        self._last_lora: tuple[int, np.ndarray, kernels.LoRAMapping] | None = None
         self._host = self._host_np = None
         self._reserve(7 * max_step_tokens + max_running * (3 + 8))
 
@@ -98,6 +100,10 @@ class ModelRunner:
         call_hook(self.on_step, len(batch), step.tokens.numel(), len(step.lora.active_slots),
                   time.perf_counter() - started)
         return StepOutput(wants_logits, logits, rows, scored)
+
+    def layout(self, batch: list[tuple[Sequence, int]]) -> StepBatch:
+        """The forward pass's input for `batch`, as `run` lays it out (scheduler/attention_tuning.py times it)."""
+        return self._step_batch(batch)[0]
 
     def fork(self, parent: Sequence, choices: list[Sequence]) -> None:
         """Start the other choices of `parent`'s job from its prefilled prompt: each reads the prompt's full
@@ -221,7 +227,7 @@ class ModelRunner:
             no_rows = dev[o_dec:o_dec]
             step = StepBatch(
                 tokens=dev[:t], positions=dev[t:2 * t], write_slots=dev[2 * t:3 * t],
-                lora=kernels.make_lora_mapping(dev[3 * t:4 * t], self.num_slots),
+                lora=self._lora_mapping(lora_idx, dev[3 * t:4 * t]),
                 decode_rows=no_rows, decode_blocks=no_rows.view(0, 0), decode_mask=no_rows.view(0, 1, 1, 0),
                 prefills=[], logit_rows=dev[o_logit:o_logit + num_logits],
                 paged=PagedBatch(tables_dev, ctx_lens, dev[o_dec:o_dec + b + 1], max_new))
@@ -230,7 +236,7 @@ class ModelRunner:
             tokens=dev[:t],
             positions=dev[t:2 * t],
             write_slots=dev[2 * t:3 * t],
-            lora=kernels.make_lora_mapping(dev[3 * t:4 * t], self.num_slots),
+            lora=self._lora_mapping(lora_idx, dev[3 * t:4 * t]),
             decode_rows=dev[o_dec:o_dec + b],
             decode_blocks=tables_dev,
             # Padding points at the null block, never at memory a sequence wrote.
@@ -240,6 +246,16 @@ class ModelRunner:
             seats=seat_plan,
         )
         return step, wants_logits, logit_of, scored
+
+    def _lora_mapping(self, slots: np.ndarray, slots_dev: torch.Tensor) -> kernels.LoRAMapping:
+        """The step's LoRA mapping: the last step's where every token has the slot it had then and no slot was
+        written since (a decode batch's steady state), so the plans and grids cached on it carry over."""
+        version, last = self.model.pool.version, self._last_lora
+        if last is not None and last[0] == version and np.array_equal(last[1], slots):
+            return last[2]
+        mapping = kernels.make_lora_mapping(slots_dev, self.num_slots)
+        self._last_lora = (version, slots.copy(), mapping)
+        return mapping
 
     def _prefill_groups(self, spans: list[tuple[PrefillSpan, Sequence]]) -> list[PrefillGroup]:
         """Prefill spans bucketed for batched attention: first chunks of equal length together (causal,

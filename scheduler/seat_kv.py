@@ -13,6 +13,9 @@ sequence that had no seat before) copies its cached positions in once. Rows are 
 sequence wrote (new rows are zero, a vacated row is zeroed): masked-out keys are then 0, never a stale NaN
 that 0 x NaN would spread.
 
+A decode step of the same sequences as the last step, in the same order, each one token further, reuses
+the last step's layout shifted by one position (`_shift`): the steady state of decoding costs no layout.
+
 Memory: seats x capacity never exceeds the paged cache's slots (`max_positions`), so the mirror holds at
 most as much as the paged cache (twice that while a resize copies). Capacity and seats grow by doubling
 within that bound; a sequence that does not fit has no seat and is read through the block gather.
@@ -63,6 +66,9 @@ class SeatKV:
         self.holders: list[Sequence] = []  # seat -> sequence
         self.written: list[int] = []  # seat -> positions [0, written) hold its K/V
         self.seat_index: dict[int, int] = {}  # id(sequence) -> seat (the holders keep the ids unique)
+        # The last decode-only step's (sequence ids, their seats, plan, positions in [lo, hi) that decode, their
+        # context lengths): what `_shift` moves one position on. None after any change to the seats.
+        self._last: tuple[tuple[int, ...], list[int], SeatStep, np.ndarray, np.ndarray] | None = None
 
     @property
     def capacity(self) -> int:
@@ -74,6 +80,10 @@ class SeatKV:
         for seat in reversed(range(len(self.holders))):  # from the end: a compaction move brings a checked row
             if self.holders[seat].state is State.FINISHED:
                 self._release(seat)
+        shifted = self._shift(batch, device)
+        if shifted is not None:
+            return shifted
+        self._last = None
         need = list(self.written)  # capacity each seat needs this step
         joining = []
         for seq, n in batch:
@@ -110,6 +120,40 @@ class SeatKV:
         self.k[layer].view(-1, self.dim).index_copy_(0, step.write_index, k.reshape(-1, self.dim))
         self.v[layer].view(-1, self.dim).index_copy_(0, step.write_index, v.reshape(-1, self.dim))
 
+    def _shift(self, batch: list[tuple[Sequence, int]], device: torch.device) -> SeatStep | None:
+        """The last step's plan one position on, when this step decodes the same sequences in the same order,
+        each one token past what its seat holds, and the buffer holds that (None otherwise): every seat
+        writes and reads one position further, so only the write index and the mask move."""
+        last = self._last
+        if last is None or len(batch) != len(last[0]):
+            return None
+        ids, seats, step, decoding, ctx = last
+        written = self.written
+        for (seq, n), key, seat in zip(batch, ids, seats):
+            if n != 1 or id(seq) != key or seq.num_computed != written[seat]:
+                return None
+        if max(written[seat] for seat in seats) >= self.capacity:
+            return None
+        for seat in seats:
+            written[seat] += 1
+        ctx = ctx + 1
+        context = step.context + 1
+        step = SeatStep(step.write_index + 1, step.write_rows, step.lo, step.hi, context, step.q_rows,
+                        self._mask(decoding, ctx, step.hi - step.lo, context).to(device), step.keep, step.out_rows,
+                        step.in_order)
+        self._last = (ids, seats, step, decoding, ctx)
+        return step
+
+    def _mask(self, decoding: np.ndarray, ctx: np.ndarray, width: int, context: int) -> torch.Tensor:
+        """[width, 1, 1, context] additive mask: the seats at positions `decoding` read their first `ctx` keys,
+        the others their first one."""
+        lengths = np.ones(width, dtype=np.int64)
+        lengths[decoding] = ctx
+        # Additive, built once for every layer: SDPA turns a boolean mask into this on each call (~20% of
+        # a small decode call's time, measured on CPU).
+        hidden = torch.from_numpy(np.arange(context)[None, :] >= lengths[:, None])[:, None, None, :]
+        return torch.zeros(hidden.shape, dtype=self.k.dtype).masked_fill_(hidden, float("-inf"))
+
     def _layout(self, batch: list[tuple[Sequence, int]], device: torch.device) -> SeatStep:
         seats, pasts, counts, firsts = [], [], [], []
         row = 0
@@ -140,20 +184,18 @@ class SeatKV:
         context = int(dec_ctx.max()) if dec_seats.size else 0
         q_rows = np.full(hi - lo, dec_rows[0] if dec_seats.size else 0, dtype=np.int64)
         q_rows[dec_seats - lo] = dec_rows
-        ctx = np.ones(hi - lo, dtype=np.int64)
-        ctx[dec_seats - lo] = dec_ctx
-        # Additive, built once for every layer: SDPA turns a boolean mask into this on each call (~20% of
-        # a small decode call's time, measured on CPU).
-        hidden = torch.from_numpy(np.arange(context)[None, :] >= ctx[:, None])[:, None, None, :]
-        mask = torch.zeros(hidden.shape, dtype=self.k.dtype).masked_fill_(hidden, float("-inf"))
+        mask = self._mask(dec_seats - lo, dec_ctx, hi - lo, context)
         in_order = hi - lo == row and bool((q_rows == np.arange(row)).all())
         q_rows = torch.from_numpy(q_rows).to(device)
         if dec_seats.size == hi - lo:  # every seat of the window decodes: results in seat order
             keep, out_rows = None, q_rows
         else:
             keep, out_rows = torch.from_numpy(dec_seats - lo).to(device), torch.from_numpy(dec_rows).to(device)
-        return SeatStep(torch.from_numpy(index).to(device), write_rows, lo, hi, context, q_rows, mask.to(device),
+        step = SeatStep(torch.from_numpy(index).to(device), write_rows, lo, hi, context, q_rows, mask.to(device),
                         keep, out_rows, in_order)
+        if seats and len(seats) == len(batch) and decoding.all():  # all rows seated decodes: the next may shift
+            self._last = (tuple(id(seq) for seq, _ in batch), seats, step, dec_seats - lo, dec_ctx)
+        return step
 
     def _copy_in(self, seat: int, seq: Sequence, start: int, end: int) -> None:
         """Positions [start, end) of `seq` from the paged cache into its seat (every layer)."""
@@ -167,6 +209,7 @@ class SeatKV:
     def _release(self, seat: int) -> None:
         """Free a seat: the last seat's row moves into it, and what the rows held past that is zeroed (only
         the written positions: the rest is zero already)."""
+        self._last = None
         last = len(self.holders) - 1
         del self.seat_index[id(self.holders[seat])]
         held, moved_len = self.written[seat], self.written[last]
