@@ -22,7 +22,7 @@ Worker side. `HomeAdapters` counts the adapter keys of the jobs each assigned pa
 recently; the worker hands the union to the engine (`Engine.set_adapter_affinity`), whose slot
 eviction then gives up idle adapters that its partitions do not bring before ones they do. A
 revoked partition's adapters stop counting at once. `adapter_hint` reads a record's adapter from its
-`x-adapter-id` header or affinity key without decoding the body, for look-ahead prefetch.
+`x-adapter-id` header or affinity key without decoding the body, for look-ahead prefetch (`look_ahead`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import hashlib
 import math
 from collections import Counter, deque
 from collections.abc import Hashable, Mapping
+
+from lorabus.schemas import JobError
 
 TASK_PREFIX = "task:"
 SALT_SEPARATOR = "#"
@@ -117,6 +119,21 @@ def adapter_hint(key: bytes | None, headers) -> str | None:
     if not sep or not target or not salt.isdigit() or target.startswith(TASK_PREFIX):
         return None
     return target
+
+
+def look_ahead(record, registry, adapter_health, engine) -> None:
+    """Start loading a fetched record's adapter (named by its header or affinity key) into a free device slot
+    of `engine` before its body is decoded; only a free one, so no adapter its batch neighbours need is
+    evicted (docs/scheduling.md, "Look-ahead loads")."""
+    hint = adapter_hint(record.key, record.headers)
+    if hint is None:
+        return
+    try:
+        key = registry.resolve(hint, "").key
+    except (JobError, ValueError):  # malformed, unknown yet, or tenant-restricted: the job itself will tell
+        return
+    if adapter_health.failure(key) is None and engine.spec(key) is not None:  # s3://: once fetched
+        engine.prefetch(key, free_slot_only=True)
 
 
 class HomeAdapters:

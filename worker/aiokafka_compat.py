@@ -6,7 +6,7 @@ what it uses from aiokafka (module and attribute names), and is applied through 
     "tolerant header keys"            install_tolerant_records()        worker/client.py, worker/service.py
     "bounded inflate"                 inflate_limit(max_bytes, on_skip) worker/client.py (the status reader)
     "metadata refresh throttle"       throttle_metadata(producer)       worker/producer.py
-    "producer close without flush"    force_close_producer(producer, t) worker/producer.py
+    "producer close without flush"    close_producer(producer, t)       worker/producer.py, status, streaming
     "consumer stop finished by hand"  stop_consumer(consumer)           worker/service.py
     "python record builder"           use_python_record_builder()       tests (tests/conftest.py, helpers)
 
@@ -26,6 +26,7 @@ import contextvars
 import functools
 import importlib
 import inspect
+import logging
 import textwrap
 import time
 import zlib
@@ -325,6 +326,7 @@ PRODUCER_CLOSE = Patch("producer close without flush", {
     "aiokafka.producer.sender": ("Sender.sender_task",),
     "aiokafka.client": ("AIOKafkaClient.close",),
 })
+CLOSE_STEP_TIMEOUT_S = 10.0  # close_producer: how long each step of a forced close may take
 
 
 async def force_close_producer(producer: aiokafka.AIOKafkaProducer, timeout_s: float) -> None:
@@ -338,6 +340,20 @@ async def force_close_producer(producer: aiokafka.AIOKafkaProducer, timeout_s: f
             await asyncio.wait_for(task, timeout_s)
     with contextlib.suppress(Exception):
         await asyncio.wait_for(producer.client.close(), timeout_s)
+
+
+async def close_producer(producer: aiokafka.AIOKafkaProducer, timeout: float | None) -> None:
+    """Flush and close; after `timeout` (or if cancelled) drop what is left unsent (aiokafka has no
+    close-without-flush: force_close_producer does its last steps)."""
+    flushed = False
+    try:
+        await asyncio.wait_for(producer.stop(), timeout)
+        flushed = True
+    except Exception as exc:  # including the timeout: the broker did not take the rest
+        logging.getLogger(__name__).debug("producer close: %r; dropping its unsent records", exc)
+    finally:
+        if not flushed:
+            await force_close_producer(producer, CLOSE_STEP_TIMEOUT_S)
 
 
 # ---- "consumer stop finished by hand" -------------------------------------------------------------------

@@ -28,6 +28,7 @@ fair admission across tenants.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from dataclasses import dataclass, field, replace
@@ -209,6 +210,7 @@ class LaneShares:
         self.served: dict[str, float] = {}
         self.job_tokens = JOB_TOKENS_PRIOR  # tokens of an answered job, a running mean: the unit of the slack
         self._bucket: dict[str, tuple[float, float]] = {}  # topic → (rate allowance, clock() when counted)
+        self._freed = asyncio.Event()  # a held job was answered since `freed` began waiting
 
     def took(self, topic: str) -> None:
         if not self.held.get(topic):
@@ -222,6 +224,7 @@ class LaneShares:
 
     def done(self, topic: str, tokens: int = 0) -> None:
         """A job of `topic`'s lane was answered, with `tokens` of work (prompt and generated; 0: none done)."""
+        self._freed.set()
         left = self.held.get(topic, 0) - 1
         if left > 0:
             self.held[topic] = left
@@ -230,6 +233,15 @@ class LaneShares:
         if tokens > 0:
             self.served[topic] = self.served.get(topic, 0.0) + tokens / self.table.lane(topic).weight
             self.job_tokens += (tokens - self.job_tokens) / JOB_TOKENS_WINDOW
+
+    async def freed(self, timeout_s: float) -> bool:
+        """Wait until a held job is answered (True: a lane may have room again) or `timeout_s` passes (False)."""
+        self._freed.clear()
+        try:
+            await asyncio.wait_for(self._freed.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     def share(self, topic: str) -> int:
         """The jobs `topic`'s lane may hold now: the window split by weight among the busy lanes and it."""

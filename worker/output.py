@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -76,7 +76,13 @@ class Outgoing:
     key: bytes | None = None
     headers: list[tuple[str, bytes]] = field(default_factory=list)
     dead_letter: bool = False
-    if_too_large: "Outgoing | None" = None  # its smaller stand-in should the broker refuse it as too large
+    # Its smaller stand-in should the broker refuse it as too large, or a function that builds it: a result's
+    # is built only then, not for every result.
+    if_too_large: "Outgoing | Callable[[], Outgoing] | None" = None
+
+    def stand_in(self) -> "Outgoing | None":
+        """What to send instead should the broker refuse this record as too large (None: nothing)."""
+        return self.if_too_large() if callable(self.if_too_large) else self.if_too_large
 
 
 class Truncated(NamedTuple):
@@ -116,12 +122,15 @@ def truncated_copy(value: bytes | None, key: bytes | None = None, headers=(),
 def result_record(result: JobResult, topic: str) -> Outgoing:
     """A result to send; one too large for its topic is replaced by an error result saying so."""
     key, value = result.id.encode(), encode(result)
-    too_large = Outgoing(topic, encode(error_result(
-        result.id, "internal", f"the result is {len(value)} bytes, more than its topic accepts", result.worker,
-        adapter=result.adapter, adapter_version=result.adapter_version, mix=result.mix, task=result.task,
-        route_event_id=result.route_event_id)), key)
+
+    def too_large() -> Outgoing:
+        return Outgoing(topic, encode(error_result(
+            result.id, "internal", f"the result is {len(value)} bytes, more than its topic accepts", result.worker,
+            adapter=result.adapter, adapter_version=result.adapter_version, mix=result.mix, task=result.task,
+            route_event_id=result.route_event_id)), key)
+
     if len(value) > MAX_OUTGOING_BYTES:  # over Kafka's default limit: don't even try
-        return too_large
+        return too_large()
     return Outgoing(topic, value, key, if_too_large=too_large)
 
 
@@ -196,7 +205,8 @@ class AtLeastOnceOutput:
                 sent = await self.producer.send(outgoing.topic, outgoing.value, key=outgoing.key,
                                                 headers=outgoing.headers)
             except PermanentSendError as exc:
-                if exc.too_large and outgoing.if_too_large is not None:  # a topic with a smaller limit
+                smaller = outgoing.stand_in() if exc.too_large else None
+                if smaller is not None:  # a topic with a smaller limit
                     if outgoing.dead_letter:
                         self.truncated += 1
                         if (held := self._log_limit.allow("truncated")) is not None:
@@ -204,7 +214,7 @@ class AtLeastOnceOutput:
                                         "bytes%s", outgoing.topic, len(outgoing.value or b""),
                                         type(exc.cause).__name__, DEAD_LETTER_VALUE_BYTES,
                                         self._log_limit.note(held))
-                    outgoing = outgoing.if_too_large
+                    outgoing = smaller
                     continue
                 # Not the record's fault: a topic deleted or not authorized. Keep the offset
                 # uncommitted and retry until an operator fixes it, loudly.

@@ -39,7 +39,7 @@ from typing import Callable
 from aiokafka import AIOKafkaProducer
 from aiokafka import errors as E
 
-from lorabus.worker.aiokafka_compat import force_close_producer, throttle_metadata
+from lorabus.worker.aiokafka_compat import close_producer, throttle_metadata
 from lorabus.worker.logs import RATE_LIMIT_INTERVAL_S, LogRateLimit, limit_aiokafka_logs
 
 log = logging.getLogger(__name__)
@@ -101,20 +101,6 @@ def _retrieve(fut: asyncio.Future) -> None:
         fut.exception()
 
 
-async def close_producer(producer: AIOKafkaProducer, timeout: float | None) -> None:
-    """Flush and close; after `timeout` (or if cancelled) drop what is left unsent (aiokafka has
-    no close-without-flush: aiokafka_compat.force_close_producer does its last steps)."""
-    flushed = False
-    try:
-        await asyncio.wait_for(producer.stop(), timeout)
-        flushed = True
-    except Exception as exc:  # including the timeout: the broker did not take the rest
-        log.debug("producer close: %r; dropping its unsent records", exc)
-    finally:
-        if not flushed:
-            await force_close_producer(producer, STOP_TIMEOUT_S)
-
-
 class ResultProducer:
     """An idempotent producer whose `send` retries until acknowledged, stopped, or refused for good.
 
@@ -141,6 +127,7 @@ class ResultProducer:
         self._retiring: set[asyncio.Task] = set()       # old producers flushing, then closing
         self._halt: asyncio.Future | None = None        # done once stopping is set or stop() runs
         self._waits: set[asyncio.Future] = set()        # woken by _set_halt: sends waiting on aiokafka
+        self._enqueuing: set[asyncio.Task] = set()      # cancelled by _set_halt: sends inside aiokafka's send()
         self._watch: asyncio.Task | None = None
         self._closed = False
         self._logs = LogRateLimit(log_every_s)
@@ -196,6 +183,8 @@ class ResultProducer:
             self._halt.set_result(None)
         for wait in list(self._waits):
             _wake(wait)
+        for task in list(self._enqueuing):
+            task.cancel()
 
     # ---- sending ----------------------------------------------------------------------------------
 
@@ -228,12 +217,9 @@ class ResultProducer:
             delivery = None
             try:
                 await self._check_topic(producer, topic)
-                enqueue = asyncio.ensure_future(producer.send(topic, value, key=key, headers=headers))
-                if not await self._until(enqueue):
-                    enqueue.cancel()   # cancelling send() (not its future) withdraws the record
-                    enqueue.add_done_callback(_retrieve)
+                delivery = await self._enqueue(producer, topic, value, key, headers)
+                if delivery is None:
                     return False
-                delivery = enqueue.result()
                 acked = await self._wait_ack(delivery, topic)
                 if acked is None:
                     delivery.add_done_callback(_retrieve)
@@ -303,6 +289,21 @@ class ResultProducer:
             if timer is not None:
                 timer.cancel()
         return aw.done()
+
+    async def _enqueue(self, producer: AIOKafkaProducer, topic: str, value, key, headers) -> asyncio.Future | None:
+        """aiokafka's send() in the caller's task, its delivery future: it waits only while the partition's batch
+        is full, so a task of its own would cost every send more than it saves. A halt cancels that wait, which
+        withdraws the record (None)."""
+        task = asyncio.current_task()
+        self._enqueuing.add(task)
+        try:
+            return await producer.send(topic, value, key=key, headers=headers)
+        except asyncio.CancelledError:
+            if self._halt.done() and task.uncancel() == 0:  # _set_halt's cancel alone, not the caller's
+                return None
+            raise
+        finally:
+            self._enqueuing.discard(task)
 
     async def _sleep(self, seconds: float) -> bool:
         """Back off; False if told to stop meanwhile."""

@@ -27,9 +27,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from lorabus.scheduler import Engine
-from lorabus.schemas import JobError
 from lorabus.worker.adapter_loads import AdapterLoads
-from lorabus.worker.affinity import HomeAdapters, adapter_hint
+from lorabus.worker.affinity import HomeAdapters, look_ahead
 from lorabus.worker.aiokafka_compat import install_tolerant_records, stop_consumer
 from lorabus.worker.answers import AnswerPipeline, log_answer
 from lorabus.worker.client import topic_partitions
@@ -56,6 +55,8 @@ AFFINITY_PUSH_S = 0.5
 # On SIGTERM, how long the last commit and each client's close may take (they run side by side): a broker
 # that is away makes aiokafka wait for it forever.
 CLOSE_TIMEOUT_S = 5.0
+# The longest a poll for jobs waits for records (and the jobs loop for a free seat).
+POLL_MS = 100
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -319,8 +320,13 @@ class Worker:
     async def _jobs_loop(self) -> None:
         while not self._stop.is_set():
             room = self.apply_backpressure()
+            # Every lane full: wait for a seat to come free, not in a poll of paused partitions (which would hold
+            # freed seats idle until it times out); then poll without waiting, to stay in the group.
+            waited = room == 0 and not self.output.full
+            if waited and await self.shares.freed(POLL_MS / 1000):
+                continue
             try:
-                batches = await self.jobs.getmany(timeout_ms=100, max_records=max(room, 1))
+                batches = await self.jobs.getmany(timeout_ms=0 if waited else POLL_MS, max_records=max(room, 1))
             except KafkaError as exc:  # the consumer retries by itself; keep polling
                 log.warning("fetching jobs failed: %s", exc)
                 continue
@@ -340,22 +346,8 @@ class Worker:
                     task = asyncio.create_task(self._handle(record, offsets))
                     self.inflight.add(task)
                     task.add_done_callback(self.inflight.discard)
-                    self._look_ahead(record)
+                    look_ahead(record, self.registry, self.adapter_health, self.engine)
             self._push_affinity()
-
-    def _look_ahead(self, record) -> None:
-        """Start loading a fetched record's adapter (named by its header or affinity key) into a free device
-        slot before its body is decoded; only a free one, so no adapter its batch neighbours need is evicted
-        (docs/scheduling.md, "Look-ahead loads")."""
-        hint = adapter_hint(record.key, record.headers)
-        if hint is None:
-            return
-        try:
-            key = self.registry.resolve(hint, "").key
-        except (JobError, ValueError):  # malformed, unknown yet, or tenant-restricted: the job itself will tell
-            return
-        if self.adapter_health.failure(key) is None and self.engine.spec(key) is not None:  # s3://: once fetched
-            self.engine.prefetch(key, free_slot_only=True)
 
     def _push_affinity(self) -> None:
         """Hand the engine the adapters of this worker's partitions, at most every AFFINITY_PUSH_S."""

@@ -21,10 +21,9 @@ from aiokafka import AIOKafkaProducer
 
 from lorabus.scheduler import Partial
 from lorabus.schemas import JobResult, encode
-from lorabus.worker.aiokafka_compat import throttle_metadata
+from lorabus.worker.aiokafka_compat import close_producer, throttle_metadata
 from lorabus.worker.logs import LogRateLimit
 from lorabus.worker.metrics import Metrics
-from lorabus.worker.producer import close_producer
 
 log = logging.getLogger(__name__)
 
