@@ -42,7 +42,7 @@ phase hooks then synchronize the device around each hooked call (the breakdown s
 unhooked totals do not), and with CUDA graphs on (the default there) the hooks are not installed at all
 (Python hooks cannot run inside a replayed graph): only the totals are measured, so run once more with
 --no-cuda-graphs for the breakdown. --attention-backend picks the engine's attention (auto: triton on
-CUDA, seats on CPU; torch is the block-table gather). Every table names the CPU model (/proc/cpuinfo).
+CUDA; on CPU seats or torch, the block-table gather, whichever the engine timed faster at start-up). Every table names the CPU model (/proc/cpuinfo).
 
 --versus-attention BACKEND adds the base and 64-adapter engines on another attention backend to the same
 interleaved rounds (e.g. torch, the block-table gather, against the default seats on CPU): a before / after

@@ -7,7 +7,8 @@ warm up, then `repeats` rounds run the candidates in turn; the fastest (minimum 
 returned for that key from then on. Choices persist in a JSON file whose path and identity (machine,
 library versions, shapes) the caller passes in: a restart on the same machine and shapes times nothing,
 and a file that cannot be read or was written for another identity is ignored (and replaced on the next
-save), never fatal.
+save), never fatal. A caller whose choice rests on several measurements (a step timed in parts) runs
+`measure` itself and `record`s the derived times.
 
 Modes: "startup" and "first-use" time what is missing when it is first asked for ("startup" only tells
 the caller to tune its representative classes up front as well); "off" times nothing and returns the
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 import time
@@ -64,19 +64,38 @@ class PlanTuner:
         times = dict(known.times_us) if known is not None else {}
         missing = [name for name in names if name not in times]
         if missing and len(names) > 1 and self.mode != "off":
-            started = time.perf_counter()
-            measured = self._time({name: candidates[name] for name in missing})
-            times.update({name: round(seconds * 1e6, 1) for name, seconds in measured.items()})
-            self.measured_s += time.perf_counter() - started
-            self._keep(group, shape, Choice(min(times, key=times.get), times, "measured"))
-            self.save()
+            measured = self.measure({name: candidates[name] for name in missing})
+            self.record(group, shape, {**times, **{name: seconds * 1e6 for name, seconds in measured.items()}})
+            times = self.times(group, shape)
         return min((name for name in names if name in times), key=times.get, default=names[0])
 
-    def table(self) -> list[dict]:
-        """Every choice known: group, shape, plan, source and the candidates' times (µs), sorted."""
+    def record(self, group: str, shape: str, times_us: dict[str, float]) -> None:
+        """Keep (and save) the choice for (group, shape) from times the caller derived from `measure`d ones
+        (e.g. a whole step's from its parts')."""
+        times = {name: round(t, 1) for name, t in times_us.items()}
+        self._keep(group, shape, Choice(min(times, key=times.get), times, "measured"))
+        self.save()
+
+    def times(self, group: str, shape: str) -> dict[str, float]:
+        """Each candidate's best time (µs) known for (group, shape): measured or read from the file."""
+        known = self._choices.get((group, shape))
+        return dict(known.times_us) if known is not None else {}
+
+    def table(self, limit: int | None = None) -> list[dict]:
+        """Every choice known (at most `limit`, taken from each group in turn: a cache file can hold hundreds of
+        one group's shapes, which must not crowd out the others): group, shape, plan, source and the
+        candidates' times (µs), sorted."""
         choices = dict(self._choices)  # one C-level copy: safe against the step thread adding a choice meanwhile
-        return [dict(group=g, shape=s, plan=c.plan, source=c.source, times_us=dict(c.times_us))
-                for (g, s), c in sorted(choices.items())]
+        keys = sorted(choices)
+        if limit is not None and len(keys) > limit:
+            by_group: dict[str, list[tuple[str, str]]] = {}
+            for key in keys:
+                by_group.setdefault(key[0], []).append(key)
+            turns = [group[rank] for rank in range(max(map(len, by_group.values())))
+                     for group in by_group.values() if rank < len(group)]
+            keys = sorted(turns[:limit])
+        return [dict(group=g, shape=s, plan=choices[g, s].plan, source=choices[g, s].source,
+                     times_us=dict(choices[g, s].times_us)) for g, s in keys]
 
     def save(self) -> None:
         """Write the choices to the file (atomically); a failure is logged, not raised."""
@@ -94,17 +113,19 @@ class PlanTuner:
         except OSError as exc:
             log.warning("plan cache %s not written: %s", self.path, exc)
 
-    def _time(self, runs: dict[str, Callable[[], None]]) -> dict[str, float]:
+    def measure(self, runs: dict[str, Callable[[], None]]) -> dict[str, float]:
         """Each run's fastest time (s): a warm-up each (it counts), then `repeats` rounds over them in turn, so
         a stall of the machine hits every candidate of a round rather than all repeats of one. After the first
         round, a run whose best is over SLOW_FACTOR times the best of all is not timed further: such a plan
         cannot win, and timing it again costs."""
+        started = time.perf_counter()
         best = {name: self._once(run) for name, run in runs.items()}  # first touches, lazily built caches
         for round_ in range(self.repeats):
             floor = min(best.values())
             for name, run in runs.items():
                 if round_ == 0 or best[name] <= SLOW_FACTOR * floor:
                     best[name] = min(best[name], self._once(run))
+        self.measured_s += time.perf_counter() - started
         return best
 
     def _once(self, run: Callable[[], None]) -> float:
@@ -117,7 +138,7 @@ class PlanTuner:
     def _keep(self, group: str, shape: str, choice: Choice) -> None:
         self._choices[(group, shape)] = choice
         times = ", ".join(f"{n} {t:.0f}" for n, t in sorted(choice.times_us.items(), key=lambda kv: kv[1]))
-        log.info("lora plan: group=%s shape=%s plan=%s (%s; µs: %s)", group, shape, choice.plan, choice.source,
+        log.info("plan: group=%s shape=%s plan=%s (%s; µs: %s)", group, shape, choice.plan, choice.source,
                  times or "-")
         if self.on_choice is not None:
             self.on_choice(group, shape, choice)

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from lorabus.scheduler.adapter_manager import AdapterManager, AdapterSpec, warmup_request
+from lorabus.scheduler.attention_tuning import choose_attention, probe_points
 from lorabus.scheduler.config import EngineConfig
 from lorabus.scheduler.decode_graphs import choose_mode
 from lorabus.scheduler.grammar import GrammarError, Grammars
@@ -110,7 +111,7 @@ class Engine:
         num_blocks = max(MIN_KV_BLOCKS, kv_budget // per_block)
         self.kv = PagedKVCache(model.shapes.num_layers, num_blocks, config.kv_block_size, model.num_kv_heads,
                                model.head_dim, self.dtype, self.device)
-        model.attach(self.adapters.pool, self.kv, config.attention_backend)  # the backend is fixed from here on
+        model.attach(self.adapters.pool, self.kv, config.attention_backend)
         max_step_tokens = config.max_step_tokens or STEP_TOKENS.get(self.device.type, STEP_TOKENS["cpu"])
         self.scheduler = Scheduler(
             SchedulerLimits(config.max_running, max(max_step_tokens, config.max_running), config.max_wait_ms / 1000),
@@ -120,14 +121,24 @@ class Engine:
         self.limits = RequestLimits(model.vocab_size, self.max_model_len, num_blocks * config.kv_block_size)
         pool = self.adapters.pool
         pool.tuner = plan_tuner(pool, config.plan_tuning, config.plan_cache_dir)
-        if config.plan_tuning == "startup":  # before any step, so serving does not pay for tuning mid-run
+
+        def make_runner() -> ModelRunner:
+            return ModelRunner(model, self.kv, self.adapters.max_loras, self.device,
+                               max_step_tokens=self.scheduler.limits.max_step_tokens, max_running=config.max_running,
+                               decode_mode=choose_mode(config.cuda_graphs, model),
+                               max_blocks=min(num_blocks, -(-self.max_model_len // config.kv_block_size)))
+
+        # Before any step, so serving does not pay for tuning mid-run: the attention backend (fixed from here
+        # on), then the LoRA plans in what is left of the budget.
+        tuning_started = time.monotonic()
+        if config.attention_backend == "auto" and self.device.type == "cpu":
+            points = probe_points(config.max_running, self.max_model_len, self.kv)
+            model.attach(pool, self.kv, choose_attention(model, self.kv, pool.tuner, make_runner, points,
+                                                         config.plan_tuning_budget_s))
+        if config.plan_tuning == "startup":
             pool.tune(startup_steps(config.max_running, self.adapters.max_loras, self.scheduler.limits.max_step_tokens),
-                      config.plan_tuning_budget_s)
-        self.runner = ModelRunner(model, self.kv, self.adapters.max_loras, self.device,
-                                  max_step_tokens=self.scheduler.limits.max_step_tokens,
-                                  max_running=config.max_running,
-                                  decode_mode=choose_mode(config.cuda_graphs, model),
-                                  max_blocks=min(num_blocks, -(-self.max_model_len // config.kv_block_size)))
+                      max(0.0, config.plan_tuning_budget_s - (time.monotonic() - tuning_started)))
+        self.runner = make_runner()
         self.grammars = Grammars(self.tokenizer, model.vocab_size, eos_ids, config.max_grammars)
         stops = StopRules(self.tokenizer, eos_ids, self.max_model_len)
         self.loop = StepLoop(self.scheduler, self.runner, self.adapters, stops, clock)
@@ -296,10 +307,12 @@ class Engine:
         """The registered spec of `key` (what a mix of it is built from); None if it is not registered."""
         return self.adapters.spec(key)
 
-    def plans(self) -> list[dict]:
-        """The CPU LoRA path's plan choices (kernels/plan_tuner.py): group, shape class, plan, source and each
-        candidate's time (µs). Empty on the Triton path, which has no plans to choose."""
-        return self.adapters.pool.plans()
+    def plans(self, limit: int | None = None) -> list[dict]:
+        """The CPU path's choices by measurement (kernels/plan_tuner.py): group, shape class, plan, source and
+        each candidate's time (µs); the LoRA plans per projection group, and the attention backend's start-up
+        probe points (group "attention", scheduler/attention_tuning.py). At most `limit`, taken from each group
+        in turn. Empty on the Triton path."""
+        return self.adapters.pool.plans(limit)
 
     def host_cached(self) -> int:
         """How many adapters the host-memory tier holds."""

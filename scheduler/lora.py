@@ -188,9 +188,10 @@ class AdapterPool:
                  budget_s - (deadline - time.monotonic()), len(self.tuner.table()))
         return len(steps)
 
-    def plans(self) -> list[dict]:
-        """The tuner's choices: group, shape class, plan, source and each candidate's time (µs)."""
-        return self.tuner.table()
+    def plans(self, limit: int | None = None) -> list[dict]:
+        """The tuner's choices (at most `limit`, each group in turn): group, shape class, plan, source and each
+        candidate's time (µs)."""
+        return self.tuner.table(limit)
 
     def _apply_torch(self, layer, group, x, y, mapping, rank, ranks, plan) -> None:
         torch_ops.apply_slot_major(x, y, self._a_slot_major[layer][group], self.b[layer][group],

@@ -9,7 +9,8 @@ token's own LoRA adapter through `AdapterPool.apply` (the Triton/torch kernels) 
 
 Attention over the paged cache goes through one interface, `CausalLM._attention(layer, q, k, v, step)`,
 with a backend chosen once when the engine attaches the cache (`EngineConfig.attention_backend`, auto =
-triton on CUDA, seats elsewhere): `SeatAttention` (seats: each running sequence's K/V also kept in one
+triton on CUDA; on CPU seats or torch, whichever the engine timed faster at start-up,
+scheduler/attention_tuning.py): `SeatAttention` (seats: each running sequence's K/V also kept in one
 contiguous row, scheduler/seat_kv.py, which decode rows read in place as one strided view, then SDPA; what
 has no seat goes the torch way), `BlockTableAttention` (torch: each sequence's K/V read a whole block at a
 time into reused buffers, then SDPA; decode rows in one call, prefill spans batched by `PrefillGroup`) and
@@ -274,7 +275,7 @@ ATTENTION_BACKENDS = ("auto", "seats", "torch", "triton")
 
 def make_attention(backend: str, kv: PagedKVCache, head_dim: int, dtype: torch.dtype, device: torch.device):
     """The attention backend `backend` (auto, seats, torch or triton) over `kv`: auto is triton on CUDA,
-    seats elsewhere."""
+    seats elsewhere (on CPU the engine then replaces it with what scheduler/attention_tuning.py measured)."""
     if backend == "seats":
         return SeatAttention(kv, dtype, device)
     if kernels.resolve_attention_backend(backend, device) == "triton":  # also refuses an unknown name

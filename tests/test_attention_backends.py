@@ -93,12 +93,13 @@ def test_backend_resolution():
 
 
 def test_cpu_engine_does_not_import_triton(tiny_model):
-    """On CPU the auto backend is seats, and building the engine imports no Triton kernel module."""
+    """On CPU the auto backend is seats or torch (timed at start-up), and building the engine imports no Triton
+    kernel module."""
     code = (
         "import sys\n"
         "from lorabus.scheduler import Engine, EngineConfig\n"
         f"engine = Engine({str(tiny_model)!r}, EngineConfig(kv_cache_mb=4))\n"
-        "assert engine.model.attention.name == 'seats', engine.model.attention\n"
+        "assert engine.model.attention.name in ('seats', 'torch'), engine.model.attention\n"
         "loaded = sorted(m for m in sys.modules if m.startswith('lorabus.kernels.') and 'triton' in m)\n"
         "assert not loaded, loaded\n"
         "print('ok')\n"

@@ -150,7 +150,7 @@ def test_tuner_keeps_the_fastest_and_caches_it_per_identity(tmp_path, caplog):
         assert tuner.choose("qkv", "t32", candidates) == "fast"
     # A warm-up and a timed round each; then only those within SLOW_FACTOR of the best; nothing the second time.
     assert calls == ["slow", "fast", "slower"] * 2 + ["fast"]
-    lines = [r.getMessage() for r in caplog.records if "lora plan" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: ")]
     assert len(lines) == 1 and "group=qkv shape=t32 plan=fast" in lines[0]
     [row] = tuner.table()
     assert row["plan"] == "fast" and row["source"] == "measured"
@@ -172,6 +172,22 @@ def test_tuner_keeps_the_fastest_and_caches_it_per_identity(tmp_path, caplog):
         PlanTuner("sometimes")
 
 
+def test_a_bounded_table_takes_each_group_in_turn():
+    """A cache file keeps every shape any engine on the machine met: 300 choices of one group (sorted first)
+    must not crowd the others out of a table bounded for a status record or a metric."""
+    tuner = PlanTuner("off")
+    for group, count in (("attention", 2), ("down", 300), ("qkv", 3)):
+        for i in range(count):
+            tuner.record(group, f"t{i:03d}", {"a": 1.0 + i, "b": 2.0})
+    assert len(tuner.table()) == 305
+    rows = tuner.table(20)
+    assert len(rows) == 20 and rows == sorted(rows, key=lambda r: (r["group"], r["shape"]))
+    assert [(r["group"], r["shape"]) for r in rows if r["group"] != "down"] == [
+        ("attention", "t000"), ("attention", "t001"), ("qkv", "t000"), ("qkv", "t001"), ("qkv", "t002")]
+    assert [r["shape"] for r in rows if r["group"] == "down"] == [f"t{i:03d}" for i in range(15)]
+    assert tuner.table(400) == tuner.table()
+
+
 def test_engine_tunes_at_startup_and_reuses_the_cache(tiny_model, tmp_path):
     """With plan_tuning "startup" the engine times the plans of its representative steps before serving:
     `plans()` lists them (each the fastest of its measured candidates), the cache file holds them, and a second
@@ -180,7 +196,8 @@ def test_engine_tunes_at_startup_and_reuses_the_cache(tiny_model, tmp_path):
                           plan_cache_dir=str(tmp_path), plan_tuning_budget_s=600)  # all steps, however busy the CPU
     engine = Engine(str(tiny_model), config)
     plans = engine.plans()
-    assert plans and {row["group"] for row in plans} == set(engine.adapters.pool.groups)
+    # The LoRA groups, and the attention backend's start-up probe (tests/test_attention_tuning.py).
+    assert plans and {row["group"] for row in plans} == set(engine.adapters.pool.groups) | {"attention"}
     for row in plans:
         assert row["source"] == "measured" and row["plan"] == min(row["times_us"], key=row["times_us"].get)
     [path] = list(tmp_path.iterdir())

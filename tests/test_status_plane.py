@@ -41,7 +41,7 @@ def _wide_routes_fleet(routes: int = 100, targets: int = 64) -> tuple[ControlLog
 async def _reporter(log: ControlLog, health: AdapterHealth, max_bytes: int, registry=None):
     """A status reporter of a worker holding `log` and `health` (never started: no broker needed)."""
     engine = SimpleNamespace(resident=lambda: [], host_cached=lambda: 0,
-                             plans=lambda: [dict(group="qkv", shape="t32.s16.l8.p32.r16", plan="token")])
+                             plans=lambda limit: [dict(group="qkv", shape="t32.s16.l8.p32.r16", plan="token")])
     worker = SimpleNamespace(control_log=log, registry=registry or AdapterRegistry(log, health), adapter_health=health,
                              engine=engine, worker_id="w1", control_offset=log.end_offset, inflight={},
                              config=SimpleNamespace(status_max_bytes=max_bytes))
@@ -171,13 +171,15 @@ def test_the_view_says_why_a_worker_is_not_live_and_what_was_cut():
     assert any(line.startswith("  w2 ") and "live (truncated: 40 routes, 1 version, 2 names left out)" in line
                for line in lines), lines
     assert any(line.split()[:3] == ["w2", "serves", "(not"] and "reported)" in line for line in lines), lines
-    assert not any("lora plans" in line for line in lines)  # workers without plans (the Triton path, older ones)
-    statuses["w1"] = fake_status("w1", 1, plans={"qkv t32.s16.l8.p32.r16": "token", "o t2.s2.l1.p8.r16": "segment"})
+    assert not any(line.startswith("plans") for line in lines)  # workers without plans (older ones)
+    statuses["w1"] = fake_status("w1", 1, plans={"qkv t32.s16.l8.p32.r16": "token", "o t2.s2.l1.p8.r16": "segment",
+                                                 "attention b64.c64.l2.h4x2x16": "torch"})
     lines = render_status(log, statuses, NOW).splitlines()
-    start = lines.index("lora plans (measured, per projection group and step shape class):")
-    assert [line.split() for line in lines[start + 1:start + 4]] == [
-        ["WORKER", "GROUP", "SHAPE", "PLAN"], ["w1", "o", "t2.s2.l1.p8.r16", "segment"],
-        ["w1", "qkv", "t32.s16.l8.p32.r16", "token"]]
+    start = lines.index("plans (measured: LoRA per projection group and step shape class, attention per start-up "
+                        "decode probe):")
+    assert [line.split() for line in lines[start + 1:start + 5]] == [
+        ["WORKER", "GROUP", "SHAPE", "PLAN"], ["w1", "attention", "b64.c64.l2.h4x2x16", "torch"],
+        ["w1", "o", "t2.s2.l1.p8.r16", "segment"], ["w1", "qkv", "t32.s16.l8.p32.r16", "token"]]
 
 
 # ---- escaping ----------------------------------------------------------------------------------------

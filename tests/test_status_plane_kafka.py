@@ -2,7 +2,7 @@
 
 - R6: a worker whose control log holds 100 route.set of 64 long-named targets (a 1.5 MB status) keeps
   publishing a status record under --status-max-bytes that readers decode, marked as cut, with the
-  newest routes in it; `lorabus status` shows the cut.
+  newest routes and the engine's measured plans in it; `lorabus status` shows the cut and the plans.
 - R5: a gzip-compressed status record of ~400 KB holding ~100 MB of JSON, on a status topic created as
   before (compaction only): `lorabus status` lists it as skipped, shows the real worker live, and stays
   within a time and memory bound. On the topic as workers now create it, the broker refuses that record.
@@ -24,6 +24,7 @@ from aiokafka.errors import KafkaError
 
 from lorabus.schemas import AdapterPublish, RouteSet, RouteTarget, VersionStatus, WorkerStatus, decode_status, encode
 from lorabus.worker.client import publish_control, read_statuses
+from lorabus.worker.status import MAX_STATUS_PLANS
 from lorabus.worker.topics import CONTROL_TOPIC_CONFIGS, STATUS_TOPIC_CONFIGS, ensure_topics
 from helpers import read_topic, running_worker, worker_config
 
@@ -126,6 +127,13 @@ async def test_a_worker_with_many_wide_routes_keeps_reporting_under_the_bound(ka
     assert rc == 0, err
     (row,) = _worker_rows(out)
     assert re.search(r"  live \(truncated: \d+ routes, ", row), row
+    # A cut record still carries the engine's measured plans: every group's (the LoRA groups and the attention
+    # probe), at most MAX_STATUS_PLANS of a cache file that may hold hundreds; `lorabus status` lists them.
+    engine_plans = {f"{p['group']} {p['shape']}": p["plan"] for p in worker.engine.plans()}
+    assert len(last.plans) == min(MAX_STATUS_PLANS, len(engine_plans)) and last.plans.items() <= engine_plans.items()
+    assert {key.split()[0] for key in last.plans} == {key.split()[0] for key in engine_plans} >= {"attention", "qkv"}
+    shown = [line.split() for line in out.splitlines() if line.startswith(f"  {worker.worker_id} ")]
+    assert sorted(row[1:] for row in shown if len(row) == 4) == sorted([*k.split(), v] for k, v in last.plans.items())
     print(f"{len(records)} status records, {min(sizes)}..{max(sizes)} bytes (limit {limit}); last keeps "
           f"{len(last.routes)} routes, leaves out {last.routes_omitted} routes, {last.versions_omitted} versions")
 

@@ -32,6 +32,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # routed-jobs counter adds to one "other" series, so a scrape stays small whatever the fleet publishes.
 MAX_ROUTED_SERIES = 500
 MAX_LANE_SERIES = 200  # lanes (jobs topics) with series of their own; the rest count under lane="other"
+MAX_PLAN_SERIES = 128  # lorabus_lora_plan_info series, taken from each group in turn (the cache may hold hundreds)
 # Adapter traffic is ranked on counts that halve every HALF_LIFE_S, so an adapter that went quiet
 # gives its series up to a busy newcomer; a newcomer takes over only once its count is SWAP_FACTOR
 # times the weakest's, so two adapters of equal traffic do not trade a series back and forth.
@@ -295,9 +296,10 @@ class Metrics:
                 else:
                     yield GaugeMetricFamily(f"lorabus_engine_{name}", f"Engine {name.replace('_', ' ')}", value=value)
         if self._engine_plans is not None:
-            plans = GaugeMetricFamily("lorabus_lora_plan_info", "The CPU LoRA path's plan per projection group and "
-                                      "step shape class, chosen by measurement (value 1)", labels=["group", "shape", "plan"])
-            for row in self._engine_plans():
+            plans = GaugeMetricFamily("lorabus_lora_plan_info", "The CPU path's plan per LoRA projection group and "
+                                      "step shape class, and the attention backend per start-up probe point (group "
+                                      "attention), chosen by measurement (value 1)", labels=["group", "shape", "plan"])
+            for row in self._engine_plans(MAX_PLAN_SERIES):
                 plans.add_metric([row["group"], row["shape"], row["plan"]], 1)
             yield plans
         if self._lane_holds is not None:

@@ -26,9 +26,9 @@ import msgspec
 from aiokafka import AIOKafkaProducer
 
 from lorabus.schemas import RouteDelete, RouteSet, RouteStatus, VersionStatus, WorkerStatus, encode
+from lorabus.worker.aiokafka_compat import close_producer
 from lorabus.worker.control_log import RouteKey
 from lorabus.worker.kafka_security import KafkaSecurity, client_options
-from lorabus.worker.producer import close_producer
 
 if TYPE_CHECKING:
     from lorabus.worker.service import Worker
@@ -49,7 +49,7 @@ MAX_STATUS_BYTES = 1_000_000
 # On stop, the tombstone and then the producer's close wait at most this long each: the worker's whole
 # shutdown step for the reporter is bounded (service.CLOSE_TIMEOUT_S), and a broker away never answers.
 STOP_TIMEOUT_S = 2.0
-# A record shows at most this many LoRA plans (a few dozen in practice: one per projection group and step shape).
+# A record shows at most this many plans (one per group and shape class; a plan cache file may hold hundreds).
 MAX_STATUS_PLANS = 128
 
 
@@ -132,7 +132,7 @@ class StatusReporter:
             serving={}, activated={}, versions=[], resident=sorted(w.engine.resident()),
             host_cached=w.engine.host_cached(), routes=[], jobs_inflight=len(w.inflight),
             interval_ms=self.interval_ms,
-            plans={f"{p['group']} {p['shape']}": p["plan"] for p in w.engine.plans()[:MAX_STATUS_PLANS]})
+            plans={f"{p['group']} {p['shape']}": p["plan"] for p in w.engine.plans(MAX_STATUS_PLANS)})
         status = _cut(head, self._parts(), self._totals, self.max_bytes)
         if status.truncated != self.truncated:
             self.truncated = status.truncated

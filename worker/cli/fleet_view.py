@@ -173,7 +173,8 @@ def render_status(log: ControlLog, statuses: dict[str, WorkerStatus], now_ms: in
         out += _table(rows, "  ")
     plans = [[w, *key.split(" ", 1), plan] for w in workers for key, plan in sorted(statuses[w].plans.items())]
     if plans:
-        out.append("lora plans (measured, per projection group and step shape class):")
+        out.append("plans (measured: LoRA per projection group and step shape class, attention per start-up "
+                   "decode probe):")
         out += _table([["WORKER", "GROUP", "SHAPE", "PLAN"], *plans], "  ")
     skipped = getattr(statuses, "skipped", ())
     if skipped:
