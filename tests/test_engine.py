@@ -86,9 +86,12 @@ def test_hot_adapter_and_staggered_prefills_match_peft(tiny_model, peft_adapters
     decoding several sequences beside single ones (each token gathering its own weights, or a GEMM per
     segment) and a long prompt prefilling beside decoding sequences (short segments batched, the long one
     alone). The plan tuner's choice is replaced by a rotation through each shape's candidates, so successive
-    steps of one shape run every plan. The step loop runs here, on adapters warmed beforehand and with
-    reordering off, so the batches do not depend on timing."""
+    steps of one shape run every plan, and each step builds its own LoRA mapping (a decode steady state
+    would reuse the last one, with the plans chosen for it). The step loop runs here, on adapters warmed
+    beforehand and with reordering off, so the batches do not depend on timing."""
+    from lorabus import kernels
     from lorabus.kernels.plan_tuner import PlanTuner
+    from lorabus.scheduler.runner import ModelRunner
 
     plans, turns = [], {}
 
@@ -99,6 +102,8 @@ def test_hot_adapter_and_staggered_prefills_match_peft(tiny_model, peft_adapters
         return plans[-1]
 
     monkeypatch.setattr(PlanTuner, "choose", rotate)
+    monkeypatch.setattr(ModelRunner, "_lora_mapping",
+                        lambda self, slots, slots_dev: kernels.make_lora_mapping(slots_dev, self.num_slots))
     adapters = dict(peft_adapters)
     for i in range(2):
         adapters[f"extra{i}"] = make_peft_adapter(tiny_model, tmp_path / f"extra{i}", seed=10 + i, r=4, lora_alpha=8,
