@@ -257,18 +257,25 @@ class PrivateBroker:
 
 
 @contextlib.contextmanager
-def broker_at(bootstrap: str | None, data: Path):
-    """`bootstrap` when given (a broker someone else runs), else a PrivateBroker on `data`, started here and
-    stopped on the way out: how the benchmark scripts get their broker."""
-    if bootstrap:
-        yield bootstrap
-        return
+def private_broker(data: Path, check_stop: bool = False):
+    """A PrivateBroker on `data`, started here and stopped on the way out (`check_stop`: a failed stop fails)."""
     broker = PrivateBroker(data)
     broker.start()
     try:
-        yield broker.bootstrap
+        yield broker
     finally:
-        broker.stop(check=False)
+        broker.stop(check=check_stop)
+
+
+@contextlib.contextmanager
+def broker_at(bootstrap: str | None, data: Path):
+    """`bootstrap` when given (a broker someone else runs), else a private broker on `data`: how the benchmark
+    scripts get their broker."""
+    if bootstrap:
+        yield bootstrap
+        return
+    with private_broker(data) as broker:
+        yield broker.bootstrap
 
 
 def record_logits(engine) -> dict:

@@ -23,7 +23,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from lorabus.worker import producer as wp
 from lorabus.worker.logs import AIOKAFKA_LOGGERS, RATE_LIMIT_INTERVAL_S, limit_aiokafka_logs
-from helpers import PrivateBroker, read_topic
+from helpers import private_broker, read_topic
 from lorabus.worker.offsets import PartitionOffsets
 from lorabus.worker.output import (DEAD_LETTER_KEY_BYTES, DEAD_LETTER_VALUE_BYTES, ORIGINAL_SIZE_HEADER,
                                    TRUNCATED_HEADER, AtLeastOnceOutput, Outgoing, truncated_copy)
@@ -53,12 +53,8 @@ SUPPRESSED = re.compile(r"\[(\d+) similar lines suppressed")
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
-    b = PrivateBroker(tmp_path_factory.mktemp("producer-kafka"))
-    b.start()
-    try:
+    with private_broker(tmp_path_factory.mktemp("producer-kafka"), check_stop=True) as b:
         yield b
-    finally:
-        b.stop()
 
 
 @pytest.fixture

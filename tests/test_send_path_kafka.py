@@ -9,13 +9,13 @@ import uuid
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from helpers import PrivateBroker, read_topic
+from helpers import private_broker, read_topic
 from lorabus.schemas import decode_result, error_result
 from lorabus.worker.offsets import PartitionOffsets
 from lorabus.worker.output import AtLeastOnceOutput, result_record
 from lorabus.worker.producer import ResultProducer
+from lorabus.worker.topics import ensure_topics
 
 BATCH_BYTES = 1024  # the producer's batch: one record of RECORD_BYTES fills it, the next waits for room
 RECORD_BYTES = 800
@@ -27,22 +27,13 @@ SEND_TIMEOUT_S = 30
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
-    b = PrivateBroker(tmp_path_factory.mktemp("send-path-kafka"))
-    b.start()
-    try:
+    with private_broker(tmp_path_factory.mktemp("send-path-kafka")) as b:
         yield b
-    finally:
-        b.stop(check=False)
 
 
 async def make_topic(bootstrap: str, **configs: str) -> str:
     topic = f"s-{uuid.uuid4().hex[:10]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, 1, 1, topic_configs=configs)])
-    finally:
-        await admin.close()
+    await ensure_topics(bootstrap, {topic: 1}, {topic: configs})
     return topic
 
 
