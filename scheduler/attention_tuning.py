@@ -52,11 +52,15 @@ def probe_points(max_running: int, max_model_len: int, kv: PagedKVCache) -> list
     and the cache hold (the batch shrunk to what the cache's blocks hold)."""
     points = []
     for context in sorted({min(c, max_model_len - 1) for c in PROBE_CONTEXTS}):
-        per_sequence = (context + PROBE_ADVANCE) // kv.block_size + 1  # blocks holding [0, context + advance]
-        batch = min(max_running, kv.num_blocks // per_sequence)
+        batch = min(max_running, kv.num_blocks // _probe_blocks(context, kv))
         if context > 0 and batch >= MIN_PROBE_BATCH:
             points.append((batch, context))
     return points
+
+
+def _probe_blocks(context: int, kv: PagedKVCache) -> int:
+    """Cache blocks a probe sequence holds: positions [0, context + PROBE_ADVANCE]."""
+    return (context + PROBE_ADVANCE) // kv.block_size + 1
 
 
 def choose_attention(model: CausalLM, kv: PagedKVCache, tuner: PlanTuner, make_runner: Callable[[], ModelRunner],
@@ -105,7 +109,7 @@ def _decode_step(backend: str, model: CausalLM, kv: PagedKVCache, make_runner: C
     attention = make_attention(backend, kv, model.head_dim, model.dtype, model.device)
     model.attention = attention
     runner = make_runner()  # built over this backend: it lays steps out for it
-    per_sequence = (context + PROBE_ADVANCE) // kv.block_size + 1
+    per_sequence = _probe_blocks(context, kv)
     length = context + PROBE_ADVANCE + 1
     sequences = []
     for i in range(batch):
