@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -151,6 +152,8 @@ class PlanTuner:
                 raise ValueError("written for another machine, version or shapes")
             entries = [(str(e["group"]), str(e["shape"]), str(e["plan"]),
                         {str(n): float(t) for n, t in e["times_us"].items()}) for e in data["plans"]]
+            if not all(times and all(0 < t < math.inf for t in times.values()) for *_, times in entries):
+                raise ValueError("a time that is not a positive finite number")  # callers divide by them
         except FileNotFoundError:
             return
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:

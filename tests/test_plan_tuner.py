@@ -168,6 +168,12 @@ def test_tuner_keeps_the_fastest_and_caches_it_per_identity(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert PlanTuner("first-use", path, {"cpu": "x", "torch": "1"}).table() == []
     assert any("plan cache" in r.getMessage() and "ignored" in r.getMessage() for r in caplog.records)
+    for bad in ("0", "-1", "NaN", "Infinity", "{}"):  # every time is positive and finite, and there is one
+        times = bad if bad == "{}" else f'{{"a": 1, "b": {bad}}}'
+        with open(path, "w") as f:
+            f.write('{"format": "lorabus-plans/1", "identity": {"cpu": "x", "torch": "1"}, "plans": '
+                    f'[{{"group": "qkv", "shape": "t32", "plan": "a", "times_us": {times}}}]}}')
+        assert PlanTuner("first-use", path, {"cpu": "x", "torch": "1"}).table() == [], bad
     with pytest.raises(ValueError):
         PlanTuner("sometimes")
 
